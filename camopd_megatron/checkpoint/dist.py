@@ -1,0 +1,314 @@
+"""Our distributed checkpoint format: megatron-core ``dist_checkpointing`` (torch_dist) + a manifest.
+
+A checkpoint directory holds
+
+* the torch_dist shards of every sharded tensor (model, optionally optimizer) — loadable at any
+  TP / PP, since megatron records each shard's global offsets;
+* ``camopd.json`` — the manifest, written last: format version, the model architecture, the step,
+  and any JSON-serialisable ``common`` state (scheduler, data position, ...). A directory without
+  it is not a checkpoint (a save that died midway);
+* ``ranks/<global rank>.pt`` — optional per-rank tensors (RNG states), loaded with
+  ``torch.load(weights_only=True)``.
+
+Atomicity. Everything is written into ``<name>.tmp`` next to the target; rank 0 writes the manifest,
+fsyncs, and only then renames the directory to its final name (``os.replace`` is atomic on POSIX).
+A crash at any point leaves either the old checkpoint or the new one, never a half-written one
+under the final name; stale ``*.tmp`` directories are removed by the next save.
+
+Collectives. ``dist_checkpointing.save`` has no process-group argument in 0.19.2: it coordinates
+through global rank 0 with world-wide barriers. So **every rank of the world calls**
+:func:`save_checkpoint`; ranks of roles with nothing to write (teachers) pass
+``sharded_state_dict=None`` and join with an empty state. Loading is per role
+(``process_group=`` the role's group), so teachers can load their own weights independently.
+
+Untrusted input. torch's DCP ``.metadata`` file is a pickle; before megatron reads it, it is parsed
+once by :func:`check_dcp_metadata` with an allow-list unpickler (torch.distributed.checkpoint
+metadata classes and plain containers only), so a crafted checkpoint cannot execute code.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.config import ModelConfig
+from camopd_megatron.cpu_compat import ensure_cpu_compat
+
+ensure_cpu_compat()
+
+from megatron.core import dist_checkpointing  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "camopd.json"
+RANKS_DIR = "ranks"
+ARCH_KEYS = (
+    "arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "vocab_size", "vocab_pad_multiple", "add_qkv_bias", "qk_layernorm", "tie_embeddings",
+)
+"""ModelConfig fields a checkpoint must agree on with the model that loads it."""
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete, corrupt or mismatching checkpoint (the message names path and fix)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# manifest
+# ------------------------------------------------------------------------------------------------
+def arch_dict(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture fields recorded in (and checked against) a checkpoint."""
+    d = asdict(model_cfg)
+    return {k: d[k] for k in ARCH_KEYS}
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of checkpoint ``path`` (CheckpointError if missing or unreadable)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a directory; check the path")
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(
+            f"{str(p)!r} is not a complete camopd checkpoint (no {MANIFEST}; an interrupted save or another format); "
+            "point to a checkpoint directory written by camopd_megatron (or convert with tools/convert_hf_to_megatron.py)"
+        )
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(mf)!r} is unreadable ({e}); the checkpoint is corrupt") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(mf)!r}: format_version={manifest.get('format_version') if isinstance(manifest, dict) else None!r}, "
+            f"this build reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def check_arch(manifest: dict[str, Any], model_cfg: ModelConfig, path: str, *, key: str = "model") -> None:
+    """Refuse a checkpoint whose architecture differs from ``model_cfg`` (names every field)."""
+    saved = manifest.get("model", {})
+    want = arch_dict(model_cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {want[k]!r}" for k in ARCH_KEYS if saved.get(k) != want[k]]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not match {key}: " + "; ".join(diffs)
+            + f". Fix {key}.* to match the checkpoint (or load the right checkpoint)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# untrusted DCP metadata
+# ------------------------------------------------------------------------------------------------
+_SAFE_BUILTINS = frozenset({"set", "frozenset", "dict", "list", "tuple", "slice", "int", "float", "str", "bytes",
+                            "bool", "complex", "bytearray", "range"})
+_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "collections",
+                         "megatron.core.dist_checkpointing.")
+_SAFE_TORCH = frozenset({("torch", "Size"), ("torch", "device"), ("torch._utils", "_rebuild_tensor_v2"),
+                         ("torch.storage", "_load_from_bytes"), ("torch", "float32"), ("torch", "float16"),
+                         ("torch", "bfloat16"), ("torch", "int64"), ("torch", "int32"), ("torch", "uint8"),
+                         ("torch", "bool"), ("torch", "float64"), ("torch", "int8"), ("torch", "int16"),
+                         ("torch", "dtype"), ("torch", "memory_format"), ("torch", "contiguous_format"),
+                         ("torch", "strided"), ("torch", "layout")})
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (
+            (module == "builtins" and name in _SAFE_BUILTINS)
+            or module.startswith(_SAFE_MODULE_PREFIXES)
+            or (module, name) in _SAFE_TORCH
+        )
+        if not ok:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(path: str | os.PathLike) -> None:
+    """Parse ``<path>/.metadata`` with an allow-list unpickler; CheckpointError if it is unsafe/corrupt."""
+    meta = Path(path) / ".metadata"
+    if not meta.is_file():
+        raise CheckpointError(f"{str(path)!r} has no .metadata (torch_dist shards missing); the checkpoint is incomplete")
+    try:
+        _AllowListUnpickler(io.BytesIO(meta.read_bytes())).load()
+    except Exception as e:  # noqa: BLE001 - any failure means we will not hand it to pickle.load
+        raise CheckpointError(f"{str(meta)!r} is corrupt or unsafe ({e}); refusing to load it") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# save
+# ------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _broadcast_error(msg: Optional[str]) -> None:
+    """Raise on every rank if rank 0 hit an error (keeps all ranks in step, no hang)."""
+    box = [msg]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    sharded_state_dict: Optional[dict[str, Any]],
+    *,
+    model_cfg: ModelConfig,
+    step: int = 0,
+    common: Optional[dict[str, Any]] = None,
+    rank_state: Optional[dict[str, torch.Tensor]] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint atomically. Collective over the WORLD: every rank calls it.
+
+    Args:
+        path: final checkpoint directory (must not exist unless ``overwrite``).
+        sharded_state_dict: this rank's megatron sharded state dict (model, optionally optimizer);
+            None on ranks with nothing to save (other roles).
+        model_cfg: the architecture recorded in the manifest.
+        step: training step recorded in the manifest.
+        common: JSON-serialisable state shared by all ranks (rank 0's copy is written).
+        rank_state: tensors private to this rank (e.g. RNG states), saved to ``ranks/<rank>.pt``.
+        overwrite: replace an existing checkpoint at ``path``.
+    Returns:
+        The final path.
+    """
+    final = Path(path).absolute()
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    t0 = time.perf_counter()
+    err = None
+    if rank == 0:
+        try:
+            if final.exists() and not overwrite:
+                raise CheckpointError(f"checkpoint {str(final)!r} already exists; pass overwrite=True or pick another path")
+            if tmp.exists():
+                shutil.rmtree(tmp)  # a previous save died midway
+            (tmp / RANKS_DIR).mkdir(parents=True)
+            json.dumps(common or {})  # fail early if not serialisable
+        except (OSError, TypeError, CheckpointError) as e:
+            err = f"cannot prepare checkpoint {str(final)!r}: {e}"
+    _broadcast_error(err)
+    dist_checkpointing.save(sharded_state_dict or {}, str(tmp))
+    if rank_state is not None:
+        with open(tmp / RANKS_DIR / f"{rank}.pt", "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    dist.barrier()
+    err = None
+    if rank == 0:
+        try:
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "model": arch_dict(model_cfg),
+                "step": int(step),
+                "world_size": dist.get_world_size(),
+                "common": common or {},
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            _write_json_atomic(tmp / MANIFEST, manifest)
+            _fsync_dir(tmp)
+            if final.exists():  # overwrite: move the old one aside first, then drop it
+                old = final.with_name(final.name + ".old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as e:
+            err = f"cannot finalise checkpoint {str(final)!r}: {e}"
+    _broadcast_error(err)
+    logger.info("saved checkpoint %s (step %d) in %.1fs", final, step, time.perf_counter() - t0)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------
+# load
+# ------------------------------------------------------------------------------------------------
+def load_sharded(
+    path: str | os.PathLike,
+    sharded_state_dict: dict[str, Any],
+    *,
+    process_group: Any = None,
+) -> dict[str, Any]:
+    """Load the tensors described by ``sharded_state_dict`` from checkpoint ``path``.
+
+    Collective over ``process_group`` (the role's ranks; None = the world). Returns the loaded
+    state dict (same structure, real tensors).
+    """
+    read_manifest(path)
+    check_dcp_metadata(path)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(path), process_group=process_group)
+    except Exception as e:  # noqa: BLE001 - turn megatron's deep errors into one actionable message
+        raise CheckpointError(f"failed to load checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def model_sharded_state_dict(model: Any, pg_collection: Any) -> dict[str, Any]:
+    """``model.sharded_state_dict`` with the role's data-parallel group (never megatron's global one)."""
+    return model.sharded_state_dict(metadata={"dp_cp_group": pg_collection.dp_cp})
+
+
+def load_model(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    model_cfg: ModelConfig,
+    pg_collection: Any,
+    key: str = "model.checkpoint",
+) -> dict[str, Any]:
+    """Load model weights from checkpoint ``path`` into ``model`` (any saved TP/PP → this layout).
+
+    Collective over the role's ranks (``pg_collection.mp`` x DP: the role's whole rank set).
+    Returns the manifest.
+    """
+    try:
+        manifest = read_manifest(path)
+        check_arch(manifest, model_cfg, str(path), key=key.rsplit(".", 1)[0])
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e}") from e
+    group = getattr(pg_collection, "intra_dist_opt", None)  # the role's full rank set
+    sd = model_sharded_state_dict(model, pg_collection)
+    loaded = load_sharded(path, sd, process_group=group)
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in sd if k not in loaded and not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"{key}: checkpoint {str(path)!r} lacks {missing[:5]}")
+    return manifest
+
+
+def load_rank_state(path: str | os.PathLike, rank: int) -> Optional[dict[str, torch.Tensor]]:
+    """This rank's private tensors from the checkpoint, or None if it saved none."""
+    f = Path(path) / RANKS_DIR / f"{rank}.pt"
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=True)

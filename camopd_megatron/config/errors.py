@@ -1,0 +1,47 @@
+"""Config errors: one :class:`ConfigError` carrying every problem, and the one-line problem format."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Optional, Sequence
+
+__all__ = ["ConfigError", "problem", "show", "closest"]
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together.
+
+    ``problems`` holds one line per problem; each names the dotted key (``teachers[1].tp``), the bad
+    value, what was expected and the fix.
+    """
+
+    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        """One line per problem, in the order found."""
+        self.source: str | None = source
+        """The file (or ``<defaults>``) the config came from, when known."""
+        where = f" in {source}" if source else ""
+        n = len(self.problems)
+        head = f"{n} config problem{'s' if n != 1 else ''}{where}:"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """Short ``repr`` of a user value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def problem(key: str, value: Any, expected: str, fix: str) -> str:
+    """One problem line: ``key: got <value>; expected <expected>. Fix: <fix>``."""
+    return f"{key}: got {show(value)}; expected {expected}. Fix: {fix}"
+
+
+def closest(word: str, choices: Iterable[str]) -> Optional[str]:
+    """The choice ``word`` was most likely meant to be (difflib, or a prefix match), or None."""
+    options = [c for c in choices if isinstance(c, str)]
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return close[0]
+    prefixed = [c for c in options if c and (word.startswith(c) or c.startswith(word))] if word else []
+    return prefixed[0] if len(prefixed) == 1 else None

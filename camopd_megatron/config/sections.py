@@ -1,0 +1,536 @@
+"""The config sections: one dataclass per part of the trainer, each with in-section ``validate``.
+
+Every section's ``validate(prefix)`` returns a list of problem lines (empty when fine); each line
+names the dotted key under ``prefix`` (the section's place in the root config), the bad value and
+the fix. Cross-section checks live on the root :class:`camopd_megatron.config.Config`.
+Defaults follow ``docs/CAMOPD.md``; a tiny CPU-sized model is the default so the demo runs anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from camopd_megatron.config.errors import problem
+
+__all__ = [
+    "RunConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TeacherConfig",
+    "BranchDataConfig",
+    "DataConfig",
+    "RolloutConfig",
+    "SchedulerConfig",
+    "SelectionConfig",
+    "LossConfig",
+    "OptimConfig",
+    "PrecisionConfig",
+    "CheckpointConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "DTypeName",
+]
+
+DTypeName = Literal["auto", "fp32", "bf16", "fp16"]
+"""Parameter / compute dtype names (``auto``: bf16 on GPU, fp32 on CPU)."""
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _require(ok: bool, problems: list[str], key: str, value: Any, expected: str, fix: str) -> None:
+    """Append a problem line unless ``ok``."""
+    if not ok:
+        problems.append(problem(key, value, expected, fix))
+
+
+def _positive(problems: list[str], prefix: str, obj: Any, *names: str) -> None:
+    """Require ``obj.<name> > 0`` for each name (None is skipped: Optional fields)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value > 0, problems, f"{prefix}.{name}", value, "a value > 0", f"set {prefix}.{name} to a positive number")
+
+
+def _non_negative(problems: list[str], prefix: str, obj: Any, *names: str) -> None:
+    """Require ``obj.<name> >= 0`` for each name (None is skipped)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value >= 0, problems, f"{prefix}.{name}", value, "a value >= 0", f"set {prefix}.{name} to 0 or more")
+
+
+@dataclass
+class RunConfig:
+    """The run as a whole: seed, length, where outputs go."""
+
+    seed: int = 1234
+    """Global random seed (rollout sampling, data order, CPU weight init)."""
+    steps: int = 100
+    """Number of optimizer steps to train."""
+    output_dir: str = "outputs/run"
+    """Directory for checkpoints, TensorBoard logs and the resolved config."""
+    log_level: str = "INFO"
+    """Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+
+    def validate(self, prefix: str = "run") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _non_negative(problems, prefix, self, "seed")
+        _positive(problems, prefix, self, "steps")
+        _require(bool(self.output_dir), problems, f"{prefix}.output_dir", self.output_dir, "a non-empty path", "set a directory")
+        _require(
+            self.log_level.upper() in _LOG_LEVELS, problems, f"{prefix}.log_level", self.log_level,
+            f"one of {', '.join(_LOG_LEVELS)}", "use a standard logging level name",
+        )
+        return problems
+
+    @property
+    def log_level_value(self) -> int:
+        """The numeric ``logging`` level of :attr:`log_level`."""
+        return int(getattr(logging, self.log_level.upper()))
+
+
+@dataclass
+class ModelConfig:
+    """The student's architecture (teachers share it: same lineage, same tokenizer)."""
+
+    arch: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+    """Architecture family (RMSNorm + SwiGLU + RoPE for all; qwen2 adds QKV bias, qwen3 q/k-norm)."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None = multi-head attention (= num_attention_heads)."""
+    ffn_hidden_size: int = 256
+    """SwiGLU intermediate size."""
+    vocab_size: int = 128
+    """The tokenizer's vocabulary size, unpadded (padding is :attr:`padded_vocab_size`)."""
+    vocab_pad_multiple: int = 128
+    """Pad the vocabulary up to a multiple of this, independent of the TP size (every TP must divide it)."""
+    seq_length: int = 256
+    """Maximum context length (prompt + response) in tokens."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta)."""
+    rope_scaling: Optional[dict[str, Any]] = None
+    """Optional RoPE scaling settings as in the Hugging Face config (e.g. llama3 ``factor``...); None = off."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2 style)."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3 style)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output projection."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation (random init only)."""
+    transformer_impl: Literal["auto", "local", "te"] = "auto"
+    """Layer implementation: ``te`` (Transformer Engine, error if missing), ``local``, or ``auto`` (te if installed)."""
+    checkpoint: Optional[str] = None
+    """The student's initial weights: a directory in our distributed checkpoint format; None = random init."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """:attr:`vocab_size` rounded up to a multiple of :attr:`vocab_pad_multiple`."""
+        m = max(self.vocab_pad_multiple, 1)
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (:attr:`num_query_groups`, or the head count for MHA)."""
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    def validate(self, prefix: str = "model") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(
+            problems, prefix, self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+            "ffn_hidden_size", "vocab_size", "vocab_pad_multiple", "seq_length", "rotary_base", "norm_epsilon",
+        )
+        _non_negative(problems, prefix, self, "init_method_std")
+        heads, groups = self.num_attention_heads, self.num_query_groups
+        if heads > 0 and groups is not None and groups > 0 and heads % groups:
+            problems.append(problem(
+                f"{prefix}.num_query_groups", groups, f"a divisor of {prefix}.num_attention_heads={heads}",
+                "pick a number of key/value heads that divides the number of attention heads",
+            ))
+        if heads > 0 and self.hidden_size > 0 and self.hidden_size % heads:
+            problems.append(problem(
+                f"{prefix}.hidden_size", self.hidden_size, f"a multiple of {prefix}.num_attention_heads={heads}",
+                "make hidden_size divisible by the number of heads",
+            ))
+        return problems
+
+
+@dataclass
+class ParallelConfig:
+    """The student's parallel layout and the process-group backend."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dp: Optional[int] = None
+    """Data-parallel size; None = derived from the world size left after the teachers' ranks."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside the TP group."""
+    use_distributed_optimizer: bool = False
+    """Shard the optimizer state over the data-parallel group (megatron's distributed optimizer)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; ``auto`` = nccl with CUDA, gloo without."""
+    timeout_s: float = 600.0
+    """Process-group timeout in seconds (a hung collective fails after this)."""
+
+    def validate(self, prefix: str = "parallel") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(problems, prefix, self, "tp", "pp", "dp", "timeout_s")
+        return problems
+
+
+@dataclass
+class TeacherConfig:
+    """One frozen teacher: which branches it scores and where it runs."""
+
+    name: str
+    """Unique teacher name (also the default name of its rank group)."""
+    checkpoint: Optional[str] = None
+    """The teacher's weights (our distributed checkpoint dir); None = random init (tests, demo)."""
+    branches: list[str] = field(default_factory=list)
+    """The prompt branches this teacher scores (each scheduled branch has exactly one teacher)."""
+    placement: Literal["separate", "colocated"] = "colocated"
+    """``separate``: its own rank range; ``colocated``: on the student's ranks with the student's layout."""
+    tp: Optional[int] = None
+    """Tensor-parallel size; None = 1 when separate, the student's when colocated."""
+    pp: Optional[int] = None
+    """Pipeline-parallel size; None = 1 when separate, the student's when colocated."""
+    dp: Optional[int] = None
+    """Data-parallel size (replicas); None = 1 when separate, the student's when colocated."""
+    group: Optional[str] = None
+    """Teachers naming the same group share one rank range (time-shared; separate placement only)."""
+    dtype: DTypeName = "auto"
+    """Weights/compute dtype; ``auto`` = bf16 on GPU, fp32 on CPU."""
+    offload: bool = False
+    """Keep the weights in host memory between uses (colocated teachers)."""
+
+    def validate(self, prefix: str = "teacher") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _require(bool(self.name), problems, f"{prefix}.name", self.name, "a non-empty name", "name the teacher")
+        _positive(problems, prefix, self, "tp", "pp", "dp")
+        _require(
+            len(set(self.branches)) == len(self.branches), problems, f"{prefix}.branches", self.branches,
+            "each branch at most once", "remove the duplicate branch names",
+        )
+        if self.placement == "colocated" and self.group is not None:
+            problems.append(problem(
+                f"{prefix}.group", self.group, "no group for a colocated teacher (it runs on the student's ranks)",
+                "drop 'group' or set placement: separate",
+            ))
+        return problems
+
+
+@dataclass
+class BranchDataConfig:
+    """The prompt files of one branch (e.g. ``general`` or ``domain``)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Prompt files (jsonl / parquet) of this branch."""
+    weights: Optional[list[float]] = None
+    """Sampling weight per path; None = every prompt of the branch equally likely."""
+
+    def validate(self, prefix: str = "branch") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        if self.weights is not None:
+            _require(
+                len(self.weights) == len(self.paths), problems, f"{prefix}.weights", self.weights,
+                f"one weight per path ({len(self.paths)} paths)", "give as many weights as paths, or drop weights",
+            )
+            _require(
+                all(w >= 0 for w in self.weights) and sum(self.weights) > 0, problems, f"{prefix}.weights",
+                self.weights, "non-negative weights with a positive sum", "fix the weights",
+            )
+        return problems
+
+
+@dataclass
+class DataConfig:
+    """Prompt data per branch, tokenizer and chat formatting."""
+
+    branches: dict[str, BranchDataConfig] = field(default_factory=dict)
+    """Branch name → its prompt files; empty = synthetic prompts (demo, tests)."""
+    max_prompt_tokens: int = 512
+    """Longest prompt in tokens (after the chat template); longer ones are handled per :attr:`too_long`."""
+    too_long: Literal["truncate", "drop"] = "truncate"
+    """A prompt over max_prompt_tokens: keep its last tokens (``truncate`` from the left, BOS kept) or ``drop`` it (counted, logged)."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded by run.seed)."""
+    heldout_fraction: float = 0.0
+    """Fraction of each branch kept out of training for eval, in [0, 1)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer path (HF tokenizer.json dir or sentencepiece model); None = the synthetic byte tokenizer."""
+    chat_template: Literal["plain", "chatml", "llama3"] = "plain"
+    """How a prompt is wrapped before tokenisation."""
+    on_bad_line: Literal["error", "skip"] = "error"
+    """A malformed record: stop with an error naming file and line, or skip it (counted, logged)."""
+
+    def validate(self, prefix: str = "data") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(problems, prefix, self, "max_prompt_tokens")
+        _require(
+            0.0 <= self.heldout_fraction < 1.0, problems, f"{prefix}.heldout_fraction", self.heldout_fraction,
+            "a fraction in [0, 1)", "use e.g. 0.0 (no held-out set) or 0.05",
+        )
+        for name, branch in self.branches.items():
+            problems += branch.validate(f"{prefix}.branches.{name}")
+        return problems
+
+
+@dataclass
+class RolloutConfig:
+    """On-policy sampling from the student."""
+
+    prompts_per_step: int = 8
+    """Prompts per optimizer step, global over data-parallel ranks (one response each)."""
+    max_new_tokens: int = 64
+    """Maximum response length in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy); log-probs use the temperature-scaled distribution."""
+    top_k: int = 0
+    """Top-k truncation when sampling; 0 = off."""
+    top_p: float = 1.0
+    """Nucleus truncation when sampling, in (0, 1]; 1 = off."""
+    greedy: bool = False
+    """Take the arg-max token instead of sampling."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response (in addition to the tokenizer's end-of-sequence)."""
+    use_kv_cache: bool = True
+    """Reuse keys/values across decoding steps."""
+    micro_batch_size: int = 8
+    """Prompts decoded together per data-parallel rank."""
+
+    def validate(self, prefix: str = "rollout") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(problems, prefix, self, "prompts_per_step", "max_new_tokens", "micro_batch_size")
+        _non_negative(problems, prefix, self, "temperature", "top_k")
+        _require(
+            0.0 < self.top_p <= 1.0, problems, f"{prefix}.top_p", self.top_p, "a value in (0, 1]", "use 1.0 for no truncation",
+        )
+        _require(
+            all(t >= 0 for t in self.stop_token_ids), problems, f"{prefix}.stop_token_ids", self.stop_token_ids,
+            "non-negative token ids", "remove the negative ids",
+        )
+        return problems
+
+
+@dataclass
+class SchedulerConfig:
+    """Which branch each optimizer step trains on."""
+
+    mode: Literal["alternating", "mixed"] = "alternating"
+    """``alternating``: one branch per step following :attr:`pattern` (CaMOPD); ``mixed``: every step mixes branches (vanilla MOPD)."""
+    pattern: list[str] = field(default_factory=lambda: ["general", "general", "general", "domain"])
+    """Periodic branch sequence for ``alternating`` (default 3 general : 1 domain)."""
+    mixed_shares: dict[str, float] = field(default_factory=lambda: {"general": 1.0, "domain": 1.0})
+    """Branch → relative share of each step's prompts for ``mixed``."""
+
+    def validate(self, prefix: str = "scheduler") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        if self.mode == "alternating":
+            _require(
+                len(self.pattern) > 0, problems, f"{prefix}.pattern", self.pattern, "a non-empty list of branch names",
+                "e.g. [general, general, general, domain]",
+            )
+        else:
+            _require(
+                len(self.mixed_shares) > 0, problems, f"{prefix}.mixed_shares", self.mixed_shares,
+                "at least one branch", "e.g. {general: 1.0, domain: 1.0}",
+            )
+        for name, share in self.mixed_shares.items():
+            _require(share > 0, problems, f"{prefix}.mixed_shares.{name}", share, "a share > 0", "remove the branch or give it a positive share")
+        return problems
+
+    @property
+    def branches(self) -> list[str]:
+        """The branches this schedule trains on, in first-use order."""
+        names = self.pattern if self.mode == "alternating" else list(self.mixed_shares)
+        return list(dict.fromkeys(names))
+
+
+@dataclass
+class SelectionConfig:
+    """Gap-based sample selection (CaMOPD §4)."""
+
+    enabled: bool = True
+    """Keep only the highest-gap samples; off = keep all (r_b still applies to those the rule would keep)."""
+    rho: dict[str, float] = field(default_factory=lambda: {"general": 0.8, "domain": 0.8})
+    """Branch → cumulative score mass to keep, in (0, 1]."""
+    score: dict[str, Literal["abs", "positive"]] = field(default_factory=lambda: {"general": "abs", "domain": "positive"})
+    """Branch → sample score: mean |gap| (``abs``) or mean max(gap, 0) (``positive``)."""
+    scale_only_selected: bool = True
+    """Apply the advantage scale r_b only to samples the rho-rule keeps."""
+    student_logprobs: Literal["recompute", "rollout"] = "recompute"
+    """Student log-probs for the gap: a pre-update training forward, or the rollout engine's (saves a forward)."""
+
+    def validate(self, prefix: str = "selection") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        for name, rho in self.rho.items():
+            _require(0.0 < rho <= 1.0, problems, f"{prefix}.rho.{name}", rho, "a fraction in (0, 1]", "use e.g. 0.8 (1.0 keeps all)")
+        return problems
+
+
+@dataclass
+class LossConfig:
+    """The distillation loss (advantage scaling, importance weights, options)."""
+
+    adv_scale: dict[str, float] = field(default_factory=lambda: {"general": 2.0, "domain": 1.0})
+    """Branch → advantage scale r_b."""
+    is_low: float = 0.5
+    """Lower bound of the truncated importance ratio pi/mu."""
+    is_high: float = 2.0
+    """Upper bound of the truncated importance ratio pi/mu."""
+    is_mode: Literal["mask", "clamp"] = "mask"
+    """Ratios outside [is_low, is_high]: weight 0 (``mask``, the paper) or clamped to the bound."""
+    adv_clip: Optional[float] = None
+    """Clip the advantage to +-adv_clip (MOPD paper: 5); None = off."""
+    topk_kl: int = 0
+    """Top-k reverse-KL term over the teacher's top-k tokens; 0 = off."""
+
+    def validate(self, prefix: str = "loss") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(problems, prefix, self, "is_low", "adv_clip")
+        _non_negative(problems, prefix, self, "topk_kl")
+        _require(
+            self.is_low < self.is_high, problems, f"{prefix}.is_high", self.is_high,
+            f"a value > {prefix}.is_low={self.is_low}", "use e.g. is_low: 0.5, is_high: 2.0",
+        )
+        for name, scale in self.adv_scale.items():
+            _require(scale > 0, problems, f"{prefix}.adv_scale.{name}", scale, "a scale > 0", "use 1.0 for no scaling")
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (one optimizer shared by all branches)."""
+
+    lr: float = 2e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine / linear decay."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 = off."""
+    micro_batch_size: int = 4
+    """Sequences per training forward/backward on one data-parallel rank."""
+
+    def validate(self, prefix: str = "optim") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(problems, prefix, self, "lr", "adam_eps", "micro_batch_size")
+        _non_negative(problems, prefix, self, "min_lr", "warmup_steps", "weight_decay", "clip_grad")
+        _require(self.min_lr <= self.lr, problems, f"{prefix}.min_lr", self.min_lr, f"<= {prefix}.lr={self.lr}", "lower min_lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, problems, f"{prefix}.{name}", value, "a value in [0, 1)", "use e.g. 0.9 / 0.999")
+        return problems
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter dtype and FP8."""
+
+    params_dtype: DTypeName = "auto"
+    """Student parameter/compute dtype; ``auto`` = bf16 on GPU, fp32 on CPU."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 format (Transformer Engine, GPU only); None = off."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe (used only when fp8 is set)."""
+
+    def validate(self, prefix: str = "precision") -> list[str]:
+        """In-section problems (empty when valid)."""
+        return []
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    dir: Optional[str] = None
+    """Checkpoint directory; None = ``<run.output_dir>/checkpoints``."""
+    save_interval: int = 50
+    """Save every this many steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Keep this many recent checkpoints; 0 = keep all."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """``auto``: resume from the latest checkpoint in dir if any; ``never``; ``must``: error if none."""
+    load: Optional[str] = None
+    """Resume from this checkpoint directory instead of the latest in dir."""
+
+    def validate(self, prefix: str = "checkpoint") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _non_negative(problems, prefix, self, "save_interval", "keep_last")
+        return problems
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on held-out prompts."""
+
+    interval: int = 0
+    """Evaluate every this many steps; 0 = off."""
+    num_prompts: int = 64
+    """Held-out prompts per branch per evaluation."""
+    max_new_tokens: Optional[int] = None
+    """Response length for eval; None = rollout.max_new_tokens."""
+
+    def validate(self, prefix: str = "eval") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _non_negative(problems, prefix, self, "interval")
+        _positive(problems, prefix, self, "num_prompts", "max_new_tokens")
+        return problems
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics, TensorBoard and diagnostics."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    log_interval: int = 1
+    """Log metrics every this many steps."""
+    dir: Optional[str] = None
+    """TensorBoard directory; None = ``<run.output_dir>/tensorboard``."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    diagnostics_interval: int = 0
+    """Branch-conflict / gradient-coherence probes every this many steps; 0 = off."""
+
+    def validate(self, prefix: str = "logging") -> list[str]:
+        """In-section problems (empty when valid)."""
+        problems: list[str] = []
+        _positive(problems, prefix, self, "log_interval")
+        _non_negative(problems, prefix, self, "diagnostics_interval")
+        return problems

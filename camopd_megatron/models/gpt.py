@@ -1,0 +1,281 @@
+"""Build a megatron-core ``GPTModel`` for Llama / Qwen2 / Qwen3 / Mistral-style configs.
+
+The only module that constructs megatron models (GPTModel is deprecated upstream in favour of
+HybridModel, but it is what 0.19.2 supports for this; a later switch stays local to this file).
+
+All architectures here are pre-norm decoders with RMSNorm, SwiGLU, RoPE and no linear biases:
+``qwen2`` adds the QKV bias, ``qwen3`` the per-head q/k RMSNorm; GQA, tied embeddings and the RoPE
+base come from :class:`~camopd_megatron.config.ModelConfig`.
+
+Layout independence. The embedding/output vocabulary is ``model.padded_vocab_size`` (the tokenizer
+vocabulary padded to ``model.vocab_pad_multiple``), never a TP-dependent size, and every TP size of
+the run must divide it. On CPU the weights are created with ``use_cpu_initialization=True``: the
+full master weight is drawn from the (seeded) CPU generator and then split, so the initial weights
+are the same at TP = 1, 2, 4 (pipeline stages draw in another order: compare PP through a
+checkpoint).
+
+Process groups are explicit: the role's ``ProcessGroupCollection`` goes to ``GPTModel``; megatron's
+global parallel state is never initialised. Two process-local megatron singletons remain and are set
+by :func:`init_model_rng` (they hold no process group): the attention global memory buffer and the
+RNG tracker (seeded with the role's explicit TP rank).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from camopd_megatron.config import ConfigError, ModelConfig
+from camopd_megatron.cpu_compat import ensure_cpu_compat
+from camopd_megatron.deps import resolve_transformer_impl
+
+ensure_cpu_compat()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "StageInfo",
+    "stage_info",
+    "check_vocab_divisible",
+    "transformer_config_from",
+    "build_gpt_model",
+    "init_model_rng",
+    "unwrap_model",
+]
+
+_CPU_FUSIONS_OFF = dict(
+    gradient_accumulation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    bias_activation_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+)
+"""Fused kernels are CUDA-only; on CPU every fusion is off (MCORE_CPU_NOTES.md §E)."""
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Where this rank sits in its role's pipeline."""
+
+    pp_rank: int
+    pp_size: int
+
+    @property
+    def is_first(self) -> bool:
+        """First stage: owns the input embedding."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Last stage: owns the output layer (logits, losses)."""
+        return self.pp_rank == self.pp_size - 1
+
+
+def stage_info(pg_collection: Any) -> StageInfo:
+    """Pipeline position of this rank from the role's ``pg_collection.pp`` group."""
+    import torch.distributed as dist
+
+    pp = getattr(pg_collection, "pp", None)
+    if pp is None:
+        return StageInfo(0, 1)
+    return StageInfo(dist.get_rank(pp), dist.get_world_size(pp))
+
+
+def _group_size(pg_collection: Any, name: str) -> int:
+    import torch.distributed as dist
+
+    group = getattr(pg_collection, name, None)
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def check_vocab_divisible(model_cfg: ModelConfig, tp_sizes: list[int], key: str = "parallel.tp") -> None:
+    """Every TP size of the run must divide the padded vocabulary (so shards are layout-free)."""
+    padded = model_cfg.padded_vocab_size
+    bad = sorted({tp for tp in tp_sizes if padded % tp})
+    if bad:
+        raise ConfigError(
+            [
+                f"{key}: TP size(s) {bad} do not divide the padded vocabulary {padded} "
+                f"(model.vocab_size={model_cfg.vocab_size} padded to a multiple of "
+                f"model.vocab_pad_multiple={model_cfg.vocab_pad_multiple}); raise model.vocab_pad_multiple "
+                f"to a multiple of {max(bad)} or use another TP size"
+            ]
+        )
+
+
+def transformer_config_from(
+    model_cfg: ModelConfig,
+    *,
+    tp: int,
+    pp: int,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    extra: Optional[dict[str, Any]] = None,
+) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` for ``model_cfg`` at this role's TP/PP.
+
+    ``extra`` overrides/extends the kwargs (e.g. FP8 settings from ``models.precision``).
+    """
+    if model_cfg.num_layers % pp:
+        raise ConfigError([f"model.num_layers={model_cfg.num_layers} is not divisible by pp={pp}; pick a pp that divides it"])
+    on_gpu = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.kv_heads,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        kv_channels=model_cfg.hidden_size // model_cfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model_cfg.add_qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model_cfg.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        # Full master weights drawn on the CPU then split: initial weights independent of TP.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+    )
+    if not on_gpu:
+        kwargs.update(_CPU_FUSIONS_OFF)
+        # p2p on gloo: no torch.cuda.synchronize() after batched isend/irecv
+        kwargs["batch_p2p_comm"] = False
+    if extra:
+        kwargs.update(extra)
+    return TransformerConfig(**kwargs)
+
+
+def _layer_spec(model_cfg: ModelConfig, impl: str) -> Any:
+    if impl == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+
+
+def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """RoPE scaling: Llama-3.1 style (``rope_type: llama3``) is what megatron's GPTModel implements."""
+    scaling = model_cfg.rope_scaling
+    if not scaling:
+        return {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type != "llama3":
+        raise ConfigError(
+            [f"model.rope_scaling: rope_type={rope_type!r} is not supported (only 'llama3'); drop rope_scaling or convert the model"]
+        )
+    expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for name, value in expected.items():
+        if name in scaling and float(scaling[name]) != float(value):
+            raise ConfigError(
+                [f"model.rope_scaling.{name}={scaling[name]!r}: megatron-core implements llama3 scaling with {name}={value} only"]
+            )
+    return {"rope_scaling": True, "rope_scaling_factor": float(scaling.get("factor", 8.0))}
+
+
+def build_gpt_model(
+    model_cfg: ModelConfig,
+    pg_collection: Any,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    config_extra: Optional[dict[str, Any]] = None,
+) -> GPTModel:
+    """Build this rank's piece of the model (its TP shard of its pipeline stage).
+
+    Args:
+        model_cfg: the architecture.
+        pg_collection: the role's process groups (``models.groups.simple_pg_collection``).
+        params_dtype: parameter / compute dtype.
+        sequence_parallel: megatron sequence parallelism (needs TP > 1).
+        pre_process / post_process: default to first / last pipeline stage.
+        config_extra: extra ``TransformerConfig`` kwargs (FP8 settings, recompute, ...).
+
+    Returns:
+        The ``GPTModel``; its forward returns vocab-sharded logits ``[B, T, V_pad / TP]``.
+    """
+    tp, pp = _group_size(pg_collection, "tp"), _group_size(pg_collection, "pp")
+    check_vocab_divisible(model_cfg, [tp])
+    for name, value in (("num_attention_heads", model_cfg.num_attention_heads), ("num_query_groups", model_cfg.kv_heads)):
+        if value % tp:
+            raise ConfigError([f"model.{name}={value} is not divisible by tp={tp}; pick a tp that divides it"])
+    impl = resolve_transformer_impl(model_cfg.transformer_impl)
+    if sequence_parallel and tp == 1:
+        raise ConfigError(["parallel.sequence_parallel=true needs parallel.tp > 1; set it to false"])
+    if sequence_parallel and impl == "local":
+        raise ConfigError(
+            ["parallel.sequence_parallel=true is not supported with the local layer spec (torch norms); "
+             "use model.transformer_impl=te on GPU or set parallel.sequence_parallel=false"]
+        )
+    stage = stage_info(pg_collection)
+    config = transformer_config_from(
+        model_cfg, tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel, extra=config_extra
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(model_cfg, impl),
+        vocab_size=model_cfg.padded_vocab_size,
+        max_sequence_length=model_cfg.seq_length,
+        pre_process=stage.is_first if pre_process is None else pre_process,
+        post_process=stage.is_last if post_process is None else post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model_cfg.rotary_base),
+        pg_collection=pg_collection,
+        **_rope_kwargs(model_cfg),
+    )
+    if params_dtype != torch.float32:
+        model = model.to(params_dtype)
+    if torch.cuda.is_available():
+        model = model.cuda(torch.cuda.current_device())
+    return model
+
+
+def init_model_rng(seed: int, pg_collection: Any) -> None:
+    """Seed this process for building/running a role's model (call before :func:`build_gpt_model`).
+
+    * ``torch.manual_seed(seed)``: the CPU master weights (the same on every rank of the role, so
+      the TP shards are slices of one model);
+    * megatron's RNG tracker (dropout inside TP regions), seeded with the role's explicit TP rank —
+      the tracker is per process, so one role per rank;
+    * the attention global memory buffer (a process-local scratch allocator, no process group).
+    """
+    import torch.distributed as dist
+
+    torch.manual_seed(seed)
+    tp_group = getattr(pg_collection, "tp", None)
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0, force_reset_rng=True)
+    torch.manual_seed(seed)  # the tracker draws from the default generator while seeding
+
+
+def unwrap_model(model: Any) -> Any:
+    """Strip DDP / Float16Module wrappers (``.module`` chains) down to the GPTModel."""
+    while hasattr(model, "module") and not isinstance(model, GPTModel):
+        model = model.module
+    return model

@@ -1,0 +1,52 @@
+"""Per-token log-probs of a sequence from this rank's vocab shard of the model's logits.
+
+Glue between megatron's output (``[B, T, V_pad / TP]`` logits, vocab-parallel) and the
+vocab-parallel kernels of :mod:`camopd_megatron.ops`: the shard's first column is
+``tp_rank * V_local`` and padded columns ``>= model.vocab_size`` are masked by the kernel.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.ops import sampled_token_logprobs
+
+
+def vocab_start(logits_BTV: torch.Tensor, tp_group: Any) -> int:
+    """First global vocab column of this rank's shard."""
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    return tp_rank * logits_BTV.shape[-1]
+
+
+def next_token_logprobs(
+    logits_BTV: torch.Tensor,
+    tokens_BT: torch.Tensor,
+    tp_group: Any,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    mask_BT: Optional[torch.Tensor] = None,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """``out[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`` for t < T-1; column T-1 is 0.
+
+    Args:
+        logits_BTV: the last stage's logits (this rank's vocab shard).
+        tokens_BT: the input tokens.
+        tp_group: the role's TP group (None = unsharded).
+        vocab_size: the real (unpadded) vocabulary.
+        temperature: softmax over logits / temperature (the rollout's π and μ use the same T).
+        mask_BT: optional mask over *target* positions (aligned with the output): 0 → score 0, no grad.
+    Returns:
+        fp32 ``[B, T]`` (differentiable w.r.t. the logits when they require grad).
+    """
+    targets_BT = torch.full_like(tokens_BT, -100)
+    targets_BT[:, :-1] = tokens_BT[:, 1:]
+    if mask_BT is not None:
+        targets_BT = torch.where(mask_BT.bool(), targets_BT, torch.full_like(targets_BT, -100))
+    return sampled_token_logprobs(
+        logits_BTV, targets_BT, tp_group, vocab_start=vocab_start(logits_BTV, tp_group), vocab_size=vocab_size,
+        chunk_tokens=chunk_tokens, temperature=temperature,
+    )

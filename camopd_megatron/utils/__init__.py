@@ -1,0 +1,1 @@
+"""Small shared utilities: rank-aware logging, metrics writers."""
