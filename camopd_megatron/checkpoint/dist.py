@@ -120,19 +120,18 @@ _SAFE_TORCH = frozenset({("torch", "Size"), ("torch", "device"), ("torch._utils"
                          ("torch", "bfloat16"), ("torch", "int64"), ("torch", "int32"), ("torch", "uint8"),
                          ("torch", "bool"), ("torch", "float64"), ("torch", "int8"), ("torch", "int16"),
                          ("torch", "dtype"), ("torch", "memory_format"), ("torch", "contiguous_format"),
-                         ("torch", "strided"), ("torch", "layout")})
+                         ("torch", "strided"), ("torch", "layout"), ("torch.serialization", "_get_layout")})
 
 
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        ok = (
-            (module == "builtins" and name in _SAFE_BUILTINS)
-            or module.startswith(_SAFE_MODULE_PREFIXES)
-            or (module, name) in _SAFE_TORCH
-        )
-        if not ok:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        if (module == "builtins" and name in _SAFE_BUILTINS) or (module, name) in _SAFE_TORCH:
+            return super().find_class(module, name)
+        if module.startswith(_SAFE_MODULE_PREFIXES):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):  # metadata dataclasses / enums only, never a function to call
+                return obj
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
 def check_dcp_metadata(path: str | os.PathLike) -> None:
