@@ -208,13 +208,14 @@ def save_checkpoint(
                 raise CheckpointError(f"checkpoint {str(final)!r} already exists; pass overwrite=True or pick another path")
             if tmp.exists():
                 shutil.rmtree(tmp)  # a previous save died midway
-            (tmp / RANKS_DIR).mkdir(parents=True)
+            tmp.mkdir(parents=True)
             json.dumps(common or {})  # fail early if not serialisable
         except (OSError, TypeError, CheckpointError) as e:
             err = f"cannot prepare checkpoint {str(final)!r}: {e}"
     _broadcast_error(err)
     dist_checkpointing.save(sharded_state_dict or {}, str(tmp))
     if rank_state is not None:
+        (tmp / RANKS_DIR).mkdir(exist_ok=True)
         with open(tmp / RANKS_DIR / f"{rank}.pt", "wb") as f:
             torch.save(rank_state, f)
             f.flush()

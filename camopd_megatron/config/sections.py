@@ -404,12 +404,14 @@ class LossConfig:
     """Clip the advantage to +-adv_clip (MOPD paper: 5); None = off."""
     topk_kl: int = 0
     """Top-k reverse-KL term over the teacher's top-k tokens; 0 = off."""
+    max_bad_teacher_steps: int = 3
+    """Steps skipped because a teacher returned NaN/inf log-probs before the run aborts."""
 
     def validate(self, prefix: str = "loss") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _positive(problems, prefix, self, "is_low", "adv_clip")
-        _non_negative(problems, prefix, self, "topk_kl")
+        _non_negative(problems, prefix, self, "topk_kl", "max_bad_teacher_steps")
         _require(
             self.is_low < self.is_high, problems, f"{prefix}.is_high", self.is_high,
             f"a value > {prefix}.is_low={self.is_low}", "use e.g. is_low: 0.5, is_high: 2.0",

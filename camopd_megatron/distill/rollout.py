@@ -1,0 +1,394 @@
+"""On-policy rollout: batched generation from the megatron student, with μ for every sampled token.
+
+    batch = generate(model, pgc, prompts, SamplingParams.from_config(cfg.rollout, tok.eos_id),
+                     sample_ids=ids, seed=cfg.seed, step=step, vocab_size=V, max_seq_len=S)
+
+Collective over ONE student data-parallel replica: every TP and PP rank of the replica calls
+:func:`generate` with the same prompts and gets the same :class:`RolloutBatch` back (CPU tensors).
+
+Layout of a decode (one micro-batch). Sequences are kept RIGHT-aligned at their natural positions,
+exactly the layout of the training forward: position t of every row is decoded in the same step.
+The batch is prefilled with its shortest prompt length L0; from then on one position per step is fed
+for every row, and a row whose prompt is longer than t gets its prompt token at t instead of a
+sample ("forced" prompt tokens, as in Meta's reference Llama generator). No attention mask and no
+position shift are needed, and μ is computed at exactly the positions the trainer scores. Prompts
+are sorted by length before they are split into micro-batches (which keeps forced steps few) and
+the results are put back in the caller's order. A finished row keeps being fed pad 0 until the
+whole micro-batch is done (static batching); its outputs are discarded.
+
+Two forward paths, same sampling code (:mod:`camopd_megatron.distill.sampling`):
+* KV cache (``use_kv_cache`` and PP = 1): megatron's ``StaticInferenceContext``. Prefill
+  ``model(tokens[:, :L0], inference_context=ctx)``, then per step ``ctx.sequence_len_offset = t``,
+  ``ctx.enable_decode_mode()``, ``model(tokens[:, t:t+1], inference_context=ctx)`` (keys carry RoPE
+  at their absolute position; the decode query attends to the whole cache, no mask: everything
+  cached lies at or before t). Only the last position's logits are materialised.
+* Full recompute: each step runs the whole prefix ``tokens[:, :t]`` through the model and reads the
+  logits at t − 1. With PP > 1 this is the path (the KV cache is not wired through megatron's
+  pipeline schedule here): ``models.pipeline.run_microbatches(forward_only=True)`` carries the
+  activations, the last stage samples (collectively over its TP group) and broadcasts the new tokens
+  and μ over ``pg_collection.pp`` so every stage extends the same sequences. Cost O(T^2) per
+  response instead of O(T); correct, and simple.
+
+Sampling and randomness: see :mod:`~camopd_megatron.distill.sampling` (Gumbel-max with
+counter-based noise keyed on (seed, step, sample_id, response position): samples do not depend on
+the DP layout, batch composition, order or micro-batch size; greedy ties → lower token id).
+
+Stops, per sample: the EOS or a stop token (kept in the response and scored), ``max_new_tokens``, or
+the context limit ``prompt + response <= max_seq_len`` (finish reason 'eos', 'stop', 'length').
+
+Legend: B samples, T positions, V = this rank's vocab shard.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.cpu_compat import ensure_cpu_compat
+from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_tokens, token_logprobs
+from camopd_megatron.models.gpt import stage_info, unwrap_model
+from camopd_megatron.models.pipeline import model_forward, run_microbatches
+
+ensure_cpu_compat()
+
+from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FINISH_REASONS", "RolloutBatch", "SamplingParams", "generate", "validate_request"]
+
+PAD_ID = 0
+"""Token id written after a sequence's end (masked out everywhere)."""
+
+
+# ------------------------------------------------------------------------------------ the batch
+@dataclass
+class RolloutBatch:
+    """Prompts + sampled responses, aligned with ``models.logprobs.next_token_logprobs``.
+
+    Attributes:
+        tokens_BT: int64 prompt + response, right-padded with 0 to T = max(prompt + response length).
+        prompt_lens_B, response_lens_B: int64 lengths.
+        loss_mask_BT: float32; 1 at t iff ``tokens[b, t+1]`` is a response token of sample b.
+        rollout_logp_BT: float32 μ in the same alignment: log p(tokens[b, t+1]) under
+            softmax(logits / T_μ) without top-k/top-p truncation (0 where the mask is 0); T_μ is
+            :attr:`SamplingParams.logprob_temperature` (T, or 1 when greedy).
+        finish_reasons: 'eos' | 'stop' | 'length' per sample.
+        sample_ids: the global sample index of each row.
+        off_policy: generated with top-k / top-p / greedy / T != 1.
+    """
+
+    tokens_BT: torch.Tensor
+    prompt_lens_B: torch.Tensor
+    response_lens_B: torch.Tensor
+    loss_mask_BT: torch.Tensor
+    rollout_logp_BT: torch.Tensor
+    finish_reasons: list[str]
+    sample_ids: list[int]
+    off_policy: bool
+
+    def __len__(self) -> int:
+        return int(self.tokens_BT.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens: Σ prompt + response lengths."""
+        return int((self.prompt_lens_B + self.response_lens_B).sum())
+
+    @property
+    def num_response_tokens(self) -> int:
+        """Σ response lengths (= the loss-mask sum)."""
+        return int(self.response_lens_B.sum())
+
+    def prompt_ids(self, b: int) -> list[int]:
+        """Sample b's prompt tokens."""
+        return self.tokens_BT[b, : int(self.prompt_lens_B[b])].tolist()
+
+    def response_ids(self, b: int) -> list[int]:
+        """Sample b's response tokens (a final EOS/stop token included)."""
+        p, r = int(self.prompt_lens_B[b]), int(self.response_lens_B[b])
+        return self.tokens_BT[b, p : p + r].tolist()
+
+    def to(self, device: Any) -> "RolloutBatch":
+        """A copy with every tensor on ``device``."""
+        return replace(
+            self, tokens_BT=self.tokens_BT.to(device), prompt_lens_B=self.prompt_lens_B.to(device),
+            response_lens_B=self.response_lens_B.to(device), loss_mask_BT=self.loss_mask_BT.to(device),
+            rollout_logp_BT=self.rollout_logp_BT.to(device),
+        )
+
+    def select(self, indices: Sequence[int]) -> "RolloutBatch":
+        """The sub-batch of ``indices`` (in that order), T trimmed to its longest sequence."""
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise ValueError("RolloutBatch.select: indices is empty; select at least one sample")
+        bad = [i for i in idx if not 0 <= i < len(self)]
+        if bad:
+            raise ValueError(f"RolloutBatch.select: indices {bad} are outside [0, {len(self)})")
+        sel = torch.tensor(idx, dtype=torch.long, device=self.tokens_BT.device)
+        total_B = self.prompt_lens_B[sel] + self.response_lens_B[sel]
+        t = int(total_B.max())
+        return RolloutBatch(
+            tokens_BT=self.tokens_BT[sel, :t].clone(), prompt_lens_B=self.prompt_lens_B[sel].clone(),
+            response_lens_B=self.response_lens_B[sel].clone(), loss_mask_BT=self.loss_mask_BT[sel, :t].clone(),
+            rollout_logp_BT=self.rollout_logp_BT[sel, :t].clone(),
+            finish_reasons=[self.finish_reasons[i] for i in idx], sample_ids=[self.sample_ids[i] for i in idx],
+            off_policy=self.off_policy,
+        )
+
+    def split(self, micro_batch_size: int) -> list["RolloutBatch"]:
+        """Consecutive sub-batches of at most ``micro_batch_size`` samples (each trimmed)."""
+        if not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
+            raise ValueError(f"RolloutBatch.split: micro_batch_size={micro_batch_size!r} must be an int > 0")
+        n = len(self)
+        return [self.select(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
+
+
+# ---------------------------------------------------------------------------------- validation
+def validate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, *, sample_ids: Sequence[int],
+                     vocab_size: int, max_seq_len: int, micro_batch_size: Optional[int] = None) -> None:
+    """Raise ``ValueError`` naming the bad argument (run by :func:`generate` before any compute)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size!r} must be a positive int (the tokenizer's vocabulary)")
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2 (the context: prompt + response)")
+    if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
+        raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or None (all at once)")
+    if len(prompts) == 0:
+        raise ValueError("prompts: got no prompts; pass at least one token-id list")
+    if len(sample_ids) != len(prompts):
+        raise ValueError(f"sample_ids: got {len(sample_ids)} ids for {len(prompts)} prompts; pass one global sample id per prompt")
+    for name, tok in [("eos_token_id", params.eos_token_id)] + [("stop_token_ids", t) for t in params.stop_token_ids]:
+        if tok is not None and tok >= vocab_size:
+            raise ValueError(f"params.{name}: token {tok} is outside the vocabulary [0, {vocab_size}); fix the tokenizer ids")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
+        if len(p) >= max_seq_len:
+            raise ValueError(
+                f"prompts[{i}] has {len(p)} tokens, longer than the context allows (max_seq_len={max_seq_len} must "
+                f"leave room for at least one response token); truncate the prompt or filter it out"
+            )
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"prompts[{i}] holds token ids outside [0, vocab_size={vocab_size}) (min {lo}, max {hi})")
+
+
+# ----------------------------------------------------------------------------------- generation
+def _model_device(model: Any) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@dataclass
+class _Decode:
+    """State of one micro-batch decode, identical on every rank of the replica."""
+
+    buf_BT: torch.Tensor  # tokens at their positions (device)
+    prompt_lens_B: torch.Tensor  # CPU int64
+    limit_B: torch.Tensor  # CPU int64: min(prompt + max_new_tokens, max_seq_len)
+    mu_BT: torch.Tensor  # CPU fp32: μ of the token AT position t
+    resp_B: torch.Tensor  # CPU int64 response lengths so far
+    done_B: torch.Tensor  # CPU bool
+    reasons: list[str]
+
+
+class _Generator:
+    """One replica's decode loop over micro-batches (holds the call's arguments, no global state)."""
+
+    def __init__(self, model: Any, pgc: Any, params: SamplingParams, *, seed: int, step: int, vocab_size: int,
+                 max_seq_len: int, use_kv_cache: bool) -> None:
+        self.model, self.pgc, self.params = model, pgc, params
+        self.seed, self.step, self.vocab_size, self.max_seq_len = seed, step, vocab_size, max_seq_len
+        self.stage = stage_info(pgc)
+        self.tp_group = getattr(pgc, "tp", None)
+        self.kv = use_kv_cache and self.stage.pp_size == 1
+        self.device = _model_device(model)
+        self.stop_ids = torch.tensor(sorted(params.stop_set), dtype=torch.int64)
+        self.forward_calls = 0
+        self.sample_ids_mb: list[int] = []
+
+    # -- forwards: logits [B, V] of the last fed position, on the last stage (None elsewhere) --
+    def _full_logits(self, tokens_BT: torch.Tensor) -> Optional[torch.Tensor]:
+        self.forward_calls += 1
+        if self.stage.pp_size == 1:
+            return model_forward(self.model, tokens_BT)[:, -1]
+        out = run_microbatches(
+            self.model, self.pgc, [{"tokens": tokens_BT}],
+            lambda batch, logits_BTV: (logits_BTV.new_zeros(()), {"logits_BV": logits_BTV[:, -1].detach().clone()}),
+            forward_only=True,
+        )
+        return out[0]["logits_BV"] if self.stage.is_last else None
+
+    def _kv_logits(self, ctx: StaticInferenceContext, tokens_BT: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed positions [start, start + n) through the cache; logits of the last one."""
+        self.forward_calls += 1
+        n = tokens_BT.shape[1]
+        ctx.sequence_len_offset = start
+        if start > 0:
+            ctx.enable_decode_mode()
+        pos_BT = torch.arange(start, start + n, device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
+        # materialize_only_last_token_logits: [B, 1, V]
+        return self.model(tokens_BT, pos_BT, None, inference_context=ctx)[:, -1]
+
+    # -- one decoding step: position t gets a forced prompt token or a sample --
+    def _advance(self, st: _Decode, logits_BV: Optional[torch.Tensor], t: int) -> None:
+        params = self.params
+        fresh_B = (st.prompt_lens_B <= t) & ~st.done_B  # rows that sample position t
+        rows = torch.nonzero(fresh_B).view(-1)
+        n = rows.numel()
+        tok_R = torch.zeros(n, dtype=torch.int64)
+        mu_R = torch.zeros(n, dtype=torch.float32)
+        if n and logits_BV is not None:
+            rows_dev = rows.to(logits_BV.device)
+            lg_RV = logits_BV.index_select(0, rows_dev)
+            sids = [self.sample_ids_mb[int(r)] for r in rows]
+            positions = (t - st.prompt_lens_B[rows]).tolist()  # response position of the new token
+            keys_R2 = None if params.is_greedy else row_keys(self.seed, self.step, sids, positions, device=lg_RV.device)
+            tok_dev = sample_tokens(lg_RV, params, keys_R2, self.tp_group, vocab_size=self.vocab_size)
+            mu_dev = token_logprobs(lg_RV, tok_dev, self.tp_group, vocab_size=self.vocab_size,
+                                    temperature=params.logprob_temperature)
+            tok_R, mu_R = tok_dev.cpu(), mu_dev.float().cpu()
+        if n and self.stage.pp_size > 1:
+            # the last stage sampled; every stage of the replica extends the same sequences
+            src = dist.get_global_rank(self.pgc.pp, self.stage.pp_size - 1)
+            dist.broadcast(tok_R, src=src, group=self.pgc.pp)
+            dist.broadcast(mu_R, src=src, group=self.pgc.pp)
+        if n:
+            st.buf_BT[rows.to(st.buf_BT.device), t] = tok_R.to(st.buf_BT.device)
+            st.mu_BT[rows, t] = mu_R
+            st.resp_B[rows] += 1
+            stop_R = torch.isin(tok_R, self.stop_ids)
+            hit_limit_R = (t + 1) >= st.limit_B[rows]
+            for r, tok, stop, lim in zip(rows.tolist(), tok_R.tolist(), stop_R.tolist(), hit_limit_R.tolist()):
+                if stop:
+                    st.reasons[r] = "eos" if tok == params.eos_token_id else "stop"
+                elif lim:
+                    st.reasons[r] = "length"
+                st.done_B[r] = stop or lim
+
+    def run(self, prompts: Sequence[Sequence[int]], sample_ids: Sequence[int]) -> list[tuple[list[int], list[float], str]]:
+        """Decode one micro-batch; per sample (response ids, μ per response token, finish reason)."""
+        b = len(prompts)
+        self.sample_ids_mb = list(sample_ids)
+        plen_B = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        limit_B = torch.clamp(plen_B + self.params.max_new_tokens, max=self.max_seq_len)
+        t_max = int(limit_B.max())
+        buf_BT = torch.full((b, t_max), PAD_ID, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            buf_BT[i, : len(p)] = torch.tensor(list(p), dtype=torch.int64)
+        st = _Decode(buf_BT.to(self.device), plen_B, limit_B, torch.zeros(b, t_max), torch.zeros(b, dtype=torch.int64),
+                     torch.zeros(b, dtype=torch.bool), [""] * b)
+        t = int(plen_B.min())  # prefill [0, t), then produce position t
+        ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=t_max) if self.kv else None
+        logits_BV = self._kv_logits(ctx, st.buf_BT[:, :t], 0) if self.kv else self._full_logits(st.buf_BT[:, :t])
+        while True:
+            self._advance(st, logits_BV, t)
+            t += 1
+            if bool(st.done_B.all()):
+                break
+            if self.kv:
+                logits_BV = self._kv_logits(ctx, st.buf_BT[:, t - 1 : t], t - 1)
+            else:
+                logits_BV = self._full_logits(st.buf_BT[:, :t])
+        out = []
+        buf = st.buf_BT.cpu()
+        for i in range(b):
+            p, r = int(plen_B[i]), int(st.resp_B[i])
+            out.append((buf[i, p : p + r].tolist(), st.mu_BT[i, p : p + r].tolist(), st.reasons[i]))
+        return out
+
+
+def _assemble(prompts: Sequence[Sequence[int]], results: list[tuple[list[int], list[float], str]],
+              sample_ids: Sequence[int], off_policy: bool) -> RolloutBatch:
+    b = len(prompts)
+    plen_B = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    rlen_B = torch.tensor([len(r[0]) for r in results], dtype=torch.int64)
+    t = int((plen_B + rlen_B).max())
+    tokens_BT = torch.full((b, t), PAD_ID, dtype=torch.int64)
+    mask_BT = torch.zeros(b, t, dtype=torch.float32)
+    logp_BT = torch.zeros(b, t, dtype=torch.float32)
+    for i, (p, (resp, mu, _)) in enumerate(zip(prompts, results)):
+        n_p, n_r = len(p), len(resp)
+        tokens_BT[i, :n_p] = torch.tensor(list(p), dtype=torch.int64)
+        if n_r:
+            tokens_BT[i, n_p : n_p + n_r] = torch.tensor(resp, dtype=torch.int64)
+            # next-token alignment: column t scores token t+1
+            mask_BT[i, n_p - 1 : n_p + n_r - 1] = 1.0
+            logp_BT[i, n_p - 1 : n_p + n_r - 1] = torch.tensor(mu, dtype=torch.float32)
+    return RolloutBatch(tokens_BT, plen_B, rlen_B, mask_BT, logp_BT, [r[2] for r in results],
+                        [int(s) for s in sample_ids], off_policy)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    pg_collection: Any,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    sample_ids: list[int],
+    seed: int,
+    step: int,
+    vocab_size: int,
+    max_seq_len: int,
+    use_kv_cache: bool = True,
+    micro_batch_size: int | None = None,
+) -> RolloutBatch:
+    """Sample one response per prompt from the student; collective over one DP replica.
+
+    Args:
+        model: this rank's model chunk (GPTModel, possibly DDP-wrapped). Put in eval mode for the
+            call; its previous mode is restored.
+        pg_collection: the student's process groups (TP/PP of this replica).
+        prompts: token ids per prompt (the same list on every rank of the replica).
+        params: sampling settings.
+        sample_ids: global sample index per prompt: with ``seed`` and ``step`` it keys the noise.
+        seed, step: the run's seed and the optimizer step.
+        vocab_size: the real vocabulary (padded columns are never sampled).
+        max_seq_len: the context: prompt + response <= max_seq_len.
+        use_kv_cache: KV-cached decoding (PP = 1; PP > 1 always recomputes, see the module doc).
+        micro_batch_size: prompts decoded together (None: all at once).
+    Returns:
+        The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
+    """
+    validate_request(prompts, params, sample_ids=sample_ids, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                     micro_batch_size=micro_batch_size)
+    inner = unwrap_model(model)
+    padded = getattr(inner, "vocab_size", None)
+    if padded is not None and vocab_size > padded:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the model's output vocabulary ({padded} padded columns); "
+                         "pass the tokenizer's vocabulary size")
+    if getattr(inner.config, "sequence_parallel", False):
+        raise ValueError("generate: the model uses sequence_parallel=True, which single-token decoding does not "
+                         "support; build the rollout model with parallel.sequence_parallel=false")
+    gen = _Generator(model, pg_collection, params, seed=seed, step=step, vocab_size=vocab_size,
+                     max_seq_len=max_seq_len, use_kv_cache=use_kv_cache)
+    if use_kv_cache and not gen.kv:
+        logger.debug("generate: PP=%d > 1, decoding by full recompute (no KV cache)", gen.stage.pp_size)
+    n = len(prompts)
+    mbs = micro_batch_size or n
+    order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths decode together
+    results: list[Any] = [None] * n
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        for c0 in range(0, n, mbs):
+            idx = order[c0 : c0 + mbs]
+            for i, res in zip(idx, gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])):
+                results[i] = res
+    finally:
+        model.train(was_training)
+    batch = _assemble(prompts, results, sample_ids, params.off_policy)
+    dt = time.perf_counter() - t0
+    logger.debug("generate: %d samples, %d response tokens in %.2fs (%.0f tok/s, kv=%s, %d forwards)", n,
+                 batch.num_response_tokens, dt, batch.num_response_tokens / max(dt, 1e-9), gen.kv, gen.forward_calls)
+    return batch

@@ -1,0 +1,455 @@
+"""The teacher side of the log-prob scoring service: wire protocol, frozen teacher models, host loop.
+
+Protocol (point-to-point on the world group, one exchange per student DP replica and request).
+The student replica's leader (``Route.student_rank``: TP 0 of its last pipeline stage) talks to
+the serving teacher replica's input rank (TP 0, first stage) and output rank (TP 0, last stage)::
+
+    student leader ──header int64[6] = (cmd, teacher id, B, T, k, message bytes)──▶ teacher input rank
+                   ──tokens int64 [B, T], mask uint8 [B, T]──────────────────────▶ teacher input rank
+    teacher input rank ── broadcast header/tokens/mask over the teacher replica (pg.mp: TP × PP ranks)
+    teacher replica   ── forward-only pass (megatron's pipeline schedule when PP > 1), vocab-parallel
+                         sampled-token log-probs on the last stage (three one-float TP reductions)
+    teacher output rank ──logp float32 [B, T]───────────────────────────────────▶ student leader
+
+so teacher → student moves exactly ``4 * B * T`` bytes per request (the top-k variant: ``B*T*k``
+float32 values + int64 global ids). Nothing is sent when ``B * T == 0`` beyond the header.
+
+Ordering. ``score`` is collective over every student rank, every student replica sending one request
+per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
+``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
+
+Commands: ``score``, ``topk``, ``shutdown`` (the replica exits once every student replica routed to
+it has sent one; :meth:`TeacherHost.serve` returns) and ``abort`` (carries the student's error text;
+every rank of the teacher replica raises :class:`StudentAborted`).
+
+Failure. Every wait is bounded (``parallel.timeout_s``; the teacher's wait for the *next* request by
+``idle_timeout_s``, default the same) and a dead peer surfaces as gloo's "connection closed"; both are
+turned into :class:`TeacherServiceError` naming the peer's role and global rank. A teacher whose
+forward fails sends NaNs before raising, so the student fails at once instead of waiting.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+from types import SimpleNamespace
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.cpu_compat import ensure_cpu_compat
+
+ensure_cpu_compat()
+
+from camopd_megatron.checkpoint.dist import load_model, save_checkpoint  # noqa: E402
+from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, stage_info  # noqa: E402
+from camopd_megatron.models.logprobs import next_token_logprobs, vocab_start  # noqa: E402
+from camopd_megatron.models.pipeline import run_microbatches  # noqa: E402
+from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs  # noqa: E402
+from camopd_megatron.ops import vocab_parallel_topk  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Command",
+    "TeacherServiceError",
+    "StudentAborted",
+    "TeacherModel",
+    "TeacherHost",
+    "ServeStats",
+    "check_batch",
+    "compute_device",
+    "wire_device",
+]
+
+
+class Command:
+    """Request commands (first header field)."""
+
+    SCORE = 1
+    TOPK = 2
+    SHUTDOWN = 3
+    ABORT = 4
+    SAVE = 5
+    """Join a world-collective checkpoint save (header B = step, message = path); see ``join_save``."""
+
+
+HEADER_LEN = 6
+"""Header fields: command, teacher id (index in ``teachers``), B, T, k (top-k only), message bytes (abort)."""
+TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_VALUES, TAG_INDICES, TAG_MESSAGE = 101, 102, 103, 104, 105, 106
+
+
+class TeacherServiceError(RuntimeError):
+    """A scoring exchange failed: timeout, dead peer, or a teacher-side failure (names role and rank)."""
+
+
+class StudentAborted(TeacherServiceError):
+    """The student sent ``abort`` (it raised); carries the student's error message."""
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded point-to-point / broadcast helpers
+# ------------------------------------------------------------------------------------------------
+def compute_device() -> torch.device:
+    """Where teacher models run: the current GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def wire_device() -> torch.device:
+    """Device of the tensors that travel: the current GPU under NCCL, the CPU under gloo (even on a GPU host)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return compute_device()
+    return torch.device("cpu")
+
+
+def _wait(work: Any, timeout_s: float, what: str, peer: str) -> None:
+    try:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError for timeouts and dead peers alike
+        raise TeacherServiceError(
+            f"{what} with {peer} failed after at most {timeout_s:g}s (parallel.timeout_s): {e}. "
+            f"Check that rank's log: it died, hung, or is not running the scoring service"
+        ) from e
+
+
+def p2p_send(t: torch.Tensor, dst: int, *, tag: int, timeout_s: float, peer: str, what: str) -> None:
+    """Send ``t`` to global rank ``dst``; TeacherServiceError naming ``peer`` on timeout/death."""
+    _wait(dist.isend(t.contiguous(), dst=dst, tag=tag), timeout_s, f"{what} (send)", peer)
+
+
+def p2p_recv(t: torch.Tensor, src: int, *, tag: int, timeout_s: float, peer: str, what: str) -> torch.Tensor:
+    """Receive into ``t`` from global rank ``src``; TeacherServiceError naming ``peer`` on timeout/death."""
+    _wait(dist.irecv(t, src=src, tag=tag), timeout_s, f"{what} (receive)", peer)
+    return t
+
+
+def group_broadcast(t: torch.Tensor, src: int, group: Any, *, timeout_s: float, peer: str, what: str) -> torch.Tensor:
+    """Bounded ``broadcast`` of ``t`` from global rank ``src`` inside ``group`` (no-op for 1 rank)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    _wait(dist.broadcast(t, src=src, group=group, async_op=True), timeout_s, what, peer)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# input checks shared by the client and the colocated path
+# ------------------------------------------------------------------------------------------------
+def check_batch(tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, vocab_size: int, group: Any,
+                what: str) -> tuple[int, int]:
+    """Validate one replica's batch on every rank of ``group`` (its TP × PP ranks) and return (B, T).
+
+    Local checks first, then one all-reduce of (B, T, −B, −T, error) so that a mismatch between the
+    replica's ranks or a bad token on one of them raises the same ValueError on all of them.
+    """
+    err = ""
+    if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.dtype != torch.int64:
+        err = f"{what}: tokens_BT must be an int64 [B, T] tensor, got {getattr(tokens_BT, 'dtype', type(tokens_BT))} " \
+              f"{tuple(getattr(tokens_BT, 'shape', ()))}"
+    elif not isinstance(loss_mask_BT, torch.Tensor) or tuple(loss_mask_BT.shape) != tuple(tokens_BT.shape):
+        err = f"{what}: loss_mask_BT must have the tokens' shape {tuple(tokens_BT.shape)}, got " \
+              f"{tuple(getattr(loss_mask_BT, 'shape', ()))}"
+    elif tokens_BT.numel() and (int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= vocab_size):
+        err = f"{what}: token ids must lie in [0, model.vocab_size={vocab_size}), got " \
+              f"[{int(tokens_BT.min())}, {int(tokens_BT.max())}]; pad with a real token id and mask it out"
+    shape = tuple(tokens_BT.shape) if not err else (-1, -1)
+    flags = torch.tensor([shape[0], shape[1], -shape[0], -shape[1], int(bool(err))], dtype=torch.int64,
+                         device=wire_device())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    b, t, nb, nt, bad = (int(v) for v in flags.tolist())
+    if err:
+        raise ValueError(err)
+    if bad:
+        raise ValueError(f"{what}: another rank of this student replica rejected its batch (see its error)")
+    if b != -nb or t != -nt:
+        raise ValueError(
+            f"{what}: the ranks of one student replica (its TP/PP ranks) must pass the same batch shape; "
+            f"got shapes between [{-nb}, {-nt}] and [{b}, {t}]"
+        )
+    return shape
+
+
+# ------------------------------------------------------------------------------------------------
+# one frozen teacher model on one role's ranks
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Keep the caller's torch and megatron RNG streams (a colocated teacher is built on student ranks)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    try:
+        saved_tracker = tracker.get_states()
+    except Exception:  # noqa: BLE001 - an unseeded tracker has nothing to save
+        saved_tracker = None
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        yield
+    if saved_tracker:
+        tracker.set_states(saved_tracker)
+
+
+class TeacherModel:
+    """One frozen teacher: this rank's TP shard of its pipeline stage, on its role's groups.
+
+    Built with ``init_model_rng(run.seed)`` (so ``checkpoint: null`` gives the student's CPU-init
+    weights for the same seed and layout), loaded from ``teachers[i].checkpoint`` (our distributed
+    checkpoint; any saved TP/PP loads into this layout) and kept in eval mode without gradients.
+    """
+
+    def __init__(self, name: str, index: int, model_cfg: Any, pg_collection: Any, *, seed: int,
+                 checkpoint: Optional[str], dtype: str = "auto", offload: bool = False,
+                 micro_batch_rows: Optional[int] = None) -> None:
+        self.name, self.index, self.model_cfg, self.pgc = name, index, model_cfg, pg_collection
+        self.key = f"teachers[{index}]"
+        self.offload, self.micro_batch_rows = offload, micro_batch_rows
+        self.stage = stage_info(pg_collection)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = compute_device()
+        params_dtype = resolve_dtype(dtype, device_type)
+        with _preserved_rng():
+            init_model_rng(seed, pg_collection)
+            self.model = build_gpt_model(model_cfg, pg_collection, params_dtype=params_dtype,
+                                         config_extra=teacher_precision_kwargs(SimpleNamespace(dtype=dtype), device_type))
+        if checkpoint is not None:
+            load_model(self.model, checkpoint, model_cfg=model_cfg, pg_collection=pg_collection,
+                       key=f"{self.key}.checkpoint")
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if offload:
+            self._move("cpu")
+        logger.info("teacher %r (%s) ready: dtype %s, checkpoint %s, pp stage %d/%d", name, self.key, params_dtype,
+                    checkpoint or "random init (run.seed)", self.stage.pp_rank, self.stage.pp_size)
+
+    # -------------------------------------------------------------- offload (colocated)
+    def _move(self, device: str | torch.device) -> None:
+        """Move weights between host and device memory (a no-op on a CPU-only machine)."""
+        self.model.to(device)
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Weights on the compute device inside the block; back to host memory after when offloading."""
+        if self.offload:
+            self._move(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                self._move("cpu")
+
+    # -------------------------------------------------------------- scoring
+    def _batches(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[list[dict[str, Any]], int]:
+        """Split rows into equal-shape micro-batches (the pipeline needs one shape; pad the last)."""
+        b = tokens_BT.shape[0]
+        rows = min(self.micro_batch_rows or b, b)
+        batches = []
+        for r0 in range(0, b, rows):
+            tok, msk = tokens_BT[r0:r0 + rows], mask_BT[r0:r0 + rows]
+            if tok.shape[0] < rows:  # pad rows with masked copies of token 0
+                pad = rows - tok.shape[0]
+                tok = torch.cat([tok, tok.new_zeros(pad, tok.shape[1])])
+                msk = torch.cat([msk, msk.new_zeros(pad, msk.shape[1])])
+            batches.append({"tokens": tok.to(self.device), "mask": msk.to(self.device)})
+        return batches, b
+
+    @torch.no_grad()
+    def logprobs(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sampled-token log-probs fp32 [B, T] (``next_token_logprobs`` alignment, 0 where masked) on
+        the last pipeline stage (every TP rank of it); None on the other stages."""
+        tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
+
+        def loss_fn(batch: dict[str, Any], logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            logp_BT = next_token_logprobs(logits_BTV, batch["tokens"], tp, vocab_size=vocab, mask_BT=batch["mask"])
+            return logp_BT.new_zeros(()), {"logp": logp_BT}
+
+        batches, b = self._batches(tokens_BT, mask_BT)
+        outs = run_microbatches(self.model, self.pgc, batches, loss_fn, forward_only=True)
+        if not self.stage.is_last:
+            return None
+        return torch.cat([o["logp"] for o in outs])[:b].float().to(wire_device())
+
+    @torch.no_grad()
+    def topk(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The teacher's top-k next-token log-probs and global ids, fp32/int64 [B, T, k], aligned like
+        :meth:`logprobs` (position t describes the distribution of token t+1); 0 where masked and in
+        the last column. On the last stage only (None elsewhere)."""
+        tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
+
+        def loss_fn(batch: dict[str, Any], logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            vals, ids = vocab_parallel_topk(logits_BTV, k, tp, vocab_start=vocab_start(logits_BTV, tp),
+                                            vocab_size=vocab, return_logprobs=True)
+            keep_BT1 = batch["mask"].bool().clone().unsqueeze(-1)
+            keep_BT1[:, -1] = False
+            return vals.new_zeros(()), {"vals": vals * keep_BT1, "ids": ids * keep_BT1}
+
+        batches, b = self._batches(tokens_BT, mask_BT)
+        outs = run_microbatches(self.model, self.pgc, batches, loss_fn, forward_only=True)
+        if not self.stage.is_last:
+            return None
+        wire = wire_device()
+        return torch.cat([o["vals"] for o in outs])[:b].float().to(wire), torch.cat([o["ids"] for o in outs])[:b].to(wire)
+
+
+# ------------------------------------------------------------------------------------------------
+# the host loop on teacher ranks
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ServeStats:
+    """What one :meth:`TeacherHost.serve` call did (per rank)."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    """Teacher name → requests scored."""
+    tokens: int = 0
+    bytes_sent: int = 0
+    """Payload bytes this rank sent to students (output rank only)."""
+    shutdowns: int = 0
+    saves: int = 0
+
+
+class TeacherHost:
+    """Serves the teachers of one separate teacher group on this rank (every rank of the group runs it).
+
+    Args:
+        cfg: the root config (``model``, ``run.seed``, ``teachers``, ``parallel.timeout_s``).
+        layout: the world's :class:`~camopd_megatron.parallel.RoleLayout`.
+        groups: this rank's :class:`~camopd_megatron.parallel.RankGroups` (a teacher role).
+        timeout_s: bound on every wait inside a request (default ``parallel.timeout_s``).
+        idle_timeout_s: bound on the wait for the next request (default: ``timeout_s``); must exceed
+            the student's longest step (rollout + update). A dead student is detected at once anyway.
+        micro_batch_rows: rows per pipeline micro-batch (None: the whole request at once).
+    """
+
+    def __init__(self, cfg: Any, layout: Any, groups: Any, *, timeout_s: Optional[float] = None,
+                 idle_timeout_s: Optional[float] = None, micro_batch_rows: Optional[int] = None) -> None:
+        if groups.is_student:
+            raise ValueError(f"TeacherHost runs on teacher ranks; rank {groups.rank} is a student rank")
+        self.role, self.rank, self.pgc = groups.role, groups.rank, groups.pg_collection
+        self.timeout_s = float(timeout_s if timeout_s is not None else cfg.parallel.timeout_s)
+        self.idle_timeout_s = float(idle_timeout_s if idle_timeout_s is not None else self.timeout_s)
+        index = {t.name: i for i, t in enumerate(cfg.teachers)}
+        self.models: dict[int, TeacherModel] = {}
+        for name in self.role.teachers:  # time-shared group: one model per hosted teacher
+            t = cfg.teachers[index[name]]
+            self.models[index[name]] = TeacherModel(
+                name, index[name], cfg.model, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
+                dtype=t.dtype, offload=False, micro_batch_rows=micro_batch_rows)
+        dp = groups.dp_rank
+        self.input_rank = self.role.rank_at(0, 0, dp)
+        self.output_rank = self.role.rank_at(0, self.role.pp - 1, dp)
+        routes = layout.routes(self.role.teachers[0])  # teachers of one group share routes
+        self.senders: list[tuple[int, int]] = [(r.student_rank, r.student_dp) for r in routes if r.teacher_dp == dp]
+        self.vocab_size = cfg.model.vocab_size
+        self.model_cfg = cfg.model
+        self.device = wire_device()
+
+    def _peer(self, student_rank: int, student_dp: int) -> str:
+        return f"role 'student' rank {student_rank} (DP replica {student_dp} leader)"
+
+    def _me(self) -> str:
+        return f"role {self.role.name!r} rank {self.input_rank} (this teacher replica's input rank)"
+
+    def serve(self) -> ServeStats:
+        """Answer requests until every routed student replica sent ``shutdown``; raise on ``abort``."""
+        stats = ServeStats()
+        open_senders = list(self.senders)
+        logger.info("role %s rank %d serving %s for student replica(s) %s", self.role.name, self.rank,
+                    [m.name for m in self.models.values()], [d for _, d in open_senders])
+        save_requests: set[tuple[int, int]] = set()
+        while open_senders:
+            for sender in list(open_senders):
+                header = self._next_header(sender)
+                cmd, tid, b, t, k, nmsg = (int(v) for v in header.tolist())
+                if cmd == Command.SHUTDOWN:
+                    open_senders.remove(sender)
+                    stats.shutdowns += 1
+                    continue
+                if cmd == Command.ABORT:
+                    self._abort(sender, nmsg)
+                if cmd == Command.SAVE:
+                    # every routed replica asks at the same point of its step sequence; join once all did
+                    path = self._message(sender, nmsg, "save path")
+                    save_requests.add(sender)
+                    if save_requests >= set(open_senders):
+                        save_checkpoint(path, None, model_cfg=self.model_cfg, step=b, overwrite=True)
+                        save_requests.clear()
+                        stats.saves += 1
+                    continue
+                if cmd not in (Command.SCORE, Command.TOPK) or tid not in self.models:
+                    raise TeacherServiceError(
+                        f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: "
+                        f"command {cmd}, teacher id {tid} (this group hosts ids {sorted(self.models)})")
+                self._answer(sender, cmd, self.models[tid], b, t, k, stats)
+        logger.info("role %s rank %d: shutdown after %s", self.role.name, self.rank, stats.requests)
+        return stats
+
+    def _next_header(self, sender: tuple[int, int]) -> torch.Tensor:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+        if self.rank == self.input_rank:
+            p2p_recv(header, sender[0], tag=TAG_HEADER, timeout_s=self.idle_timeout_s, peer=self._peer(*sender),
+                     what=f"teacher role {self.role.name!r} rank {self.rank} waiting for the next request")
+        return group_broadcast(header, self.input_rank, self.pgc.mp, timeout_s=self.idle_timeout_s, peer=self._me(),
+                               what=f"teacher role {self.role.name!r} rank {self.rank} waiting for a request header")
+
+    def _message(self, sender: tuple[int, int], nmsg: int, what: str) -> str:
+        """Receive a text message of ``nmsg`` bytes from ``sender`` on every rank of the replica."""
+        msg = torch.zeros(max(nmsg, 1), dtype=torch.uint8, device=self.device)
+        if nmsg and self.rank == self.input_rank:
+            p2p_recv(msg[:nmsg], sender[0], tag=TAG_MESSAGE, timeout_s=self.timeout_s, peer=self._peer(*sender),
+                     what=what)
+        if nmsg:
+            group_broadcast(msg, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(), what=what)
+        return bytes(msg[:nmsg].cpu().tolist()).decode("utf-8", errors="replace")
+
+    def _abort(self, sender: tuple[int, int], nmsg: int) -> None:
+        text = self._message(sender, nmsg, "abort message")
+        raise StudentAborted(f"role {self.role.name!r} rank {self.rank}: the student aborted "
+                             f"({self._peer(*sender)}): {text or 'no message'}")
+
+    def _answer(self, sender: tuple[int, int], cmd: int, teacher: TeacherModel, b: int, t: int, k: int,
+                stats: ServeStats) -> None:
+        stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
+        if b * t == 0:
+            return
+        peer = self._peer(*sender)
+        tokens = torch.zeros(b, t, dtype=torch.int64, device=self.device)
+        mask = torch.zeros(b, t, dtype=torch.uint8, device=self.device)
+        if self.rank == self.input_rank:
+            p2p_recv(tokens, sender[0], tag=TAG_TOKENS, timeout_s=self.timeout_s, peer=peer, what="request tokens")
+            p2p_recv(mask, sender[0], tag=TAG_MASK, timeout_s=self.timeout_s, peer=peer, what="request mask")
+        for x, name in ((tokens, "tokens"), (mask, "mask")):  # every TP/PP rank of the replica needs them
+            group_broadcast(x, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(),
+                            what=f"request {name}")
+        stats.tokens += b * t
+        try:
+            if cmd == Command.SCORE:
+                out = teacher.logprobs(tokens, mask)
+                payload = [] if out is None else [(out.contiguous(), TAG_VALUES)]
+            else:
+                out2 = teacher.topk(tokens, mask, k)
+                payload = [] if out2 is None else [(out2[0].contiguous(), TAG_VALUES), (out2[1].contiguous(), TAG_INDICES)]
+        except Exception:
+            if self.rank == self.output_rank:  # tell the student now instead of letting it time out
+                nan = torch.full((b, t) if cmd == Command.SCORE else (b, t, k), float("nan"), device=self.device)
+                p2p_send(nan, sender[0], tag=TAG_VALUES, timeout_s=self.timeout_s, peer=peer, what="failure reply")
+            raise
+        if self.rank == self.output_rank:
+            for x, tag in payload:
+                p2p_send(x, sender[0], tag=tag, timeout_s=self.timeout_s, peer=peer, what="reply")
+                stats.bytes_sent += x.numel() * x.element_size()
+
+
+def encode_message(text: str, limit: int = 4096) -> torch.Tensor:
+    """UTF-8 bytes of an abort message as a uint8 tensor (truncated to ``limit`` bytes)."""
+    data = text.encode("utf-8", errors="replace")[:limit]
+    return torch.tensor(list(data), dtype=torch.uint8, device=wire_device())
+
+
+def header(cmd: int, teacher_id: int = -1, b: int = 0, t: int = 0, k: int = 0, nmsg: int = 0) -> torch.Tensor:
+    """A request header (see :data:`HEADER_LEN`)."""
+    return torch.tensor([cmd, teacher_id, b, t, k, nmsg], dtype=torch.int64, device=wire_device())
+
+
+def teacher_ids(teachers: Sequence[Any]) -> dict[str, int]:
+    """Teacher name → id on the wire (its index in ``teachers``)."""
+    return {t.name: i for i, t in enumerate(teachers)}

@@ -1,0 +1,385 @@
+"""Frozen teachers for the trainer: placement checks, the student-side client, colocated teachers.
+
+One factory, :func:`build_teachers`, called on every rank of the world after
+:func:`~camopd_megatron.parallel.build_process_groups`::
+
+    client, host = build_teachers(cfg, layout, groups)
+    if host is not None:            # a teacher rank: serve until the student shuts down
+        host.serve(); return
+    try:
+        logp_BT = client.score("general", tokens_BT, loss_mask_BT)   # collective over student ranks
+        ...
+    except BaseException as e:
+        client.close(error=e); raise
+    client.close()
+
+* Student ranks get a :class:`TeacherClient`: each branch is routed to the one teacher listing it
+  in ``teachers[i].branches``, either a *separate* teacher group (point-to-point requests, see
+  :mod:`camopd_megatron.distill.teacher_service`) or a :class:`ColocatedTeacher` on the student's
+  own ranks and groups. Either way ``score`` returns the same float32 ``[B, T]`` on every rank of
+  the calling student DP replica (all its TP and PP ranks).
+* Teacher ranks get a :class:`~camopd_megatron.distill.teacher_service.TeacherHost` hosting the
+  model(s) of its group.
+
+Before any collective, :func:`check_teachers` runs on every rank (pure config + local file reads),
+so a bad setup fails everywhere with the same message naming the config key: a teacher serving no
+branch, a branch with two teachers, a missing/corrupt checkpoint, or a checkpoint whose
+architecture or vocabulary differs from ``model.*`` (both vocab sizes named).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_dcp_metadata, read_manifest
+from camopd_megatron.config.errors import ConfigError, problem
+from camopd_megatron.distill.teacher_service import (
+    Command,
+    ServeStats,
+    StudentAborted,
+    TAG_HEADER,
+    TAG_INDICES,
+    TAG_MASK,
+    TAG_MESSAGE,
+    TAG_TOKENS,
+    TAG_VALUES,
+    TeacherHost,
+    TeacherModel,
+    TeacherServiceError,
+    check_batch,
+    encode_message,
+    group_broadcast,
+    header,
+    p2p_recv,
+    p2p_send,
+    teacher_ids,
+    wire_device,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "build_teachers",
+    "check_teachers",
+    "TeacherClient",
+    "ColocatedTeacher",
+    "TeacherHost",
+    "TeacherModel",
+    "TeacherServiceError",
+    "StudentAborted",
+    "ServeStats",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# checks that run on every rank before any collective
+# ------------------------------------------------------------------------------------------------
+def check_teachers(cfg: Any, layout: Any) -> None:
+    """Refuse a bad teacher setup on every rank, before any process group is used.
+
+    Raises:
+        ConfigError: a teacher with no branch, a branch with two teachers, a teacher the layout
+            does not place.
+        CheckpointError: a missing, incomplete or corrupt ``teachers[i].checkpoint``, or one whose
+            architecture / vocabulary differs from ``model.*`` (every problem, one per line).
+    """
+    problems: list[str] = []
+    owner: dict[str, int] = {}
+    for i, t in enumerate(cfg.teachers):
+        if not t.branches:
+            problems.append(problem(f"teachers[{i}].branches", list(t.branches),
+                                    f"the branches teacher {t.name!r} scores",
+                                    "list its branches (e.g. [general]) or remove the teacher"))
+        for b in t.branches:
+            if b in owner and owner[b] != i:
+                problems.append(problem(f"teachers[{i}].branches", list(t.branches),
+                                        f"branch {b!r} served by one teacher only (teachers[{owner[b]}] serves it)",
+                                        f"remove {b!r} from one of the two teachers"))
+            owner.setdefault(b, i)
+        if t.name not in layout.teacher_role:
+            problems.append(problem(f"teachers[{i}].name", t.name, "a teacher of the planned layout",
+                                    "plan the layout from this config (RoleLayout.from_config)"))
+    if problems:
+        raise ConfigError(problems)
+    bad: list[str] = []
+    for i, t in enumerate(cfg.teachers):
+        if t.checkpoint is not None:
+            try:
+                check_teacher_checkpoint(t.checkpoint, cfg.model, f"teachers[{i}].checkpoint")
+            except CheckpointError as e:
+                bad.append(str(e))
+    if bad:
+        raise CheckpointError("\n".join(bad))
+
+
+def check_teacher_checkpoint(path: str, model_cfg: Any, key: str) -> None:
+    """One teacher checkpoint: readable manifest, same vocabulary and architecture, safe metadata."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}={path!r}: {e}") from e
+    saved = manifest.get("model", {}) if isinstance(manifest.get("model"), dict) else {}
+    if saved.get("vocab_size") != model_cfg.vocab_size:
+        raise CheckpointError(
+            f"{key}={path!r}: the teacher's vocabulary has {saved.get('vocab_size')!r} tokens but the student's "
+            f"model.vocab_size={model_cfg.vocab_size}; teachers and student must share one tokenizer "
+            f"(convert the teacher with the student's tokenizer, or fix model.vocab_size)")
+    try:
+        check_arch(manifest, model_cfg, str(path), key="model")
+        check_dcp_metadata(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# colocated teachers (student ranks, student groups)
+# ------------------------------------------------------------------------------------------------
+class ColocatedTeacher:
+    """A teacher running on the student's ranks with the student's process groups and layout.
+
+    ``score`` is collective over the student role, each DP replica scoring its own batch; the last
+    pipeline stage computes the log-probs and broadcasts them to the earlier stages, so every rank
+    of the replica returns them. With ``teachers[i].offload`` the weights live in host memory
+    between calls (moved to the device for each call; a no-op on a CPU-only machine).
+    """
+
+    def __init__(self, cfg: Any, index: int, groups: Any, *, timeout_s: Optional[float] = None,
+                 micro_batch_rows: Optional[int] = None) -> None:
+        t = cfg.teachers[index]
+        self.name, self.index = t.name, index
+        self.pgc = groups.student_pg_collection
+        self.vocab_size = cfg.model.vocab_size
+        self.timeout_s = float(timeout_s if timeout_s is not None else cfg.parallel.timeout_s)
+        self.teacher = TeacherModel(t.name, index, cfg.model, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
+                                    dtype=t.dtype, offload=t.offload, micro_batch_rows=micro_batch_rows)
+        pp_ranks = dist.get_process_group_ranks(self.pgc.pp)
+        self._last_stage_rank = pp_ranks[-1]  # same TP rank, last stage: holds the log-probs
+
+    def _share(self, out: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Last stage → earlier stages of this pipeline (same TP rank); every TP rank already agrees."""
+        buf = out if out is not None else torch.zeros(shape, dtype=dtype, device=wire_device())
+        return group_broadcast(buf.contiguous(), self._last_stage_rank, self.pgc.pp, timeout_s=self.timeout_s,
+                               peer=f"role 'student' rank {self._last_stage_rank} (last stage)",
+                               what=f"colocated teacher {self.name!r} result")
+
+    def score(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Teacher log-probs float32 [B, T] (``next_token_logprobs`` alignment, 0 where masked)."""
+        b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
+                           what=f"colocated teacher {self.name!r}")
+        if b * t == 0:
+            return torch.zeros(b, t, dtype=torch.float32, device=tokens_BT.device)
+        with self.teacher.in_use():
+            out = self.teacher.logprobs(tokens_BT, (loss_mask_BT != 0).to(torch.uint8))
+        return self._share(out, (b, t), torch.float32).to(tokens_BT.device)
+
+    def score_topk(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k log-probs and global ids [B, T, k] (see ``TeacherModel.topk``)."""
+        b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
+                           what=f"colocated teacher {self.name!r}")
+        _check_k(k, self.vocab_size)
+        if b * t == 0:
+            return torch.zeros(b, t, k), torch.zeros(b, t, k, dtype=torch.int64)
+        with self.teacher.in_use():
+            out = self.teacher.topk(tokens_BT, (loss_mask_BT != 0).to(torch.uint8), k)
+        vals = self._share(None if out is None else out[0], (b, t, k), torch.float32)
+        ids = self._share(None if out is None else out[1], (b, t, k), torch.int64)
+        return vals, ids
+
+
+def _check_k(k: int, vocab_size: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"score_topk: k={k!r} must be an int in [1, model.vocab_size={vocab_size}] (loss.topk_kl)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the student-side client
+# ------------------------------------------------------------------------------------------------
+class TeacherClient:
+    """Scores branches on student ranks: separate teachers over point-to-point, colocated ones in place.
+
+    Every call is collective over all ranks of the student role (every DP replica calls with its own
+    batch, possibly empty); only the replica's leader (TP 0 of its last stage, ``Route.student_rank``)
+    exchanges messages, then broadcasts the answer over the replica's TP × PP group. Byte counters
+    of the leader are in :attr:`stats`.
+    """
+
+    def __init__(self, cfg: Any, layout: Any, groups: Any, *, colocated: Optional[dict[str, ColocatedTeacher]] = None,
+                 timeout_s: Optional[float] = None) -> None:
+        if not groups.is_student:
+            raise ValueError(f"TeacherClient runs on student ranks; rank {groups.rank} is in role {groups.role_name!r}")
+        self.rank, self.pgc = groups.rank, groups.pg_collection
+        self.timeout_s = float(timeout_s if timeout_s is not None else cfg.parallel.timeout_s)
+        self.vocab_size = cfg.model.vocab_size
+        self.ids = teacher_ids(cfg.teachers)
+        self.branch_teacher = {b: t.name for t in cfg.teachers for b in t.branches}
+        self.colocated = dict(colocated or {})
+        self.routes = {n: layout.routes(n)[groups.dp_rank] for n in self.ids if layout.teacher_role[n] != "student"}
+        self.group_of = {n: layout.teacher_role[n] for n in self.routes}
+        self.stats: dict[str, int] = {"requests": 0, "bytes_sent": 0, "bytes_received": 0}
+        self.closed = False
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return tuple(self.branch_teacher)
+
+    def teacher_for(self, branch: str) -> str:
+        """Name of the teacher scoring ``branch`` (ValueError naming the served branches otherwise)."""
+        if branch not in self.branch_teacher:
+            raise ValueError(f"no teacher serves branch {branch!r}; teachers[*].branches cover {sorted(self.branch_teacher)}")
+        return self.branch_teacher[branch]
+
+    def _peer(self, route: Any, rank: int) -> str:
+        return f"teacher {route.teacher!r} (role {self.group_of[route.teacher]!r} rank {rank})"
+
+    def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Teacher log-probs of the sampled tokens: float32 [B, T], ``out[b, t] = log π_T(tokens[b, t+1])``
+        (the ``next_token_logprobs`` alignment; 0 where ``loss_mask_BT`` is 0 and in the last column).
+
+        Collective over every student rank; every rank of a DP replica passes the same batch and gets
+        the result. ``B = 0`` is allowed (an empty result, still collective).
+        """
+        name = self.teacher_for(branch)
+        if name in self.colocated:
+            return self.colocated[name].score(tokens_BT, loss_mask_BT)
+        (out,) = self._request(name, Command.SCORE, tokens_BT, loss_mask_BT, 0)
+        return out
+
+    def score_topk(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch teacher's top-k next-token log-probs (float32) and global ids (int64), [B, T, k],
+        aligned like :meth:`score`; 0 where masked and in the last column."""
+        name = self.teacher_for(branch)
+        _check_k(k, self.vocab_size)
+        if name in self.colocated:
+            return self.colocated[name].score_topk(tokens_BT, loss_mask_BT, k)
+        vals, ids = self._request(name, Command.TOPK, tokens_BT, loss_mask_BT, k)
+        return vals, ids
+
+    def _request(self, name: str, cmd: int, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
+                 k: int) -> list[torch.Tensor]:
+        if self.closed:
+            raise TeacherServiceError("TeacherClient is closed; build a new one")
+        route = self.routes[name]
+        b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
+                           what=f"score for teacher {name!r}")
+        shapes = [((b, t), torch.float32, TAG_VALUES)] if cmd == Command.SCORE else \
+            [((b, t, k), torch.float32, TAG_VALUES), ((b, t, k), torch.int64, TAG_INDICES)]
+        dev = wire_device()
+        outs = [torch.zeros(s, dtype=d, device=dev) for s, d, _ in shapes]
+        if self.rank == route.student_rank:
+            self.stats["requests"] += 1
+            p2p_send(header(cmd, self.ids[name], b, t, k), route.teacher_input_rank, tag=TAG_HEADER,
+                     timeout_s=self.timeout_s, peer=self._peer(route, route.teacher_input_rank), what="request header")
+            if b * t:
+                tok = tokens_BT.to(dev)
+                msk = (loss_mask_BT != 0).to(device=dev, dtype=torch.uint8)
+                for x, tag in ((tok, TAG_TOKENS), (msk, TAG_MASK)):
+                    p2p_send(x, route.teacher_input_rank, tag=tag, timeout_s=self.timeout_s,
+                             peer=self._peer(route, route.teacher_input_rank), what="request payload")
+                    self.stats["bytes_sent"] += x.numel() * x.element_size()
+                for x, (_, _, tag) in zip(outs, shapes):
+                    p2p_recv(x, route.teacher_output_rank, tag=tag, timeout_s=self.timeout_s,
+                             peer=self._peer(route, route.teacher_output_rank), what="teacher reply")
+                    self.stats["bytes_received"] += x.numel() * x.element_size()
+        if b * t:
+            for x in outs:  # leader → the replica's other TP/PP ranks (they wait here meanwhile)
+                group_broadcast(x, route.student_rank, self.pgc.mp, timeout_s=self.timeout_s,
+                                peer=f"role 'student' rank {route.student_rank} (this replica's leader)",
+                                what=f"teacher {name!r} result")
+            if not torch.isfinite(outs[0]).all():  # the teacher's failure signal, seen by every rank
+                self._fail(route, "returned non-finite log-probs (the teacher failed while scoring; see its log)")
+        return [x.to(tokens_BT.device) for x in outs]
+
+    def _fail(self, route: Any, why: str) -> None:
+        raise TeacherServiceError(f"{self._peer(route, route.teacher_output_rank)} {why}")
+
+    def _leader_targets(self) -> list[tuple[str, Any]]:
+        """(teacher name, route) per distinct teacher replica this rank leads the traffic to."""
+        sent: set[tuple[str, int]] = set()
+        out = []
+        for name, route in self.routes.items():
+            key = (self.group_of[name], route.teacher_dp)
+            if self.rank == route.student_rank and key not in sent:
+                sent.add(key)
+                out.append((name, route))
+        return out
+
+    @property
+    def has_separate(self) -> bool:
+        """True when some teacher runs on its own ranks (they must join world-collective saves)."""
+        return bool(self.routes)
+
+    def join_save(self, path: str, step: int) -> None:
+        """Ask every separate teacher replica to join the world-collective checkpoint save of ``path``.
+
+        Call on every student rank right before ``save_checkpoint`` (only replica leaders send). The
+        teachers pass an empty state: megatron's dist_checkpointing synchronises through global
+        rank 0 and world-wide barriers, so every rank of the world must take part.
+        """
+        if self.closed:
+            raise TeacherServiceError("TeacherClient is closed; build a new one")
+        for name, route in self._leader_targets():
+            peer = self._peer(route, route.teacher_input_rank)
+            msg = encode_message(path)
+            if msg.numel() != len(path.encode("utf-8")):
+                raise ValueError(f"checkpoint path too long for the teacher protocol: {path!r}")
+            p2p_send(header(Command.SAVE, b=int(step), nmsg=msg.numel()), route.teacher_input_rank, tag=TAG_HEADER,
+                     timeout_s=self.timeout_s, peer=peer, what="save request")
+            p2p_send(msg, route.teacher_input_rank, tag=TAG_MESSAGE, timeout_s=self.timeout_s, peer=peer,
+                     what="save path")
+
+    def close(self, error: BaseException | str | None = None) -> None:
+        """Tell every separate teacher group to stop: ``shutdown``, or ``abort`` carrying ``error``.
+
+        Call it on every student rank in a ``finally`` (only replica leaders send; idempotent).
+        Never raises: a teacher that is already gone is logged.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        sent: set[tuple[str, int]] = set()
+        for name, route in self.routes.items():
+            key = (self.group_of[name], route.teacher_dp)
+            if self.rank != route.student_rank or key in sent:
+                continue
+            sent.add(key)
+            peer = self._peer(route, route.teacher_input_rank)
+            try:
+                if error is None:
+                    p2p_send(header(Command.SHUTDOWN), route.teacher_input_rank, tag=TAG_HEADER,
+                             timeout_s=self.timeout_s, peer=peer, what="shutdown")
+                else:
+                    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+                    msg = encode_message(f"student rank {self.rank}: {text}")
+                    p2p_send(header(Command.ABORT, nmsg=msg.numel()), route.teacher_input_rank, tag=TAG_HEADER,
+                             timeout_s=self.timeout_s, peer=peer, what="abort")
+                    if msg.numel():
+                        p2p_send(msg, route.teacher_input_rank, tag=TAG_MESSAGE, timeout_s=self.timeout_s,
+                                 peer=peer, what="abort message")
+            except TeacherServiceError as e:
+                logger.warning("could not stop %s: %s", peer, e)
+
+
+# ------------------------------------------------------------------------------------------------
+# the factory
+# ------------------------------------------------------------------------------------------------
+def build_teachers(cfg: Any, layout: Any, groups: Any, *, timeout_s: Optional[float] = None,
+                   idle_timeout_s: Optional[float] = None,
+                   micro_batch_rows: Optional[int] = None) -> tuple[Optional[TeacherClient], Optional[TeacherHost]]:
+    """``(client, None)`` on student ranks, ``(None, host)`` on teacher ranks.
+
+    Runs :func:`check_teachers` first (every rank, no collective). Collective afterwards: building
+    and loading models is collective over each role (checkpoint loading over the role's ranks);
+    colocated teachers are built on the student's ranks in config order.
+    """
+    check_teachers(cfg, layout)
+    if groups.is_student:
+        ids = teacher_ids(cfg.teachers)
+        colocated = {n: ColocatedTeacher(cfg, ids[n], groups, timeout_s=timeout_s, micro_batch_rows=micro_batch_rows)
+                     for n in layout.student.teachers}
+        return TeacherClient(cfg, layout, groups, colocated=colocated, timeout_s=timeout_s), None
+    return None, TeacherHost(cfg, layout, groups, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s,
+                             micro_batch_rows=micro_batch_rows)

@@ -1,0 +1,435 @@
+"""megatron-core DDP + optimizer for one role, with explicit process groups (no global state).
+
+    ddp_chunks, optimizer, lr_scheduler = build_ddp_and_optimizer(
+        model_chunks, cfg.optim, cfg.parallel, pg_collection, total_steps=cfg.run.steps)
+    ...  # forward/backward (megatron schedule or own loop), then
+    ok, grad_norm, num_zeros = optimizer_step(optimizer, lr_scheduler)
+    zero_grad_buffers(ddp_chunks, optimizer)
+
+Gradient normalisation (the important numerics contract):
+    Our loss is already divided by the GLOBAL kept-token count (all DP ranks, all micro-batches),
+    so every rank's gradient is a partial sum of the global mean. Data-parallel reduction must
+    therefore be a plain SUM. megatron's DDP averages (pre-scales by 1/dp) unless the model config
+    has ``calculate_per_token_loss=True``; we set it, keep ``average_in_collective=False`` (SUM
+    collective), and install a ``finalize_model_grads_func`` that never divides by the token count
+    (megatron would divide by the loss function's ``num_tokens`` otherwise). Consequence for a
+    megatron pipeline schedule: the loss function must return the 3-tuple
+    ``(loss, num_tokens, report)``; with ``calculate_per_token_loss=True`` the schedule then
+    neither divides by ``num_tokens`` nor by the number of micro-batches.
+
+Process groups: DDP and ``get_megatron_optimizer`` get the role's ``pg_collection`` (with the
+dp/expt_dp/mp/tp_ep_pp/intra_dist_opt fields; ``simple_pg_collection`` sets them) and
+``use_gloo_process_groups=False`` (megatron refuses gloo side groups with a collection).
+``get_megatron_optimizer`` aligns parameter groups with ONE ``all_gather_object`` over the whole
+WORLD (optimizer/__init__.py ``_get_param_groups``), which would hang when only one role builds an
+optimizer; :func:`build_ddp_and_optimizer` redirects that gather to the role's own ranks.
+
+Optimizer state checkpointing goes through :func:`optimizer_sharded_state_dict`
+(dist_checkpointing; the DistributedOptimizer uses the ``fully_reshardable`` format); the
+torch-native-Adam fixes it relies on live in :mod:`camopd_megatron.cpu_compat_optim`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.cpu_compat import ensure_cpu_compat
+
+ensure_cpu_compat()
+
+import megatron.core.optimizer as mcore_optimizer  # noqa: E402
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+
+from camopd_megatron.config.sections import OptimConfig, ParallelConfig  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LRScheduler",
+    "FinalizeGradsSum",
+    "build_ddp_and_optimizer",
+    "optimizer_step",
+    "zero_grad_buffers",
+    "optimizer_sharded_state_dict",
+    "shard_common_state",
+    "DISTOPT_SHARDING_TYPE",
+]
+
+DISTOPT_SHARDING_TYPE = "fully_reshardable"
+"""DistributedOptimizer checkpoint format: reshardable across TP/PP/DP (the default
+``fully_sharded_model_space`` raises "flattened_range is not supported" in 0.19.2)."""
+
+_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class LRScheduler:
+    """Learning rate per optimizer step: linear warmup, then constant / cosine / linear decay.
+
+    Step ``k`` (0-based, the k-th optimizer update) uses
+      * warmup (``k < warmup_steps``): ``lr * (k + 1) / warmup_steps`` (the first update is not
+        wasted at lr 0, the last warmup update is at full lr);
+      * then ``progress = (k - warmup) / (total_steps - warmup)`` in [0, 1) and
+        constant: ``lr``; linear: ``min_lr + (lr - min_lr) * (1 - progress)``;
+        cosine: ``min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2``; past ``total_steps``: ``min_lr``.
+    Each megatron param group carries ``max_lr``/``min_lr`` (decoupled LRs) and ``wd_mult`` (0 for
+    biases and norms); the schedule is applied per group and the group's weight decay is set to
+    ``weight_decay * wd_mult`` (megatron's own Adam is built with one weight decay for every group,
+    it relies on the scheduler for the no-decay groups).
+    """
+
+    def __init__(self, optimizer: Any, optim_cfg: OptimConfig, total_steps: int) -> None:
+        if optim_cfg.lr_schedule not in _SCHEDULES:
+            raise ValueError(
+                f"optim.lr_schedule={optim_cfg.lr_schedule!r} is not supported; use one of {', '.join(_SCHEDULES)}"
+            )
+        if total_steps < 1:
+            raise ValueError(f"total_steps={total_steps} must be >= 1 (set run.steps to a positive number)")
+        if optim_cfg.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={optim_cfg.warmup_steps} must be >= 0")
+        self.optimizer = optimizer
+        self.lr = float(optim_cfg.lr)
+        self.min_lr = float(optim_cfg.min_lr)
+        self.style = optim_cfg.lr_schedule
+        self.warmup_steps = int(optim_cfg.warmup_steps)
+        self.total_steps = int(total_steps)
+        self.weight_decay = float(optim_cfg.weight_decay)
+        self.num_steps = 0
+        self._apply()
+
+    def lr_at(self, step: int, max_lr: Optional[float] = None, min_lr: Optional[float] = None) -> float:
+        """The learning rate of the ``step``-th update (0-based) for a group with these bounds."""
+        hi = self.lr if max_lr is None else float(max_lr)
+        lo = self.min_lr if min_lr is None else float(min_lr)
+        if step < self.warmup_steps:
+            return hi * (step + 1) / self.warmup_steps
+        if self.style == "constant":
+            return hi
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = (step - self.warmup_steps) / decay_steps
+        if progress >= 1.0:
+            return lo
+        coeff = 1.0 - progress if self.style == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lo + (hi - lo) * coeff
+
+    def get_lr(self) -> float:
+        """The learning rate the next update uses (default group bounds)."""
+        return self.lr_at(self.num_steps)
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            lr = self.lr_at(self.num_steps, group.get("max_lr"), group.get("min_lr")) * group.get("lr_mult", 1.0)
+            if isinstance(group.get("lr"), torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+
+    def step(self) -> None:
+        """Advance by one completed update and set the next update's lr on every param group."""
+        self.num_steps += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serialisable state (plain Python values: store it as a common/non-sharded checkpoint item)."""
+        return {
+            "num_steps": self.num_steps, "lr": self.lr, "min_lr": self.min_lr, "style": self.style,
+            "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the step count; the schedule shape comes from the current config (a changed
+        schedule is logged, not an error, so a run can be extended or re-tuned on resume)."""
+        current = {"lr": self.lr, "min_lr": self.min_lr, "style": self.style,
+                   "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+        changed = {k: (state[k], v) for k, v in current.items() if k in state and state[k] != v}
+        if changed:
+            logger.warning("lr schedule differs from the checkpoint's (checkpoint, now): %s", changed)
+        self.num_steps = int(state["num_steps"])
+        self._apply()
+
+
+class FinalizeGradsSum:
+    """``config.finalize_model_grads_func`` for a role: megatron's ``finalize_model_grads`` on the
+    role's groups (DP reduce / reduce-scatter, SP norm grads over TP, tied-embedding grads over the
+    first+last pipeline stages), never dividing by the schedule's token count (our loss is already
+    normalised by the global count; see the module docstring)."""
+
+    def __init__(self, pg_collection: ProcessGroupCollection) -> None:
+        self.pg_collection = pg_collection
+
+    def __call__(
+        self,
+        model: list[torch.nn.Module],
+        num_tokens: Optional[torch.Tensor] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        force_all_reduce: Optional[bool] = False,
+    ) -> None:
+        # num_tokens (and the schedule's pg_collection, which may be a global-state fallback) are
+        # ignored on purpose: the role's own groups and a plain sum.
+        finalize_model_grads(model, None, pg_collection=self.pg_collection, force_all_reduce=force_all_reduce)
+
+
+class _RoleDistributed:
+    """``torch.distributed`` as seen by ``megatron.core.optimizer`` while it builds param groups:
+    group-less ``get_world_size`` / ``all_gather_object`` act on the role's group, not the world."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dist, name)
+
+    def get_world_size(self, group: Any = None) -> int:
+        return dist.get_world_size(group if group is not None else self._group)
+
+    def all_gather_object(self, object_list: list, obj: Any, group: Any = None) -> None:
+        dist.all_gather_object(object_list, obj, group=group if group is not None else self._group)
+
+
+class _RoleTorch:
+    """Module-local ``torch`` for ``megatron.core.optimizer`` with :class:`_RoleDistributed`."""
+
+    def __init__(self, real: Any, group: Any) -> None:
+        self._real = real
+        self.distributed = _RoleDistributed(group)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def _param_group_alignment_over(group: Any) -> Iterator[None]:
+    """Workaround (0.19.2, optimizer/__init__.py:363): ``_get_param_groups`` aligns the param-group
+    keys of all ranks with a WORLD ``all_gather_object``. Per-role groups mean other roles never
+    join it; alignment only has to hold inside the role (its checkpoint), so gather over ``group``.
+    Swaps the module's global ``torch`` for the duration of the build (main thread only)."""
+    original = mcore_optimizer.torch
+    mcore_optimizer.torch = _RoleTorch(original, group)
+    try:
+        yield
+    finally:
+        mcore_optimizer.torch = original
+
+
+def _role_group(pg_collection: ProcessGroupCollection) -> Any:
+    """All ranks of the role: ``intra_dist_opt`` (tp×cp×ep×pp×dp in ``simple_pg_collection``)."""
+    group = getattr(pg_collection, "intra_dist_opt", None)
+    if group is None:
+        raise ValueError(
+            "pg_collection.intra_dist_opt is None: it must be the group of all the role's ranks "
+            "(build the collection with camopd_megatron.models.groups.simple_pg_collection)"
+        )
+    return group
+
+
+def _check_collection(pg_collection: ProcessGroupCollection) -> None:
+    """megatron reads these fields with ``vars()``: missing ones raise deep inside DDP/optimizer."""
+    missing = [f for f in ("tp", "pp", "dp", "dp_cp", "expt_dp", "mp", "tp_ep_pp", "intra_dist_opt",
+                           "embd", "pos_embd") if f not in vars(pg_collection)]
+    if missing:
+        raise ValueError(
+            f"pg_collection lacks {missing}; megatron DDP/optimizer need them set (None where unused): "
+            "build it with camopd_megatron.models.groups.simple_pg_collection"
+        )
+
+
+def _distopt_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelConfig,
+                    pg_collection: ProcessGroupCollection) -> Any:
+    """The DistributedOptimizer's buffer layout, precomputed as megatron asks callers to (DDP
+    otherwise computes the same layout itself and warns). One bucket per buffer: without
+    ``overlap_grad_reduce`` DDP sets ``bucket_size=None``. None without the distributed optimizer."""
+    if not ddp_config.use_distributed_optimizer:
+        return None
+    params = [p for _, p in chunk.named_parameters() if p.requires_grad]  # DDP's order
+    return DistributedOptimizer.compute_full_param_layout(
+        params, None, pg_collection.dp_cp.size(), ddp_config,
+        expert_data_parallel_world_size=pg_collection.expt_dp.size(),
+    )
+
+
+def build_ddp_and_optimizer(
+    model_chunks: Sequence[torch.nn.Module],
+    optim_cfg: OptimConfig,
+    parallel_cfg: ParallelConfig,
+    pg_collection: ProcessGroupCollection,
+    *,
+    total_steps: int,
+) -> tuple[list[DistributedDataParallel], MegatronOptimizer, LRScheduler]:
+    """Wrap the role's model chunks in megatron DDP and build megatron's Adam(W) + the lr schedule.
+
+    Collective over the ROLE's ranks (not the world). Mutates the chunks' shared TransformerConfig:
+    ``calculate_per_token_loss=True`` (SUM over DP, see the module docstring),
+    ``finalize_model_grads_func`` (:class:`FinalizeGradsSum`) and ``no_sync_func``.
+
+    Args:
+        model_chunks: the role's GPTModel chunk(s) (several only with virtual pipeline stages).
+        optim_cfg: lr, min_lr, schedule, warmup, weight decay, Adam betas/eps, clip_grad (0 = off).
+        parallel_cfg: ``use_distributed_optimizer`` (shard optimizer state over DP).
+        pg_collection: the role's process groups (``simple_pg_collection``).
+        total_steps: number of optimizer steps of the run (the decay horizon of the lr schedule).
+
+    Returns:
+        ``(ddp_chunks, optimizer, lr_scheduler)``; the lr of the first update is already set.
+    """
+    if not model_chunks:
+        raise ValueError("build_ddp_and_optimizer: model_chunks is empty; pass the role's model chunk(s)")
+    _check_collection(pg_collection)
+    config = model_chunks[0].config
+    # SUM over DP: DDP pre-scales by 1/dp unless calculate_per_token_loss (distributed_data_parallel.py
+    # "Compute gradient scaling factors"); average_in_collective must stay False with it.
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        average_in_collective=False,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+    )
+    ddp_chunks = [
+        DistributedDataParallel(
+            config,
+            ddp_config,
+            chunk,
+            # megatron: bucketing only for the first chunk of an interleaved pipeline
+            disable_bucketing=i > 0,
+            pg_collection=pg_collection,
+            full_param_layout=_distopt_layout(chunk, ddp_config, pg_collection),
+        )
+        for i, chunk in enumerate(model_chunks)
+    ]
+    config.finalize_model_grads_func = FinalizeGradsSum(pg_collection)
+    config.no_sync_func = (
+        ddp_chunks[0].no_sync if len(ddp_chunks) == 1 else [c.no_sync for c in ddp_chunks]
+    )
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.adam_beta1,
+        adam_beta2=optim_cfg.adam_beta2,
+        adam_eps=optim_cfg.adam_eps,
+        clip_grad=optim_cfg.clip_grad,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        bf16=bool(getattr(config, "bf16", False)),
+        fp16=bool(getattr(config, "fp16", False)),
+        params_dtype=getattr(config, "params_dtype", torch.float32),
+    )
+    with _param_group_alignment_over(_role_group(pg_collection)):
+        optimizer = get_megatron_optimizer(
+            optimizer_config, ddp_chunks, use_gloo_process_groups=False, pg_collection=pg_collection
+        )
+    lr_scheduler = LRScheduler(optimizer, optim_cfg, total_steps)
+    logger.debug(
+        "built %s (distributed optimizer: %s) for %d chunk(s)",
+        type(optimizer).__name__, parallel_cfg.use_distributed_optimizer, len(ddp_chunks),
+    )
+    return ddp_chunks, optimizer, lr_scheduler
+
+
+def optimizer_step(optimizer: MegatronOptimizer, lr_scheduler: LRScheduler) -> tuple[bool, Optional[float], Optional[int]]:
+    """One update after the gradients are finalised (``finalize_model_grads_func`` ran).
+
+    Returns ``(ok, grad_norm, num_zeros)``: ``ok`` is False when the update was skipped (inf/NaN
+    gradients under a loss scaler); the schedule advances only on a successful update. ``grad_norm``
+    is the global pre-clip norm over the role (None when not computed), ``num_zeros`` the number of
+    zero gradient entries (None unless ``log_num_zeros_in_grad``).
+    """
+    ok, grad_norm, num_zeros = optimizer.step()
+    if ok:
+        lr_scheduler.step()
+    return bool(ok), (None if grad_norm is None else float(grad_norm)), num_zeros
+
+
+def zero_grad_buffers(ddp_chunks: Sequence[DistributedDataParallel], optimizer: MegatronOptimizer) -> None:
+    """Zero the DDP contiguous grad buffers (``param.main_grad``) and the optimizer's main grads
+    before the next step's backward (megatron accumulates into ``main_grad`` across micro-batches)."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def optimizer_sharded_state_dict(
+    optimizer: MegatronOptimizer,
+    model_sharded_sd: dict,
+    *,
+    is_loading: bool,
+    pg_collection: ProcessGroupCollection,
+) -> dict:
+    """The optimizer's dist_checkpointing sharded state dict (to save, or as the load template).
+
+    ``model_sharded_sd`` must be the sharded state dict of the SAME (DDP-wrapped) model chunks,
+    built with ``metadata={"dp_cp_group": pg_collection.dp_cp}``: the optimizer state tensors reuse
+    its keys, shapes and replica ids. After ``dist_checkpointing.load`` pass the loaded dict to
+    ``optimizer.load_state_dict``. Works for the plain and the distributed optimizer (format
+    :data:`DISTOPT_SHARDING_TYPE`); the role's dp_cp group is passed explicitly so nothing falls
+    back to megatron's global data-parallel group.
+    """
+    metadata = {"distrib_optim_sharding_type": DISTOPT_SHARDING_TYPE, "dp_cp_group": pg_collection.dp_cp}
+    sharded = optimizer.sharded_state_dict(model_sharded_sd, is_loading=is_loading, metadata=metadata)
+    _always_common_step(sharded)
+    return shard_common_state(sharded, key_prefix="optimizer.common", group=_role_group(pg_collection))
+
+
+def _always_common_step(sharded: Any) -> None:
+    """Non-distributed optimizer (FP32Optimizer format ``{"state", "param_groups"}``, possibly
+    chained as ``{idx: ...}``): torch Adam's per-param ``step`` is saved as ``state.common_step``
+    only when some param has a step, and a load template (built by ``init_state_fn``, which sets
+    no step) never asks for it; before, megatron got it back from the rank-0 common state, which
+    :func:`shard_common_state` replaces. Always include it (0 = no update yet) so the saved entry
+    and the template's request match."""
+    if isinstance(sharded, dict) and "state" in sharded and "param_groups" in sharded:
+        if isinstance(sharded["state"], dict) and "common_step" not in sharded["state"]:
+            sharded["state"]["common_step"] = torch.tensor(0.0)
+    elif isinstance(sharded, dict) and sharded and all(isinstance(k, int) for k in sharded):
+        for value in sharded.values():  # ChainedOptimizer with several optimizers
+            _always_common_step(value)
+
+
+def shard_common_state(tree: Any, *, key_prefix: str, group: Any) -> Any:
+    """Turn the plain ("common") items of a sharded state dict into role-owned ShardedObjects.
+
+    Why: ``dist_checkpointing.save`` writes common (non-sharded) items only from GLOBAL rank 0,
+    and loads them from there. When the saving role does not contain rank 0 (a role at
+    rank_offset > 0, other roles joining the save with ``{}``), megatron's optimizer param groups,
+    ``step``, the distopt sharding type, an lr-schedule state... would be silently dropped. Each
+    maximal subtree without sharded items becomes one ``ShardedObject`` (key
+    ``<key_prefix>.<path>``) whose main replica is rank 0 of ``group`` (the role); after
+    ``dist_checkpointing.load`` the loaded dict has the original structure and values.
+    Sharded items (ShardedTensor/Object/Factory) and LocalNonpersistentObject stay as they are.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
+
+    replica = dist.get_rank(group)
+
+    def has_sharded(node: Any) -> bool:
+        if isinstance(node, (ShardedBase, LocalNonpersistentObject)):
+            return True
+        if isinstance(node, dict):
+            return any(has_sharded(v) for v in node.values())
+        if isinstance(node, (list, tuple)):
+            return any(has_sharded(v) for v in node)
+        return False
+
+    def wrap(node: Any, path: str) -> Any:
+        if not has_sharded(node):
+            return ShardedObject(f"{key_prefix}.{path}" if path else key_prefix, node, (1,), (0,), replica_id=replica)
+        if isinstance(node, dict):
+            return {k: wrap(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(wrap(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node))
+        return node
+
+    return wrap(tree, "")

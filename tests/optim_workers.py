@@ -1,0 +1,230 @@
+"""Rank functions for tests/test_optimizer.py and tests/test_cpu_compat.py (spawned by run_on_ranks).
+
+Module-level and import-safe (dist_checkpointing's save spawns a Manager that re-imports __main__).
+Tiny GPT: 2 layers, hidden 64, 4 heads, ffn 256, vocab 128, seq 16, fp32, CPU init (weights do
+not depend on TP), built with ``camopd_megatron.models.gpt.build_gpt_model`` when it exists.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.cpu_compat import ensure_cpu_compat
+
+ensure_cpu_compat()
+
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
+
+from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from camopd_megatron.models.groups import in_collection, pg_rank, pg_size, simple_pg_collection  # noqa: E402
+from camopd_megatron.models.optimizer import (  # noqa: E402
+    build_ddp_and_optimizer,
+    optimizer_sharded_state_dict,
+    optimizer_step,
+    shard_common_state,
+    zero_grad_buffers,
+)
+
+logger = logging.getLogger(__name__)
+
+SEQ = 16
+VOCAB = 128
+GLOBAL_BATCH = 4
+MICRO_BATCH = 1
+
+
+def tiny_model_cfg(tie: bool = False) -> ModelConfig:
+    """The tiny student (vocab 128 = one pad multiple)."""
+    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                       vocab_size=VOCAB, seq_length=SEQ, tie_embeddings=tie)
+
+
+def tiny_optim_cfg(**kw: Any) -> OptimConfig:
+    base = dict(lr=1e-2, min_lr=0.0, weight_decay=0.01, clip_grad=1.0, lr_schedule="constant")
+    base.update(kw)
+    return OptimConfig(**base)
+
+
+def build_model(pgc: Any, seed: int = 1234, *, tie: bool = False, pp: int = 1) -> torch.nn.Module:
+    """GPTModel of the tiny config on the role's groups (the lead's builder when available)."""
+    pp_rank, pp_size_ = pg_rank(pgc.pp), pg_size(pgc.pp)
+    pre, post = pp_rank == 0, pp_rank == pp_size_ - 1
+    try:
+        from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    except ImportError:
+        build_gpt_model = None
+    if build_gpt_model is not None:
+        init_model_rng(seed, pgc)
+        torch.manual_seed(seed)
+        return build_gpt_model(tiny_model_cfg(tie), pgc, params_dtype=torch.float32, pre_process=pre, post_process=post)
+    return _build_model_direct(pgc, seed, tie=tie, pre=pre, post=post)
+
+
+def _build_model_direct(pgc: Any, seed: int, *, tie: bool, pre: bool, post: bool) -> torch.nn.Module:
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    model_parallel_cuda_manual_seed(seed, tp_rank=pg_rank(pgc.tp), ep_rank=0, etp_rank=0)
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+        tensor_model_parallel_size=pg_size(pgc.tp), pipeline_model_parallel_size=pg_size(pgc.pp),
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, batch_p2p_sync=False,
+    )
+    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                    pre_process=pre, post_process=post, share_embeddings_and_output_weights=tie,
+                    position_embedding_type="rope", pg_collection=pgc)
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """[GLOBAL_BATCH, SEQ+1] token ids, the same on every rank, different per step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def loss_mask(step: int) -> torch.Tensor:
+    """[GLOBAL_BATCH, SEQ] kept tokens (uneven per sequence, so DP halves have unequal counts)."""
+    g = torch.Generator().manual_seed(2000 + step)
+    m = (torch.rand(GLOBAL_BATCH, SEQ, generator=g) > 0.3).float()
+    m[0, :] = 1.0
+    return m
+
+
+def train_steps(ddp_chunks, optimizer, sched, pgc, steps: range) -> tuple[list[float], list[float]]:
+    """Run optimizer steps with megatron's schedule. Returns (losses, pre-clip grad norms); the loss
+    of a step is the global mean over kept tokens (each rank's loss is divided by the GLOBAL kept
+    count and DP reduction sums, so the grad norm is DP-independent too: Adam alone would hide a
+    1/dp gradient scale)."""
+    dp, dp_rank = pg_size(pgc.dp), pg_rank(pgc.dp)
+    pp = pg_size(pgc.pp)
+    per_dp = GLOBAL_BATCH // dp
+    causal = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    losses, norms = [], []
+    fb = get_forward_backward_func(pp_size=pp, vp_size=None)
+    for step in steps:
+        tokens_all, mask_all = global_batch(step), loss_mask(step)
+        total_kept = mask_all.sum()
+        local = slice(dp_rank * per_dp, (dp_rank + 1) * per_dp)
+        tokens, mask = tokens_all[local], mask_all[local]
+        micro = [(tokens[i:i + MICRO_BATCH], mask[i:i + MICRO_BATCH]) for i in range(0, per_dp, MICRO_BATCH)]
+
+        def forward_step(data_iter, model):
+            tok, m = next(data_iter)
+            inp, lab = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+            pos = torch.arange(SEQ).unsqueeze(0).expand_as(inp)
+            out = model(inp, pos, causal, labels=lab)
+
+            def loss_func(per_token):  # [b, s] CE
+                loss = (per_token.float() * m).sum() / total_kept
+                return loss, m.sum().to(torch.int), {"loss_sum": loss.detach()}
+
+            return out, loss_func
+
+        zero_grad_buffers(ddp_chunks, optimizer)
+        kwargs = dict(forward_step_func=forward_step, data_iterator=iter(micro), model=ddp_chunks,
+                      num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
+                      pg_collection=pgc)
+        if pp > 1:
+            kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pgc.pp, config=ddp_chunks[0].config)
+        reports = fb(**kwargs)
+        ok, grad_norm, _ = optimizer_step(optimizer, sched)
+        assert ok
+        norms.append(grad_norm)
+        local_loss = torch.tensor(sum(float(r["loss_sum"]) for r in reports) if reports else 0.0)
+        # global loss: sum over DP replicas (last stage holds it; broadcast over PP)
+        dist.all_reduce(local_loss, group=pgc.dp)
+        if pp > 1:
+            last = dist.get_process_group_ranks(pgc.pp)[-1]
+            dist.broadcast(local_loss, src=last, group=pgc.pp)
+        losses.append(float(local_loss))
+    return losses, norms
+
+
+def _setup(tp: int, dp: int, distopt: bool, offset: int = 0, pp: int = 1, seed: int = 1234, tie: bool = False):
+    pgc = simple_pg_collection(tp, pp, dp, offset)
+    if not in_collection(pgc):
+        return pgc, None, None, None
+    model = build_model(pgc, seed, tie=tie, pp=pp)
+    ddp, opt, sched = build_ddp_and_optimizer(
+        [model], tiny_optim_cfg(), ParallelConfig(tp=tp, pp=pp, dp=dp, use_distributed_optimizer=distopt),
+        pgc, total_steps=10,
+    )
+    return pgc, ddp, opt, sched
+
+
+# ------------------------------------------------------------------------------------------------
+# launched functions
+# ------------------------------------------------------------------------------------------------
+def layouts_loss_curves(rank: int, world_size: int, layouts: list[tuple[int, int, bool, int]], steps: int) -> dict:
+    """Train ``steps`` steps for each (tp, dp, distopt, rank_offset) layout in turn. Every rank of
+    the world builds every layout's groups; ranks outside the role only wait in the final world
+    barrier, so a world-wide collective inside DDP/optimizer/schedule would hang (caught by the
+    short process-group timeout). Returns {layout: ((losses, grad_norms), optimizer class)}."""
+    out = {}
+    for tp, dp, distopt, offset in layouts:
+        pgc, ddp, opt, sched = _setup(tp, dp, distopt, offset)
+        if ddp is not None:
+            inner = [type(o).__name__ for o in getattr(opt, "chained_optimizers", [opt])]
+            out[(tp, dp, distopt, offset)] = (train_steps(ddp, opt, sched, pgc, range(steps)), inner)
+        dist.barrier()
+    return out
+
+
+def _model_sd(ddp, pgc) -> dict:
+    return ddp[0].sharded_state_dict(metadata={"dp_cp_group": pgc.dp_cp})
+
+
+def _save(ddp, opt, sched, pgc, path: str) -> None:
+    """Every rank of the world calls save; ranks outside the role pass {}."""
+    if ddp is None:
+        dist_checkpointing.save({}, path)
+        return
+    msd = _model_sd(ddp, pgc)
+    sd = {"model": msd, "optimizer": optimizer_sharded_state_dict(opt, msd, is_loading=False, pg_collection=pgc),
+          "sched": shard_common_state(sched.state_dict(), key_prefix="sched", group=pgc.intra_dist_opt)}
+    dist_checkpointing.save(sd, path)
+
+
+def _load(ddp, opt, sched, pgc, path: str) -> None:
+    msd = _model_sd(ddp, pgc)
+    template = {"model": msd, "optimizer": optimizer_sharded_state_dict(opt, msd, is_loading=True, pg_collection=pgc),
+                "sched": shard_common_state(sched.state_dict(), key_prefix="sched", group=pgc.intra_dist_opt)}
+    loaded = dist_checkpointing.load(template, path, process_group=pgc.intra_dist_opt)
+    ddp[0].module.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
+    opt.load_state_dict(loaded["optimizer"])
+    sched.load_state_dict(loaded["sched"])
+
+
+def resume_matches(rank: int, world_size: int, tp: int, dp: int, distopt: bool, offset: int,
+                   ckpt_dir: str, steps: int = 3, extra: int = 3) -> Optional[dict]:
+    """Role (tp, dp) at ``offset``: train steps+extra uninterrupted; separately train ``steps``,
+    save (whole world), build fresh, load, train ``extra``. Returns both curves on role ranks."""
+    pgc, ddp, opt, sched = _setup(tp, dp, distopt, offset)
+    full = train_steps(ddp, opt, sched, pgc, range(steps + extra)) if ddp is not None else None
+    pgc, ddp, opt, sched = _setup(tp, dp, distopt, offset)
+    first = train_steps(ddp, opt, sched, pgc, range(steps)) if ddp is not None else None
+    _save(ddp, opt, sched, pgc, ckpt_dir)
+    dist.barrier()
+    # fresh build from another seed: the load must overwrite everything
+    pgc, ddp, opt, sched = _setup(tp, dp, distopt, offset, seed=99)
+    if ddp is None:
+        dist.barrier()
+        return None
+    _load(ddp, opt, sched, pgc, ckpt_dir)
+    resumed = train_steps(ddp, opt, sched, pgc, range(steps, steps + extra))
+    dist.barrier()
+    return {"full": full, "first": first, "resumed": resumed, "opt": type(opt).__name__}

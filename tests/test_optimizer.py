@@ -1,0 +1,167 @@
+"""megatron DDP + optimizer on per-role process groups (gloo): layouts, DP sum, resume, lr schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from camopd_megatron.config.sections import OptimConfig
+from camopd_megatron.testing.multiproc import run_on_ranks
+from tests import optim_workers as W
+
+STEPS = 5
+REF = (1, 1, False, 0)
+
+
+def _assert_same_curve(curves: dict, ref_key: tuple, tol: float = 1e-5) -> None:
+    (ref_losses, ref_norms), _ = curves[ref_key]
+    assert ref_losses[-1] != ref_losses[0]  # it trains
+    for key, ((losses, norms), _) in curves.items():
+        assert len(losses) == len(ref_losses), key
+        for a, b in zip(losses, ref_losses):
+            assert abs(a - b) <= tol, (key, losses, ref_losses)
+        # pre-clip grad norms: Adam is scale-invariant, the norm is not (catches a 1/dp average);
+        # TP changes the summation order, so 1e-4 relative (a 1/dp bug is a factor of 2)
+        for a, b in zip(norms, ref_norms):
+            assert abs(a - b) <= 1e-4 * abs(b), (key, norms, ref_norms)
+
+
+def test_loss_curves_tp_dp_distopt_two_ranks():
+    """(TP1,DP1), (TP2,DP1), (TP1,DP2) distopt off/on: same 5-step loss curve and grad norms."""
+    layouts = [REF, (2, 1, False, 0), (1, 2, False, 0), (1, 2, True, 0)]
+    curves = run_on_ranks(W.layouts_loss_curves, 2, args=(layouts, STEPS), timeout_s=240, pg_timeout_s=60)[0]
+    assert set(curves) == set(layouts)
+    _assert_same_curve(curves, REF)
+    assert curves[(1, 2, True, 0)][1] == ["DistributedOptimizer"]
+    assert curves[(1, 2, False, 0)][1] == ["FP32Optimizer"]
+
+
+def test_loss_curves_four_ranks_and_offset_role():
+    """TP2×DP2 distopt on 4 ranks, and a TP1×DP2 distopt role on ranks 2-3 while ranks 0-1 only
+    wait in a world barrier (no world-wide collective inside DDP / optimizer / schedule)."""
+    layouts = [REF, (2, 2, True, 0), (1, 2, True, 2)]
+    results = run_on_ranks(W.layouts_loss_curves, 4, args=(layouts, STEPS), timeout_s=300, pg_timeout_s=45)
+    curves = {}
+    for r in results:
+        curves.update(r)
+    assert set(curves) == set(layouts)
+    _assert_same_curve(curves, REF)
+    assert set(results[0]) == {REF, (2, 2, True, 0)}
+    assert set(results[2]) == {(2, 2, True, 0), (1, 2, True, 2)}
+
+
+def _ckpt_dir(tmp_path) -> str:
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    return str(path)
+
+
+def _assert_resume(res: dict, steps: int = 3) -> None:
+    full_losses, full_norms = res["full"]
+    first_losses, _ = res["first"]
+    resumed_losses, resumed_norms = res["resumed"]
+    assert first_losses == full_losses[:steps]
+    # exact continuation: same float32 math after the load
+    assert resumed_losses == pytest.approx(full_losses[steps:], abs=1e-6, rel=0)
+    assert resumed_norms == pytest.approx(full_norms[steps:], abs=1e-6, rel=1e-6)
+
+
+def test_resume_plain_optimizer(tmp_path):
+    """model + optimizer + schedule saved with dist_checkpointing, fresh build (other seed), load,
+    continue == uninterrupted (TP2 role, plain optimizer)."""
+    res = run_on_ranks(W.resume_matches, 2, args=(2, 1, False, 0, _ckpt_dir(tmp_path)),
+                       timeout_s=240, pg_timeout_s=60)
+    assert res[0]["opt"] == "ChainedOptimizer"
+    _assert_resume(res[0])
+    assert res[1] == res[0]
+
+
+def test_resume_distributed_optimizer_offset_role(tmp_path):
+    """Same with the distributed optimizer (fully_reshardable) for a TP1×DP2 role on ranks 2-3 of a
+    4-rank world; ranks 0-1 join dist_checkpointing.save with an empty state dict."""
+    res = run_on_ranks(W.resume_matches, 4, args=(1, 2, True, 2, _ckpt_dir(tmp_path)),
+                       timeout_s=300, pg_timeout_s=60)
+    assert res[0] is None and res[1] is None
+    _assert_resume(res[2])
+    assert res[3] == res[2]
+
+
+@pytest.mark.slow
+def test_resume_distributed_optimizer_tp2_dp2(tmp_path):
+    """Distributed optimizer resume at TP2×DP2 on 4 ranks."""
+    res = run_on_ranks(W.resume_matches, 4, args=(2, 2, True, 0, _ckpt_dir(tmp_path)),
+                       timeout_s=300, pg_timeout_s=60)
+    _assert_resume(res[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# lr schedule and argument checks (no process groups)
+# ------------------------------------------------------------------------------------------------
+def _sched(**kw):
+    from camopd_megatron.models.optimizer import LRScheduler
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.AdamW([{"params": params[:1], "wd_mult": 1.0},
+                             {"params": params[1:], "wd_mult": 0.0, "max_lr": 0.5, "min_lr": 0.05}])
+    cfg = OptimConfig(**{"lr": 1.0, "min_lr": 0.1, "weight_decay": 0.1, **kw})
+    return LRScheduler(opt, cfg, total_steps=10), opt
+
+
+def test_lr_schedule_shapes():
+    s, opt = _sched(lr_schedule="cosine", warmup_steps=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        s.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # warmup, no lr-0 step
+    assert lrs[2] == pytest.approx(1.0)
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    # per-group bounds and weight decay multipliers
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.05)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+    lin, opt = _sched(lr_schedule="linear")
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    for _ in range(5):
+        lin.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 + 0.9 * 0.5)
+
+    const, opt = _sched(lr_schedule="constant", warmup_steps=4)
+    for _ in range(7):
+        const.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
+def test_lr_schedule_state_roundtrip():
+    a, _ = _sched(lr_schedule="cosine", warmup_steps=1)
+    for _ in range(4):
+        a.step()
+    b, opt_b = _sched(lr_schedule="cosine", warmup_steps=1)
+    b.load_state_dict(a.state_dict())
+    assert b.num_steps == 4 and opt_b.param_groups[0]["lr"] == pytest.approx(a.get_lr())
+
+
+def test_lr_schedule_bad_values():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _sched(lr_schedule="wsd")
+    from camopd_megatron.models.optimizer import LRScheduler
+
+    with pytest.raises(ValueError, match="total_steps"):
+        LRScheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), OptimConfig(), total_steps=0)
+
+
+def test_build_rejects_incomplete_collection():
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from camopd_megatron.config.sections import ParallelConfig
+    from camopd_megatron.models.optimizer import build_ddp_and_optimizer
+
+    with pytest.raises(ValueError, match="simple_pg_collection"):
+        build_ddp_and_optimizer([torch.nn.Linear(2, 2)], OptimConfig(), ParallelConfig(), ProcessGroupCollection(),
+                                total_steps=1)
+    with pytest.raises(ValueError, match="model_chunks"):
+        build_ddp_and_optimizer([], OptimConfig(), ParallelConfig(), ProcessGroupCollection(), total_steps=1)

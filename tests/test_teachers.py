@@ -1,0 +1,404 @@
+"""Teachers on their own rank groups (and colocated) and the log-prob scoring service (issue 4).
+
+Two multi-rank launches (each groups many checks):
+
+* 4 ranks: student TP=2 on 0-1, ``general`` TP=1 on 2 (checkpoint saved at TP=2), ``domain`` TP=1
+  on 3 (saved at TP=1). Teacher log-probs (and top-k) equal a one-rank evaluation of the same
+  checkpoint for variable-length padded batches; one float per token travels back; colocated mode
+  (student TP=2 × DP=2) gives the same numbers; a wrong-vocabulary checkpoint is refused on every
+  rank; abort reaches the teachers; a peer that does not answer gives an error naming role and rank.
+* 6 ranks: student DP=2 (both replicas routed to one teacher replica, one of them sending B=0),
+  ``general`` at TP=2, ``domain`` and ``extra`` time-sharing one PP=2 group; then colocated at
+  TP=1 × PP=2 × DP=3 with offload on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from camopd_megatron.checkpoint.dist import CheckpointError
+from camopd_megatron.config import ConfigError, config_from_dict
+from camopd_megatron.testing.multiproc import run_on_ranks
+
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
+             vocab_size=100, vocab_pad_multiple=128, seq_length=32)
+SEEDS = {"general": 11, "domain": 22, "extra": 33}
+TOL = 1e-5
+
+
+def _cfg(teachers: list[dict[str, Any]], **parallel: Any) -> Any:
+    return config_from_dict({"model": MODEL, "parallel": parallel, "teachers": teachers, "run": {"seed": 5}})
+
+
+def _batch(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded batch: row i has a random length in [2, t]; the first token is a prompt (masked)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, MODEL["vocab_size"], (b, t), generator=g)
+    lengths = torch.randint(2, t + 1, (b,), generator=g) if b else torch.zeros(0, dtype=torch.int64)
+    pos = torch.arange(t).unsqueeze(0)
+    mask = ((pos >= 1) & (pos < (lengths.unsqueeze(1) - 1))).float()  # targets t+1 inside the row
+    tokens = torch.where(pos < lengths.unsqueeze(1), tokens, torch.zeros_like(tokens))  # pad id 0
+    return tokens, mask
+
+
+BATCHES = [(3, 10, 1), (2, 7, 2), (4, 16, 3)]
+
+
+# ------------------------------------------------------------------------------------------------ helpers run on ranks
+def _save_checkpoints(ckpts: dict[str, tuple[str, int, int]]) -> None:
+    """Save one random model per name at (tp, pp); every rank of the world joins every save."""
+    import torch.distributed as dist
+
+    from camopd_megatron.checkpoint.dist import model_sharded_state_dict, save_checkpoint
+    from camopd_megatron.config import ModelConfig
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+
+    world = dist.get_world_size()
+    for name, (path, tp, pp) in ckpts.items():
+        pgc = simple_pg_collection(tp, pp, world // (tp * pp))
+        init_model_rng(SEEDS[name], pgc)
+        model = build_gpt_model(ModelConfig(**MODEL), pgc)
+        save_checkpoint(path, model_sharded_state_dict(model, pgc), model_cfg=ModelConfig(**MODEL))
+
+
+def _reference(ckpts: dict[str, str], batches: list, k: int = 0) -> dict[str, list]:
+    """One-rank evaluation (TP=1, PP=1 on every rank separately) of each checkpoint."""
+    import torch.distributed as dist
+
+    from camopd_megatron.checkpoint.dist import load_model
+    from camopd_megatron.config import ModelConfig
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+    from camopd_megatron.models.logprobs import next_token_logprobs
+    from camopd_megatron.models.pipeline import model_forward
+    from camopd_megatron.ops import vocab_parallel_topk
+
+    cfg = ModelConfig(**MODEL)
+    pgc = simple_pg_collection(1, 1, dist.get_world_size())
+    out: dict[str, list] = {}
+    for name, path in ckpts.items():
+        init_model_rng(999, pgc)
+        model = build_gpt_model(cfg, pgc)
+        load_model(model, path, model_cfg=cfg, pg_collection=pgc)
+        model.eval()
+        res = []
+        with torch.no_grad():
+            for b, t, s in batches:
+                tokens, mask = _batch(b, t, s)
+                logits = model_forward(model, tokens)
+                logp = next_token_logprobs(logits, tokens, None, vocab_size=cfg.vocab_size, mask_BT=mask)
+                top = vocab_parallel_topk(logits, k, None, vocab_start=0, vocab_size=cfg.vocab_size,
+                                          return_logprobs=True) if k else None
+                res.append((logp, top))
+        out[name] = res
+    return out
+
+
+def _errors_on_every_rank(cfg_bad: Any, layout: Any, groups: Any) -> str:
+    from camopd_megatron.distill.teachers import build_teachers
+
+    try:
+        build_teachers(cfg_bad, layout, groups)
+    except (CheckpointError, ConfigError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+# ------------------------------------------------------------------------------------------------ 4 ranks
+def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
+    import torch.distributed as dist
+
+    from camopd_megatron.distill.teachers import (
+        StudentAborted,
+        TeacherClient,
+        TeacherServiceError,
+        build_teachers,
+    )
+    from camopd_megatron.parallel import RoleLayout, build_process_groups
+
+    paths = {"general": f"{tmp}/general", "domain": f"{tmp}/domain"}
+    _save_checkpoints({"general": (paths["general"], 2, 1), "domain": (paths["domain"], 1, 1)})
+    ref = _reference(paths, BATCHES, k=5)
+    res: dict[str, Any] = {"rank": rank}
+
+    teachers = [dict(name="general", branches=["general"], placement="separate", checkpoint=paths["general"]),
+                dict(name="domain", branches=["domain"], placement="separate", checkpoint=paths["domain"])]
+    cfg = _cfg(teachers, tp=2, timeout_s=60)
+    layout = RoleLayout.from_config(cfg, world)
+    groups = build_process_groups(layout, rank)
+
+    # bad input: a teacher checkpoint with another vocabulary, refused on every rank before any collective
+    bad = Path(tmp) / "vocab200"
+    if rank == 0:
+        bad.mkdir()
+        manifest = json.loads((Path(paths["domain"]) / "camopd.json").read_text())
+        manifest["model"]["vocab_size"] = 200
+        (bad / "camopd.json").write_text(json.dumps(manifest))
+    dist.barrier()
+    cfg_bad = _cfg([teachers[0], {**teachers[1], "checkpoint": str(bad)}], tp=2)
+    res["bad_vocab"] = _errors_on_every_rank(cfg_bad, layout, groups)
+
+    client, host = build_teachers(cfg, layout, groups)
+    if host is not None:
+        stats = host.serve()
+        res["served"] = (stats.requests, stats.bytes_sent, stats.tokens)
+    else:
+        try:
+            diffs, topk_diffs, zeros_ok, expected_bytes = [], [], True, 0
+            for i, (b, t, s) in enumerate(BATCHES):
+                tokens, mask = _batch(b, t, s)
+                for branch in ("general", "domain"):
+                    logp = client.score(branch, tokens, mask)
+                    assert logp.dtype == torch.float32 and logp.shape == (b, t)
+                    diffs.append((logp - ref[branch][i][0]).abs().max().item())
+                    zeros_ok &= bool((logp[mask == 0] == 0).all())
+                    expected_bytes += 4 * b * t
+                vals, ids = client.score_topk("domain", tokens, mask, 5)
+                rv, ri = ref["domain"][i][1]
+                keep = mask.bool().unsqueeze(-1)
+                topk_diffs.append((vals - rv * keep).abs().max().item())
+                topk_diffs.append(float((ids != ri * keep).sum()))
+            empty = client.score("general", torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, 5))
+            res.update(diffs=diffs, topk_diffs=topk_diffs, zeros_ok=zeros_ok, empty_shape=tuple(empty.shape),
+                       expected_score_bytes=expected_bytes, stats=dict(client.stats))
+        finally:
+            client.close()
+
+    # the student at TP=1 × PP=2: its replica leader is the last stage (rank 1), which shares the answer
+    cfg_pp = _cfg(teachers, tp=1, pp=2, timeout_s=60)
+    layout_pp = RoleLayout.from_config(cfg_pp, world)
+    groups_pp = build_process_groups(layout_pp, rank)
+    client_pp, host_pp = build_teachers(cfg_pp, layout_pp, groups_pp)
+    if host_pp is not None:
+        host_pp.serve()
+    else:
+        tokens, mask = _batch(*BATCHES[0])
+        res["student_pp2"] = [(client_pp.score(b, tokens, mask) - ref[b][0][0]).abs().max().item()
+                              for b in ("general", "domain")]
+        res["student_pp2_bytes"] = client_pp.stats["bytes_received"]
+        client_pp.close()
+
+    # abort: the student raises, teachers exit with its message
+    if host is not None:
+        try:
+            host.serve()
+            res["abort"] = "returned"
+        except StudentAborted as e:
+            res["abort"] = str(e)
+    else:
+        client2 = TeacherClient(cfg, layout, groups)
+        tokens, mask = _batch(2, 6, 9)
+        client2.score("domain", tokens, mask)
+        client2.close(error=RuntimeError("boom in the student"))
+    dist.barrier()
+
+    # colocated: the same checkpoints on the student's ranks (TP=2 × DP=2 over all 4 ranks)
+    co = [{**t, "placement": "colocated"} for t in teachers]
+    cfg_co = _cfg(co, tp=2, timeout_s=60)
+    layout_co = RoleLayout.from_config(cfg_co, world)
+    groups_co = build_process_groups(layout_co, rank)
+    rng_before = torch.get_rng_state()
+    client_co, host_co = build_teachers(cfg_co, layout_co, groups_co)
+    res["rng_kept"] = bool(torch.equal(rng_before, torch.get_rng_state()))  # the student's stream is untouched
+    assert host_co is None
+    i = groups_co.dp_rank  # each DP replica scores its own batch
+    tokens, mask = _batch(*BATCHES[i])
+    res["colocated"] = [(client_co.score(b, tokens, mask) - ref[b][i][0]).abs().max().item()
+                        for b in ("general", "domain")]
+    client_co.close()
+
+    # a teacher that never answers: the student fails within parallel.timeout_s, naming role and rank
+    if groups.is_student:
+        client3 = TeacherClient(cfg, layout, groups, timeout_s=2.0)
+        tokens, mask = _batch(2, 6, 9)
+        try:
+            client3.score("general", tokens, mask)
+            res["timeout"] = "no error"
+        except TeacherServiceError as e:
+            res["timeout"] = str(e)
+    return res
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> list[dict]:
+    tmp = str(tmp_path_factory.mktemp("teachers4"))
+    return run_on_ranks(_four_rank_worker, 4, args=(tmp,), timeout_s=300, pg_timeout_s=90)
+
+
+def test_separate_teachers_match_single_process(four_ranks):
+    for r in four_ranks[:2]:  # both student TP ranks get the result
+        assert max(r["diffs"]) <= TOL, r["diffs"]
+        assert r["zeros_ok"] and r["empty_shape"] == (0, 5)
+        assert max(r["topk_diffs"]) <= TOL, r["topk_diffs"]
+    # distinct teachers really differ (the routing is not trivially right)
+    assert four_ranks[2]["served"][0] == {"general": len(BATCHES) + 1}
+    assert four_ranks[3]["served"][0] == {"domain": 2 * len(BATCHES)}
+
+
+def test_one_float_per_token_moves_back(four_ranks):
+    leader, other = four_ranks[0], four_ranks[1]
+    topk_bytes = sum(b * t * 5 * (4 + 8) for b, t, _ in BATCHES)
+    assert leader["stats"]["bytes_received"] == leader["expected_score_bytes"] + topk_bytes
+    assert four_ranks[2]["served"][1] == sum(4 * b * t for b, t, _ in BATCHES)  # general: score only
+    assert other["stats"]["bytes_received"] == 0  # only the replica leader talks to teachers
+
+
+def test_colocated_equals_separate(four_ranks):
+    for r in four_ranks:
+        assert max(r["colocated"]) <= TOL, r["colocated"]
+        assert r["rng_kept"]
+
+
+def test_student_pipeline_leader_is_last_stage(four_ranks):
+    b, t, _ = BATCHES[0]
+    for r in four_ranks[:2]:
+        assert max(r["student_pp2"]) <= TOL, r["student_pp2"]
+    assert four_ranks[1]["student_pp2_bytes"] == 2 * 4 * b * t and four_ranks[0]["student_pp2_bytes"] == 0
+
+
+def test_wrong_vocab_refused_on_every_rank(four_ranks):
+    for r in four_ranks:
+        msg = r["bad_vocab"]
+        assert msg.startswith("CheckpointError") and "teachers[1].checkpoint" in msg, msg
+        assert "200" in msg and "model.vocab_size=100" in msg, msg
+
+
+def test_abort_and_timeout_name_role_and_rank(four_ranks):
+    for r in four_ranks[2:]:
+        assert "boom in the student" in r["abort"] and "rank 0" in r["abort"], r["abort"]
+    msg = four_ranks[0]["timeout"]
+    assert "role 'general' rank 2" in msg and "parallel.timeout_s" in msg, msg
+    assert "role 'student' rank 0" in four_ranks[1]["timeout"], four_ranks[1]["timeout"]
+
+
+# ------------------------------------------------------------------------------------------------ 6 ranks
+def _six_rank_worker(rank: int, world: int, tmp: str) -> dict:
+    from camopd_megatron.distill.teachers import build_teachers
+    from camopd_megatron.parallel import RoleLayout, build_process_groups
+
+    paths = {n: f"{tmp}/{n}" for n in SEEDS}
+    _save_checkpoints({"general": (paths["general"], 1, 1), "domain": (paths["domain"], 2, 1),
+                       "extra": (paths["extra"], 1, 2)})
+    ref = _reference(paths, BATCHES)
+    res: dict[str, Any] = {"rank": rank}
+    teachers = [
+        dict(name="general", branches=["general"], placement="separate", tp=2, checkpoint=paths["general"]),
+        dict(name="domain", branches=["domain"], placement="separate", pp=2, group="pool", checkpoint=paths["domain"]),
+        dict(name="extra", branches=["code"], placement="separate", pp=2, group="pool", checkpoint=paths["extra"]),
+    ]
+    cfg = _cfg(teachers, tp=1, timeout_s=60)
+    layout = RoleLayout.from_config(cfg, world)
+    groups = build_process_groups(layout, rank)
+    client, host = build_teachers(cfg, layout, groups)
+    if host is not None:
+        res["served"] = host.serve().requests
+    else:
+        try:
+            diffs = []
+            for i, (b, t, s) in enumerate(BATCHES):
+                # replica 1 scores a different batch, and nothing at all for the last one
+                j = i if groups.dp_rank == 0 else (i + 1) % len(BATCHES)
+                bj, tj, sj = BATCHES[j]
+                if groups.dp_rank == 1 and i == len(BATCHES) - 1:
+                    bj = 0
+                tokens, mask = _batch(bj, tj, sj)
+                for branch, name in (("general", "general"), ("domain", "domain"), ("code", "extra")):
+                    logp = client.score(branch, tokens, mask)
+                    assert logp.shape == (bj, tj)
+                    if bj:
+                        diffs.append((logp - ref[name][j][0]).abs().max().item())
+            res["diffs"] = diffs
+        finally:
+            client.close()
+
+    # colocated at TP=1 × PP=2 × DP=3 with offload: the last stage shares the result with stage 0
+    co = [{**t, "placement": "colocated", "offload": True, "group": None, "tp": None, "pp": None} for t in teachers]
+    cfg_co = _cfg(co, tp=1, pp=2, timeout_s=60)
+    layout_co = RoleLayout.from_config(cfg_co, world)
+    groups_co = build_process_groups(layout_co, rank)
+    client_co, _ = build_teachers(cfg_co, layout_co, groups_co)
+    i = groups_co.dp_rank
+    tokens, mask = _batch(*BATCHES[i])
+    res["colocated"] = [(client_co.score(b, tokens, mask) - ref[n][i][0]).abs().max().item()
+                        for b, n in (("general", "general"), ("code", "extra"))]
+    client_co.close()
+    return res
+
+
+@pytest.mark.slow
+def test_tp2_and_pp2_teachers_and_shared_group(tmp_path):
+    out = run_on_ranks(_six_rank_worker, 6, args=(str(tmp_path),), timeout_s=400, pg_timeout_s=120)
+    for r in out[:2]:
+        assert len(r["diffs"]) >= 3 * (len(BATCHES) - 1) and max(r["diffs"]) <= TOL, r["diffs"]
+    assert out[2]["served"] == out[3]["served"] == {"general": 2 * len(BATCHES)}
+    assert out[4]["served"] == out[5]["served"] == {"domain": 2 * len(BATCHES), "extra": 2 * len(BATCHES)}
+    for r in out:
+        assert max(r["colocated"]) <= TOL, (r["rank"], r["colocated"])
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs (no ranks)
+def _layout(cfg: Any, world: int = 4) -> Any:
+    from camopd_megatron.parallel import RoleLayout
+
+    return RoleLayout.from_config(cfg, world)
+
+
+def test_bad_teacher_setups_name_the_key(tmp_path):
+    from camopd_megatron.distill.teachers import check_teachers
+
+    base = [dict(name="general", branches=["general"], placement="separate"),
+            dict(name="domain", branches=["domain"], placement="separate")]
+    cfg = _cfg(base, tp=2)
+    layout = _layout(cfg)
+    check_teachers(cfg, layout)  # fine as is
+
+    cfg.teachers[1].branches = []
+    with pytest.raises(ConfigError, match=r"teachers\[1\]\.branches"):
+        check_teachers(cfg, layout)
+    cfg.teachers[1].branches = ["domain", "general"]
+    with pytest.raises(ConfigError, match="branch 'general' served by one teacher only"):
+        check_teachers(cfg, layout)
+    cfg.teachers[1].branches = ["domain"]
+
+    cfg.teachers[0].checkpoint = str(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"teachers\[0\]\.checkpoint.*does not exist"):
+        check_teachers(cfg, layout)
+    half = tmp_path / "half"
+    half.mkdir()
+    cfg.teachers[0].checkpoint = str(half)
+    with pytest.raises(CheckpointError, match=r"teachers\[0\]\.checkpoint.*interrupted save"):
+        check_teachers(cfg, layout)
+    # a manifest that matches but torch_dist metadata that is garbage (or a pickle bomb)
+    from camopd_megatron.checkpoint.dist import FORMAT_VERSION, MANIFEST, arch_dict
+
+    (half / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "model": arch_dict(cfg.model)}))
+    (half / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match=r"teachers\[0\]\.checkpoint.*corrupt or unsafe"):
+        check_teachers(cfg, layout)
+    (half / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                             "model": {**arch_dict(cfg.model), "num_layers": 4}}))
+    with pytest.raises(CheckpointError, match="num_layers: checkpoint 4 vs config 2"):
+        check_teachers(cfg, layout)
+
+
+def test_world_size_mismatch_and_client_input_errors():
+    from camopd_megatron.distill.teacher_service import check_batch
+    from camopd_megatron.parallel import LayoutError
+
+    base = [dict(name="general", branches=["general"], placement="separate"),
+            dict(name="domain", branches=["domain"], placement="separate")]
+    with pytest.raises(LayoutError, match="world size 5"):
+        _layout(_cfg(base, tp=2, dp=1), world=5)
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="int64"):
+        check_batch(tokens.float(), torch.ones(2, 3), vocab_size=100, group=None, what="x")
+    with pytest.raises(ValueError, match="shape"):
+        check_batch(tokens, torch.ones(2, 4), vocab_size=100, group=None, what="x")
+    with pytest.raises(ValueError, match=r"model.vocab_size=100"):
+        check_batch(tokens + 100, torch.ones(2, 3), vocab_size=100, group=None, what="x")
+    assert check_batch(tokens, torch.ones(2, 3), vocab_size=100, group=None, what="x") == (2, 3)
