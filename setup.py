@@ -35,6 +35,8 @@ setup(
     entry_points={
         "console_scripts": [
             "camopd-train=camopd_megatron.cli:main",
+            "camopd-convert-hf-to-megatron=camopd_megatron.checkpoint.hf_cli:hf_to_megatron_main",
+            "camopd-convert-megatron-to-hf=camopd_megatron.checkpoint.hf_cli:megatron_to_hf_main",
         ],
     },
 )

@@ -55,7 +55,7 @@ MANIFEST = "camopd.json"
 RANKS_DIR = "ranks"
 ARCH_KEYS = (
     "arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "vocab_size", "vocab_pad_multiple", "add_qkv_bias", "qk_layernorm", "tie_embeddings",
+    "vocab_size", "vocab_pad_multiple", "add_qkv_bias", "qk_layernorm", "tie_embeddings", "head_dim",
 )
 """ModelConfig fields a checkpoint must agree on with the model that loads it."""
 
@@ -165,6 +165,26 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_manifest(directory: Path, model_cfg: ModelConfig, *, step: int, world_size: int,
+                   common: Optional[dict[str, Any]] = None) -> None:
+    """Write ``camopd.json`` into ``directory`` (atomically, fsynced): the last file of a checkpoint.
+
+    ``model`` holds the fields checked on load (:data:`ARCH_KEYS`); ``model_config`` the whole
+    architecture (RoPE, norms, ...) so a checkpoint can be exported without its original config.
+    """
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": arch_dict(model_cfg),
+        "model_config": asdict(model_cfg),
+        "step": int(step),
+        "world_size": int(world_size),
+        "common": common or {},
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_json_atomic(directory / MANIFEST, manifest)
+    _fsync_dir(directory)
+
+
 def _broadcast_error(msg: Optional[str]) -> None:
     """Raise on every rank if rank 0 hit an error (keeps all ranks in step, no hang)."""
     box = [msg]
@@ -224,16 +244,7 @@ def save_checkpoint(
     err = None
     if rank == 0:
         try:
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "model": arch_dict(model_cfg),
-                "step": int(step),
-                "world_size": dist.get_world_size(),
-                "common": common or {},
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            _write_json_atomic(tmp / MANIFEST, manifest)
-            _fsync_dir(tmp)
+            write_manifest(tmp, model_cfg, step=step, world_size=dist.get_world_size(), common=common)
             if final.exists():  # overwrite: move the old one aside first, then drop it
                 old = final.with_name(final.name + ".old")
                 if old.exists():

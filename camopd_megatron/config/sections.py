@@ -108,6 +108,8 @@ class ModelConfig:
     """Key/value heads for grouped-query attention; None = multi-head attention (= num_attention_heads)."""
     ffn_hidden_size: int = 256
     """SwiGLU intermediate size."""
+    head_dim: Optional[int] = None
+    """Per-head width (megatron ``kv_channels``); None = hidden_size / num_attention_heads (Qwen3 sets it)."""
     vocab_size: int = 128
     """The tokenizer's vocabulary size, unpadded (padding is :attr:`padded_vocab_size`)."""
     vocab_pad_multiple: int = 128
@@ -140,6 +142,11 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
     @property
+    def kv_channels(self) -> int:
+        """Per-head width: :attr:`head_dim`, or hidden_size / num_attention_heads."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
     def kv_heads(self) -> int:
         """Number of key/value heads (:attr:`num_query_groups`, or the head count for MHA)."""
         return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
@@ -150,6 +157,7 @@ class ModelConfig:
         _positive(
             problems, prefix, self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
             "ffn_hidden_size", "vocab_size", "vocab_pad_multiple", "seq_length", "rotary_base", "norm_epsilon",
+            "head_dim",
         )
         _non_negative(problems, prefix, self, "init_method_std")
         heads, groups = self.num_attention_heads, self.num_query_groups
@@ -158,7 +166,7 @@ class ModelConfig:
                 f"{prefix}.num_query_groups", groups, f"a divisor of {prefix}.num_attention_heads={heads}",
                 "pick a number of key/value heads that divides the number of attention heads",
             ))
-        if heads > 0 and self.hidden_size > 0 and self.hidden_size % heads:
+        if heads > 0 and self.hidden_size > 0 and self.hidden_size % heads and self.head_dim is None:
             problems.append(problem(
                 f"{prefix}.hidden_size", self.hidden_size, f"a multiple of {prefix}.num_attention_heads={heads}",
                 "make hidden_size divisible by the number of heads",

@@ -135,7 +135,7 @@ def transformer_config_from(
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.kv_heads,
         ffn_hidden_size=model_cfg.ffn_hidden_size,
-        kv_channels=model_cfg.hidden_size // model_cfg.num_attention_heads,
+        kv_channels=model_cfg.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=model_cfg.norm_epsilon,
         gated_linear_unit=True,

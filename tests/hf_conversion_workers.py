@@ -1,0 +1,60 @@
+"""Rank functions of tests/test_hf_conversion.py, in a module that does not import transformers
+(spawned ranks import the function's module; transformers would add seconds per rank)."""
+from __future__ import annotations
+
+import torch
+
+from camopd_megatron.checkpoint.hf import model_config_from_hf
+from camopd_megatron.checkpoint.hf_io import read_hf_config
+
+T, NEW = 10, 16
+"""Prompt length and greedy tokens."""
+VOCAB = 100
+
+
+def tokens() -> torch.Tensor:
+    """The fixed prompt batch [2, T]."""
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(11))
+
+
+def parity_worker(rank: int, world_size: int, cases: dict, resave: str) -> dict:
+    import torch.distributed as dist
+
+    from camopd_megatron.checkpoint.dist import load_model, model_sharded_state_dict, save_checkpoint
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+    from camopd_megatron.models.pipeline import model_forward
+
+    def full_logits(model, batch, pgc, vocab):
+        with torch.no_grad():
+            lg = model_forward(model, batch)
+        parts = [torch.empty_like(lg) for _ in range(dist.get_world_size(pgc.tp))]
+        dist.all_gather(parts, lg.contiguous(), group=pgc.tp)
+        return torch.cat(parts, -1)[..., :vocab]
+
+    out: dict = {}
+    prompt = tokens()
+    for name, m in cases.items():
+        cfg = model_config_from_hf(read_hf_config(m["hf"]))
+        for tp in (1, 2):
+            pgc = simple_pg_collection(tp, 1, world_size // tp)
+            init_model_rng(99, pgc)
+            model = build_gpt_model(cfg, pgc)
+            load_model(model, m["ckpt"], model_cfg=cfg, pg_collection=pgc)
+            out[(name, tp)] = (full_logits(model, prompt, pgc, cfg.vocab_size) - m["logits"]).abs().max().item()
+        # greedy decoding by full recompute at TP=2
+        seq = prompt[:1]
+        for _ in range(NEW):
+            nxt = full_logits(model, seq, pgc, cfg.vocab_size)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        out[(name, "gen")] = seq[0, T:].tolist()
+        if name == "qwen2":  # a TP=2 training-style save, to export from another layout
+            save_checkpoint(resave, model_sharded_state_dict(model, pgc), model_cfg=cfg)
+    return out
+
+
+def export_worker(rank: int, world_size: int, jobs: list) -> None:
+    from camopd_megatron.checkpoint.hf_io import convert_megatron_to_hf
+
+    for src, dst, kw in jobs:
+        convert_megatron_to_hf(src, dst, progress=False, **kw)
