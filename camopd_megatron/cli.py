@@ -117,6 +117,14 @@ def _train(cfg: Config) -> int:
     return 0
 
 
+def _is_input_error(e: BaseException) -> bool:
+    """Bad user input raised inside the run: checkpoint files, prompt data, tokenizers."""
+    from camopd_megatron.checkpoint.dist import CheckpointError
+    from camopd_megatron.data import DataError
+
+    return isinstance(e, (CheckpointError, DataError))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, load the config, then dry-run or train; returns the exit status (argparse exits itself on --help)."""
     args = build_parser().parse_intermixed_args(argv)
@@ -126,6 +134,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = _dry_run(cfg, args) if args.dry_run else _train(cfg)
     except (ConfigError, FileNotFoundError) as e:  # LayoutError is a ConfigError
         print(f"camopd-train: {e}", file=sys.stderr)
+        code = EXIT_CONFIG_ERROR
+    except ValueError as e:
+        # user-facing input errors raised inside the run (checkpoint, data, tokenizer): the message names
+        # the key/file and the fix; a traceback from deep inside the stack would only bury it
+        if not _is_input_error(e):
+            raise
+        print(f"camopd-train: {type(e).__name__}: {e}", file=sys.stderr)
         code = EXIT_CONFIG_ERROR
     return code
 

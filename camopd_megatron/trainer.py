@@ -32,6 +32,7 @@ from camopd_megatron.checkpoint.dist import (
 from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
+from camopd_megatron.distill.probe import probe_branch_conflict
 from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.distill.teachers import build_teachers
@@ -124,6 +125,13 @@ class _Trainer:
         self.scheduler = BranchScheduler.from_config(cfg)
         self.sources = build_prompt_sources(cfg.data, cfg.scheduler.branches, self.tokenizer, cfg.run.seed)
         self.settings = settings_from_config(cfg, self.tokenizer.eos_id)
+        self.probe_branches = cfg.scheduler.branches[:2]
+        self.probe_sources = (
+            build_prompt_sources(cfg.data, self.probe_branches, self.tokenizer, cfg.run.seed + 1)
+            if cfg.logging.diagnostics_interval and len(self.probe_branches) == 2 else None
+        )
+        if cfg.logging.diagnostics_interval and self.probe_sources is None:
+            logger.warning("logging.diagnostics_interval is set but the schedule has one branch: no conflict probe")
         out = Path(cfg.run.output_dir)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or out / "checkpoints", cfg.checkpoint.keep_last)
         self.writer = make_writer(cfg.logging.tensorboard, str(cfg.logging.dir or out / "tensorboard"), self.is_logger)
@@ -207,9 +215,10 @@ class _Trainer:
             result.history.append({"step": 0.0, **self._evaluate(0)})
         for step in range(start, cfg.run.steps):
             plan = self.scheduler.next_plan()
+            probe = self._probe(step)
             out = camopd_step(step, plan, self.student, self.teachers, self.sources, self.settings)
             self._handle_skip(out)
-            metrics = {"step": float(step + 1), **out.metrics}
+            metrics = {"step": float(step + 1), **out.metrics, **probe}
             metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
             done = step + 1
             if eval_every and (done % eval_every == 0 or done == cfg.run.steps):
@@ -229,6 +238,14 @@ class _Trainer:
             bar.close()
         self.writer.close()
         return result
+
+    def _probe(self, step: int) -> dict[str, float]:
+        """The general/domain gradient-conflict probe, every ``logging.diagnostics_interval`` steps."""
+        every = self.cfg.logging.diagnostics_interval
+        if self.probe_sources is None or step % every:
+            return {}
+        return probe_branch_conflict(step, self.probe_branches, self.cfg.logging.diagnostics_prompts, self.student,
+                                     self.teachers, self.probe_sources, self.settings)
 
     def _handle_skip(self, out: StepOutput) -> None:
         if "teacher_nonfinite_tokens" not in out.metrics:

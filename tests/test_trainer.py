@@ -99,7 +99,9 @@ def _losses(history: list[dict], key: str = "train/loss") -> list[float]:
 def single_runs(general_ckpt, tmp_path_factory):
     """World of 1: an uninterrupted 8-step run; a 4-step run then resumed to 8 (same output dir)."""
     d = tmp_path_factory.mktemp("runs")
-    full = tiny_cfg(str(d / "full"), general_ckpt, extra={"eval": {"interval": 1}})
+    # the full run also probes the general/domain gradient conflict: probing must not perturb training
+    full = tiny_cfg(str(d / "full"), general_ckpt, extra={"eval": {"interval": 1},
+                                                          "logging": {"diagnostics_interval": 2, "diagnostics_prompts": 4}})
     first = tiny_cfg(str(d / "resumed"), general_ckpt, steps=4, extra={"eval": {"interval": 1}})
     second = tiny_cfg(str(d / "resumed"), general_ckpt, steps=8, extra={"eval": {"interval": 1}})
     (res,) = _run(1, [full, first, second])
@@ -123,6 +125,9 @@ def test_camopd_run_phases_checkpoints_and_tensorboard(single_runs):
     ckpts = sorted(p.name for p in (d / "full" / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000004", "step_00000008"]
     assert (d / "full" / "config.yaml").is_file()
+    probes = [h for h in hist if "diag/grad_cosine" in h]
+    assert [int(h["step"]) for h in probes] == [1, 3, 5, 7]
+    assert all(-1.0 <= h["diag/grad_cosine"] <= 1.0 and h["diag/grad_norm_general"] > 0 for h in probes)
     # training moved the parameters
     evals = [h for h in full["history"] if "eval/param_norm" in h]
     assert evals[0]["eval/param_proj"] != evals[-1]["eval/param_proj"]

@@ -538,11 +538,14 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     diagnostics_interval: int = 0
-    """Branch-conflict / gradient-coherence probes every this many steps; 0 = off."""
+    """Branch-conflict probe (general vs domain gradient cosine) every this many steps; 0 = off."""
+    diagnostics_prompts: int = 8
+    """Prompts per branch in each probe batch (global over data-parallel ranks)."""
 
     def validate(self, prefix: str = "logging") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _positive(problems, prefix, self, "log_interval")
         _non_negative(problems, prefix, self, "diagnostics_interval")
+        _positive(problems, prefix, self, "diagnostics_prompts")
         return problems
