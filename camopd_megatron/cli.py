@@ -22,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from camopd_megatron.config import Config, ConfigError, load_config
+from camopd_megatron.deps import MissingDependencyError
 
 __all__ = ["main", "build_parser", "EXIT_CONFIG_ERROR", "EXIT_MISSING_TRAINER"]
 
@@ -132,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         _setup_logging(args.log_level or cfg.run.log_level)
         code = _dry_run(cfg, args) if args.dry_run else _train(cfg)
-    except (ConfigError, FileNotFoundError) as e:  # LayoutError is a ConfigError
+    except (ConfigError, FileNotFoundError, MissingDependencyError) as e:  # LayoutError is a ConfigError
         print(f"camopd-train: {e}", file=sys.stderr)
         code = EXIT_CONFIG_ERROR
     except ValueError as e:

@@ -18,6 +18,10 @@ TE_INSTALL_HINT = (
 )
 
 
+class MissingDependencyError(ImportError):
+    """An optional dependency the config asks for is not installed (the message names the key and the install)."""
+
+
 def te_available() -> bool:
     """True if transformer-engine's PyTorch bindings are installed (not imported)."""
     return importlib.util.find_spec("transformer_engine") is not None and (
@@ -45,11 +49,11 @@ def resolve_transformer_impl(impl: str, *, key: str = "model.transformer_impl") 
     has_te = te_available()
     if impl == "te":
         if not has_te:
-            raise ImportError(
+            raise MissingDependencyError(
                 f"{key}=te but transformer-engine is not installed: {TE_INSTALL_HINT}; "
                 f"or set {key}=local (or auto)"
             )
         if not torch.cuda.is_available():
-            raise ImportError(f"{key}=te needs a CUDA GPU (none is available); set {key}=local or auto")
+            raise MissingDependencyError(f"{key}=te needs a CUDA GPU (none is available); set {key}=local or auto")
         return "te"
     return "te" if has_te and torch.cuda.is_available() else "local"

@@ -32,6 +32,7 @@ from camopd_megatron.checkpoint.dist import (
 from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
+from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
 from camopd_megatron.distill.probe import probe_branch_conflict
 from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
@@ -125,6 +126,10 @@ class _Trainer:
         self.scheduler = BranchScheduler.from_config(cfg)
         self.sources = build_prompt_sources(cfg.data, cfg.scheduler.branches, self.tokenizer, cfg.run.seed)
         self.settings = settings_from_config(cfg, self.tokenizer.eos_id)
+        self.eval_prompts = (
+            eval_prompt_sets(cfg, cfg.scheduler.branches, self.tokenizer, self.student.dp_rank, self.student.dp_size)
+            if cfg.eval.interval and cfg.eval.teacher_scored else None
+        )
         self.probe_branches = cfg.scheduler.branches[:2]
         self.probe_sources = (
             build_prompt_sources(cfg.data, self.probe_branches, self.tokenizer, cfg.run.seed + 1)
@@ -194,16 +199,21 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------- loop
     def _evaluate(self, step: int) -> dict[str, float]:
-        if self.eval_fn is None:
-            return {}
-        model = unwrap_model(self.student.ddp_model)
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return {f"eval/{k}": float(v) for k, v in self.eval_fn(step, model, self.pgc).items()}
-        finally:
-            model.train(was)
+        """Built-in teacher-scored eval (``eval.teacher_scored``) and the caller's ``eval_fn``."""
+        out: dict[str, float] = {}
+        if self.eval_prompts is not None:
+            out.update(evaluate_branches(step, self.eval_prompts, self.student, self.teachers, self.settings,
+                                         self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens))
+        if self.eval_fn is not None:
+            model = unwrap_model(self.student.ddp_model)
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    out.update({f"eval/{k}": float(v) for k, v in self.eval_fn(step, model, self.pgc).items()})
+            finally:
+                model.train(was)
+        return out
 
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -211,7 +221,8 @@ class _Trainer:
         result = TrainResult(role="student")
         bar = _progress(start, cfg.run.steps, enabled=self.is_logger and cfg.logging.progress_bar)
         eval_every = cfg.eval.interval
-        if start == 0 and self.eval_fn is not None:
+        evaluating = self.eval_fn is not None or self.eval_prompts is not None
+        if start == 0 and evaluating:
             result.history.append({"step": 0.0, **self._evaluate(0)})
         for step in range(start, cfg.run.steps):
             plan = self.scheduler.next_plan()
@@ -221,7 +232,7 @@ class _Trainer:
             metrics = {"step": float(step + 1), **out.metrics, **probe}
             metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
             done = step + 1
-            if eval_every and (done % eval_every == 0 or done == cfg.run.steps):
+            if evaluating and ((eval_every and done % eval_every == 0) or done == cfg.run.steps):
                 metrics.update(self._evaluate(done))
             result.history.append(metrics)
             if done % cfg.logging.log_interval == 0:

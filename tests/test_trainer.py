@@ -43,6 +43,7 @@ def tiny_cfg(out: str, general_ckpt: str, *, steps: int = 8, preset: str = "camo
         "data": {"max_prompt_tokens": 40},
         "checkpoint": {"save_interval": 4, "keep_last": 2},
         "logging": {"progress_bar": False},
+        "eval": {"num_prompts": 4, "max_new_tokens": 6},
     }
     return config_from_dict(deep_merge(deep_merge(base, over), extra or {}))
 
@@ -125,6 +126,8 @@ def test_camopd_run_phases_checkpoints_and_tensorboard(single_runs):
     ckpts = sorted(p.name for p in (d / "full" / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000004", "step_00000008"]
     assert (d / "full" / "config.yaml").is_file()
+    # built-in eval: the teachers score the student's greedy answers on fixed prompts every step
+    assert all(h["eval/general/gap"] != 0.0 and h["eval/domain/response_len"] > 0 for h in hist)
     probes = [h for h in hist if "diag/grad_cosine" in h]
     assert [int(h["step"]) for h in probes] == [1, 3, 5, 7]
     assert all(-1.0 <= h["diag/grad_cosine"] <= 1.0 and h["diag/grad_norm_general"] > 0 for h in probes)
@@ -178,3 +181,39 @@ def test_four_ranks_student_tp2_and_two_separate_teachers(general_ckpt, tmp_path
     assert any(h["gap/general/mean"] != 0.0 for h in hist if "gap/general/mean" in h)
     assert (tmp_path / "sep" / "checkpoints" / "step_00000008" / "camopd.json").is_file()
     assert list((tmp_path / "sep" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _write_nan_teacher(rank: int, world_size: int, path: str) -> None:
+    from camopd_megatron.checkpoint.dist import model_sharded_state_dict, save_checkpoint
+    from camopd_megatron.config import ModelConfig
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+
+    cfg = ModelConfig(**MODEL)
+    pgc = simple_pg_collection(1, 1, 1)
+    init_model_rng(3, pgc)
+    model = build_gpt_model(cfg, pgc)
+    with torch.no_grad():
+        model.output_layer.weight.fill_(float("nan"))
+    save_checkpoint(path, model_sharded_state_dict(model, pgc), model_cfg=cfg)
+
+
+def _train_expect_failure(rank: int, world_size: int, cfg) -> dict:
+    from camopd_megatron.trainer import train
+
+    try:
+        train(cfg)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def test_nan_teacher_steps_are_skipped_then_the_run_aborts(tmp_path):
+    nan_ckpt = str(tmp_path / "nan_teacher")
+    run_on_ranks(_write_nan_teacher, 1, args=(nan_ckpt,), timeout_s=240)
+    cfg = tiny_cfg(str(tmp_path / "run"), nan_ckpt, steps=4,
+                   extra={"loss": {"max_bad_teacher_steps": 1}, "checkpoint": {"save_interval": 0}})
+    (out,) = run_on_ranks(_train_expect_failure, 1, args=(cfg,), timeout_s=300)
+    assert out["error"] and "loss.max_bad_teacher_steps=1" in out["error"], out
+    assert "2 steps" in out["error"]
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()  # no update was ever taken

@@ -516,6 +516,8 @@ class EvalConfig:
     """Held-out prompts per branch per evaluation."""
     max_new_tokens: Optional[int] = None
     """Response length for eval; None = rollout.max_new_tokens."""
+    teacher_scored: bool = True
+    """Built-in eval: greedy answers on held-out prompts scored by each branch's teacher (eval/<branch>/*)."""
 
     def validate(self, prefix: str = "eval") -> list[str]:
         """In-section problems (empty when valid)."""

@@ -430,7 +430,8 @@ class TeacherHost:
                 payload = [] if out2 is None else [(out2[0].contiguous(), TAG_VALUES), (out2[1].contiguous(), TAG_INDICES)]
         except Exception:
             if self.rank == self.output_rank:  # tell the student now instead of letting it time out
-                nan = torch.full((b, t) if cmd == Command.SCORE else (b, t, k), float("nan"), device=self.device)
+                # +inf: impossible as a log-prob, so the student can tell a failure from a NaN score
+                nan = torch.full((b, t) if cmd == Command.SCORE else (b, t, k), float("inf"), device=self.device)
                 p2p_send(nan, sender[0], tag=TAG_VALUES, timeout_s=self.timeout_s, peer=peer, what="failure reply")
             raise
         if self.rank == self.output_rank:

@@ -289,8 +289,10 @@ class TeacherClient:
                 group_broadcast(x, route.student_rank, self.pgc.mp, timeout_s=self.timeout_s,
                                 peer=f"role 'student' rank {route.student_rank} (this replica's leader)",
                                 what=f"teacher {name!r} result")
-            if not torch.isfinite(outs[0]).all():  # the teacher's failure signal, seen by every rank
-                self._fail(route, "returned non-finite log-probs (the teacher failed while scoring; see its log)")
+            # +inf is the teacher's failure signal (no log-prob can be > 0); NaN from a healthy teacher
+            # passes through: the trainer skips that step and aborts after loss.max_bad_teacher_steps
+            if bool((outs[0] == float("inf")).any()):
+                self._fail(route, "failed while scoring (see its log)")
         return [x.to(tokens_BT.device) for x in outs]
 
     def _fail(self, route: Any, why: str) -> None:
