@@ -1,0 +1,223 @@
+"""Stage 3 of the demo: CaMOPD vs vanilla MOPD and the ablations from the domain teacher, and the report.
+
+For each method (a preset of ``examples/configs``) and seed, the student starts from the domain
+teacher's weights and is trained by :func:`camopd_megatron.trainer.train` with the same step and
+prompt budget: general prompts come from the *proxy* pool (narrower than the general teacher's
+training data), domain prompts from the domain pool. The evaluation hook
+(:class:`~camopd_megatron.demo.probe.DemoEvaluator`) measures held-out exact-match accuracy per task
+and the general/domain gradient cosine every ``eval_interval`` steps.
+
+The report is a markdown table (mean ± std over seeds of the final accuracies), the raw histories
+as JSON, and two PNGs (accuracies over steps; kept fraction and gradient cosine over steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from camopd_megatron.config import Config, config_from_dict
+from camopd_megatron.config.loader import deep_merge, read_yaml
+from camopd_megatron.demo.probe import DemoEvaluator
+from camopd_megatron.demo.tasks import ALL_TASKS, DOMAIN_TASKS, GENERAL_TASKS, sample_problems, write_prompt_file
+from camopd_megatron.demo.teachers import TeacherArtifacts, eval_set
+
+__all__ = ["METHODS", "StudySettings", "stage3_config", "run_method", "run_study", "summarize", "format_table",
+           "diagnostics_table", "mean_curves", "branch_kept_fraction", "final_eval"]
+
+logger = logging.getLogger(__name__)
+
+METHODS: dict[str, str] = {
+    "camopd": "camopd.yaml",
+    "vanilla_mopd": "vanilla_mopd.yaml",
+    "no_selection": "no_selection.yaml",
+    "no_selection_no_scaling": "no_selection_no_scaling.yaml",
+    "no_decoupling": "no_decoupling.yaml",
+}
+"""Method name → preset file in ``examples/configs`` (CAMOPD.md §7)."""
+
+_REPO = Path(__file__).resolve().parents[2]
+PRESET_DIR = _REPO / "examples" / "configs"
+DEMO_YAML = _REPO / "examples" / "demo" / "demo.yaml"
+
+
+@dataclass
+class StudySettings:
+    """Stage-3 budget (identical for every method)."""
+
+    steps: int = 100
+    seeds: Sequence[int] = (0,)
+    eval_interval: int = 20
+    eval_per_task: int = 60
+    probe_per_branch: int = 32
+    proxy_prompts: int = 2000
+    methods: Sequence[str] = tuple(METHODS)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra nested config values merged last (e.g. ``{"optim": {"lr": 5e-4}}``)."""
+
+    def validate(self) -> None:
+        """ValueError naming the bad setting."""
+        if self.steps < 1:
+            raise ValueError(f"steps: got {self.steps}; use >= 1")
+        if not self.seeds:
+            raise ValueError("seeds: empty; give at least one seed")
+        if self.eval_interval < 1:
+            raise ValueError(f"eval_interval: got {self.eval_interval}; use >= 1")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; use some of {', '.join(METHODS)}")
+
+
+def write_prompt_files(root: Path, n: int) -> dict[str, str]:
+    """The stage-3 prompt files: general = proxy pool of the general tasks, domain = domain pool."""
+    general = write_prompt_file(root / "general_proxy.jsonl", sample_problems(GENERAL_TASKS, "proxy", n, seed=101))
+    domain = write_prompt_file(root / "domain.jsonl", sample_problems(DOMAIN_TASKS, "train", n, seed=202))
+    return {"general": str(general), "domain": str(domain)}
+
+
+def stage3_config(method: str, seed: int, teachers: TeacherArtifacts, settings: StudySettings, run_dir: Path,
+                  prompt_files: dict[str, str]) -> Config:
+    """The full trainer config of one (method, seed) run: preset ⊕ demo.yaml ⊕ run-specific values."""
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; use one of {', '.join(METHODS)}")
+    raw = deep_merge(read_yaml(str(PRESET_DIR / METHODS[method])), read_yaml(str(DEMO_YAML)))
+    model = dict(teachers.model)
+    model["checkpoint"] = teachers.domain_ckpt
+    run_specific = {
+        "run": {"seed": int(seed), "steps": settings.steps, "output_dir": str(run_dir)},
+        "model": model,
+        "teachers": [
+            {"name": "general", "checkpoint": teachers.general_ckpt, "branches": ["general"]},
+            {"name": "domain", "checkpoint": teachers.domain_ckpt, "branches": ["domain"]},
+        ],
+        "data": {"branches": {b: {"paths": [p]} for b, p in prompt_files.items()}},
+        "eval": {"interval": settings.eval_interval},
+    }
+    raw = deep_merge(deep_merge(raw, run_specific), settings.overrides)
+    return config_from_dict(raw)
+
+
+def run_method(method: str, seed: int, teachers: TeacherArtifacts, settings: StudySettings, out_dir: Path,
+               prompt_files: dict[str, str]) -> list[dict[str, float]]:
+    """Train one (method, seed) and return its per-step history (with eval metrics at eval steps)."""
+    from camopd_megatron.trainer import train  # heavy import, only when stage 3 runs
+
+    cfg = stage3_config(method, seed, teachers, settings, out_dir / "runs" / f"{method}_s{seed}", prompt_files)
+    probe = {
+        "general": [p.prompt for p in sample_problems(GENERAL_TASKS, "proxy", settings.probe_per_branch, seed=303)],
+        "domain": [p.prompt for p in sample_problems(DOMAIN_TASKS, "train", settings.probe_per_branch, seed=404)],
+    }
+    evaluator = DemoEvaluator(
+        cfg.model, eval_set(ALL_TASKS, settings.eval_per_task),
+        teacher_ckpts={"general": teachers.general_ckpt, "domain": teachers.domain_ckpt},
+        probe_prompts=probe if settings.probe_per_branch > 0 else None, probe_seed=seed,
+    )
+    t0 = time.perf_counter()
+    result = train(cfg, eval_fn=evaluator)
+    logger.info("stage 3: %s seed %d done in %.0fs", method, seed, time.perf_counter() - t0)
+    return result.history
+
+
+def run_study(teachers: TeacherArtifacts, settings: StudySettings, out_dir: str | Path) -> dict[str, Any]:
+    """Every method × seed; writes and returns ``{"histories": {method: [history per seed]}, ...}``."""
+    settings.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_files = write_prompt_files(out / "prompts", settings.proxy_prompts)
+    histories: dict[str, list[list[dict[str, float]]]] = {}
+    runs = [(m, s) for s in settings.seeds for m in settings.methods]
+    from tqdm import tqdm
+
+    for method, seed in tqdm(runs, desc="stage 3 (methods x seeds)", mininterval=1.0):
+        histories.setdefault(method, []).append(run_method(method, seed, teachers, settings, out, prompt_files))
+    study = {"settings": _jsonable(dataclasses.asdict(settings)), "teachers": teachers.metrics, "histories": histories}
+    (out / "histories.json").write_text(json.dumps(study))
+    return study
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=list))
+
+
+def final_eval(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The last entry of a history that carries eval metrics (``eval/`` prefix stripped)."""
+    for entry in reversed(history):
+        ev = {k.removeprefix("eval/"): v for k, v in entry.items() if k.startswith("eval/")}
+        if ev:
+            return ev
+    return {}
+
+
+COLUMNS: tuple[str, ...] = ("acc/general", "acc/domain", *(f"acc/{t}" for t in GENERAL_TASKS + DOMAIN_TASKS))
+
+
+def summarize(study: dict[str, Any]) -> list[tuple[str, dict[str, tuple[float, float]], int]]:
+    """Rows ``(name, {column: (mean, std)}, n_seeds)``: the two teachers, then each method."""
+    rows: list[tuple[str, dict[str, tuple[float, float]], int]] = []
+    labels = {"general_teacher": "general teacher T_g", "domain_teacher": "domain teacher T_d (= init)"}
+    for key, label in labels.items():
+        rows.append((label, {c: (study["teachers"][key].get(c, float("nan")), 0.0) for c in COLUMNS}, 1))
+    for method, runs in study["histories"].items():
+        finals = [final_eval(h) for h in runs]
+        cols = {}
+        for c in COLUMNS:
+            vals = [f[c] for f in finals if c in f]
+            mean = statistics.fmean(vals) if vals else float("nan")
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cols[c] = (mean, std)
+        rows.append((method, cols, len(finals)))
+    return rows
+
+
+def format_table(rows: Sequence[tuple[str, dict[str, tuple[float, float]], int]]) -> str:
+    """Markdown table, accuracies in %, ``mean ± std`` when a row has several seeds."""
+    head = ["setting", "seeds"] + [c.removeprefix("acc/") for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, cols, n in rows:
+        cells = []
+        for c in COLUMNS:
+            mean, std = cols[c]
+            cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}")
+        lines.append("| " + " | ".join([name, str(n)] + cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_curves(runs: Sequence[Sequence[dict[str, float]]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, mean over seeds) of metric ``key`` at the steps where every seed logged it."""
+    per_step: dict[float, list[float]] = {}
+    for h in runs:
+        for e in h:
+            if key in e:
+                per_step.setdefault(e["step"], []).append(e[key])
+    steps = sorted(s for s, v in per_step.items() if len(v) == len(runs))
+    return steps, [statistics.fmean(per_step[s]) for s in steps]
+
+
+def branch_kept_fraction(runs: Sequence[Sequence[dict[str, float]]], branch: str, *, rule: bool = False) -> Optional[float]:
+    """Mean kept fraction of ``branch`` over the steps that trained it (``rule``: what the rho-rule
+    would keep, meaningful for the no-selection ablations too); None if no such step."""
+    key = f"select/{branch}/{'rule_' if rule else ''}kept_fraction"
+    vals = [e[key] for h in runs for e in h if key in e]
+    return statistics.fmean(vals) if vals else None
+
+
+def diagnostics_table(study: dict[str, Any]) -> str:
+    """Markdown: per method, mean kept fraction per branch (actual / what the rho-rule would keep)
+    over the steps that trained the branch, and the mean probe cos(g_general, g_domain) after step 0."""
+    lines = ["| method | general kept (rule) | domain kept (rule) | cos(g_g, g_d) mean | cos < 0 share |",
+             "|---|---|---|---|---|"]
+    for method, runs in study["histories"].items():
+        cells = []
+        for b in ("general", "domain"):
+            kept, rule = branch_kept_fraction(runs, b), branch_kept_fraction(runs, b, rule=True)
+            cells.append("-" if kept is None else f"{kept:.2f} ({rule:.2f})")
+        cos = [e["eval/diag/grad_cosine"] for h in runs for e in h if "eval/diag/grad_cosine" in e and e["step"] > 0]
+        cells.append(f"{statistics.fmean(cos):+.3f}" if cos else "-")
+        cells.append(f"{sum(c < 0 for c in cos) / len(cos):.2f}" if cos else "-")
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines)
