@@ -21,14 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from camopd_megatron.bench.memory import reset_peak, status_kib
+
 MiB = 2**20
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def write_random_model(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int,
@@ -88,15 +83,15 @@ def _measure(direction: str, src: str, dst: str, shard_bytes: int) -> dict[str, 
     from camopd_megatron.checkpoint import dist as _dist  # noqa: F401
     from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron, convert_megatron_to_hf
 
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = status_kib("VmRSS") * 1024
+    reset_peak()
     t0 = time.perf_counter()
     if direction == "import":
         convert_hf_to_megatron(src, dst, progress=False)
     else:
         convert_megatron_to_hf(src, dst, max_shard_bytes=shard_bytes, progress=False)
     return {"direction": direction, "seconds": round(time.perf_counter() - t0, 2),
-            "baseline_rss_mib": round(before / MiB, 1), "extra_peak_mib": round((_status("VmHWM") - before) / MiB, 1)}
+            "baseline_rss_mib": round(before / MiB, 1), "extra_peak_mib": round((status_kib("VmHWM") * 1024 - before) / MiB, 1)}
 
 
 def _run_child(direction: str, src: Path, dst: Path, shard_bytes: int) -> dict[str, Any]:

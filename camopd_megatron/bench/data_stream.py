@@ -19,23 +19,11 @@ import random
 import tempfile
 import time
 
+from camopd_megatron.bench.memory import reset_peak, status_kib
 from camopd_megatron.data import BranchDataset, ByteTokenizer, PromptStream
 
 _WORDS = ("alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "tiger", "lemon", "piano", "patient",
           "reports", "pain", "what", "is", "the", "answer", "explain", "why", "sort", "numbers", "and")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def write_file(path: str, target_bytes: int, seed: int = 0) -> int:
@@ -70,8 +58,8 @@ def run(gib: float, records: int, max_prompt_tokens: int, keep: bool) -> dict[st
         lines = write_file(path, int(gib * 2**30))
         size = os.path.getsize(path)
         write_s = time.perf_counter() - t0
-        base_kib = _status_kib("VmRSS")
-        _reset_peak()
+        base_kib = status_kib("VmRSS")
+        reset_peak()
         t0 = time.perf_counter()
         ds = BranchDataset("general", [path], ByteTokenizer(), template="chatml", max_prompt_tokens=max_prompt_tokens,
                            too_long="truncate", shuffle=True, seed=0)
@@ -85,7 +73,7 @@ def run(gib: float, records: int, max_prompt_tokens: int, keep: bool) -> dict[st
             done += len(batch)
             tokens += sum(len(p.ids) for p in batch)
         stream_s = time.perf_counter() - t0
-        peak_kib = _status_kib("VmHWM")
+        peak_kib = status_kib("VmHWM")
         index_bytes = sum(f.offsets.nbytes for f in ds.files)  # type: ignore[attr-defined]
         return {
             "file_gib": size / 2**30, "lines": lines, "write_s": write_s, "index_s": index_s,

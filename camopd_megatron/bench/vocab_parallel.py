@@ -29,6 +29,7 @@ import logging
 
 import torch.distributed as dist
 
+from camopd_megatron.bench.memory import reset_peak, status_kib
 from camopd_megatron.ops import sampled_token_logprobs
 from camopd_megatron.ops.vocab_parallel import DEFAULT_CHUNK_ELEMENTS
 from camopd_megatron.testing.multiproc import run_on_ranks
@@ -72,19 +73,6 @@ def naive_logprobs(shard_NV: torch.Tensor, targets_N: torch.Tensor, group, vocab
     return logp_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-
-
 def _call(cfg: BenchConfig, shard_NV, targets_N, group, vocab_start: int) -> None:
     def fwd():
         if cfg.method == "ours":
@@ -113,10 +101,10 @@ def _bench_rank(rank: int, world_size: int, cfgs: list[BenchConfig]) -> list[dic
         _call(cfg, tiny, targets_N[:2], group, rank * v_local)  # lazy initialisation off the books
         gc.collect()
         dist.barrier(group=group)
-        base_kib = _status_kib("VmRSS")
-        _reset_peak()
+        base_kib = status_kib("VmRSS")
+        reset_peak()
         _call(cfg, shard_NV, targets_N, group, rank * v_local)
-        peak_kib = _status_kib("VmHWM")
+        peak_kib = status_kib("VmHWM")
         grad_bytes = shard_NV.numel() * shard_NV.element_size() if cfg.mode == "fwd+bwd" else 0
         extra_mib = (peak_kib * 1024 - base_kib * 1024 - grad_bytes) / 2**20
         times = []

@@ -165,6 +165,21 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def swap_in_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``final`` (atomic on POSIX), replacing an existing
+    ``final`` by moving it aside first: at every instant one complete version exists under a name."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def write_manifest(directory: Path, model_cfg: ModelConfig, *, step: int, world_size: int,
                    common: Optional[dict[str, Any]] = None) -> None:
     """Write ``camopd.json`` into ``directory`` (atomically, fsynced): the last file of a checkpoint.
@@ -245,16 +260,7 @@ def save_checkpoint(
     if rank == 0:
         try:
             write_manifest(tmp, model_cfg, step=step, world_size=dist.get_world_size(), common=common)
-            if final.exists():  # overwrite: move the old one aside first, then drop it
-                old = final.with_name(final.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            swap_in_dir(tmp, final)
         except OSError as e:
             err = f"cannot finalise checkpoint {str(final)!r}: {e}"
     _broadcast_error(err)

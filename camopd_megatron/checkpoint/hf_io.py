@@ -213,15 +213,9 @@ def _staging_dir(final: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        from camopd_megatron.checkpoint.dist import swap_in_dir
+
+        swap_in_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
