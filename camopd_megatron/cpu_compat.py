@@ -467,8 +467,20 @@ def stub_triton_only_modules() -> None:
         _stub_paged_stash()
 
 
+_EXPECTED_IMPORT_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r"Apex is not installed\. Falling back to Torch Norm",
+    r"MimoModelConfig is experimental.*",
+)
+"""megatron warns at import time about optional packages we detect ourselves (camopd_megatron.deps)."""
+
+
 def ensure_cpu_compat() -> None:
     """Make megatron-core usable in this process (idempotent; call before importing megatron)."""
+    import warnings
+
+    for pattern in _EXPECTED_IMPORT_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
     if "megatron.core" not in sys.modules:
         _stub_paged_stash()  # must precede the first `import megatron.core`
     _apply_once()

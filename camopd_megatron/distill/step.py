@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, reduce_metric_sums, summarize_loss_metrics
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
-from camopd_megatron.distill.scheduler import BranchScheduler, StepPlan
+from camopd_megatron.distill.scheduler import StepPlan
 from camopd_megatron.distill.selection import SelectionPolicy, plan_selection
 from camopd_megatron.models.gpt import stage_info, unwrap_model
 from camopd_megatron.models.logprobs import next_token_logprobs
@@ -334,7 +334,7 @@ def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence
     sums["rollout/response_tokens"] = w * float(batch.response_lens_B.sum())
     sums["rollout/tokens"] = w * float((batch.prompt_lens_B + batch.response_lens_B).sum())
     sums["rollout/eos"] = w * sum(r != "length" for r in batch.finish_reasons)
-    for b in sorted(set(student_branches_all(sel))):
+    for b in sorted(sel.branch_samples):
         rows = torch.tensor([x == b for x in branches], dtype=torch.bool)
         g = gap_BT[rows][mask[rows]].double()
         sums[f"gap/{b}/sum"] = w * float(g.sum())
@@ -348,7 +348,7 @@ def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence
     out["rollout/response_len_mean"] = red["rollout/response_tokens"] / n
     out["rollout/eos_fraction"] = red["rollout/eos"] / n
     out["rollout/samples"] = red["rollout/samples"]
-    for b in sorted(set(student_branches_all(sel))):
+    for b in sorted(sel.branch_samples):
         t = max(red[f"gap/{b}/tokens"], 1.0)
         mean = red[f"gap/{b}/sum"] / t
         out[f"gap/{b}/mean"] = mean
@@ -360,11 +360,6 @@ def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence
     out["throughput/train_tokens_per_s"] = red["rollout/tokens"] / max(elapsed, 1e-9)
     out["throughput/generated_tokens_per_s"] = red["rollout/response_tokens"] / max(timer.seconds.get("rollout", 0.0), 1e-9)
     return out
-
-
-def student_branches_all(sel: Any) -> list[str]:
-    """Branches present in the step (over all DP ranks), from the selection result."""
-    return list(sel.branch_samples)
 
 
 def settings_from_config(cfg: Any, eos_token_id: Optional[int]) -> StepSettings:
@@ -379,7 +374,3 @@ def settings_from_config(cfg: Any, eos_token_id: Optional[int]) -> StepSettings:
         use_kv_cache=cfg.rollout.use_kv_cache,
         recompute_student=cfg.selection.student_logprobs == "recompute",
     )
-
-
-def unused(_: BranchScheduler) -> None:  # pragma: no cover - keeps the import for type readers
-    """(typing aid)"""
