@@ -121,7 +121,9 @@ class _Trainer:
             pg_collection=self.pgc, role_group=groups.role_group, vocab_size=cfg.model.vocab_size,
             max_seq_len=cfg.model.seq_length,
         )
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, byte_vocab_size=min(cfg.model.vocab_size, 256))
+        # no data.tokenizer: the built-in one (ASCII characters, or UTF-8 bytes when the vocabulary allows)
+        byte_vocab = cfg.model.vocab_size if cfg.model.vocab_size >= 260 else 128
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, byte_vocab_size=byte_vocab)
         check_vocab(self.tokenizer, cfg.model.vocab_size, cfg.data.tokenizer)
         self.scheduler = BranchScheduler.from_config(cfg)
         self.sources = build_prompt_sources(cfg.data, cfg.scheduler.branches, self.tokenizer, cfg.run.seed)
@@ -147,7 +149,9 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def _state(self, is_loading: bool) -> dict[str, Any]:
-        msd = self.student.ddp_model.sharded_state_dict(metadata={"dp_cp_group": self.pgc.dp_cp})
+        # the bare model's keys (no DDP "module." prefix): a training checkpoint then loads anywhere a
+        # model checkpoint does (teachers, HF export); the optimizer maps its state by parameter identity
+        msd = model_sharded_state_dict(unwrap_model(self.student.ddp_model), self.pgc)
         return {"model": msd, "optimizer": optimizer_sharded_state_dict(
             self.student.optimizer, msd, is_loading=is_loading, pg_collection=self.pgc)}
 
@@ -182,8 +186,7 @@ class _Trainer:
             return 0
         manifest = read_manifest(path)
         loaded = load_sharded(path, self._state(True), process_group=self.pgc.intra_dist_opt)
-        unwrap_model(self.student.ddp_model).load_state_dict(
-            {k.removeprefix("module."): v for k, v in loaded["model"].items()}, strict=False)
+        unwrap_model(self.student.ddp_model).load_state_dict(loaded["model"], strict=False)
         self.student.optimizer.load_state_dict(loaded["optimizer"])
         common = manifest["common"]
         self.scheduler.load_state_dict(common["scheduler"])

@@ -217,3 +217,19 @@ def test_nan_teacher_steps_are_skipped_then_the_run_aborts(tmp_path):
     assert out["error"] and "loss.max_bad_teacher_steps=1" in out["error"], out
     assert "2 steps" in out["error"]
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()  # no update was ever taken
+
+
+@pytest.mark.slow
+def test_resume_with_the_distributed_optimizer_at_dp2(general_ckpt, tmp_path):
+    """DP=2 with the distributed optimizer (state sharded over DP): resume is exact too."""
+    extra = {"parallel": {"use_distributed_optimizer": True}, "checkpoint": {"save_interval": 2}}
+    full = tiny_cfg(str(tmp_path / "full"), general_ckpt, steps=4, extra=extra)
+    first = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=2, extra=extra)
+    second = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=4, extra=extra)
+    res = _run(2, [full, first, second])
+    a = [h for h in res[0][0]["history"] if "phase" in h]
+    b = [h for h in res[0][2]["history"] if "phase" in h]
+    assert [int(h["step"]) for h in b] == [3, 4]
+    for x, y in zip(a[2:], b):
+        for k in ("train/loss", "grad_norm", "select/kept_fraction"):
+            assert x[k] == y[k], (k, x["step"], x[k], y[k])

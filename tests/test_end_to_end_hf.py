@@ -1,0 +1,79 @@
+"""The user's whole path: two Hugging Face models (general parent G, domain child D) → our format →
+CaMOPD training (student from D, teachers G and D) → the student exported back to Hugging Face and
+loaded by ``transformers``, whose logits must match our trained student's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron, convert_megatron_to_hf  # noqa: E402
+from camopd_megatron.testing.multiproc import run_on_ranks  # noqa: E402
+
+SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def _hf_model(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**SHAPE)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+
+
+def _train_and_score(rank: int, world_size: int, cfg, tokens: torch.Tensor) -> dict:
+    """Train, then our student's logits on ``tokens`` from the final checkpoint (TP=1, one rank)."""
+    from camopd_megatron.checkpoint.dist import load_model
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+    from camopd_megatron.models.pipeline import model_forward
+    from camopd_megatron.trainer import train
+
+    res = train(cfg)
+    pgc = simple_pg_collection(1, 1, 1)
+    init_model_rng(0, pgc)
+    model = build_gpt_model(cfg.model.__class__(**{**cfg.model.__dict__, "checkpoint": None}), pgc).eval()
+    load_model(model, res.last_checkpoint, model_cfg=cfg.model, pg_collection=pgc)
+    with torch.no_grad():
+        logits = model_forward(model, tokens)[..., : cfg.model.vocab_size]
+    return {"ckpt": res.last_checkpoint, "logits": logits, "loss": [h.get("train/loss") for h in res.history]}
+
+
+@pytest.mark.slow
+def test_hf_to_camopd_to_hf(tmp_path):
+    from camopd_megatron.config import load_config
+    from camopd_megatron.checkpoint.dist import read_manifest
+
+    for name, seed in (("general", 1), ("domain", 2)):
+        _hf_model(tmp_path / f"hf_{name}", seed)
+        convert_hf_to_megatron(tmp_path / f"hf_{name}", tmp_path / f"ours_{name}", progress=False)
+    model_cfg = read_manifest(tmp_path / "ours_domain")["model_config"]
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [
+        f"run.output_dir={tmp_path / 'run'}", "run.steps=2", "run.log_level=WARNING",
+        f"model.checkpoint={tmp_path / 'ours_domain'}",
+        f"teachers[0].checkpoint={tmp_path / 'ours_general'}", f"teachers[1].checkpoint={tmp_path / 'ours_domain'}",
+        "rollout.prompts_per_step=4", "rollout.max_new_tokens=6", "data.max_prompt_tokens=24",
+        "optim.lr=1e-3", "checkpoint.save_interval=0", "logging.progress_bar=false",
+    ] + [f"model.{k}={json.dumps(v)}" for k, v in model_cfg.items() if k not in ("checkpoint",)]
+    cfg = load_config(str(repo / "examples/configs/camopd.yaml"), overrides)
+    assert cfg.model.arch == "qwen2" and cfg.model.add_qkv_bias
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
+    (out,) = run_on_ranks(_train_and_score, 1, args=(cfg, tokens), timeout_s=400)
+    assert any(loss not in (None, 0.0) for loss in out["loss"])
+
+    convert_megatron_to_hf(out["ckpt"], tmp_path / "hf_student", progress=False)
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_student").eval()
+    with torch.no_grad():
+        theirs = student(tokens).logits.float()
+    assert (theirs - out["logits"]).abs().max().item() <= 1e-4
+    # training changed the weights: the exported student is not the domain model it started from
+    domain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_domain").eval()
+    with torch.no_grad():
+        assert (domain(tokens).logits.float() - theirs).abs().max().item() > 1e-4
