@@ -234,6 +234,8 @@ class _Trainer:
             self._handle_skip(out)
             metrics = {"step": float(step + 1), **out.metrics, **probe}
             metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
+            if torch.cuda.is_available():
+                metrics["memory/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             done = step + 1
             if evaluating and ((eval_every and done % eval_every == 0) or done == cfg.run.steps):
                 metrics.update(self._evaluate(done))
