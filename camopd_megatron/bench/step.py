@@ -1,0 +1,331 @@
+"""Benchmark: end-to-end optimizer steps of OUR trainer on the TRL peer's model dimensions.
+
+    python -m camopd_megatron.bench.step                              # small, 1 teacher, 1 process
+    python -m camopd_megatron.bench.step --size large --steps 5
+    python -m camopd_megatron.bench.step --teachers 2                 # the camopd preset (general + domain)
+    python -m camopd_megatron.bench.step --layout sep4 --teachers 2   # torchrun: student TP=2 + 2 teacher ranks
+    python -m camopd_megatron.bench.step --json                       # one JSON line on stdout
+
+What runs is ``camopd_megatron.trainer.train(cfg)`` itself (config built with ``config_from_dict``),
+on the dimensions of ``/work/shared/peers/trl/run_peer.py --arch llama`` (Llama-style: RMSNorm, RoPE,
+SwiGLU, GQA, untied embeddings, no QKV bias):
+
+* small: hidden 256, 4 layers, 4 heads / 2 kv heads, FFN 688, vocab 8192, 64 new tokens;
+* large: hidden 512, 8 layers, 8 heads / 4 kv heads, FFN 1376, vocab 32000, 128 new tokens;
+
+batch 8 (``rollout.prompts_per_step``), 32-token prompts, fp32, T = 1 sampling without top-k/top-p.
+Prompts are 32 random words of a word-level ``tokenizer.json`` built here (vocabulary ``<pad> <eos>
+<bos> <unk> w0 .. w{V-5}``, exactly the model's, like the peer's), written as JSONL to a scratch dir.
+Responses are FIXED length, like the peer's ``min_new_tokens = max_new_tokens``: the tokenizer's
+``tokenizer_config.json`` declares no EOS (``eos_token: null``), so no token ends a response early.
+
+Settings. ``--teachers 1`` is the head-to-head with TRL: the ``vanilla_mopd`` preset reduced to one
+branch (``scheduler.mode: mixed`` with only ``general``, selection off, r = 1) and one teacher.
+``--teachers 2`` is the ``camopd`` preset (3:1 alternating general/domain, ρ-selection on), two
+teachers. Teachers are the student's own random initialisation (no checkpoint): their weights do
+not change the work done per step. ``--layout single`` is one process (world 1, teachers
+``placement: colocated``); ``sep4`` launches ``torch.distributed.run --nproc_per_node 4`` with the
+student at TP = 2 on ranks 0-1 and each teacher on its own rank (``placement: separate``).
+
+Timing boundary (the peer's): imports, model and optimizer construction are excluded. An
+``eval_fn`` hook, which the trainer calls before step 1 and after every step, stamps the loop's
+start and end; ``wall_s`` spans all N steps (the peer's ``on_train_begin`` → ``on_train_end``),
+the final checkpoint save after the loop is outside it. The first step is reported apart and the
+steady mean is over steps 2..N. Peak RSS is ``VmHWM`` at the end of the last step (summed over the
+ranks for sep4, each rank read when its ``train`` returns). Fields match the peer's JSON
+(``step_s_steady_mean``, ``gen_tokens_per_s``, ``train_tokens_per_s`` = (prompt + response tokens)
+/ ``wall_s``, ``peak_rss_mb``) plus ``stages_s``: the steady mean of every ``time/*`` metric.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
+"""The peer's special tokens, at ids 0..3 (word ``w{i}`` is id 4 + i)."""
+
+SIZES: dict[str, dict[str, int]] = {
+    "small": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 688, "vocab": 8192, "new_tokens": 64},
+    "large": {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 4, "ffn": 1376, "vocab": 32000, "new_tokens": 128},
+}
+"""The peer's two settings (``run_peer.py`` defaults and ``run_all.sh``'s LARGE)."""
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------- inputs
+def write_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """A word-level ``tokenizer.json`` (+ a config that declares no EOS) of exactly ``vocab_size`` ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if vocab_size <= len(SPECIALS):
+        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIALS)} special tokens")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": len(SPECIALS) + i for i in range(vocab_size - len(SPECIALS))})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    directory.mkdir(parents=True, exist_ok=True)
+    core.save(str(directory / "tokenizer.json"))
+    # eos_token: null → the tokenizer has no EOS id, so every response runs to max_new_tokens
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": None, "pad_token": "<pad>"}))
+    return directory / "tokenizer.json"
+
+
+def write_prompts(path: Path, n: int, prompt_len: int, vocab_size: int, seed: int) -> Path:
+    """``n`` JSONL records ``{"prompt": "w.. w.."}`` of ``prompt_len`` random words (one token each)."""
+    rng = random.Random(seed)
+    n_words = vocab_size - len(SPECIALS)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(n_words)}" for _ in range(prompt_len))}) + "\n")
+    return path
+
+
+def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, steps: int, batch: int = 8,
+                      prompt_len: int = 32, new_tokens: Optional[int] = None, seed: int = 1234,
+                      dims: Optional[dict[str, int]] = None, student_logprobs: str = "recompute") -> dict[str, Any]:
+    """The trainer config (a plain dict for ``config_from_dict``) of one benchmark setting.
+
+    Writes the tokenizer and the prompt files under ``work``. ``dims`` overrides entries of
+    :data:`SIZES` (tests use a micro model). ``student_logprobs``: ``selection.student_logprobs``
+    (the presets' ``recompute``, or ``rollout``: μ for the gaps, one student forward fewer).
+    """
+    from camopd_megatron.config import config_to_dict, load_config
+    from camopd_megatron.config.loader import deep_merge
+
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: expected one of {sorted(SIZES)}")
+    if teachers not in (1, 2):
+        raise ValueError(f"teachers={teachers!r}: expected 1 (single branch, vanilla_mopd-style) or 2 (camopd preset)")
+    if layout not in ("single", "sep4"):
+        raise ValueError(f"layout={layout!r}: expected 'single' (one process) or 'sep4' (torchrun, 4 ranks)")
+    d = {**SIZES[size], **(dims or {})}
+    new = int(new_tokens or d["new_tokens"])
+    tok = write_tokenizer(work / "tokenizer", d["vocab"])
+    n_prompts = max(64, batch * steps * 2)
+    branches = ["general"] if teachers == 1 else ["general", "domain"]
+    data = {b: {"paths": [str(write_prompts(work / f"{b}.jsonl", n_prompts, prompt_len, d["vocab"], seed + i))]}
+            for i, b in enumerate(branches)}
+    placement = "colocated" if layout == "single" else "separate"
+    preset = "vanilla_mopd" if teachers == 1 else "camopd"
+    base = config_to_dict(load_config(str(REPO / "examples" / "configs" / f"{preset}.yaml")))
+    over: dict[str, Any] = {
+        "run": {"steps": steps, "seed": seed, "output_dir": str(work / "run"), "log_level": "WARNING"},
+        "model": {"arch": "llama", "num_layers": d["layers"], "hidden_size": d["hidden"],
+                  "num_attention_heads": d["heads"], "num_query_groups": d["kv_heads"], "ffn_hidden_size": d["ffn"],
+                  "vocab_size": d["vocab"], "seq_length": prompt_len + new, "tie_embeddings": False,
+                  "transformer_impl": "local"},
+        "parallel": {"tp": 1 if layout == "single" else 2, "pp": 1, "backend": "gloo"},
+        "teachers": [{"name": b, "branches": [b], "placement": placement} for b in branches],
+        "data": {"branches": data, "tokenizer": str(tok), "max_prompt_tokens": prompt_len, "shuffle": True},
+        # one micro-batch of the whole step (the peer: batch 8, no accumulation), fixed-length responses
+        "rollout": {"prompts_per_step": batch, "max_new_tokens": new, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                    "micro_batch_size": batch, "use_kv_cache": True},
+        # the peer's optimizer: AdamW, lr 1e-4 constant, grad clip 1.0, no weight decay
+        "optim": {"lr": 1e-4, "lr_schedule": "constant", "clip_grad": 1.0, "micro_batch_size": batch,
+                  "weight_decay": 0.0},
+        "precision": {"params_dtype": "fp32"},
+        "checkpoint": {"dir": str(work / "ckpt"), "save_interval": 0, "keep_last": 1, "resume": "never"},
+        # the timing hook (eval_fn) runs after every step; the built-in teacher-scored eval stays off
+        "eval": {"interval": 1, "teacher_scored": False},
+        "logging": {"tensorboard": False, "progress_bar": False, "log_interval": 10**6},
+    }
+    base.pop("teachers", None)
+    merged = deep_merge(base, over)
+    if teachers == 1:  # replaced, not merged: the branch maps must name only ``general``
+        merged["scheduler"].update(mode="mixed", mixed_shares={"general": 1.0})
+        merged["selection"].update(enabled=False, scale_only_selected=False, rho={"general": 1.0},
+                                   score={"general": "abs"})
+        merged["loss"]["adv_scale"] = {"general": 1.0}
+    merged["selection"]["student_logprobs"] = student_logprobs
+    return merged
+
+
+# ---------------------------------------------------------------------------------- a run
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+class _LoopClock:
+    """The trainer's ``eval_fn``: stamps the loop start (step 0) and each step's end, reads VmHWM."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.hwm_kb = 0
+
+    def __call__(self, step: int, model: Any, pgc: Any) -> dict[str, float]:
+        self.stamps.append(time.perf_counter())
+        self.hwm_kb = _vm_kb("VmHWM")
+        return {}
+
+
+def run_trainer(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Run ``train`` on this process's world (1, or the torchrun world); returns the raw record."""
+    from camopd_megatron.config import config_from_dict
+    from camopd_megatron.trainer import train
+
+    cfg = config_from_dict(cfg_dict)
+    clock = _LoopClock()
+    res = train(cfg, eval_fn=clock)
+    hwm_kb = clock.hwm_kb if res.role == "student" else _vm_kb("VmHWM")
+    return {"role": res.role, "history": [h for h in res.history if "time/step" in h], "stamps": clock.stamps,
+            "hwm_kb": hwm_kb, "hwm_end_kb": _vm_kb("VmHWM")}
+
+
+def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, threads: int,
+              hwm_total_kb: Optional[float] = None, params: Optional[int] = None) -> dict[str, Any]:
+    """The peer's fields (and our per-stage breakdown) from one run's history."""
+    hist = raw["history"]
+    if not hist:
+        raise RuntimeError("the trainer ran no steps; check --steps")
+    stamps = raw["stamps"]
+    wall = stamps[-1] - stamps[0] if len(stamps) >= 2 else sum(h["time/step"] for h in hist)
+    steady = hist[1:] if len(hist) > 1 else hist
+    tok_step = [h["throughput/train_tokens_per_s"] * h["time/step"] for h in hist]
+    gen_tok = [h["rollout/response_len_mean"] * h["rollout/samples"] for h in hist]
+    gen_s = sum(h.get("time/rollout", 0.0) for h in hist)
+    stage_keys = sorted({k for h in steady for k in h if k.startswith("time/")})
+    train_tokens = round(sum(tok_step))
+    return {
+        "peer": "camopd_megatron", "size": size, "teachers": teachers, "layout": layout, "threads": threads,
+        "params": params, "steps": len(hist), "wall_s": round(wall, 3),
+        "step_s_first": round(hist[0]["time/step"], 3),
+        "step_s_steady_mean": round(statistics.mean(h["time/step"] for h in steady), 3),
+        "gen_s": round(gen_s, 3), "gen_frac": round(gen_s / wall, 3) if wall else None,
+        "generated_tokens": round(sum(gen_tok)), "train_tokens": train_tokens,
+        "gen_tokens_per_s": round(sum(gen_tok) / gen_s, 1) if gen_s else None,
+        "train_tokens_per_s": round(train_tokens / wall, 1),
+        "train_tokens_per_s_steady": round(sum(tok_step[1:] or tok_step) / sum(h["time/step"] for h in steady), 1),
+        "train_tokens_per_s_excl_gen": round(train_tokens / max(wall - gen_s, 1e-9), 1),
+        "response_len_mean": round(statistics.mean(h["rollout/response_len_mean"] for h in hist), 2),
+        "loss_first": hist[0].get("train/loss"), "loss_last": hist[-1].get("train/loss"),
+        "peak_rss_mb": round((hwm_total_kb if hwm_total_kb is not None else raw["hwm_kb"]) / 1024.0, 1),
+        "stages_s": {k.removeprefix("time/"): round(statistics.mean(h.get(k, 0.0) for h in steady), 4)
+                     for k in stage_keys},
+    }
+
+
+def _count_params(cfg_dict: dict[str, Any]) -> int:
+    """Parameters of one (full, TP=1) student from the model dims (megatron's Llama layout, untied)."""
+    m = cfg_dict["model"]
+    h, ffn, v, layers = m["hidden_size"], m["ffn_hidden_size"], m["vocab_size"], m["num_layers"]
+    head = h // m["num_attention_heads"]
+    kv = m["num_query_groups"] * head
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU (fc1 is 2 ffn), 2 norms
+    return layers * per_layer + 2 * v * h + h  # + embedding, output layer, final norm
+
+
+# ---------------------------------------------------------------------------------- launchers
+def _worker_main(cfg_path: str, out_dir: str, threads: int) -> None:
+    """One torchrun rank: run the trainer, write ``rank<r>.json``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg_dict = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
+    raw = run_trainer(cfg_dict)
+    rank = int(os.environ.get("RANK", "0"))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(raw), encoding="utf-8")
+
+
+def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: int,
+                work: Optional[Path] = None, dims: Optional[dict[str, int]] = None,
+                new_tokens: Optional[int] = None, student_logprobs: str = "recompute") -> dict[str, Any]:
+    """Run one benchmark setting and return the summary record.
+
+    ``single`` runs in this process (set ``OMP_NUM_THREADS`` before torch is imported; the CLI
+    does); ``sep4`` launches torchrun with ``threads`` torch threads per rank.
+    """
+    own_tmp = work is None
+    tmp = tempfile.TemporaryDirectory(prefix="camopd_bench_") if own_tmp else None
+    work = Path(tmp.name) if tmp is not None else Path(work)
+    try:
+        cfg_dict = bench_config_dict(work, size=size, teachers=teachers, layout=layout, steps=steps, dims=dims,
+                                     new_tokens=new_tokens, student_logprobs=student_logprobs)
+        params = _count_params(cfg_dict)
+        if layout == "single":
+            import torch
+
+            torch.set_num_threads(threads)
+            raw = run_trainer(cfg_dict)
+            rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
+            return {**rec, "student_logprobs": student_logprobs}
+        cfg_path = work / "config.json"
+        cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+               "-m", "camopd_megatron.bench.step", "--worker", str(cfg_path), "--out-dir", str(work),
+               "--threads", str(threads)]
+        subprocess.run(cmd, env=env, check=True, cwd=str(REPO), stdout=subprocess.DEVNULL)
+        ranks = [json.loads((work / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(4)]
+        total_kb = float(sum(r["hwm_kb"] for r in ranks))
+        rec = summarize(ranks[0], size=size, teachers=teachers, layout=layout, threads=threads,
+                        hwm_total_kb=total_kb, params=params)
+        return {**rec, "student_logprobs": student_logprobs}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def format_record(r: dict[str, Any]) -> str:
+    """A human-readable block for one summary record."""
+    stages = " ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items() if k != "step")
+    return (f"{r['size']} teachers={r['teachers']} layout={r['layout']} threads={r['threads']} params={r['params']}\n"
+            f"  steps {r['steps']}  wall {r['wall_s']:.2f}s  s/step first {r['step_s_first']:.3f} "
+            f"steady {r['step_s_steady_mean']:.3f}\n"
+            f"  gen tok/s {r['gen_tokens_per_s']}  train tok/s (e2e) {r['train_tokens_per_s']} "
+            f"(steady {r['train_tokens_per_s_steady']})  peak RSS {r['peak_rss_mb']} MB\n"
+            f"  steady stage means (s): {stages}")
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """CLI: run one setting, print the record (``--json``: one JSON line); returns the record."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--teachers", type=int, choices=(1, 2), default=1)
+    p.add_argument("--layout", choices=("single", "sep4"), default="single")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--new-tokens", type=int, default=None, help="response length (default: the size's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 2; sep4: 1)")
+    p.add_argument("--student-logprobs", choices=("recompute", "rollout"), default="recompute",
+                   help="selection.student_logprobs (the presets use recompute)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the text block")
+    p.add_argument("--worker", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    threads = a.threads or (1 if a.layout == "sep4" else 2)
+    if a.worker:
+        _worker_main(a.worker, a.out_dir, threads)
+        return {}
+    if a.steps < 1:
+        raise ValueError(f"--steps={a.steps} must be >= 1")
+    rec = run_setting(size=a.size, teachers=a.teachers, layout=a.layout, steps=a.steps, threads=threads,
+                      new_tokens=a.new_tokens, student_logprobs=a.student_logprobs)
+    print(json.dumps(rec) if a.json else format_record(rec), flush=True)
+    return rec
+
+
+if __name__ == "__main__":
+    # thread env before torch is imported (the peer does the same)
+    _threads = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--threads"), None)
+    if _threads is None:
+        _threads = "1" if "sep4" in sys.argv else "2"
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", _threads)
+    main()

@@ -1,0 +1,132 @@
+"""Ours vs TRL's on-policy ``DistillationTrainer``, back to back and alternating, ratio per setting.
+
+    python -m camopd_megatron.bench.vs_trl --trl-python /tmp/venv-trl/bin/python            # small + large
+    python -m camopd_megatron.bench.vs_trl --sizes small --reps 3 --steps 10 --trl-python ...
+
+For each size and repetition it runs, as fresh processes and one at a time (the 2 cores are
+shared), ``/work/shared/peers/trl/run_peer.py --arch llama --threads 2`` (the peer, Llama-style so
+both sides have no QKV bias) then ``python -m camopd_megatron.bench.step --json`` (ours, single
+teacher, one process), alternating the order every repetition so a drift in machine load hits both
+sides alike. ``--camopd`` adds our two-teacher ``camopd`` preset as an extra (unpaired) row.
+Ratios are medians over the repetitions of the paired per-repetition ratio of end-to-end train
+tokens/s (higher is better for us) and of peak RSS (ours / TRL, lower is better for us).
+``--jsonl`` appends every raw record to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+PEER_DIR = Path("/work/shared/peers/trl")
+PEER_ARGS = {
+    "small": [],
+    "large": ["--hidden", "512", "--layers", "8", "--heads", "8", "--kv-heads", "4", "--vocab", "32000",
+              "--max-new-tokens", "128"],
+}
+"""run_peer.py arguments of each size (its README's LARGE); our sizes are ``bench.step.SIZES``."""
+
+
+def _env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON line in the output:\n{stdout[-2000:]}")
+
+
+def run_peer(trl_python: str, size: str, steps: int, threads: int) -> dict[str, Any]:
+    """One TRL run (a fresh process); its JSON record."""
+    cmd = [trl_python, str(PEER_DIR / "run_peer.py"), "--trainer", "distill", "--arch", "llama", "--threads",
+           str(threads), "--steps", str(steps), "--output-dir", "/tmp/trl_peer_out", *PEER_ARGS[size]]
+    out = subprocess.run(cmd, env=_env(threads), check=True, capture_output=True, text=True)
+    return _last_json(out.stdout)
+
+
+def run_ours(size: str, steps: int, threads: int, teachers: int = 1, student_logprobs: str = "recompute") -> dict[str, Any]:
+    """One run of :mod:`camopd_megatron.bench.step` (a fresh process); its JSON record."""
+    cmd = [sys.executable, "-m", "camopd_megatron.bench.step", "--json", "--size", size, "--steps", str(steps),
+           "--threads", str(threads), "--teachers", str(teachers), "--student-logprobs", student_logprobs]
+    out = subprocess.run(cmd, env=_env(threads), check=True, capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    return _last_json(out.stdout)
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, trl_python: str,
+            camopd: bool = False, jsonl: Optional[str] = None, student_logprobs: str = "recompute") -> str:
+    """Run the matrix and return the Markdown table."""
+    rows = []
+    for size in sizes:
+        ours_r, peer_r, extra_r = [], [], []
+        for rep in range(reps):
+            order = ("peer", "ours") if rep % 2 == 0 else ("ours", "peer")
+            for who in order:
+                rec = run_peer(trl_python, size, steps[size], threads) if who == "peer" else \
+                    run_ours(size, steps[size], threads, student_logprobs=student_logprobs)
+                (peer_r if who == "peer" else ours_r).append(rec)
+                print(f"[{size} rep {rep}] {who}: train tok/s {rec['train_tokens_per_s']} "
+                      f"s/step {rec['step_s_steady_mean']} RSS {rec['peak_rss_mb']} MB", file=sys.stderr, flush=True)
+            if camopd:
+                extra_r.append(run_ours(size, steps[size], threads, teachers=2, student_logprobs=student_logprobs))
+        if jsonl:
+            with open(jsonl, "a", encoding="utf-8") as f:
+                for tag, recs in (("trl", peer_r), ("ours", ours_r), ("ours_camopd", extra_r)):
+                    for r in recs:
+                        f.write(json.dumps({"tag": tag, "size": size, **r}) + "\n")
+        ratio = [o["train_tokens_per_s"] / p["train_tokens_per_s"] for o, p in zip(ours_r, peer_r)]
+        rss = [o["peak_rss_mb"] / p["peak_rss_mb"] for o, p in zip(ours_r, peer_r)]
+        for name, recs, r_tok, r_rss in (("TRL DistillationTrainer", peer_r, None, None),
+                                         (f"ours, 1 teacher ({student_logprobs})", ours_r, ratio, rss),
+                                         (f"ours, camopd 2 teachers ({student_logprobs})", extra_r, None, None)):
+            if not recs:
+                continue
+            rows.append(
+                f"| {size} | {name} | {steps[size]} x {len(recs)} | "
+                f"{_med([r['step_s_steady_mean'] for r in recs]):.3f} | "
+                f"{_med([r['gen_tokens_per_s'] for r in recs]):.0f} | "
+                f"{_med([r['train_tokens_per_s'] for r in recs]):.0f} | "
+                f"{_med([r['peak_rss_mb'] for r in recs]):.0f} | "
+                + (f"{_med(r_tok):.2f}x [{min(r_tok):.2f}-{max(r_tok):.2f}] | {_med(r_rss):.2f} |" if r_tok else "| |"))
+    head = ("| size | trainer | steps x reps | s/step (steady) | gen tok/s | train tok/s (e2e) | peak RSS MB "
+            "| train tok/s ours/TRL | RSS ours/TRL |\n|---|---|---|---|---|---|---|---|---|")
+    table = head + "\n" + "\n".join(rows)
+    print(table, flush=True)
+    return table
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    """CLI (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trl-python", default="/tmp/venv-trl/bin/python", help="python of the peer's venv")
+    p.add_argument("--sizes", nargs="+", choices=sorted(PEER_ARGS), default=["small", "large"])
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--steps-small", type=int, default=10)
+    p.add_argument("--steps-large", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--camopd", action="store_true", help="also run our two-teacher camopd preset")
+    p.add_argument("--student-logprobs", choices=("recompute", "rollout"), default="recompute",
+                   help="our selection.student_logprobs (the presets use recompute)")
+    p.add_argument("--jsonl", default=None, help="append raw records here")
+    a = p.parse_args(argv)
+    if not Path(a.trl_python).is_file():
+        raise ValueError(f"--trl-python={a.trl_python!r} does not exist; create the peer venv as "
+                         f"{PEER_DIR / 'README.md'} says")
+    return compare(a.sizes, a.reps, {"small": a.steps_small, "large": a.steps_large}, a.threads, a.trl_python,
+                   camopd=a.camopd, jsonl=a.jsonl, student_logprobs=a.student_logprobs)
+
+
+if __name__ == "__main__":
+    main()

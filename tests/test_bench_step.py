@@ -1,0 +1,45 @@
+"""Smoke test of the end-to-end step benchmark (``camopd_megatron.bench.step``) on a micro model."""
+from __future__ import annotations
+
+import json
+
+from camopd_megatron.testing.multiproc import run_on_ranks
+
+MICRO = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "ffn": 64, "vocab": 64, "new_tokens": 4}
+PEER_FIELDS = ("steps", "wall_s", "step_s_first", "step_s_steady_mean", "gen_s", "generated_tokens", "train_tokens",
+               "gen_tokens_per_s", "train_tokens_per_s", "peak_rss_mb")
+
+
+def _bench_worker(rank: int, world_size: int, work: str) -> dict:
+    from pathlib import Path
+
+    from camopd_megatron.bench.step import run_setting
+
+    return run_setting(size="small", teachers=1, layout="single", steps=2, threads=1, work=Path(work), dims=MICRO)
+
+
+def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
+    (rec,) = run_on_ranks(_bench_worker, 1, args=(str(tmp_path),), timeout_s=240)
+    for key in PEER_FIELDS:
+        assert key in rec and rec[key] is not None, key
+    assert rec["steps"] == 2
+    # fixed-length responses (the tokenizer declares no EOS): 8 prompts x 4 tokens per step
+    assert rec["generated_tokens"] == 2 * 8 * 4
+    assert rec["response_len_mean"] == 4.0
+    assert rec["train_tokens"] == 2 * 8 * (32 + 4)
+    assert rec["train_tokens_per_s"] > 0 and rec["peak_rss_mb"] > 0
+    for stage in ("data", "rollout", "teacher", "recompute", "select", "train", "optimizer", "step"):
+        assert stage in rec["stages_s"], stage
+    assert rec["params"] == 1 * (32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 2 * 64 * 32 + 32
+    json.dumps(rec)  # the --json line
+
+
+def test_prompt_and_tokenizer_files_match_the_peer(tmp_path):
+    from camopd_megatron.bench.step import write_prompts, write_tokenizer
+    from camopd_megatron.data import load_tokenizer
+
+    tok = load_tokenizer(str(write_tokenizer(tmp_path / "tok", 100)))
+    assert tok.vocab_size == 100 and tok.eos_id is None and tok.bos_id == 2
+    path = write_prompts(tmp_path / "p.jsonl", 3, 32, 100, seed=0)
+    rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(tok.encode(r)) == 32 for r in rows)
