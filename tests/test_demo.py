@@ -16,10 +16,10 @@ def test_solvers_are_exact() -> None:
     assert solve("cpy", "kbdf") == "kbdf"
     assert solve("rev", "kbdf") == "fdbk"
     assert solve("srt", "3912") == "1239"
-    assert solve("enc", "xyzab") == "abcde"
+    assert solve("mrk", "xyzab") == "xyzab!"
     with pytest.raises(ValueError, match="task"):
         solve("mul", "1")
-    assert branch_of("enc") == "domain" and all(branch_of(t) == "general" for t in GENERAL_TASKS)
+    assert branch_of("mrk") == "domain" and all(branch_of(t) == "general" for t in GENERAL_TASKS)
 
 
 def test_generated_problems_check_and_fit_the_model() -> None:
@@ -43,12 +43,12 @@ def test_proxy_prompts_do_not_cover_the_general_training_distribution() -> None:
     # deterministic, and eval prompts never leak into the other pools
     assert sample_problems(ALL_TASKS, "eval", 50, seed=3) == sample_problems(ALL_TASKS, "eval", 50, seed=3)
     rng = random.Random(0)
-    assert split_of(sample_problem("enc", "eval", rng).prompt) == "eval"
+    assert split_of(sample_problem("mrk", "eval", rng).prompt) == "eval"
 
 
 def test_accuracy_and_prompt_file(tmp_path) -> None:
-    probs = [Problem("rev", "r:ab=", "ba"), Problem("rev", "r:abc=", "cba"), Problem("enc", "e:a=", "d")]
-    assert per_task_accuracy(probs, ["ba", "abc", "d"]) == {"enc": 1.0, "rev": 0.5}
+    probs = [Problem("rev", "r:ab=", "ba"), Problem("rev", "r:abc=", "cba"), Problem("mrk", "m:a=", "a!")]
+    assert per_task_accuracy(probs, ["ba", "abc", "a!"]) == {"mrk": 1.0, "rev": 0.5}
     path = write_prompt_file(tmp_path / "p.jsonl", probs)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[0] == {"prompt": "r:ab=", "domain": "rev"}
@@ -85,7 +85,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys) -> None:
     study = json.loads((out / "histories.json").read_text())
     hist = study["histories"]["camopd"][0]
     assert [e["step"] for e in hist if "eval/acc/general" in e] == [0.0, 2.0, 4.0]
-    assert any("eval/diag/grad_cosine" in e for e in hist)
+    assert any("diag/grad_cosine" in e for e in hist)
     assert any("select/general/kept_fraction" in e for e in hist)
     # a rerun reuses the cached teachers (the cache holds exactly one settings hash)
     assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -8,6 +8,7 @@ the command).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import shlex
@@ -30,11 +31,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m camopd_megatron.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="3 seeds, longer stage 3, results to examples/demo/results/")
-    p.add_argument("--steps", type=int, default=None, help="stage-3 steps per run (default 100; --full 150)")
+    p.add_argument("--steps", type=int, default=None, help="stage-3 steps per run (default 200; --full 300)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="stage-3 seeds (default 0; --full 0 1 2)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     p.add_argument("--lr", type=float, default=None, help="stage-3 learning rate (default: examples/demo/demo.yaml)")
-    p.add_argument("--eval-interval", type=int, default=None, help="evaluate every N steps (default 20; --full 25)")
+    p.add_argument("--eval-interval", type=int, default=None, help="evaluate every N steps (default 25)")
     p.add_argument("--eval-per-task", type=int, default=None, help="held-out problems per task (default 60; --full 100)")
     p.add_argument("--general-steps", type=int, default=None, help="stage-1 steps (default StageSettings)")
     p.add_argument("--domain-steps", type=int, default=None, help="stage-2 steps (default StageSettings)")
@@ -83,9 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(checks))
         return 0
     study_settings = StudySettings(
-        steps=args.steps or (150 if args.full else 100),
+        steps=args.steps or (300 if args.full else 200),
         seeds=tuple(args.seeds or ((0, 1, 2) if args.full else (0,))),
-        eval_interval=args.eval_interval or (25 if args.full else 20),
+        eval_interval=args.eval_interval or 25,
         eval_per_task=args.eval_per_task or (100 if args.full else 60),
         methods=tuple(args.methods),
         overrides={"optim": {"lr": args.lr}} if args.lr else {},
@@ -99,23 +100,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - t0
     command = "python -m camopd_megatron.demo " + shlex.join(argv if argv is not None else sys.argv[1:])
     dest = Path(args.results_dir) if args.results_dir else (_RESULTS if args.full else out)
+    wall = f"{elapsed / 60:.1f} min wall on this machine"
     if args.report_only and (dest / "command.txt").is_file():
-        command = (dest / "command.txt").read_text().strip() + " (report rebuilt with --report-only)"
+        lines = (dest / "command.txt").read_text().strip().splitlines()
+        command = lines[0].strip()
+        wall = (lines[1].removeprefix("wall: ").strip() if len(lines) > 1 else "wall time not recorded") + \
+            "; report rebuilt with --report-only"
     report = "\n".join([
         "# CaMOPD CPU demo: forgetting testbed", "",
-        f"Command: `{command.strip()}`" + ("" if args.report_only else f" ({elapsed / 60:.1f} min wall on this machine)."), "",
+        f"Command: `{command.strip()}` ({wall}).", "",
         f"Stage 3: {study['settings']['steps']} steps x {len(study['settings']['seeds'])} seed(s) per method, "
         "accuracies in % on held-out problems (greedy exact match), final step; teachers measured once.", "",
-        table, "", "Diagnostics (kept fraction per branch over its training steps; gradient cosine of the "
-        "vanilla per-branch losses on fixed probe prompts at each eval):", "", diagnostics_table(study), "",
+        table, "", "Diagnostics (kept fraction per branch over its training steps; domain share of the samples "
+        "actually trained on; the trainer's probe cos(g_general, g_domain) of the vanilla per-branch losses on "
+        "fresh 32-prompt probe batches every eval interval, excluding step 0 where the domain gap is 0):", "", diagnostics_table(study), "",
         "Testbed checks:", *[f"- {c}" for c in checks], "",
     ])
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "table.md").write_text(report)
     if not args.report_only:
-        (dest / "command.txt").write_text(command.strip() + "\n")
+        (dest / "command.txt").write_text(command.strip() + f"\nwall: {wall}\n")
     if dest != out and not args.report_only:
-        (dest / "histories.json").write_text((out / "histories.json").read_text())
+        # the raw per-step metrics behind the table, compressed (several MB as plain JSON)
+        (dest / "histories.json.gz").write_bytes(gzip.compress((out / "histories.json").read_bytes()))
     if not args.no_plots:
         from camopd_megatron.demo.plots import plot_accuracy, plot_diagnostics
 

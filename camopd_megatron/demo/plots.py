@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from camopd_megatron.demo.study import mean_curves
+from camopd_megatron.demo.study import mean_cosine_curve, mean_curves
 
 __all__ = ["plot_accuracy", "plot_diagnostics"]
 
@@ -50,7 +50,7 @@ def plot_diagnostics(study: dict[str, Any], path: str | Path) -> Path:
             steps, vals = mean_curves(runs, f"select/{branch}/kept_fraction")
             if steps:
                 ax.plot(steps, vals, marker=".", ms=3, label=method)
-        steps, vals = mean_curves(runs, "eval/diag/grad_cosine")
+        steps, vals = mean_cosine_curve(runs)
         if steps:
             axes[2].plot(steps, vals, marker="o", ms=3, label=method)
     for ax, title in zip(axes, ("general kept fraction", "domain kept fraction", "cos(g_general, g_domain) probe")):

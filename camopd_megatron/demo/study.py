@@ -5,7 +5,9 @@ teacher's weights and is trained by :func:`camopd_megatron.trainer.train` with t
 prompt budget: general prompts come from the *proxy* pool (narrower than the general teacher's
 training data), domain prompts from the domain pool. The evaluation hook
 (:class:`~camopd_megatron.demo.probe.DemoEvaluator`) measures held-out exact-match accuracy per task
-and the general/domain gradient cosine every ``eval_interval`` steps.
+every ``eval_interval`` steps; the trainer's branch-conflict probe (``logging.diagnostics_interval`` =
+``eval_interval``) logs ``diag/grad_cosine``, the cosine of the vanilla general and domain gradients
+on fresh probe batches (history entry ``step = s + 1`` holds the probe taken before update ``s``).
 
 The report is a markdown table (mean ± std over seeds of the final accuracies), the raw histories
 as JSON, and two PNGs (accuracies over steps; kept fraction and gradient cosine over steps).
@@ -28,7 +30,7 @@ from camopd_megatron.demo.tasks import ALL_TASKS, DOMAIN_TASKS, GENERAL_TASKS, s
 from camopd_megatron.demo.teachers import TeacherArtifacts, eval_set
 
 __all__ = ["METHODS", "StudySettings", "stage3_config", "run_method", "run_study", "summarize", "format_table",
-           "diagnostics_table", "mean_curves", "branch_kept_fraction", "final_eval"]
+           "diagnostics_table", "mean_curves", "cosine_series", "mean_cosine_curve", "domain_sample_share", "mixed_shares", "branch_kept_fraction", "final_eval"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +52,12 @@ DEMO_YAML = _REPO / "examples" / "demo" / "demo.yaml"
 class StudySettings:
     """Stage-3 budget (identical for every method)."""
 
-    steps: int = 100
+    steps: int = 200
     seeds: Sequence[int] = (0,)
-    eval_interval: int = 20
+    eval_interval: int = 25
     eval_per_task: int = 60
-    probe_per_branch: int = 32
+    probe_per_branch: int = 0
+    """The demo's own probe (eval/diag/grad_cosine); 0 = off, the trainer's diag/grad_cosine is used."""
     proxy_prompts: int = 2000
     methods: Sequence[str] = tuple(METHODS)
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +100,7 @@ def stage3_config(method: str, seed: int, teachers: TeacherArtifacts, settings: 
         ],
         "data": {"branches": {b: {"paths": [p]} for b, p in prompt_files.items()}},
         "eval": {"interval": settings.eval_interval},
+        "logging": {"diagnostics_interval": settings.eval_interval},
     }
     raw = deep_merge(deep_merge(raw, run_specific), settings.overrides)
     return config_from_dict(raw)
@@ -206,18 +210,69 @@ def branch_kept_fraction(runs: Sequence[Sequence[dict[str, float]]], branch: str
     return statistics.fmean(vals) if vals else None
 
 
+def cosine_series(history: Sequence[dict[str, float]]) -> list[tuple[float, float]]:
+    """``(step, cos(g_general, g_domain))`` pairs: the trainer's probe ``diag/grad_cosine`` (taken before
+    update ``step``, logged with ``step + 1``) or, if absent, the demo probe ``eval/diag/grad_cosine``."""
+    out = [(e["step"] - 1, e["diag/grad_cosine"]) for e in history if "diag/grad_cosine" in e]
+    if not out:
+        out = [(e["step"], e["eval/diag/grad_cosine"]) for e in history if "eval/diag/grad_cosine" in e]
+    return [(st, c) for st, c in out if c == c]  # drop NaN (a zero gradient has no direction)
+
+
+def mean_cosine_curve(runs: Sequence[Sequence[dict[str, float]]]) -> tuple[list[float], list[float]]:
+    """(steps, mean over seeds) of :func:`cosine_series` at steps every seed probed."""
+    per_step: dict[float, list[float]] = {}
+    for h in runs:
+        for st, c in cosine_series(h):
+            per_step.setdefault(st, []).append(c)
+    steps = sorted(st for st, v in per_step.items() if len(v) == len(runs))
+    return steps, [statistics.fmean(per_step[st]) for st in steps]
+
+
+def mixed_shares(method: str) -> dict[str, float]:
+    """``scheduler.mixed_shares`` of a method's preset (how a mixed step splits its prompts)."""
+    shares = read_yaml(str(PRESET_DIR / METHODS[method])).get("scheduler", {}).get("mixed_shares", {})
+    return {b: float(shares.get(b, 1.0)) for b in ("general", "domain")}
+
+
+def domain_sample_share(runs: Sequence[Sequence[dict[str, float]]],
+                        shares: Optional[dict[str, float]] = None) -> Optional[float]:
+    """Share of the *trained* (kept) samples that were domain samples, over all steps and seeds.
+
+    A step trains the branches whose ``select/<b>/kept_fraction`` it logs; a two-branch (mixed) step
+    splits ``rollout/samples`` by ``shares`` (the preset's ``scheduler.mixed_shares``; default 1:1).
+    """
+    shares = shares or {"general": 1.0, "domain": 1.0}
+    kept = {"general": 0.0, "domain": 0.0}
+    for h in runs:
+        for e in h:
+            present = [b for b in kept if f"select/{b}/kept_fraction" in e]
+            if not present or "rollout/samples" not in e:
+                continue
+            total_share = sum(shares[b] for b in present)
+            for b in present:
+                kept[b] += e[f"select/{b}/kept_fraction"] * e["rollout/samples"] * shares[b] / total_share
+    total = kept["general"] + kept["domain"]
+    return kept["domain"] / total if total else None
+
+
 def diagnostics_table(study: dict[str, Any]) -> str:
     """Markdown: per method, mean kept fraction per branch (actual / what the rho-rule would keep)
-    over the steps that trained the branch, and the mean probe cos(g_general, g_domain) after step 0."""
-    lines = ["| method | general kept (rule) | domain kept (rule) | cos(g_g, g_d) mean | cos < 0 share |",
-             "|---|---|---|---|---|"]
+    over the steps that trained the branch, the domain share of the trained samples, and the
+    trainer's probe cos(g_general, g_domain) after step 0 (mean, share of negative probes)."""
+    lines = ["| method | general kept (rule) | domain kept (rule) | domain share of trained samples "
+             "| cos(g_g, g_d) mean | cos < 0 share | probes |",
+             "|---|---|---|---|---|---|---|"]
     for method, runs in study["histories"].items():
         cells = []
         for b in ("general", "domain"):
             kept, rule = branch_kept_fraction(runs, b), branch_kept_fraction(runs, b, rule=True)
             cells.append("-" if kept is None else f"{kept:.2f} ({rule:.2f})")
-        cos = [e["eval/diag/grad_cosine"] for h in runs for e in h if "eval/diag/grad_cosine" in e and e["step"] > 0]
+        share = domain_sample_share(runs, mixed_shares(method) if method in METHODS else None)
+        cells.append("-" if share is None else f"{share:.2f}")
+        cos = [c for h in runs for st, c in cosine_series(h) if st > 0]
         cells.append(f"{statistics.fmean(cos):+.3f}" if cos else "-")
         cells.append(f"{sum(c < 0 for c in cos) / len(cos):.2f}" if cos else "-")
+        cells.append(str(len(cos)))
         lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines)

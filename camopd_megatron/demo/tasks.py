@@ -14,10 +14,16 @@ task       prompt                       answer            branch
 ``cpy``    ``c:kbdf=``                  ``kbdf``          general
 ``rev``    ``r:kbdf=``                  ``fdbk``          general
 ``srt``    ``s:3912=``                  ``1239``          general
-``enc``    ``e:kbdf=``                  ``nego``          domain
+``mrk``    ``m:kbdf=``                  ``kbdf!``         domain
 =========  ==========================  ================  =========
 
-``enc`` is a fixed Caesar cipher (shift 3 over a..z): the "domain skill" learnt in stage 2.
+``mrk`` ("marked copy") is the "domain skill" learnt in stage 2: a general task (copy) with a
+different output convention (a trailing ``!``). It shares the general tasks' letters, lengths and
+copy circuit, so specialising on it interferes with them (the model starts marking or garbling its
+copies and reversals) without wiping them out, and recovering general skill pulls against the
+domain convention: genuine branch conflict, partial forgetting (CAMOPD.md §3). An earlier version
+used a Caesar cipher, a brand-new 26-entry mapping: by the time stage 2 had learnt it, the general
+skill was gone entirely (0.2%), which is not the paper's regime.
 
 Distributions ("splits"). Each task has three disjoint pools of problems, decided by a hash of the
 prompt (so membership is exact and the same on every machine):
@@ -58,16 +64,15 @@ __all__ = [
 
 GENERAL_TASKS: tuple[str, ...] = ("cpy", "rev", "srt")
 """The general teacher's skills (and the general proxy prompts' tasks)."""
-DOMAIN_TASKS: tuple[str, ...] = ("enc",)
+DOMAIN_TASKS: tuple[str, ...] = ("mrk",)
 """The domain skill learnt in stage 2."""
 ALL_TASKS: tuple[str, ...] = GENERAL_TASKS + DOMAIN_TASKS
 SPLITS: tuple[str, ...] = ("train", "proxy", "eval")
 
-_PREFIX = {"cpy": "c:", "rev": "r:", "srt": "s:", "enc": "e:"}
-_SHIFT = 3
+_PREFIX = {"cpy": "c:", "rev": "r:", "srt": "s:", "mrk": "m:"}
 _EVAL_MOD = 8
 """A prompt is held out for eval when its hash is 0 mod this (about 1/8 of each pool)."""
-MAX_ANSWER_CHARS = 6
+MAX_ANSWER_CHARS = 7
 """No answer is longer than this (generation budget = this + EOS)."""
 
 
@@ -89,10 +94,6 @@ def branch_of(task: str) -> str:
     raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
 
 
-def _caesar(s: str) -> str:
-    return "".join(chr((ord(c) - 97 + _SHIFT) % 26 + 97) for c in s)
-
-
 def solve(task: str, body: str) -> str:
     """The exact answer of ``task`` on input ``body`` (the text between the prefix and ``=``)."""
     if task == "cpy":
@@ -101,8 +102,8 @@ def solve(task: str, body: str) -> str:
         return body[::-1]
     if task == "srt":
         return "".join(sorted(body))
-    if task == "enc":
-        return _caesar(body)
+    if task == "mrk":
+        return body + "!"
     raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
 
 
@@ -128,7 +129,7 @@ def _body(task: str, pool: str, rng: random.Random) -> str:
     if task == "srt":
         # teacher: 2..6 digits; proxy: 3..4 digits of 0..5
         return _letters(rng, "012345" if proxy else string.digits, 3 if proxy else 2, 4 if proxy else 6)
-    if task == "enc":
+    if task == "mrk":
         # the domain branch has in-distribution prompts (the domain prompt set of CAMOPD.md §1)
         return _letters(rng, string.ascii_lowercase, 2, 6)
     raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
