@@ -21,6 +21,9 @@ class _RankFilter(logging.Filter):
         return True
 
 
+_CHATTY_LIBRARIES = ("megatron", "absl")
+
+
 def setup_logging(rank: int = 0, level: str = "INFO", verbose_ranks: tuple[int, ...] = (0,)) -> None:
     """Configure the ``camopd_megatron`` logger (idempotent: replaces our previous handler)."""
     numeric = logging.getLevelName(level.upper())
@@ -37,3 +40,6 @@ def setup_logging(rank: int = 0, level: str = "INFO", verbose_ranks: tuple[int, 
     root.addHandler(handler)
     root.setLevel(numeric if rank in verbose_ranks else max(numeric, logging.WARNING))
     root.propagate = False
+    # megatron logs every optimizer config and process group at INFO: keep those for DEBUG runs
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING)
