@@ -15,7 +15,7 @@ from camopd_megatron.cpu_compat import applied_patches, ensure_cpu_compat
 
 ensure_cpu_compat()
 
-from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed  # noqa: E402
 
 from camopd_megatron.models.groups import pg_rank, simple_pg_collection  # noqa: E402

@@ -7,7 +7,6 @@ not depend on TP), built with ``camopd_megatron.models.gpt.build_gpt_model`` whe
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import torch

@@ -17,7 +17,6 @@ from camopd_megatron.data import (
     DataError,
     JsonlFile,
     ParquetFile,
-    PromptRecord,
     PromptStream,
     SyntheticPromptSource,
     build_prompt_sources,

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from camopd_megatron.demo.tasks import (
-    ALL_TASKS, DOMAIN_TASKS, GENERAL_TASKS, MAX_ANSWER_CHARS, Problem, branch_of, check, per_task_accuracy,
+    ALL_TASKS, GENERAL_TASKS, MAX_ANSWER_CHARS, Problem, branch_of, check, per_task_accuracy,
     sample_problem, sample_problems, solve, split_of, write_prompt_file,
 )
 

@@ -9,7 +9,7 @@ import pytest
 
 from camopd_megatron.config import config_from_dict
 from camopd_megatron.parallel import LayoutError
-from camopd_megatron.planner import GIB, count_params, plan, stage_params
+from camopd_megatron.planner import count_params, plan, stage_params
 
 LLAMA_8B = {
     "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_query_groups": 8,

@@ -7,11 +7,6 @@ checkpoint by the test so the general branch has real gaps.
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ printed as one line and exit with status 2; nothing is left behind under OUT.
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from typing import Optional, Sequence
