@@ -92,14 +92,13 @@ def _layouts_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
             lambda batch, logits, pgc=pgc: _loss_and_value(logits, batch["tokens"], pgc, cfg.vocab_size),
             forward_only=False,
         )
-        loss_box = [vals[0]["loss"] if vals else None]
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, loss_box[0])
+        gathered = [None] * world_size  # only last pipeline stages report a loss
+        dist.all_gather_object(gathered, vals[0]["loss"] if vals else None)
         out["loaded"][(tp, pp)] = [v for v in gathered if v is not None]
-        # with PP the backward reached the first stage's embedding
+        # with PP the backward reached the first stage's embedding (later stages have none)
         emb = getattr(model, "embedding", None)
         out.setdefault("emb_grad_nonzero", {})[(tp, pp)] = (
-            None if emb is None else bool(emb.word_embeddings.weight.grad.abs().sum() > 0)
+            emb is not None and bool(emb.word_embeddings.weight.grad.abs().sum() > 0)
         )
     out["manifest"] = json.loads((Path(ckpt_dir) / "camopd.json").read_text())
     return out
@@ -135,8 +134,8 @@ def test_checkpoint_tp2_loads_at_other_layouts(layouts):
         assert losses, f"no last stage reported at {layout}"
         for v in losses:
             assert abs(v - before) <= 1e-5, (layout, v, before)
-    assert out[0]["emb_grad_nonzero"][(1, 2)] in (True, None)
-    assert any(o["emb_grad_nonzero"][(1, 2)] for o in out)  # a first stage got gradients through p2p
+    # first stages (rank = pp + 2*dp at TP=1 x PP=2 x DP=2: ranks 0, 2) got gradients through the p2p
+    assert [o["emb_grad_nonzero"][(1, 2)] for o in out] == [True, False, True, False]
     m = out[0]["manifest"]
     assert m["step"] == 3 and m["common"] == {"note": "tp2"} and m["model"]["vocab_size"] == 100
     assert not Path(ckpt + ".tmp").exists()

@@ -34,11 +34,7 @@ def plot_accuracy(study: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_diagnostics(study: dict[str, Any], path: str | Path) -> Path:
@@ -59,6 +55,10 @@ def plot_diagnostics(study: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[2].axhline(0.0, color="gray", lw=1)
     axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -56,8 +56,6 @@ class StudySettings:
     seeds: Sequence[int] = (0,)
     eval_interval: int = 25
     eval_per_task: int = 60
-    probe_per_branch: int = 0
-    """The demo's own probe (eval/diag/grad_cosine); 0 = off, the trainer's diag/grad_cosine is used."""
     proxy_prompts: int = 2000
     methods: Sequence[str] = tuple(METHODS)
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -112,15 +110,7 @@ def run_method(method: str, seed: int, teachers: TeacherArtifacts, settings: Stu
     from camopd_megatron.trainer import train  # heavy import, only when stage 3 runs
 
     cfg = stage3_config(method, seed, teachers, settings, out_dir / "runs" / f"{method}_s{seed}", prompt_files)
-    probe = {
-        "general": [p.prompt for p in sample_problems(GENERAL_TASKS, "proxy", settings.probe_per_branch, seed=303)],
-        "domain": [p.prompt for p in sample_problems(DOMAIN_TASKS, "train", settings.probe_per_branch, seed=404)],
-    }
-    evaluator = DemoEvaluator(
-        cfg.model, eval_set(ALL_TASKS, settings.eval_per_task),
-        teacher_ckpts={"general": teachers.general_ckpt, "domain": teachers.domain_ckpt},
-        probe_prompts=probe if settings.probe_per_branch > 0 else None, probe_seed=seed,
-    )
+    evaluator = DemoEvaluator(cfg.model, eval_set(ALL_TASKS, settings.eval_per_task))
     t0 = time.perf_counter()
     result = train(cfg, eval_fn=evaluator)
     logger.info("stage 3: %s seed %d done in %.0fs", method, seed, time.perf_counter() - t0)
@@ -211,11 +201,9 @@ def branch_kept_fraction(runs: Sequence[Sequence[dict[str, float]]], branch: str
 
 
 def cosine_series(history: Sequence[dict[str, float]]) -> list[tuple[float, float]]:
-    """``(step, cos(g_general, g_domain))`` pairs: the trainer's probe ``diag/grad_cosine`` (taken before
-    update ``step``, logged with ``step + 1``) or, if absent, the demo probe ``eval/diag/grad_cosine``."""
+    """``(step, cos(g_general, g_domain))`` pairs from the trainer's probe ``diag/grad_cosine`` (taken
+    before update ``step``, logged with ``step + 1``)."""
     out = [(e["step"] - 1, e["diag/grad_cosine"]) for e in history if "diag/grad_cosine" in e]
-    if not out:
-        out = [(e["step"], e["eval/diag/grad_cosine"]) for e in history if "eval/diag/grad_cosine" in e]
     return [(st, c) for st, c in out if c == c]  # drop NaN (a zero gradient has no direction)
 
 

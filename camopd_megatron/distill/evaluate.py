@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from camopd_megatron.distill.rollout import generate
+from camopd_megatron.distill.rollout import RolloutBatch, generate
 from camopd_megatron.distill.scheduler import StepPlan
 from camopd_megatron.distill.step import StepSettings, StudentState, recompute_logprobs, score_with_teachers
 
@@ -62,16 +62,10 @@ def evaluate_branches(step: int, prompt_sets: dict[str, list], student: StudentS
     w = 1.0 if first else 0.0
     sums: dict[str, float] = {}
     for b, prompts in prompt_sets.items():
-        offset = sum(len(p) for p in prompt_sets.values())  # sample ids only need to be unique per call
-        ids = [offset + i for i in range(len(prompts))]
-        batch = generate(student.model, student.pg_collection, prompts, greedy, sample_ids=ids,
+        batch = generate(student.model, student.pg_collection, prompts, greedy, sample_ids=list(range(len(prompts))),
                          seed=settings.seed + EVAL_SEED_OFFSET, step=step, vocab_size=student.vocab_size,
                          max_seq_len=student.max_seq_len, use_kv_cache=settings.use_kv_cache,
-                         micro_batch_size=settings.rollout_micro_batch_size) if prompts else None
-        if batch is None:
-            from camopd_megatron.distill.step import _empty_batch
-
-            batch = _empty_batch()
+                         micro_batch_size=settings.rollout_micro_batch_size) if prompts else RolloutBatch.empty()
         plan = StepPlan(step=step, phase=0, prompts={b: 1})
         teacher = score_with_teachers(teachers, plan, batch, [b] * batch.tokens_BT.shape[0])
         mine = recompute_logprobs(student, batch, settings.micro_batch_size, 1.0)

@@ -95,6 +95,14 @@ class RolloutBatch:
     def __len__(self) -> int:
         return int(self.tokens_BT.shape[0])
 
+    @classmethod
+    def empty(cls) -> "RolloutBatch":
+        """A batch with no rows (a DP replica that drew no prompts still joins every collective)."""
+        z_i, z_f = torch.zeros((0, 1), dtype=torch.int64), torch.zeros((0, 1), dtype=torch.float32)
+        none = torch.zeros(0, dtype=torch.int64)
+        return cls(tokens_BT=z_i, prompt_lens_B=none, response_lens_B=none.clone(), loss_mask_BT=z_f,
+                   rollout_logp_BT=z_f.clone(), finish_reasons=[], sample_ids=[], off_policy=False)
+
     @property
     def num_tokens(self) -> int:
         """Real (non-pad) tokens: Σ prompt + response lengths."""

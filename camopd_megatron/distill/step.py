@@ -243,7 +243,7 @@ def camopd_step(
             seed=settings.seed, step=step, vocab_size=student.vocab_size, max_seq_len=student.max_seq_len,
             use_kv_cache=settings.use_kv_cache, micro_batch_size=settings.rollout_micro_batch_size,
         ) if prompts else None
-    batch = batch if batch is not None else _empty_batch()
+    batch = batch if batch is not None else RolloutBatch.empty()
     mask_BT = batch.loss_mask_BT
     with timer("teacher"):
         teacher_logp_BT = score_with_teachers(teachers, plan, batch, branches)
@@ -308,14 +308,6 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     if dist.get_rank(tp) != 0:
         return {}
     return sums
-
-
-def _empty_batch() -> RolloutBatch:
-    z_i = torch.zeros((0, 1), dtype=torch.int64)
-    z_f = torch.zeros((0, 1), dtype=torch.float32)
-    return RolloutBatch(tokens_BT=z_i, prompt_lens_B=torch.zeros(0, dtype=torch.int64),
-                        response_lens_B=torch.zeros(0, dtype=torch.int64), loss_mask_BT=z_f,
-                        rollout_logp_BT=z_f, finish_reasons=[], sample_ids=[], off_policy=False)
 
 
 _LOSS_KEYS = ("samples", "tokens", "loss_sum", "gap_sum", "gap_sq_sum", "adv_sum", "adv_clipped_tokens",
