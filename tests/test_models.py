@@ -38,6 +38,40 @@ def _loss_and_value(logits_BTV, tokens_BT, pgc, vocab_size):
     return loss, {"loss": loss.item()}
 
 
+def _response_mask() -> torch.Tensor:
+    """Scored output positions per row (ragged starts/ends): the window is columns [5, 11)."""
+    mask = torch.zeros(B, T)
+    for row, (lo, hi) in enumerate(((5, 11), (6, 10), (7, 11))):
+        mask[row, lo:hi] = 1.0
+    return mask
+
+
+def _masked_loss(logits_BWV, batch, pgc, vocab_size):
+    from camopd_megatron.models.logprobs import next_token_logprobs
+
+    first = batch["logits_window"][0] if "logits_window" in batch else 0
+    logp = next_token_logprobs(logits_BWV, batch["tokens"], pgc.tp, vocab_size=vocab_size, mask_BT=batch["mask"],
+                               first_position=first)
+    loss = -logp.sum() / batch["mask"].sum()
+    return loss, {"loss": loss.item(), "logp": logp.detach().clone(), "width": logits_BWV.shape[1]}
+
+
+def _window_vs_full(model, pgc, tokens, vocab_size) -> dict:
+    """The same masked loss through full logits and through the logits window: outputs and every
+    local gradient of this rank."""
+    from camopd_megatron.models.pipeline import logits_window, run_microbatches
+
+    mask = _response_mask()
+    res = {}
+    for name, extra in (("full", {}), ("window", {"logits_window": logits_window(mask)})):
+        model.zero_grad()
+        outs = run_microbatches(model, pgc, [{"tokens": tokens, "mask": mask, **extra}],
+                                lambda b, lg: _masked_loss(lg, b, pgc, vocab_size), forward_only=False)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        res[name] = (outs, grads)
+    return res
+
+
 def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -100,6 +134,7 @@ def _layouts_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
         out.setdefault("emb_grad_nonzero", {})[(tp, pp)] = (
             emb is not None and bool(emb.word_embeddings.weight.grad.abs().sum() > 0)
         )
+        out.setdefault("window", {})[(tp, pp)] = _window_vs_full(model, pgc, tokens, cfg.vocab_size)
     out["manifest"] = json.loads((Path(ckpt_dir) / "camopd.json").read_text())
     return out
 
@@ -139,6 +174,27 @@ def test_checkpoint_tp2_loads_at_other_layouts(layouts):
     m = out[0]["manifest"]
     assert m["step"] == 3 and m["common"] == {"note": "tp2"} and m["model"]["vocab_size"] == 100
     assert not Path(ckpt + ".tmp").exists()
+
+
+def test_logits_window_matches_full_logits_values_and_gradients(layouts):
+    """Projecting only the scored positions (``logits_window``) gives the same log-probs and the same
+    gradient on every parameter of every rank, at TP = 1, TP = 1 x PP = 2 and TP = 2 x PP = 2."""
+    from camopd_megatron.models.pipeline import logits_window
+
+    assert logits_window(_response_mask()) == (5, 11)
+    assert logits_window(torch.zeros(2, 4)) == (0, 1)
+    out, _ = layouts
+    for o in out:
+        for layout, res in o["window"].items():
+            (full_outs, full_g), (win_outs, win_g) = res["full"], res["window"]
+            assert len(full_outs) == len(win_outs)
+            for f, w in zip(full_outs, win_outs):  # last stages
+                assert (f["width"], w["width"]) == (T, 6), layout
+                torch.testing.assert_close(w["logp"], f["logp"], rtol=0, atol=1e-6, msg=str(layout))
+                assert (w["logp"] * (1 - _response_mask())).abs().sum() == 0
+            assert full_g.keys() == win_g.keys() and full_g, layout
+            for n in full_g:
+                torch.testing.assert_close(win_g[n], full_g[n], rtol=1e-5, atol=1e-7, msg=f"{n} at {layout}")
 
 
 def test_bad_model_configs_name_the_key():

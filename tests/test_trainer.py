@@ -159,6 +159,26 @@ def test_dp2_equals_dp1_on_the_same_global_batch(general_ckpt, tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5
 
 
+def test_fused_recompute_equals_the_separate_recompute(general_ckpt, tmp_path):
+    """vanilla_mopd's selection is gap-free, so Δ comes out of the training forward (no no-grad recompute
+    forward). The same run with selection on at ρ = 1 (keeps all, r = 1: the same algorithm, but not
+    gap-free) recomputes first: the same losses, gaps and parameters, over 3 micro-batches per step."""
+    extra = {"eval": {"interval": 1}, "checkpoint": {"save_interval": 0}}
+    fused = tiny_cfg(str(tmp_path / "fused"), general_ckpt, steps=3, preset="vanilla_mopd", extra=extra)
+    separate = tiny_cfg(str(tmp_path / "separate"), general_ckpt, steps=3, preset="vanilla_mopd",
+                        extra={**extra, "selection": {"enabled": True, "rho": {"general": 1.0, "domain": 1.0}}})
+    (res,) = _run(1, [fused, separate])
+    hf, hs = ([h for h in r["history"] if "phase" in h] for r in res)
+    assert len(hf) == len(hs) == 3
+    for a, b in zip(hf, hs):
+        assert "time/recompute" not in a and "time/recompute" in b
+        assert a["select/kept_fraction"] == b["select/kept_fraction"] == 1.0
+        for k in ("train/loss", "gap/general/mean", "gap/domain/mean", "gap/general/std",
+                  "eval/param_norm", "eval/param_proj", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a["step"], a[k], b[k])
+    assert abs(hf[0]["gap/general/mean"]) > 1e-3  # the general teacher differs: real gaps were compared
+
+
 def test_four_ranks_student_tp2_and_two_separate_teachers(general_ckpt, tmp_path):
     extra = {"parallel": {"tp": 2}, "teachers": [
         {"name": "general", "branches": ["general"], "checkpoint": general_ckpt, "placement": "separate"},
@@ -239,13 +259,19 @@ def test_student_pipeline_parallel_matches_pp1(general_ckpt, tmp_path):
     extra = {"model": {"checkpoint": other}, "checkpoint": {"save_interval": 0},
              "teachers": [{"name": "general", "branches": ["general"], "checkpoint": general_ckpt},
                           {"name": "domain", "branches": ["domain"], "checkpoint": other}]}
-    (r1,) = _run(1, [tiny_cfg(str(tmp_path / "pp1"), general_ckpt, steps=3, extra=extra)])
-    r2 = _run(2, [tiny_cfg(str(tmp_path / "pp2"), general_ckpt, steps=3, extra={**extra, "parallel": {"pp": 2}})])
-    h1 = [h for h in r1[0]["history"] if "phase" in h]
-    for rank in range(2):
-        h2 = [h for h in r2[rank][0]["history"] if "phase" in h]
-        assert len(h2) == 3
-        for a, b in zip(h1, h2):
-            assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * max(1.0, abs(a["train/loss"])), (a["step"], a, b)
-            assert a["select/kept"] == b["select/kept"]
-            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+    # camopd (recompute, then selection) and vanilla_mopd (Δ from the training forward, broadcast from the last stage)
+    presets = ("camopd", "vanilla_mopd")
+    (r1,) = _run(1, [tiny_cfg(str(tmp_path / f"pp1_{p}"), general_ckpt, steps=3, preset=p, extra=extra) for p in presets])
+    r2 = _run(2, [tiny_cfg(str(tmp_path / f"pp2_{p}"), general_ckpt, steps=3, preset=p,
+                           extra={**extra, "parallel": {"pp": 2}}) for p in presets])
+    for run in range(len(presets)):
+        h1 = [h for h in r1[run]["history"] if "phase" in h]
+        for rank in range(2):
+            h2 = [h for h in r2[rank][run]["history"] if "phase" in h]
+            assert len(h2) == 3
+            for a, b in zip(h1, h2):
+                assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * max(1.0, abs(a["train/loss"])), (a["step"], a, b)
+                assert a["select/kept"] == b["select/kept"]
+                assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+                gaps = [k for k in a if k.startswith("gap/") and k.endswith("/mean")]
+                assert gaps and all(abs(a[k] - b[k]) <= 1e-5 for k in gaps), (presets[run], a["step"])

@@ -162,6 +162,12 @@ class SelectionPolicy:
             if branch not in mapping:
                 raise ValueError(f"{key}: got no value for branch {branch!r} (have {sorted(mapping)}). Fix: add {key}.{branch}")
 
+    @property
+    def gap_free(self) -> bool:
+        """True when no sample's fate depends on the gaps: selection off and r_i = r_b on every sample
+        (``scale_only_selected`` off, or every r_b = 1). Then the step needs no gap before training."""
+        return not self.enabled and (not self.scale_only_selected or all(r == 1.0 for r in self.adv_scale.values()))
+
     def score_kind(self, branch: str) -> str:
         """The score kind of ``branch`` (``abs`` or ``positive``)."""
         self._require(branch)

@@ -9,6 +9,13 @@
     S        = select(s, ρ) over all DP ranks            global ρ-mass prefix; r_i per sample
     update   = Σ_micro-batches ∇ L(S) ; optimizer.step   loss normalised by the global |S|
 
+Fused recompute. When the selection does not depend on the gaps (``SelectionPolicy.gap_free``: selection
+off and r_i = r_b for every sample, e.g. ``vanilla_mopd``), nothing needs log π_θ before training, and
+the pre-update log π_θ IS the training forward's detached log-prob (same weights, no update until every
+micro-batch is done). The no-grad recompute forward is then skipped: the loss takes Δ from the training
+forward, which also returns it for the selection metrics (the plan is computed before training from
+the branches alone and re-checked against the gaps after).
+
 Every rank of the student role runs this function; collectives inside: rollout (the replica's TP/PP
 groups), teacher scoring (student ↔ teacher groups), selection (DP group), the pipeline schedule and
 DDP (role groups), metric reduction (role group). Shapes: B samples on this replica, T tokens.
@@ -32,7 +39,7 @@ from camopd_megatron.distill.selection import SelectionPolicy, plan_selection
 from camopd_megatron.models.gpt import stage_info, unwrap_model
 from camopd_megatron.models.logprobs import next_token_logprobs
 from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
-from camopd_megatron.models.pipeline import run_microbatches
+from camopd_megatron.models.pipeline import logits_window, run_microbatches
 from camopd_megatron.ops.gaps import sample_gap_scores
 
 logger = logging.getLogger(__name__)
@@ -157,7 +164,8 @@ def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -
     """Split [B, ...] tensors into equal-shape micro-batches (the pipeline needs one shape).
 
     The last micro-batch is padded with zero rows; ``n_real`` says how many rows count. B = 0 gives
-    one all-padding micro-batch so this rank still joins the schedule's collectives.
+    one all-padding micro-batch so this rank still joins the schedule's collectives. With a ``mask``
+    (aligned with the outputs), each micro-batch gets the ``logits_window`` of its scored positions.
     """
     b = next(iter(tensors.values())).shape[0]
     mbs = max(1, min(micro_batch_size, b)) if b else 1
@@ -165,6 +173,8 @@ def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -
     for lo in range(0, max(b, 1), mbs):
         mb = {k: _pad_rows(v[lo:lo + mbs], mbs) for k, v in tensors.items()}
         mb["n_real"] = max(0, min(mbs, b - lo))
+        if "mask" in mb:
+            mb["logits_window"] = logits_window(mb["mask"])
         out.append(mb)
     return out
 
@@ -180,7 +190,7 @@ def recompute_logprobs(student: StudentState, batch: RolloutBatch, micro_batch_s
 
     def loss_fn(mb: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         logp = next_token_logprobs(logits, mb["tokens"], tp, vocab_size=student.vocab_size,
-                                   temperature=temperature, mask_BT=mb["mask"])
+                                   temperature=temperature, mask_BT=mb["mask"], first_position=mb["logits_window"][0])
         return logits.new_zeros(()), {"logp": logp[: mb["n_real"]]}
 
     model = student.model
@@ -252,17 +262,30 @@ def camopd_step(
     dist.all_reduce(n_bad, group=student.role_group)
     if n_bad.item() > 0:
         return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad.item()}, skipped=True)
-    with timer("recompute"):
-        if settings.recompute_student:
-            student_logp_BT = recompute_logprobs(student, batch, settings.micro_batch_size, settings.sampling.logprob_temperature)
-        else:
-            student_logp_BT = batch.rollout_logp_BT
-    gap_BT = torch.where(mask_BT.bool(), teacher_logp_BT - student_logp_BT, torch.zeros_like(mask_BT))
-    with timer("select"):
-        scores_B = sample_scores(gap_BT, mask_BT, branches, settings.policy)
-        sel = plan_selection(scores_B, torch.tensor(sample_ids, dtype=torch.int64), branches, settings.policy, student.dp_group)
-    with timer("train"):
-        loss_sums = train_on_selection(student, batch, teacher_logp_BT, gap_BT, sel, settings)
+    ids_B = torch.tensor(sample_ids, dtype=torch.int64)
+    fused = settings.recompute_student and settings.policy.gap_free
+    if fused:  # Δ comes out of the training forward (module docstring)
+        with timer("select"):
+            sel = plan_selection(torch.zeros(len(branches)), ids_B, branches, settings.policy, student.dp_group)
+        with timer("train"):
+            loss_sums, student_logp_BT = train_on_selection(student, batch, teacher_logp_BT, None, sel, settings)
+        gap_BT = _gaps(teacher_logp_BT, student_logp_BT, mask_BT)
+        with timer("select"):
+            sel = _replan_gap_free(sel, sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B, branches,
+                                   settings.policy, student.dp_group)
+    else:
+        with timer("recompute"):
+            if settings.recompute_student:
+                student_logp_BT = recompute_logprobs(student, batch, settings.micro_batch_size,
+                                                     settings.sampling.logprob_temperature)
+            else:
+                student_logp_BT = batch.rollout_logp_BT
+        gap_BT = _gaps(teacher_logp_BT, student_logp_BT, mask_BT)
+        with timer("select"):
+            scores_B = sample_scores(gap_BT, mask_BT, branches, settings.policy)
+            sel = plan_selection(scores_B, ids_B, branches, settings.policy, student.dp_group)
+        with timer("train"):
+            loss_sums, _ = train_on_selection(student, batch, teacher_logp_BT, gap_BT, sel, settings)
     with timer("optimizer"):
         ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler)
     metrics = _step_metrics(student, batch, branches, gap_BT, sel, loss_sums, timer, t_start)
@@ -271,15 +294,42 @@ def camopd_step(
     return StepOutput(step, plan, metrics, skipped=not ok)
 
 
+def _gaps(teacher_logp_BT: torch.Tensor, student_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Δ = log π_T − log π_θ on response tokens, 0 elsewhere."""
+    return torch.where(mask_BT.bool(), teacher_logp_BT - student_logp_BT, torch.zeros_like(mask_BT))
+
+
+def _replan_gap_free(sel: Any, scores_B: torch.Tensor, ids_B: torch.Tensor, branches: Sequence[str],
+                     policy: SelectionPolicy, dp_group: Any) -> Any:
+    """The selection plan with the real gap scores (its metrics), checked against the gap-free plan the
+    step trained on: the kept set and every r_i must be the same."""
+    real = plan_selection(scores_B, ids_B, branches, policy, dp_group)
+    if not (torch.equal(real.keep_B, sel.keep_B) and torch.equal(real.adv_scale_B, sel.adv_scale_B)):
+        raise RuntimeError("fused recompute: the selection plan depends on the gaps although the policy is gap-free; "
+                           "this is a bug — set selection.student_logprobs: rollout to bypass it and report it")
+    return real
+
+
 def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: torch.Tensor,
-                       gap_BT: torch.Tensor, sel: Any, settings: StepSettings) -> dict[str, float]:
-    """Forward/backward of the kept samples in micro-batches; returns this rank's loss metric sums
-    (last stage, TP rank 0 only, so a SUM over the role counts every sample once)."""
+                       gap_BT: Optional[torch.Tensor], sel: Any, settings: StepSettings
+                       ) -> tuple[dict[str, float], torch.Tensor]:
+    """Forward/backward of the kept samples in micro-batches.
+
+    ``gap_BT=None`` takes Δ from the training forward (fused recompute; every sample must be kept).
+    Returns this rank's loss metric sums (last stage, TP rank 0 only, so a SUM over the role counts every
+    sample once) and the training forward's detached log π_θ of the kept rows, ``[kept, T]`` on every
+    pipeline stage when ``gap_BT`` is None (an empty tensor otherwise: nothing is broadcast).
+    """
     keep = sel.keep_B.nonzero().flatten()
+    fused = gap_BT is None
+    if fused and keep.numel() != sel.keep_B.numel():
+        raise ValueError("train_on_selection: gap_BT=None (Δ from the training forward) needs every sample kept")
     tensors = {
         "tokens": batch.tokens_BT[keep], "mask": batch.loss_mask_BT[keep], "mu": batch.rollout_logp_BT[keep],
-        "teacher": teacher_logp_BT[keep], "gap": gap_BT[keep], "scale": sel.adv_scale_B[keep].float(),
+        "teacher": teacher_logp_BT[keep], "scale": sel.adv_scale_B[keep].float(),
     }
+    if not fused:
+        tensors["gap"] = gap_BT[keep]
     if not tensors["tokens"].shape[1]:
         tensors = {k: (v if v.dim() == 1 else v.new_zeros((v.shape[0], 1))) for k, v in tensors.items()}
     tp = student.pg_collection.tp
@@ -292,22 +342,26 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
         if n == 0:  # a rank with nothing kept still runs the schedule (DDP/pipeline collectives)
             return logits.sum() * 0.0, {}
         logp = next_token_logprobs(logits[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
-                                   temperature=temperature, mask_BT=mb["mask"][:n])
+                                   temperature=temperature, mask_BT=mb["mask"][:n], first_position=mb["logits_window"][0])
         loss, m = camopd_branch_loss(
             logp, mb["teacher"][:n], mb["mu"][:n], mb["mask"][:n], mb["scale"][:n],
-            num_samples_global=n_global, options=settings.loss_options, gap_BT=mb["gap"][:n],
+            num_samples_global=n_global, options=settings.loss_options, gap_BT=mb["gap"][:n] if not fused else None,
         )
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        return loss, {}
+        return loss, ({"logp": logp.detach()} if fused else {})
 
     zero_grad_buffers(student.ddp_chunks, student.optimizer)
     student.ddp_model.train()
-    run_microbatches(student.ddp_model, student.pg_collection,
-                     make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False)
-    if dist.get_rank(tp) != 0:
-        return {}
-    return sums
+    outs = run_microbatches(student.ddp_model, student.pg_collection,
+                            make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False)
+    logp_BT = torch.zeros((0,) + tuple(tensors["tokens"].shape[1:]), dtype=torch.float32)
+    if fused:
+        shape = tuple(batch.tokens_BT.shape)
+        parts = [o["logp"] for o in outs if "logp" in o]  # an all-padding micro-batch (B = 0) has none
+        logp_BT = torch.cat(parts, 0) if parts else torch.zeros(shape, dtype=torch.float32)
+        logp_BT = broadcast_from_last_stage(logp_BT.float(), student.pg_collection)
+    return (sums if dist.get_rank(tp) == 0 else {}), logp_BT
 
 
 _LOSS_KEYS = ("samples", "tokens", "loss_sum", "gap_sum", "gap_sq_sum", "adv_sum", "adv_clipped_tokens",

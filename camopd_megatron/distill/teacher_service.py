@@ -46,7 +46,7 @@ ensure_cpu_compat()
 from camopd_megatron.checkpoint.dist import load_model, save_checkpoint  # noqa: E402
 from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, stage_info  # noqa: E402
 from camopd_megatron.models.logprobs import next_token_logprobs, vocab_start  # noqa: E402
-from camopd_megatron.models.pipeline import run_microbatches  # noqa: E402
+from camopd_megatron.models.pipeline import logits_window, run_microbatches  # noqa: E402
 from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs  # noqa: E402
 from camopd_megatron.ops import vocab_parallel_topk  # noqa: E402
 
@@ -250,7 +250,7 @@ class TeacherModel:
                 pad = rows - tok.shape[0]
                 tok = torch.cat([tok, tok.new_zeros(pad, tok.shape[1])])
                 msk = torch.cat([msk, msk.new_zeros(pad, msk.shape[1])])
-            batches.append({"tokens": tok.to(self.device), "mask": msk.to(self.device)})
+            batches.append({"tokens": tok.to(self.device), "mask": msk.to(self.device), "logits_window": logits_window(msk)})
         return batches, b
 
     @torch.no_grad()
@@ -260,7 +260,8 @@ class TeacherModel:
         tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
 
         def loss_fn(batch: dict[str, Any], logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            logp_BT = next_token_logprobs(logits_BTV, batch["tokens"], tp, vocab_size=vocab, mask_BT=batch["mask"])
+            logp_BT = next_token_logprobs(logits_BTV, batch["tokens"], tp, vocab_size=vocab, mask_BT=batch["mask"],
+                                          first_position=batch["logits_window"][0])
             return logp_BT.new_zeros(()), {"logp": logp_BT}
 
         batches, b = self._batches(tokens_BT, mask_BT)
@@ -276,9 +277,14 @@ class TeacherModel:
         the last column. On the last stage only (None elsewhere)."""
         tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
 
-        def loss_fn(batch: dict[str, Any], logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            vals, ids = vocab_parallel_topk(logits_BTV, k, tp, vocab_start=vocab_start(logits_BTV, tp),
-                                            vocab_size=vocab, return_logprobs=True)
+        def loss_fn(batch: dict[str, Any], logits_BWV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            lo, hi = batch["logits_window"]
+            vals_BWK, ids_BWK = vocab_parallel_topk(logits_BWV, k, tp, vocab_start=vocab_start(logits_BWV, tp),
+                                                    vocab_size=vocab, return_logprobs=True)
+            b, t = batch["tokens"].shape
+            vals = vals_BWK.new_zeros(b, t, k)
+            ids = ids_BWK.new_zeros(b, t, k)
+            vals[:, lo:hi], ids[:, lo:hi] = vals_BWK, ids_BWK
             keep_BT1 = batch["mask"].bool().clone().unsqueeze(-1)
             keep_BT1[:, -1] = False
             return vals.new_zeros(()), {"vals": vals * keep_BT1, "ids": ids * keep_BT1}

@@ -29,16 +29,20 @@ def next_token_logprobs(
     temperature: float = 1.0,
     mask_BT: Optional[torch.Tensor] = None,
     chunk_tokens: Optional[int] = None,
+    first_position: int = 0,
 ) -> torch.Tensor:
     """``out[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`` for t < T-1; column T-1 is 0.
 
     Args:
-        logits_BTV: the last stage's logits (this rank's vocab shard).
+        logits_BTV: the last stage's logits (this rank's vocab shard), ``[B, W, V]`` for positions
+            ``first_position .. first_position + W - 1`` (a ``logits_window``; W = T by default).
+            Positions outside the window score 0.
         tokens_BT: the input tokens.
         tp_group: the role's TP group (None = unsharded).
         vocab_size: the real (unpadded) vocabulary.
         temperature: softmax over logits / temperature (the rollout's π and μ use the same T).
         mask_BT: optional mask over *target* positions (aligned with the output): 0 → score 0, no grad.
+        first_position: the position of the logits' first column.
     Returns:
         fp32 ``[B, T]`` (differentiable w.r.t. the logits when they require grad).
     """
@@ -46,7 +50,15 @@ def next_token_logprobs(
     targets_BT[:, :-1] = tokens_BT[:, 1:]
     if mask_BT is not None:
         targets_BT = torch.where(mask_BT.bool(), targets_BT, torch.full_like(targets_BT, -100))
-    return sampled_token_logprobs(
-        logits_BTV, targets_BT, tp_group, vocab_start=vocab_start(logits_BTV, tp_group), vocab_size=vocab_size,
-        chunk_tokens=chunk_tokens, temperature=temperature,
+    t, w = tokens_BT.shape[1], logits_BTV.shape[1]
+    if first_position < 0 or first_position + w > t:
+        raise ValueError(f"logits cover positions [{first_position}, {first_position + w}), outside the "
+                         f"{t} tokens; pass the micro-batch's logits_window[0] as first_position")
+    logp_BW = sampled_token_logprobs(
+        logits_BTV, targets_BT[:, first_position:first_position + w], tp_group,
+        vocab_start=vocab_start(logits_BTV, tp_group), vocab_size=vocab_size, chunk_tokens=chunk_tokens,
+        temperature=temperature,
     )
+    if w == t:
+        return logp_BW
+    return torch.nn.functional.pad(logp_BW, (first_position, t - first_position - w))
