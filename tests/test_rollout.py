@@ -13,7 +13,9 @@ import torch
 
 from camopd_megatron.config import RolloutConfig
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
-from camopd_megatron.distill.sampling import gumbel_noise, row_keys, sample_tokens, token_logprobs
+from camopd_megatron.distill.sampling import (
+    gumbel_noise, row_keys, row_uniforms, sample_tokens, sample_with_logprobs, token_logprobs,
+)
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
@@ -26,6 +28,7 @@ PROMPTS = [[5, 17, 3], [8], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42, 42], [7, 11, 13, 1
 SIDS = [10, 11, 12, 13, 14, 15]
 N_CHI = 4000  # draws of the first response token for the distribution tests
 CHI_PROMPT = [3, 1, 4, 1, 5]
+N_KERNEL = 3000  # rows of the sharded-sampler check
 
 
 def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int, float]:
@@ -162,6 +165,22 @@ def _rollout_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     chi["probs_t07"] = _first_token_probs(m2, pgc2, CHI_PROMPT, 0.7)
     chi["probs_t08"] = _first_token_probs(m2, pgc2, CHI_PROMPT, 0.8)  # a wrong reference, for power
     out["chi"] = chi
+
+    # ---------------- the inverse-CDF kernel on synthetic vocab-sharded logits (TP = 2) ----------------
+    # V_pad 128 -> 64 columns per rank; vocab 40 leaves rank 1 a shard of padding only
+    gen = torch.Generator().manual_seed(11)
+    kern = {}
+    for vocab, temp in ((100, 1.0), (100, 0.7), (40, 1.0)):
+        full = torch.randn(N_KERNEL, 128, generator=gen) * 3
+        full[:, vocab:] = 1e4  # padded columns must never be drawn, nor count in μ
+        keys = row_keys(5, 1, range(N_KERNEL), [0] * N_KERNEL)
+        params = SamplingParams(temperature=temp)
+        tok, mu = sample_with_logprobs(full[:, rank * 64:(rank + 1) * 64], params, keys, pgc2.tp, vocab_size=vocab)
+        ref_tok, ref_mu = sample_with_logprobs(full, params, keys, None, vocab_size=vocab)
+        kern[(vocab, temp)] = {"tok": tok, "mu": mu, "ref_tok": ref_tok, "ref_mu": ref_mu,
+                               "exact_mu": torch.log_softmax(full[:, :vocab].double() / temp, -1).gather(
+                                   1, ref_tok.unsqueeze(1)).squeeze(1)}
+    out["kernel"] = kern
     return out
 
 
@@ -281,8 +300,39 @@ def test_sampling_matches_model_distribution(ranks):
     assert p > 1e-3, (stat, dof, p)
 
 
+def test_sharded_inverse_cdf_equals_single_process(ranks):
+    """Vocab-parallel draws (TP = 2, one shard all padding for vocab 40) = the unsharded draw with the
+    same keys: same tokens, same μ, μ = the exact log-softmax, and padding never drawn."""
+    for o in ranks:
+        for (vocab, temp), k in o["kernel"].items():
+            assert torch.equal(k["tok"], k["ref_tok"]), (vocab, temp)
+            assert k["tok"].max() < vocab
+            torch.testing.assert_close(k["mu"], k["ref_mu"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(k["ref_mu"].double(), k["exact_mu"], atol=1e-5, rtol=0)
+            assert len(set(k["tok"].tolist())) > 10  # really random, not a constant
+
+
 # ------------------------------------------------------------------------- in-process checks
-def test_gumbel_sampler_on_synthetic_logits():
+def test_inverse_cdf_sampler_on_synthetic_logits():
+    gen = torch.Generator().manual_seed(3)
+    logits_V = torch.randn(50, generator=gen) * 2
+    n = 8000
+    keys = row_keys(9, 2, range(n), [1] * n)
+    for temp in (0.7, 1.6):
+        toks, mu = sample_with_logprobs(logits_V.expand(n, -1), SamplingParams(temperature=temp), keys, None,
+                                        vocab_size=50)
+        probs = torch.softmax(logits_V.double() / temp, -1)
+        stat, dof, p = _chi_square_p(torch.bincount(toks, minlength=50), probs)
+        assert p > 1e-3, (temp, stat, dof, p)
+        torch.testing.assert_close(mu.double(), probs.log()[toks], atol=1e-5, rtol=0)
+    # a wrong temperature is rejected by the same test: it has power
+    _, _, p_wrong = _chi_square_p(torch.bincount(toks, minlength=50), torch.softmax(logits_V.double() / 1.2, -1))
+    assert p_wrong < 1e-6
+    u = row_uniforms(row_keys(1, 1, range(20000), [0] * 20000))
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+
+
+def test_plain_sampler_padding_keys_and_greedy():
     gen = torch.Generator().manual_seed(0)
     logits_V = torch.randn(50, generator=gen) * 2
     logits_V = torch.cat([logits_V, torch.full((14,), 100.0)])  # padding columns with huge logits

@@ -29,9 +29,9 @@ Two forward paths, same sampling code (:mod:`camopd_megatron.distill.sampling`):
   and μ over ``pg_collection.pp`` so every stage extends the same sequences. Cost O(T^2) per
   response instead of O(T); correct, and simple.
 
-Sampling and randomness: see :mod:`~camopd_megatron.distill.sampling` (Gumbel-max with
-counter-based noise keyed on (seed, step, sample_id, response position): samples do not depend on
-the DP layout, batch composition, order or micro-batch size; greedy ties → lower token id).
+Sampling and randomness: see :mod:`~camopd_megatron.distill.sampling` (inverse-CDF draws, Gumbel-max
+for top-k/top-p, keyed on (seed, step, sample_id, response position): samples do not depend on the DP
+layout, batch composition, order or micro-batch size; greedy ties → lower token id).
 
 Stops, per sample: the EOS or a stop token (kept in the response and scored), ``max_new_tokens``, or
 the context limit ``prompt + response <= max_seq_len`` (finish reason 'eos', 'stop', 'length').
@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.distill import lean_decode
-from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_tokens, token_logprobs
+from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
 from camopd_megatron.models.gpt import stage_info, unwrap_model
 from camopd_megatron.models.pipeline import model_forward, run_microbatches
 
@@ -255,19 +255,17 @@ class _Generator:
     def _advance(self, st: _Decode, logits_BV: Optional[torch.Tensor], t: int) -> None:
         params = self.params
         fresh_B = (st.prompt_lens_B <= t) & ~st.done_B  # rows that sample position t
-        rows = torch.nonzero(fresh_B).view(-1)
+        every = bool(fresh_B.all())  # the common case: no forced prompt token, no finished row
+        rows = torch.arange(fresh_B.numel()) if every else torch.nonzero(fresh_B).view(-1)
         n = rows.numel()
         tok_R = torch.zeros(n, dtype=torch.int64)
         mu_R = torch.zeros(n, dtype=torch.float32)
         if n and logits_BV is not None:
-            rows_dev = rows.to(logits_BV.device)
-            lg_RV = logits_BV.index_select(0, rows_dev)
-            sids = [self.sample_ids_mb[int(r)] for r in rows]
+            lg_RV = logits_BV if every else logits_BV.index_select(0, rows.to(logits_BV.device))
+            sids = self.sample_ids_mb if every else [self.sample_ids_mb[r] for r in rows.tolist()]
             positions = (t - st.prompt_lens_B[rows]).tolist()  # response position of the new token
             keys_R2 = None if params.is_greedy else row_keys(self.seed, self.step, sids, positions, device=lg_RV.device)
-            tok_dev = sample_tokens(lg_RV, params, keys_R2, self.tp_group, vocab_size=self.vocab_size)
-            mu_dev = token_logprobs(lg_RV, tok_dev, self.tp_group, vocab_size=self.vocab_size,
-                                    temperature=params.logprob_temperature)
+            tok_dev, mu_dev = sample_with_logprobs(lg_RV, params, keys_R2, self.tp_group, vocab_size=self.vocab_size)
             tok_R, mu_R = tok_dev.cpu(), mu_dev.float().cpu()
         if n and self.stage.pp_size > 1:
             # the last stage sampled; every stage of the replica extends the same sequences
@@ -278,14 +276,16 @@ class _Generator:
             st.buf_BT[rows.to(st.buf_BT.device), t] = tok_R.to(st.buf_BT.device)
             st.mu_BT[rows, t] = mu_R
             st.resp_B[rows] += 1
-            stop_R = torch.isin(tok_R, self.stop_ids)
+            stop_R = torch.isin(tok_R, self.stop_ids) if self.stop_ids.numel() else torch.zeros(n, dtype=torch.bool)
             hit_limit_R = (t + 1) >= st.limit_B[rows]
-            for r, tok, stop, lim in zip(rows.tolist(), tok_R.tolist(), stop_R.tolist(), hit_limit_R.tolist()):
-                if stop:
-                    st.reasons[r] = "eos" if tok == params.eos_token_id else "stop"
-                elif lim:
+            ended_R = stop_R | hit_limit_R
+            for i in ended_R.nonzero().flatten().tolist():  # rows that finish at this position
+                r = int(rows[i])
+                if stop_R[i]:
+                    st.reasons[r] = "eos" if int(tok_R[i]) == params.eos_token_id else "stop"
+                else:
                     st.reasons[r] = "length"
-                st.done_B[r] = stop or lim
+                st.done_B[r] = True
 
     def run(self, prompts: Sequence[Sequence[int]], sample_ids: Sequence[int]) -> list[tuple[list[int], list[float], str]]:
         """Decode one micro-batch; per sample (response ids, μ per response token, finish reason)."""

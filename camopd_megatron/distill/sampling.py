@@ -2,20 +2,24 @@
 
 Used by :mod:`camopd_megatron.distill.rollout`; importable without megatron.
 
-Randomness. Every draw is Gumbel-max: ``argmax_v (logits[v] / T + g[v])`` with ``g = −log(−log u)``
-samples exactly from ``softmax(logits / T)``. The uniforms ``u`` are NOT drawn from a stateful
-generator: ``u[v]`` is a hash of (row key, global vocab id v), and the row key is a hash of
-``(seed, step, sample_id, response position)``. So
+Randomness. No stateful generator: every row (one sampled token) has a key, a hash of
+``(seed, step, sample_id, response position)``, so a sample's tokens depend only on its own key, never
+on the batch it shares, its row in it, the data-parallel layout or the number of micro-batches.
 
-* a sample's tokens depend only on its own key, never on the batch it shares, its row in it, the
-  data-parallel layout or the number of micro-batches;
-* every tensor-parallel rank computes the noise of exactly its own vocab columns, and any rank
-  computes the same ``g[v]`` for the same column: no noise is communicated, nothing is gathered for
-  plain temperature sampling — each rank takes its local arg-max of ``logits / T + g`` and one
-  all-gather of a (value, global id) pair per row picks the winner (ties → lower id);
-* top-k reuses :func:`camopd_megatron.ops.vocab_parallel_topk` (k·TP candidates gathered) and
-  top-p without top-k gathers the full row (the nucleus needs the sorted distribution); the
-  Gumbel-max over the kept candidates uses the same per-id noise.
+* Plain temperature sampling (no top-k/top-p, the on-policy default) is an inverse-CDF draw with ONE
+  uniform per row, ``u`` = the key's 53 high bits: the token is the first global id v whose cumulative
+  mass ``Σ_{w≤v} exp(logits[w]/T)`` exceeds ``u · Z``. Vocab-parallel without gathering logits: each
+  rank reduces its shard to (max, Σ exp) per row, one all-gather of those pairs gives every rank the
+  shard masses and Z, the rank whose cumulative range holds ``u · Z`` searches its own cumulative sum,
+  and one all-gather of (id, logit/T) pairs shares the token and its logit, from which μ follows
+  (:func:`sample_with_logprobs`; the same pass serves sampling and μ). Cost per row: one exp, one
+  cumulative sum and one search over V (the Gumbel-max draw it replaced hashed and took two float64
+  logs of every vocab entry: ~5x the time at 8 x 8192, BENCHMARKS.md).
+* top-k / top-p use Gumbel-max over their candidates: ``argmax_c (logits[c] / T + g[c])`` with
+  ``g = −log(−log u[c])`` and ``u[c]`` a hash of (row key, global vocab id c). top-k reuses
+  :func:`camopd_megatron.ops.vocab_parallel_topk` (k·TP candidates gathered), top-p without top-k
+  gathers the full row (the nucleus needs the sorted distribution); any rank computes the same noise
+  for the same id, so no noise is communicated.
 
 Hash: two rounds of Wellons' ``lowbias32`` integer hash over 32-bit words, computed in int32 with
 wrapping products (the bits of unsigned 32-bit arithmetic, on CPU and GPU alike). The 32-bit output maps to ``u = (h + 0.5) / 2^32`` in float64 (never 0 or 1;
@@ -47,6 +51,7 @@ __all__ = [
     "uniform_noise",
     "gumbel_noise",
     "sample_tokens",
+    "sample_with_logprobs",
     "token_logprobs",
 ]
 
@@ -144,6 +149,13 @@ def row_keys(seed: int, step: int, sample_ids: Sequence[int], positions: Sequenc
         lo, hi = struct.unpack("<II", digest)
         words.append((lo, hi))
     return torch.tensor(words, dtype=torch.int64, device=device).view(-1, 2)
+
+
+def row_uniforms(keys_B2: torch.Tensor) -> torch.Tensor:
+    """One uniform per row in (0, 1), float64 [B]: the key's 53 high bits, ``(n + 0.5) / 2^53``."""
+    hi_B, lo_B = keys_B2[:, 1] & _M32, keys_B2[:, 0] & _M32
+    n_B = (hi_B << 21) | (lo_B >> 11)
+    return (n_B.to(torch.float64) + 0.5) * (1.0 / 2**53)
 
 
 def _s32(c: int) -> int:
@@ -286,13 +298,8 @@ def sample_tokens(
     if params.is_greedy:
         scores_BV = logits_BV.to(torch.float64)
     elif params.top_k == 0 and params.top_p >= 1.0:
-        ids_1V = torch.arange(vocab_start, vocab_start + v_local, device=logits_BV.device).unsqueeze(0)
-        ids_BV = ids_1V.expand(logits_BV.shape[0], -1)
-        scores_BV = gumbel_noise(keys_B2, ids_BV)
-        # logits / T + g, accumulated into the noise buffer (x / 1.0 is exact: skipped at T = 1)
-        scaled_BV = logits_BV.to(torch.float64)
-        # (not div_: ``.to`` returns the caller's tensor itself when the logits already are float64)
-        scores_BV.add_(scaled_BV if params.temperature == 1 else scaled_BV / float(params.temperature))
+        return _inverse_cdf_sample(logits_BV, keys_B2, tp_group, vocab_size=vocab_size,
+                                   temperature=float(params.temperature))[0]
     else:
         vals_BC, ids_BC = _candidates(logits_BV, params, tp_group, vocab_start, vocab_size)
         scores_BC = vals_BC.to(torch.float64) + gumbel_noise(keys_B2, ids_BC)
@@ -308,6 +315,83 @@ def sample_tokens(
         scores_BV = scores_BV[:, :pad_from]  # a view: padded columns are simply not searched
     val_B, id_B = _local_argmax(scores_BV, vocab_start)
     return _tp_argmax(val_B, id_B, tp_group)
+
+
+@torch.no_grad()
+def _inverse_cdf_sample(logits_BV: torch.Tensor, keys_B2: torch.Tensor, tp_group: Any, *, vocab_size: int,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain temperature sampling by inverse CDF (module docstring): tokens int64 [B] and μ fp32 [B],
+    identical on every TP rank. Two all-gathers of [B, 2] float64 per call when TP > 1, none otherwise."""
+    tp_size, tp_rank = _tp_info(tp_group)
+    v_local = logits_BV.shape[-1]
+    vocab_start = tp_rank * v_local
+    b = logits_BV.shape[0]
+    real = max(0, min(v_local, vocab_size - vocab_start))  # local columns >= vocab_size are padding
+    dev = logits_BV.device
+    s_BV = logits_BV[:, :real].to(torch.float64)
+    if temperature != 1.0:
+        s_BV = s_BV / float(temperature)
+    if real:
+        m_B = s_BV.amax(dim=-1)
+        cum_BV = (s_BV - m_B.unsqueeze(1)).exp_().cumsum_(dim=-1)
+        mass_B = cum_BV[:, -1]
+    else:  # a shard of padding only: no mass
+        m_B = torch.full((b,), float("-inf"), dtype=torch.float64, device=dev)
+        cum_BV = torch.zeros(b, 0, dtype=torch.float64, device=dev)
+        mass_B = torch.zeros(b, dtype=torch.float64, device=dev)
+    # every rank's (max, mass): rank r holds mass exp(m_r − m) · mass_r of the row's total Z
+    if tp_size == 1:
+        m_RB, mass_RB = m_B.unsqueeze(0), mass_B.unsqueeze(0)
+    else:
+        parts = [torch.empty(b, 2, dtype=torch.float64, device=dev) for _ in range(tp_size)]
+        dist.all_gather(parts, torch.stack([m_B, mass_B], dim=-1), group=tp_group)
+        m_RB, mass_RB = torch.stack([p[:, 0] for p in parts]), torch.stack([p[:, 1] for p in parts])
+    gmax_B = m_RB.amax(dim=0)
+    scale_RB = torch.where(mass_RB > 0, (m_RB - gmax_B).exp(), torch.zeros_like(mass_RB))
+    shard_RB = scale_RB * mass_RB
+    upto_RB = shard_RB.cumsum(dim=0)
+    z_B = upto_RB[-1]
+    target_B = row_uniforms(keys_B2).to(dev) * z_B
+    # the owning rank: the first whose cumulative mass exceeds the target (the last non-empty one on round-off)
+    nonempty_RB = shard_RB > 0
+    last_B = (nonempty_RB * torch.arange(1, tp_size + 1, device=dev).unsqueeze(1)).amax(dim=0) - 1
+    owner_B = torch.where(upto_RB > target_B, torch.arange(tp_size, device=dev).unsqueeze(1),
+                          torch.full_like(upto_RB, tp_size, dtype=torch.int64)).amin(dim=0)
+    owner_B = torch.minimum(owner_B, last_B)
+    mine_B = owner_B == tp_rank
+    if real:
+        before_B = (upto_RB[tp_rank] - shard_RB[tp_rank])
+        local_target_B = torch.where(mine_B, (target_B - before_B) / scale_RB[tp_rank].clamp_min(1e-300),
+                                     torch.zeros_like(target_B))
+        col_B = torch.searchsorted(cum_BV, local_target_B.unsqueeze(1), right=True).squeeze(1).clamp_(max=real - 1)
+        pick_B = s_BV.gather(1, col_B.unsqueeze(1)).squeeze(1)
+    else:
+        col_B = torch.zeros(b, dtype=torch.int64, device=dev)
+        pick_B = torch.zeros(b, dtype=torch.float64, device=dev)
+    id_B = torch.where(mine_B, col_B + vocab_start, torch.full_like(col_B, -1))
+    pick_B = torch.where(mine_B, pick_B, torch.full_like(pick_B, float("-inf")))
+    if tp_size > 1:  # exactly one rank owns each row: the max over ranks is the owner's (id, logit / T)
+        parts = [torch.empty(b, 2, dtype=torch.float64, device=dev) for _ in range(tp_size)]
+        dist.all_gather(parts, torch.stack([id_B.to(torch.float64), pick_B], dim=-1), group=tp_group)
+        both_RB2 = torch.stack(parts)
+        id_B = both_RB2[..., 0].amax(dim=0).to(torch.int64)
+        pick_B = both_RB2[..., 1].amax(dim=0)
+    mu_B = pick_B - gmax_B - z_B.log()
+    return id_B, mu_B.float()
+
+
+@torch.no_grad()
+def sample_with_logprobs(logits_BV: torch.Tensor, params: SamplingParams, keys_B2: Optional[torch.Tensor],
+                         tp_group: Any, *, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token per row and its μ (see :func:`token_logprobs`): int64 [B], fp32 [B], the same on
+    every TP rank. Plain temperature sampling does both in one pass (inverse CDF); the other modes
+    sample with :func:`sample_tokens` and score with :func:`token_logprobs`."""
+    if not params.is_greedy and params.top_k == 0 and params.top_p >= 1.0:
+        return _inverse_cdf_sample(logits_BV, keys_B2, tp_group, vocab_size=vocab_size,
+                                   temperature=float(params.temperature))
+    tok_B = sample_tokens(logits_BV, params, keys_B2, tp_group, vocab_size=vocab_size)
+    return tok_B, token_logprobs(logits_BV, tok_B, tp_group, vocab_size=vocab_size,
+                                 temperature=params.logprob_temperature)
 
 
 @torch.no_grad()
