@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from camopd_megatron.models.gpt import output_weight
+
 
 def supported(model: Any, pg_collection: Any) -> bool:
     """True for a TP = 1, PP = 1 local-spec GPTModel of our Llama-family builder."""
@@ -71,8 +73,7 @@ class LeanDecoder:
         device = model.embedding.word_embeddings.weight.device
         self.k_LBGSD = torch.zeros(layers, batch, self.groups, max_len, self.dim, dtype=dtype, device=device)
         self.v_LBGSD = torch.zeros_like(self.k_LBGSD)
-        self.out_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-            else model.output_layer.weight
+        self.out_weight = output_weight(model)
 
     def _attention(self, i: int, layer: Any, h_BnC: torch.Tensor, start: int) -> torch.Tensor:
         att = layer.self_attention

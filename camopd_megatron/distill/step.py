@@ -36,10 +36,10 @@ from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, redu
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
 from camopd_megatron.distill.scheduler import StepPlan
 from camopd_megatron.distill.selection import SelectionPolicy, plan_selection
-from camopd_megatron.models.gpt import stage_info, unwrap_model
+from camopd_megatron.models.gpt import output_weight, stage_info, unwrap_model
 from camopd_megatron.models.logprobs import next_token_logprobs
 from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
-from camopd_megatron.models.pipeline import logits_window, run_microbatches
+from camopd_megatron.models.pipeline import output_window, run_microbatches
 from camopd_megatron.ops.gaps import sample_gap_scores
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,8 @@ def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -
 
     The last micro-batch is padded with zero rows; ``n_real`` says how many rows count. B = 0 gives
     one all-padding micro-batch so this rank still joins the schedule's collectives. With a ``mask``
-    (aligned with the outputs), each micro-batch gets the ``logits_window`` of its scored positions.
+    (aligned with the outputs), each micro-batch gets the ``output_window`` of its scored positions
+    (the model then returns final hidden states of those positions; see ``models.pipeline``).
     """
     b = next(iter(tensors.values())).shape[0]
     mbs = max(1, min(micro_batch_size, b)) if b else 1
@@ -174,7 +175,7 @@ def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -
         mb = {k: _pad_rows(v[lo:lo + mbs], mbs) for k, v in tensors.items()}
         mb["n_real"] = max(0, min(mbs, b - lo))
         if "mask" in mb:
-            mb["logits_window"] = logits_window(mb["mask"])
+            mb["output_window"] = output_window(mb["mask"])
         out.append(mb)
     return out
 
@@ -188,12 +189,13 @@ def recompute_logprobs(student: StudentState, batch: RolloutBatch, micro_batch_s
     tp = student.pg_collection.tp
     mbs = make_microbatches({"tokens": tokens, "mask": batch.loss_mask_BT}, micro_batch_size)
 
-    def loss_fn(mb: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        logp = next_token_logprobs(logits, mb["tokens"], tp, vocab_size=student.vocab_size,
-                                   temperature=temperature, mask_BT=mb["mask"], first_position=mb["logits_window"][0])
-        return logits.new_zeros(()), {"logp": logp[: mb["n_real"]]}
+    def loss_fn(mb: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        logp = next_token_logprobs(hidden, mb["tokens"], tp, vocab_size=student.vocab_size, temperature=temperature,
+                                   mask_BT=mb["mask"], first_position=mb["output_window"][0], output_weight=weight)
+        return hidden.new_zeros(()), {"logp": logp[: mb["n_real"]]}
 
     model = student.model
+    weight = output_weight(model) if stage_info(student.pg_collection).is_last else None
     was_training = model.training
     model.eval()
     try:
@@ -337,12 +339,15 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     temperature = settings.sampling.logprob_temperature
     sums: dict[str, float] = {}
 
-    def loss_fn(mb: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    weight = output_weight(student.model) if stage_info(student.pg_collection).is_last else None
+
+    def loss_fn(mb: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         n = mb["n_real"]
         if n == 0:  # a rank with nothing kept still runs the schedule (DDP/pipeline collectives)
-            return logits.sum() * 0.0, {}
-        logp = next_token_logprobs(logits[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
-                                   temperature=temperature, mask_BT=mb["mask"][:n], first_position=mb["logits_window"][0])
+            return (hidden.sum() + weight.sum()) * 0.0, {}
+        logp = next_token_logprobs(hidden[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
+                                   temperature=temperature, mask_BT=mb["mask"][:n], first_position=mb["output_window"][0],
+                                   output_weight=weight)
         loss, m = camopd_branch_loss(
             logp, mb["teacher"][:n], mb["mu"][:n], mb["mask"][:n], mb["scale"][:n],
             num_samples_global=n_global, options=settings.loss_options, gap_BT=mb["gap"][:n] if not fused else None,

@@ -38,15 +38,16 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from camopd_megatron.cpu_compat import ensure_cpu_compat
 
 ensure_cpu_compat()
 
 from camopd_megatron.checkpoint.dist import load_model, save_checkpoint  # noqa: E402
-from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, stage_info  # noqa: E402
+from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info  # noqa: E402
 from camopd_megatron.models.logprobs import next_token_logprobs, vocab_start  # noqa: E402
-from camopd_megatron.models.pipeline import logits_window, run_microbatches  # noqa: E402
+from camopd_megatron.models.pipeline import output_window, run_microbatches  # noqa: E402
 from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs  # noqa: E402
 from camopd_megatron.ops import vocab_parallel_topk  # noqa: E402
 
@@ -250,7 +251,7 @@ class TeacherModel:
                 pad = rows - tok.shape[0]
                 tok = torch.cat([tok, tok.new_zeros(pad, tok.shape[1])])
                 msk = torch.cat([msk, msk.new_zeros(pad, msk.shape[1])])
-            batches.append({"tokens": tok.to(self.device), "mask": msk.to(self.device), "logits_window": logits_window(msk)})
+            batches.append({"tokens": tok.to(self.device), "mask": msk.to(self.device), "output_window": output_window(msk)})
         return batches, b
 
     @torch.no_grad()
@@ -259,9 +260,11 @@ class TeacherModel:
         the last pipeline stage (every TP rank of it); None on the other stages."""
         tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
 
-        def loss_fn(batch: dict[str, Any], logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            logp_BT = next_token_logprobs(logits_BTV, batch["tokens"], tp, vocab_size=vocab, mask_BT=batch["mask"],
-                                          first_position=batch["logits_window"][0])
+        weight = output_weight(self.model) if self.stage.is_last else None
+
+        def loss_fn(batch: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            logp_BT = next_token_logprobs(hidden_BWH, batch["tokens"], tp, vocab_size=vocab, mask_BT=batch["mask"],
+                                          first_position=batch["output_window"][0], output_weight=weight)
             return logp_BT.new_zeros(()), {"logp": logp_BT}
 
         batches, b = self._batches(tokens_BT, mask_BT)
@@ -277,8 +280,11 @@ class TeacherModel:
         the last column. On the last stage only (None elsewhere)."""
         tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
 
-        def loss_fn(batch: dict[str, Any], logits_BWV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            lo, hi = batch["logits_window"]
+        weight = output_weight(self.model) if self.stage.is_last else None
+
+        def loss_fn(batch: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            lo, hi = batch["output_window"]
+            logits_BWV = F.linear(hidden_BWH, weight)  # this rank's vocab rows, the window's positions only
             vals_BWK, ids_BWK = vocab_parallel_topk(logits_BWV, k, tp, vocab_start=vocab_start(logits_BWV, tp),
                                                     vocab_size=vocab, return_logprobs=True)
             b, t = batch["tokens"].shape

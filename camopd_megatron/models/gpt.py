@@ -302,3 +302,12 @@ def unwrap_model(model: Any) -> Any:
     while hasattr(model, "module") and not isinstance(model, GPTModel):
         model = model.module
     return model
+
+
+def output_weight(model: Any) -> Any:
+    """The output projection's weight rows on this rank, [V_pad / TP, H]: the output layer's own, or the
+    word embeddings when they are tied (last pipeline stage)."""
+    inner = unwrap_model(model)
+    if inner.share_embeddings_and_output_weights:
+        return inner.shared_embedding_or_output_weight()
+    return inner.output_layer.weight

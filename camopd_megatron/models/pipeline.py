@@ -13,11 +13,14 @@ micro-batch count: the gradient is exactly that of ``Σ_mb loss_fn(mb)``.
 Shapes. Every micro-batch in one call has the same ``[B, T]`` (pad the batch first): the pipeline's
 receive buffers are allocated from ``(T, B, hidden)``. Legend: B batch, T tokens, W window, V vocab shard.
 
-Logits window. A micro-batch may carry ``"logits_window": (lo, hi)`` (see :func:`logits_window`): the
-last stage then projects only the hidden states of positions ``[lo, hi)`` through the output layer
-(megatron's ``output_processor`` hook), and ``loss_fn`` gets logits ``[B, hi - lo, V]`` whose first
-column is position ``lo``. Scoring a response never needs the prompt positions' logits, and the
-output layer is the largest matmul of a small-hidden, large-vocab model (BENCHMARKS.md).
+Output window. A micro-batch may carry ``"output_window": (lo, hi)`` (see :func:`output_window`):
+the last stage then returns the final hidden states of positions ``[lo, hi)``, ``[B, hi - lo, H]``,
+instead of logits (megatron's ``output_processor`` hook), and ``loss_fn`` turns them into log-probs
+with ``next_token_logprobs(..., output_weight=output_weight(model), first_position=lo)``: the fused
+output projection of :mod:`camopd_megatron.ops.fused_output`, which never builds the [B, T, V] logits.
+Scoring a response needs neither the prompt positions' logits nor the full logits tensor, and on a
+CPU the output layer and its logits were the largest cost of a small-hidden, large-vocab model
+(BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -37,42 +40,41 @@ LossFn = Callable[[dict[str, Any], torch.Tensor], tuple[torch.Tensor, dict[str, 
 """``loss_fn(batch, logits_BTV) -> (scalar loss, outputs)``; outputs are collected per micro-batch."""
 
 
-def logits_window(mask_BT: torch.Tensor) -> tuple[int, int]:
+def output_window(mask_BT: torch.Tensor) -> tuple[int, int]:
     """``[lo, hi)``: the output positions some row scores (``mask_BT`` aligned with the outputs, as
     ``next_token_logprobs`` takes it). An all-zero mask gives ``(0, 1)``: one column keeps the output
-    layer in the graph, so every rank still produces its (zero) gradient."""
+    weight in the graph, so every rank still produces its (zero) gradient."""
     cols = mask_BT.detach().ne(0).any(dim=0).nonzero().flatten()
     if cols.numel() == 0:
         return 0, 1
     return int(cols[0]), int(cols[-1]) + 1
 
 
-def _window_output(lo: int, hi: int) -> Callable[..., torch.Tensor]:
-    """megatron ``output_processor``: the output layer on hidden states ``[lo, hi)`` only."""
+def _window_hidden(lo: int, hi: int) -> Callable[..., torch.Tensor]:
+    """megatron ``output_processor``: the final hidden states of positions ``[lo, hi)``, ``[B, W, H]``."""
 
-    def project(*, hidden_states: torch.Tensor, output_layer: Any, output_weight: Any, scale_logits: Callable,
-                runtime_gather_output: Optional[bool] = None, **_: Any) -> torch.Tensor:
-        logits_WBV, _ = output_layer(hidden_states[lo:hi], weight=output_weight,
-                                     runtime_gather_output=runtime_gather_output)
-        return scale_logits(logits_WBV).transpose(0, 1).contiguous()
+    def window(*, hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+        return hidden_states[lo:hi].transpose(0, 1)
 
-    return project
+    return window
 
 
 def model_forward(model: Any, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None,
                   window: Optional[tuple[int, int]] = None, **kwargs: Any) -> torch.Tensor:
-    """One forward of a (possibly wrapped) GPTModel with the causal mask: logits ``[B, T, V/TP]``
-    (``[B, hi - lo, V/TP]`` with ``window=(lo, hi)``) on the last stage, hidden states on the others."""
+    """One forward of a (possibly wrapped) GPTModel with the causal mask: logits ``[B, T, V/TP]`` on the
+    last stage (with ``window=(lo, hi)``: final hidden states ``[B, hi - lo, H]``), hidden states on the
+    others."""
     if position_ids_BT is None:
         position_ids_BT = torch.arange(tokens_BT.shape[1], device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
     if window is not None:
         lo, hi = window
         if not 0 <= lo < hi <= tokens_BT.shape[1]:
             raise ValueError(f"window={window!r}: expected 0 <= lo < hi <= {tokens_BT.shape[1]} (the sequence length)")
-        if getattr(unwrap_model(model).config, "sequence_parallel", False):
-            raise ValueError("window: the output layer sees sequence-parallel shards; use window=None with "
-                             "parallel.sequence_parallel=true")
-        kwargs["output_processor"] = _window_output(lo, hi)
+        config = unwrap_model(model).config
+        if getattr(config, "sequence_parallel", False) or getattr(config, "use_mup", False):
+            raise ValueError("output window: the fused output projection supports neither sequence_parallel nor MuP "
+                             "logit scaling; set parallel.sequence_parallel=false")
+        kwargs["output_processor"] = _window_hidden(lo, hi)
     return model(tokens_BT, position_ids_BT, None, **kwargs)
 
 
@@ -90,7 +92,7 @@ def run_microbatches(
         model: this rank's model chunk (GPTModel or megatron-DDP-wrapped).
         pg_collection: the role's process groups.
         batches: micro-batches, each a dict with ``tokens`` ``[B, T]`` int64, optionally
-            ``logits_window`` (module docstring), and whatever ``loss_fn`` needs; the same list on
+            ``output_window`` (module docstring), and whatever ``loss_fn`` needs; the same list on
             every stage of the pipeline.
         loss_fn: called on the last stage per micro-batch.
         forward_only: no backward (scoring, evaluation).
@@ -110,7 +112,7 @@ def run_microbatches(
 
     def forward_step(data_iterator: Any, chunk: Any) -> tuple[torch.Tensor, Callable]:
         batch = next(data_iterator)
-        output = model_forward(chunk, batch["tokens"], batch.get("position_ids"), window=batch.get("logits_window"))
+        output = model_forward(chunk, batch["tokens"], batch.get("position_ids"), window=batch.get("output_window"))
 
         def loss_func(logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             loss, outputs = loss_fn(batch, logits_BTV)

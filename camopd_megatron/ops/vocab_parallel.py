@@ -206,6 +206,11 @@ def _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperatu
     """Steps 1-3: logZ_N, the summed target logits x_NK, and (optionally) entropy H_N."""
     m_N, s_N, t_N = _local_row_stats(logits_NV, layout, temperature, chunk, with_entropy)
     tgt_NK = _target_logits(logits_NV, tgt_local_NK, owned_NK, temperature)
+    return _reduce_stats(m_N, s_N, t_N, tgt_NK, layout, tp_group, with_entropy)
+
+
+def _reduce_stats(m_N, s_N, t_N, tgt_NK, layout, tp_group, with_entropy):
+    """Steps 2-3 from each rank's local (max m, Σexp(x − m), [Σexp·(x − m)], owned target logits)."""
     # step 2: ROW MAX over the group
     M_N = m_N.clone()
     if layout.tp_size > 1 and layout.n_tokens:

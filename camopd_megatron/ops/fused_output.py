@@ -1,0 +1,180 @@
+"""Sampled-token log-probs straight from hidden states and the vocab-sharded output weight.
+
+    log p(y_n) = x_n[y_n] − logZ_n,   x_n = (h_n W_rᵀ) / T over every rank r's vocab rows W_r
+
+:func:`camopd_megatron.ops.sampled_token_logprobs` takes logits; this op takes what produces them,
+the final hidden states ``h`` [..., H] (replicated over the TP group, as megatron's output layer
+receives them) and this rank's output weight shard ``W`` [V_local, H], and never builds the
+[tokens, V_local] logits: the output projection, the softmax statistics and, in backward, the logit
+gradient run chunk by chunk. On a CPU the full logits were the step's largest memory traffic: at
+h512 / vocab 32000 / 1024 scored tokens, their fp32 copy, transpose, zero-filled gradient and slice
+copies were ~40 % of the training forward + backward (BENCHMARKS.md). The math and the collectives
+are those of the logits kernel (two all-reduces in forward, whatever the chunking); backward adds the
+all-reduce SUM of dL/dh over the TP group that megatron's column-parallel output layer does.
+
+Gradients, with p = softmax(x) and g the incoming gradient per token:
+    G = (onehot(y) − p) · g / T            [C, V_local], one chunk at a time
+    dL/dh = Σ_r G_r W_r    (all-reduce over TP),    dL/dW_r = Gᵀ h
+
+Chunks: ``chunk_tokens`` rows per step; the default keeps one fp32 [chunk, V_local] buffer near
+``DEFAULT_FUSED_CHUNK_ELEMENTS`` (32 MiB). Larger than the logits kernel's default on purpose: every
+chunk adds into the whole [V_local, H] weight gradient, so fewer chunks move less memory.
+
+The weight is used directly, not through the output layer module: its forward hooks do not run (we
+never enable megatron's ``overlap_param_gather``, the one that needs them), and MuP logit scaling is
+not applied (:func:`camopd_megatron.models.pipeline.model_forward` refuses it).
+
+Shape legend: N tokens (leading dims flattened), H hidden, V = V_local, C tokens per chunk, K = 1.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from camopd_megatron.ops.vocab_parallel import (
+    IGNORE_INDEX,
+    ProcessGroup,
+    _group_size_rank,
+    _live,
+    _prepare_targets,
+    _reduce_stats,
+    _validate,
+)
+
+__all__ = ["DEFAULT_FUSED_CHUNK_ELEMENTS", "fused_output_logprobs"]
+
+DEFAULT_FUSED_CHUNK_ELEMENTS = 2**23
+
+
+def _chunk_logits(h_CH: torch.Tensor, weight_VH: torch.Tensor, layout, temperature: float) -> torch.Tensor:
+    """fp32 scaled logits of one chunk, padding columns at -inf."""
+    x_CV = F.linear(h_CH, weight_VH)
+    x_CV = x_CV.float() if x_CV.dtype != torch.float32 else x_CV
+    if temperature != 1.0:
+        x_CV.div_(temperature)
+    if layout.pad_from < layout.v_local:
+        x_CV[:, layout.pad_from:] = float("-inf")
+    return x_CV
+
+
+def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk):
+    """logZ_N and the target logits x_NK (summed over the group), chunk by chunk."""
+    n = layout.n_tokens
+    dev = hidden_NH.device
+    m_N = torch.empty(n, dtype=torch.float32, device=dev)
+    s_N = torch.empty_like(m_N)
+    tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        x_CV = _chunk_logits(hidden_NH[c0:c1], weight_VH, layout, temperature)
+        owned_CK = owned_NK[c0:c1]
+        idx_CK = torch.where(owned_CK, tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
+        tgt_NK[c0:c1] = torch.where(owned_CK, x_CV.gather(1, idx_CK), torch.zeros_like(idx_CK, dtype=torch.float32))
+        m_C = x_CV.amax(dim=-1)
+        m_N[c0:c1] = m_C
+        # a shard that is all padding has m = -inf: shift by 0 instead so exp() gives 0, not NaN
+        x_CV.sub_(torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C).unsqueeze(-1))
+        s_N[c0:c1] = x_CV.exp_().sum(dim=-1)
+        del x_CV
+    logZ_N, tgt_sum_NK, _ = _reduce_stats(m_N, s_N, None, tgt_NK, layout, tp_group, False)
+    return logZ_N, tgt_sum_NK
+
+
+class _FusedOutputLogProb(torch.autograd.Function):
+    """Saves the hidden states, the weight (both held by the graph anyway) and logZ_N."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk):
+        logZ_N, tgt_NK = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
+                                        temperature, chunk)
+        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N)
+        ctx.layout, ctx.tp_group, ctx.temperature, ctx.chunk = layout, tp_group, temperature, chunk
+        return torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
+
+    @staticmethod
+    def backward(ctx, g_logp_NK):
+        hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N = ctx.saved_tensors
+        layout, temperature, chunk = ctx.layout, ctx.temperature, ctx.chunk
+        g_NK = torch.where(_live(tgt_local_NK), g_logp_NK.float(), torch.zeros_like(g_logp_NK, dtype=torch.float32))
+        g_sum_N = g_NK.sum(dim=-1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
+        grad_w_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        n = layout.n_tokens
+        for c0 in range(0, n, chunk):
+            c1 = min(c0 + chunk, n)
+            h_CH = hidden_NH[c0:c1]
+            x_CV = _chunk_logits(h_CH, weight_VH, layout, temperature)
+            x_CV.sub_(logZ_N[c0:c1].unsqueeze(-1)).exp_().mul_(-g_sum_N[c0:c1].unsqueeze(-1))  # −p · g
+            idx_CK = torch.where(owned_NK[c0:c1], tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
+            src_CK = torch.where(owned_NK[c0:c1], g_NK[c0:c1], torch.zeros_like(g_NK[c0:c1]))
+            x_CV.scatter_add_(1, idx_CK, src_CK)  # + onehot · g
+            if temperature != 1.0:
+                x_CV.div_(temperature)
+            g_CV = x_CV.to(weight_VH.dtype)
+            if need_h:
+                torch.mm(g_CV, weight_VH, out=grad_h_NH[c0:c1])
+            if need_w:
+                grad_w_VH.addmm_(g_CV.t().float(), h_CH.float())
+            del x_CV, g_CV
+        if need_h and layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
+            dist.all_reduce(grad_h_NH, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        if need_w and grad_w_VH.dtype != weight_VH.dtype:
+            grad_w_VH = grad_w_VH.to(weight_VH.dtype)
+        return grad_h_NH, grad_w_VH, None, None, None, None, None, None
+
+
+def fused_output_logprobs(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: ProcessGroup,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """log p(targets) fp32 [...] from hidden states [..., H] and this rank's output weight rows.
+
+    Args:
+        hidden: final (normalised) hidden states, the same on every rank of ``tp_group``.
+        weight_shard: this rank's rows ``[tp_rank·V_local, (tp_rank+1)·V_local)`` of the padded output
+            weight, [V_local, H]; rows ``>= vocab_size`` are padding and never count.
+        targets: global vocab ids [...] aligned with ``hidden`` (``ignore_index``: score 0, no grad).
+        tp_group: the group the vocabulary is sharded over (None: unsharded, no communication).
+        vocab_size: the real vocabulary.
+        temperature: the softmax is over logits / temperature.
+        chunk_tokens: tokens per chunk (None: ~DEFAULT_FUSED_CHUNK_ELEMENTS fp32 per chunk buffer).
+
+    Differentiable w.r.t. ``hidden`` and ``weight_shard`` when grad is enabled.
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise ValueError("hidden: expected a floating tensor [..., H]")
+    if not isinstance(weight_shard, torch.Tensor) or weight_shard.dim() != 2 or weight_shard.shape[1] != hidden.shape[-1]:
+        got = tuple(weight_shard.shape) if isinstance(weight_shard, torch.Tensor) else type(weight_shard).__name__
+        raise ValueError(f"weight_shard: expected [V_local, H={hidden.shape[-1]}] (the output layer's rows on this "
+                         f"rank), got {got}")
+    lead = tuple(hidden.shape[:-1])
+    v_local = weight_shard.shape[0]
+    _, tp_rank = _group_size_rank(tp_group)
+    # the logits kernel's checks (shapes, ids, vocab, cross-rank agreement) on a zero-stride stand-in
+    # with the logits' shape: no memory is allocated for it
+    stand_in = hidden.new_zeros(()).expand(*lead, v_local)
+    layout = _validate(stand_in, targets, None, tp_group, vocab_start=tp_rank * v_local, vocab_size=vocab_size,
+                       temperature=temperature, chunk_tokens=chunk_tokens, ignore_index=ignore_index)
+    chunk = chunk_tokens if chunk_tokens is not None else max(1, DEFAULT_FUSED_CHUNK_ELEMENTS // v_local)
+    hidden_NH = hidden.reshape(layout.n_tokens, hidden.shape[-1])
+    tgt_local_NK, owned_NK = _prepare_targets(targets, None, layout, ignore_index, hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad):
+        logp_NK = _FusedOutputLogProb.apply(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
+                                            float(temperature), chunk)
+    else:
+        with torch.no_grad():
+            logZ_N, tgt_NK = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
+                                            float(temperature), chunk)
+            logp_NK = torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
+    return logp_NK.view(lead)
