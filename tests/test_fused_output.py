@@ -41,12 +41,12 @@ def reference(case: dict) -> dict:
     return {"logp": logp.detach(), "dh": h.grad, "dw": w.grad}
 
 
-def run_fused(case: dict, group, rank: int, tp: int, *, dtype=torch.float32, chunk=None) -> dict:
+def run_fused(case: dict, group, rank: int, tp: int, *, dtype=torch.float32, chunk=None, keep: int = 2**28) -> dict:
     rows = case["P"] // tp
     h = case["hidden"].to(dtype).clone().requires_grad_(True)
     w = case["weight"][rank * rows:(rank + 1) * rows].to(dtype).clone().requires_grad_(True)
     logp = fused_output_logprobs(h, w, case["targets"], group, vocab_size=case["V"],
-                                 temperature=case["temperature"], chunk_tokens=chunk)
+                                 temperature=case["temperature"], chunk_tokens=chunk, keep_softmax_bytes=keep)
     (logp * case["upstream"]).sum().backward()
     with torch.no_grad():  # the no-grad path (teachers) gives the same values
         nograd = fused_output_logprobs(h, w, case["targets"], group, vocab_size=case["V"],
@@ -62,12 +62,13 @@ def check(ours: dict, ref: dict, *, tol: float) -> None:
     torch.testing.assert_close(ours["dw"].double(), ref["dw"][lo:hi], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
-def test_single_process_matches_torch(temperature, chunk):
+def test_single_process_matches_torch(temperature, chunk, keep):
     case = make_case(3, 23, V=50, P=64, temperature=temperature)
     ref = reference(case)
-    check(run_fused(case, None, 0, 1, chunk=chunk), ref, tol=1e-5)
+    check(run_fused(case, None, 0, 1, chunk=chunk, keep=keep), ref, tol=1e-5)
     assert ref["dw"][50:].abs().sum() == 0  # padding rows get no gradient
     assert (ref["logp"][::5] == 0).all()
 
@@ -86,6 +87,12 @@ def test_bf16_and_shapes_and_errors():
         fused_output_logprobs(case["hidden"], case["weight"], torch.full((12,), 45), None, vocab_size=40)
     with pytest.raises(ValueError, match="vocab_size"):
         fused_output_logprobs(case["hidden"], case["weight"], case["targets"], None, vocab_size=49)
+    # kept softmax chunks are consumed by the first backward: a second one says so instead of going wrong
+    h = case["hidden"].clone().requires_grad_(True)
+    out = fused_output_logprobs(h, case["weight"], case["targets"], None, vocab_size=40).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.backward()
 
 
 CASES = [  # (seed, tokens, V, P, temperature): P divisible by 4; V = 41 leaves the 4th shard of 48 all padding
@@ -104,7 +111,7 @@ def _tp_worker(rank: int, world_size: int) -> dict:
     for seed, n, V, P, temp in CASES:
         case = make_case(seed, n, V, P, temperature=temp)
         out[(seed, 2)] = run_fused(case, groups2[rank // 2], rank % 2, 2, chunk=4)
-        out[(seed, 4)] = run_fused(case, group4, rank, 4)
+        out[(seed, 4)] = run_fused(case, group4, rank, 4, keep=0)
     return out
 
 

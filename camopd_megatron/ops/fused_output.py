@@ -16,6 +16,10 @@ Gradients, with p = softmax(x) and g the incoming gradient per token:
     G = (onehot(y) − p) · g / T            [C, V_local], one chunk at a time
     dL/dh = Σ_r G_r W_r    (all-reduce over TP),    dL/dW_r = Gᵀ h
 
+Backward needs p again: it keeps the forward's exp(x − shift) chunks when they are small enough
+(``keep_softmax_bytes``, one fp32 [tokens, V_local] tensor at most, as megatron's cross-entropy keeps its
+softmax), and otherwise projects each chunk again.
+
 Chunks: ``chunk_tokens`` rows per step; the default keeps one fp32 [chunk, V_local] buffer near
 ``DEFAULT_FUSED_CHUNK_ELEMENTS`` (32 MiB). Larger than the logits kernel's default on purpose: every
 chunk adds into the whole [V_local, H] weight gradient, so fewer chunks move less memory.
@@ -44,9 +48,13 @@ from camopd_megatron.ops.vocab_parallel import (
     _validate,
 )
 
-__all__ = ["DEFAULT_FUSED_CHUNK_ELEMENTS", "fused_output_logprobs"]
+__all__ = ["DEFAULT_FUSED_CHUNK_ELEMENTS", "DEFAULT_KEEP_SOFTMAX_BYTES", "fused_output_logprobs"]
 
 DEFAULT_FUSED_CHUNK_ELEMENTS = 2**23
+DEFAULT_KEEP_SOFTMAX_BYTES = 2**28
+"""Keep the forward's exp(logits) chunks for backward up to 256 MiB (one fp32 [tokens, V_local]); beyond
+that, backward projects again. At h512 / V 32000 / 1024 tokens (131 MB) keeping them saved the second
+projection, ~12 % of the training forward + backward on CPU."""
 
 
 def _chunk_logits(h_CH: torch.Tensor, weight_VH: torch.Tensor, layout, temperature: float) -> torch.Tensor:
@@ -60,13 +68,17 @@ def _chunk_logits(h_CH: torch.Tensor, weight_VH: torch.Tensor, layout, temperatu
     return x_CV
 
 
-def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk):
-    """logZ_N and the target logits x_NK (summed over the group), chunk by chunk."""
+def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk,
+                   keep: bool = False):
+    """logZ_N and the target logits x_NK (summed over the group), chunk by chunk; with ``keep`` also the
+    chunks' exp(x − shift_N) and shift_N (backward then needs no second projection)."""
     n = layout.n_tokens
     dev = hidden_NH.device
     m_N = torch.empty(n, dtype=torch.float32, device=dev)
     s_N = torch.empty_like(m_N)
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
+    shift_N = torch.empty_like(m_N) if keep else None
+    kept: list[torch.Tensor] = []
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         x_CV = _chunk_logits(hidden_NH[c0:c1], weight_VH, layout, temperature)
@@ -76,39 +88,52 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
         m_C = x_CV.amax(dim=-1)
         m_N[c0:c1] = m_C
         # a shard that is all padding has m = -inf: shift by 0 instead so exp() gives 0, not NaN
-        x_CV.sub_(torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C).unsqueeze(-1))
-        s_N[c0:c1] = x_CV.exp_().sum(dim=-1)
+        shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
+        s_N[c0:c1] = x_CV.sub_(shift_C.unsqueeze(-1)).exp_().sum(dim=-1)
+        if keep:
+            shift_N[c0:c1] = shift_C
+            kept.append(x_CV)
         del x_CV
     logZ_N, tgt_sum_NK, _ = _reduce_stats(m_N, s_N, None, tgt_NK, layout, tp_group, False)
-    return logZ_N, tgt_sum_NK
+    return logZ_N, tgt_sum_NK, shift_N, kept
 
 
 class _FusedOutputLogProb(torch.autograd.Function):
     """Saves the hidden states, the weight (both held by the graph anyway) and logZ_N."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk):
-        logZ_N, tgt_NK = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
-                                        temperature, chunk)
-        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N)
+    def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, keep):
+        logZ_N, tgt_NK, shift_N, kept = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout,
+                                                       tp_group, temperature, chunk, keep)
+        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N,
+                              shift_N if keep else logZ_N.new_empty(0))
         ctx.layout, ctx.tp_group, ctx.temperature, ctx.chunk = layout, tp_group, temperature, chunk
+        ctx.keep, ctx.kept = keep, kept
         return torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
 
     @staticmethod
     def backward(ctx, g_logp_NK):
-        hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N = ctx.saved_tensors
+        hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N, shift_N = ctx.saved_tensors
+        if ctx.keep and ctx.kept is None:
+            raise RuntimeError("fused_output_logprobs: backward ran twice on a graph that kept its softmax chunks "
+                               "(they are consumed in place); recompute the forward instead of retain_graph=True")
+        kept, ctx.kept = ctx.kept, None
         layout, temperature, chunk = ctx.layout, ctx.temperature, ctx.chunk
         g_NK = torch.where(_live(tgt_local_NK), g_logp_NK.float(), torch.zeros_like(g_logp_NK, dtype=torch.float32))
         g_sum_N = g_NK.sum(dim=-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
-        grad_w_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        grad_w_VH = None  # allocated by the first chunk's product (no zero fill of [V, H])
         n = layout.n_tokens
-        for c0 in range(0, n, chunk):
+        for i, c0 in enumerate(range(0, n, chunk)):
             c1 = min(c0 + chunk, n)
             h_CH = hidden_NH[c0:c1]
-            x_CV = _chunk_logits(h_CH, weight_VH, layout, temperature)
-            x_CV.sub_(logZ_N[c0:c1].unsqueeze(-1)).exp_().mul_(-g_sum_N[c0:c1].unsqueeze(-1))  # −p · g
+            if ctx.keep:  # p = exp(x − shift) · exp(shift − logZ), from the forward's chunk
+                x_CV = kept[i].mul_(((shift_N[c0:c1] - logZ_N[c0:c1]).exp() * -g_sum_N[c0:c1]).unsqueeze(-1))
+                kept[i] = None
+            else:
+                x_CV = _chunk_logits(h_CH, weight_VH, layout, temperature)
+                x_CV.sub_(logZ_N[c0:c1].unsqueeze(-1)).exp_().mul_(-g_sum_N[c0:c1].unsqueeze(-1))  # −p · g
             idx_CK = torch.where(owned_NK[c0:c1], tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
             src_CK = torch.where(owned_NK[c0:c1], g_NK[c0:c1], torch.zeros_like(g_NK[c0:c1]))
             x_CV.scatter_add_(1, idx_CK, src_CK)  # + onehot · g
@@ -118,13 +143,16 @@ class _FusedOutputLogProb(torch.autograd.Function):
             if need_h:
                 torch.mm(g_CV, weight_VH, out=grad_h_NH[c0:c1])
             if need_w:
-                grad_w_VH.addmm_(g_CV.t().float(), h_CH.float())
+                g_t, h_f = g_CV.t().float(), h_CH.float()
+                grad_w_VH = torch.mm(g_t, h_f) if grad_w_VH is None else grad_w_VH.addmm_(g_t, h_f)
             del x_CV, g_CV
         if need_h and layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
             dist.all_reduce(grad_h_NH, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        if need_w and grad_w_VH is None:  # no tokens
+            grad_w_VH = torch.zeros_like(weight_VH)
         if need_w and grad_w_VH.dtype != weight_VH.dtype:
             grad_w_VH = grad_w_VH.to(weight_VH.dtype)
-        return grad_h_NH, grad_w_VH, None, None, None, None, None, None
+        return grad_h_NH, grad_w_VH, None, None, None, None, None, None, None
 
 
 def fused_output_logprobs(
@@ -137,6 +165,7 @@ def fused_output_logprobs(
     temperature: float = 1.0,
     chunk_tokens: Optional[int] = None,
     ignore_index: int = IGNORE_INDEX,
+    keep_softmax_bytes: int = DEFAULT_KEEP_SOFTMAX_BYTES,
 ) -> torch.Tensor:
     """log p(targets) fp32 [...] from hidden states [..., H] and this rank's output weight rows.
 
@@ -149,6 +178,9 @@ def fused_output_logprobs(
         vocab_size: the real vocabulary.
         temperature: the softmax is over logits / temperature.
         chunk_tokens: tokens per chunk (None: ~DEFAULT_FUSED_CHUNK_ELEMENTS fp32 per chunk buffer).
+        keep_softmax_bytes: with grad, keep the forward's fp32 exp(logits) chunks for backward when they
+            total at most this many bytes (one [tokens, V_local] fp32 tensor, in chunks) instead of
+            projecting again; 0 always recomputes (the smallest memory).
 
     Differentiable w.r.t. ``hidden`` and ``weight_shard`` when grad is enabled.
     """
@@ -170,11 +202,12 @@ def fused_output_logprobs(
     hidden_NH = hidden.reshape(layout.n_tokens, hidden.shape[-1])
     tgt_local_NK, owned_NK = _prepare_targets(targets, None, layout, ignore_index, hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad):
+        keep = layout.n_tokens * v_local * 4 <= keep_softmax_bytes
         logp_NK = _FusedOutputLogProb.apply(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
-                                            float(temperature), chunk)
+                                            float(temperature), chunk, keep)
     else:
         with torch.no_grad():
-            logZ_N, tgt_NK = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
-                                            float(temperature), chunk)
+            logZ_N, tgt_NK, _, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
+                                                  float(temperature), chunk)
             logp_NK = torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
     return logp_NK.view(lead)
