@@ -95,6 +95,23 @@ def test_bf16_and_shapes_and_errors():
         out.backward()
 
 
+def test_weight_gradient_goes_into_megatron_main_grad():
+    """A DDP-style parameter (fp32 main_grad + grad_added_to_main_grad): dL/dW is ADDED to main_grad in
+    place (over two micro-batches), the flag is set, and the returned gradient is a dummy the hook skips."""
+    case = make_case(5, 13, V=30, P=32)
+    ref = reference(case)
+    w = case["weight"].clone().requires_grad_(True)
+    w.main_grad = torch.full_like(w, 0.25)
+    w.grad_added_to_main_grad = False
+    for _ in range(2):
+        h = case["hidden"].clone().requires_grad_(True)
+        logp = fused_output_logprobs(h, w, case["targets"], None, vocab_size=30, chunk_tokens=4)
+        (logp * case["upstream"]).sum().backward()
+        torch.testing.assert_close(h.grad.double(), ref["dh"], atol=1e-5, rtol=1e-5)
+    assert w.grad_added_to_main_grad is True
+    torch.testing.assert_close(w.main_grad.double(), 0.25 + 2 * ref["dw"], atol=1e-5, rtol=1e-5)
+
+
 CASES = [  # (seed, tokens, V, P, temperature): P divisible by 4; V = 41 leaves the 4th shard of 48 all padding
     (11, 17, 60, 64, 1.0),
     (12, 9, 41, 48, 0.8),

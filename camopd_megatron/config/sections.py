@@ -386,7 +386,10 @@ class SelectionConfig:
     scale_only_selected: bool = True
     """Apply the advantage scale r_b only to samples the rho-rule keeps."""
     student_logprobs: Literal["recompute", "rollout"] = "recompute"
-    """Student log-probs for the gap: a pre-update training forward, or the rollout engine's (saves a forward)."""
+    """Student log-probs for the gap: a pre-update training forward, or the rollout engine's (saves a forward).
+    With ``recompute`` and a selection that does not depend on the gaps (``enabled: false`` and r_b on every
+    sample, e.g. ``vanilla_mopd``), no separate forward runs: the training forward's detached log-probs
+    are the same pre-update values and give the gaps."""
 
     def validate(self, prefix: str = "selection") -> list[str]:
         """In-section problems (empty when valid)."""

@@ -28,6 +28,10 @@ The weight is used directly, not through the output layer module: its forward ho
 never enable megatron's ``overlap_param_gather``, the one that needs them), and MuP logit scaling is
 not applied (:func:`camopd_megatron.models.pipeline.model_forward` refuses it).
 
+Under megatron's DDP the weight gradient is added straight into the parameter's fp32 ``main_grad``
+buffer (megatron's gradient-accumulation-fusion contract: ``grad_added_to_main_grad`` is set and a dummy
+gradient is returned, which the DDP hook skips).
+
 Shape legend: N tokens (leading dims flattened), H hidden, V = V_local, C tokens per chunk, K = 1.
 """
 from __future__ import annotations
@@ -98,6 +102,17 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
     return logZ_N, tgt_sum_NK, shift_N, kept
 
 
+def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
+    """True for a parameter of megatron's DDP (an fp32 ``main_grad`` buffer and the
+    ``grad_added_to_main_grad`` flag): backward then adds dL/dW into ``main_grad`` in place, as megatron's
+    linear layers do with gradient-accumulation fusion, instead of allocating a [V, H] gradient that the
+    DDP hook adds in a second pass."""
+    main = getattr(weight, "main_grad", None)
+    return (isinstance(main, torch.Tensor) and hasattr(weight, "grad_added_to_main_grad")
+            and not getattr(weight, "zero_out_wgrad", False) and main.dtype == torch.float32
+            and main.shape == weight.shape)
+
+
 class _FusedOutputLogProb(torch.autograd.Function):
     """Saves the hidden states, the weight (both held by the graph anyway) and logZ_N."""
 
@@ -123,7 +138,8 @@ class _FusedOutputLogProb(torch.autograd.Function):
         g_sum_N = g_NK.sum(dim=-1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
-        grad_w_VH = None  # allocated by the first chunk's product (no zero fill of [V, H])
+        into_main = need_w and _accumulates_into_main_grad(weight_VH)
+        grad_w_VH = weight_VH.main_grad if into_main else None  # else allocated by the first chunk's product
         n = layout.n_tokens
         for i, c0 in enumerate(range(0, n, chunk)):
             c1 = min(c0 + chunk, n)
@@ -148,6 +164,9 @@ class _FusedOutputLogProb(torch.autograd.Function):
             del x_CV, g_CV
         if need_h and layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
             dist.all_reduce(grad_h_NH, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        if into_main:  # megatron's gradient-accumulation-fusion contract: a dummy grad the DDP hook skips
+            weight_VH.grad_added_to_main_grad = True
+            return grad_h_NH, torch.empty_like(weight_VH), None, None, None, None, None, None, None
         if need_w and grad_w_VH is None:  # no tokens
             grad_w_VH = torch.zeros_like(weight_VH)
         if need_w and grad_w_VH.dtype != weight_VH.dtype:
