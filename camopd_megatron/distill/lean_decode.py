@@ -58,8 +58,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def _norm(norm: torch.nn.RMSNorm) -> tuple[torch.Tensor, float]:
+    eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+    return norm.weight, eps
+
+
 class LeanDecoder:
-    """KV-cached decoding of one micro-batch (``logits(tokens, start)`` like megatron's context path)."""
+    """KV-cached decoding of one micro-batch (``logits(tokens, start)`` like megatron's context path).
+
+    Per-layer parameters are looked up once here (not through module attributes every step), the input
+    and MLP norms are called as ``torch.rms_norm``, and q and k are rotated in one call: in megatron's
+    fused QKV layout each kv group holds its query heads then its key head, adjacent."""
 
     def __init__(self, model: Any, batch: int, max_len: int) -> None:
         cfg = model.config
@@ -73,38 +82,54 @@ class LeanDecoder:
         device = model.embedding.word_embeddings.weight.device
         self.k_LBGSD = torch.zeros(layers, batch, self.groups, max_len, self.dim, dtype=dtype, device=device)
         self.v_LBGSD = torch.zeros_like(self.k_LBGSD)
+        self.embed = model.embedding.word_embeddings.weight
+        self.final_norm = _norm(model.decoder.final_layernorm)
         self.out_weight = output_weight(model)
+        self.layers = []
+        for layer in model.decoder.layers:
+            att = layer.self_attention
+            q_ln = getattr(att, "q_layernorm", None)
+            self.layers.append((
+                _norm(layer.input_layernorm), att.linear_qkv.weight, att.linear_qkv.bias,
+                (q_ln, att.k_layernorm) if q_ln is not None else None, att.linear_proj.weight, att.linear_proj.bias,
+                _norm(layer.pre_mlp_layernorm), layer.mlp.linear_fc1.weight, layer.mlp.linear_fc2.weight,
+            ))
 
-    def _attention(self, i: int, layer: Any, h_BnC: torch.Tensor, start: int) -> torch.Tensor:
-        att = layer.self_attention
-        b, n, _ = h_BnC.shape
-        qkv = F.linear(h_BnC, att.linear_qkv.weight, att.linear_qkv.bias)
-        qkv = qkv.view(b, n, self.groups, (self.per_group + 2) * self.dim)
-        q, k, v = torch.split(qkv, [self.per_group * self.dim, self.dim, self.dim], dim=-1)
+    def _attention(self, i: int, x_BnC: torch.Tensor, start: int) -> torch.Tensor:
+        (ln_w, ln_eps), qkv_w, qkv_b, qk_norms, proj_w, proj_b = self.layers[i][:6]
+        b, n, c = x_BnC.shape
+        h_BnC = torch.rms_norm(x_BnC, (c,), ln_w, ln_eps)
+        qkv = F.linear(h_BnC, qkv_w, qkv_b).view(b, n, self.groups, self.per_group + 2, self.dim)
+        cos, sin = self.cos_SD[start:start + n, None, None, :], self.sin_SD[start:start + n, None, None, :]
+        if qk_norms is None:  # rotate the query heads and the key head of every group in one call
+            qk = _rotate(qkv[:, :, :, : self.per_group + 1], cos, sin)
+            q, k = qk[:, :, :, : self.per_group], qk[:, :, :, self.per_group]
+        else:
+            q = qk_norms[0](qkv[:, :, :, : self.per_group].reshape(b, n, self.heads, self.dim))
+            k = qk_norms[1](qkv[:, :, :, self.per_group])
+            q, k = _rotate(q, cos[:, :, 0], sin[:, :, 0]), _rotate(k, cos[:, :, 0], sin[:, :, 0])
+        v = qkv[:, :, :, self.per_group + 1]
         q = q.reshape(b, n, self.heads, self.dim)  # head g*per_group + j belongs to kv group g
-        if getattr(att, "q_layernorm", None) is not None:
-            q, k = att.q_layernorm(q), att.k_layernorm(k)
-        cos, sin = self.cos_SD[start:start + n, None, :], self.sin_SD[start:start + n, None, :]
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         end = start + n
         self.k_LBGSD[i, :, :, start:end] = k.transpose(1, 2)
         self.v_LBGSD[i, :, :, start:end] = v.transpose(1, 2)
         keys, values = self.k_LBGSD[i, :, :, :end], self.v_LBGSD[i, :, :, :end]
         mask = None
         if n > 1:  # query at position start+r sees keys 0..start+r
-            mask = torch.ones(n, end, dtype=torch.bool, device=h_BnC.device).tril(diagonal=start)
+            mask = torch.ones(n, end, dtype=torch.bool, device=x_BnC.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim)
-        return F.linear(out, att.linear_proj.weight, att.linear_proj.bias)
+        return F.linear(out, proj_w, proj_b)
 
     @torch.no_grad()
     def logits(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
         """Feed positions [start, start + n); logits ``[B, V]`` of the last one."""
-        model = self.model
-        x = F.embedding(tokens_Bn, model.embedding.word_embeddings.weight)
-        for i, layer in enumerate(model.decoder.layers):
-            x = x + self._attention(i, layer, layer.input_layernorm(x), start)
-            gate, up = F.linear(layer.pre_mlp_layernorm(x), layer.mlp.linear_fc1.weight).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight)
-        last = model.decoder.final_layernorm(x[:, -1])
-        return F.linear(last, self.out_weight)
+        x = F.embedding(tokens_Bn, self.embed)
+        c = x.shape[-1]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, x, start)
+            (ln_w, ln_eps), fc1_w, fc2_w = layer[6:]
+            gate, up = F.linear(torch.rms_norm(x, (c,), ln_w, ln_eps), fc1_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, fc2_w)
+        w, eps = self.final_norm
+        return F.linear(torch.rms_norm(x[:, -1], (c,), w, eps), self.out_weight)
