@@ -28,8 +28,9 @@ def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
     assert rec["response_len_mean"] == 4.0
     assert rec["train_tokens"] == 2 * 8 * (32 + 4)
     assert rec["train_tokens_per_s"] > 0 and rec["peak_rss_mb"] > 0
-    for stage in ("data", "rollout", "teacher", "recompute", "select", "train", "optimizer", "step"):
+    for stage in ("data", "rollout", "teacher", "select", "train", "optimizer", "step"):
         assert stage in rec["stages_s"], stage
+    assert "recompute" not in rec["stages_s"]  # selection off: the gaps come out of the training forward
     assert rec["params"] == 1 * (32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 2 * 64 * 32 + 32
     json.dumps(rec)  # the --json line
 

@@ -139,3 +139,12 @@ def test_tp2_and_tp4_match_the_single_process_reference():
         for rank, res in enumerate(per_rank):
             for tp in (2, 4):
                 check(res[(seed, tp)], ref, tol=1e-5)
+
+
+def test_output_layer_benchmark_smoke():
+    """The benchmark's three paths agree (it raises otherwise) and it prints one row per mode."""
+    from camopd_megatron.bench.output_layer import main
+
+    table = main(["--quick", "--threads", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2 and "fwd+bwd" in rows[1]
