@@ -348,12 +348,9 @@ def _inverse_cdf_sample(logits_BV: torch.Tensor, keys_B2: torch.Tensor, tp_group
         cum_BV = torch.zeros(b, 0, dtype=torch.float64, device=dev)
         mass_B = torch.zeros(b, dtype=torch.float64, device=dev)
     # every rank's (max, mass): rank r holds mass exp(m_r − m) · mass_r of the row's total Z
-    if tp_size == 1:
-        m_RB, mass_RB = m_B.unsqueeze(0), mass_B.unsqueeze(0)
-    else:
-        parts = [torch.empty(b, 2, dtype=torch.float64, device=dev) for _ in range(tp_size)]
-        dist.all_gather(parts, torch.stack([m_B, mass_B], dim=-1), group=tp_group)
-        m_RB, mass_RB = torch.stack([p[:, 0] for p in parts]), torch.stack([p[:, 1] for p in parts])
+    parts = [torch.empty(b, 2, dtype=torch.float64, device=dev) for _ in range(tp_size)]
+    dist.all_gather(parts, torch.stack([m_B, mass_B], dim=-1), group=tp_group)
+    m_RB, mass_RB = torch.stack([p[:, 0] for p in parts]), torch.stack([p[:, 1] for p in parts])
     gmax_B = m_RB.amax(dim=0)
     scale_RB = torch.where(mass_RB > 0, (m_RB - gmax_B).exp(), torch.zeros_like(mass_RB))
     shard_RB = scale_RB * mass_RB
@@ -378,12 +375,12 @@ def _inverse_cdf_sample(logits_BV: torch.Tensor, keys_B2: torch.Tensor, tp_group
         pick_B = torch.zeros(b, dtype=torch.float64, device=dev)
     id_B = torch.where(mine_B, col_B + vocab_start, torch.full_like(col_B, -1))
     pick_B = torch.where(mine_B, pick_B, torch.full_like(pick_B, float("-inf")))
-    if tp_size > 1:  # exactly one rank owns each row: the max over ranks is the owner's (id, logit / T)
-        parts = [torch.empty(b, 2, dtype=torch.float64, device=dev) for _ in range(tp_size)]
-        dist.all_gather(parts, torch.stack([id_B.to(torch.float64), pick_B], dim=-1), group=tp_group)
-        both_RB2 = torch.stack(parts)
-        id_B = both_RB2[..., 0].amax(dim=0).to(torch.int64)
-        pick_B = both_RB2[..., 1].amax(dim=0)
+    # exactly one rank owns each row: the max over ranks is the owner's (id, logit / T)
+    parts = [torch.empty(b, 2, dtype=torch.float64, device=dev) for _ in range(tp_size)]
+    dist.all_gather(parts, torch.stack([id_B.to(torch.float64), pick_B], dim=-1), group=tp_group)
+    both_RB2 = torch.stack(parts)
+    id_B = both_RB2[..., 0].amax(dim=0).to(torch.int64)
+    pick_B = both_RB2[..., 1].amax(dim=0)
     mu_B = pick_B - gmax_B - z_B.log()
     return id_B, mu_B.float()
 

@@ -37,7 +37,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
 
 LossFn = Callable[[dict[str, Any], torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
-"""``loss_fn(batch, logits_BTV) -> (scalar loss, outputs)``; outputs are collected per micro-batch."""
+"""``loss_fn(batch, logits_BTV) -> (scalar loss, outputs)`` (hidden states ``[B, W, H]`` instead of logits
+when the batch carries an ``output_window``); outputs are collected per micro-batch."""
 
 
 def output_window(mask_BT: torch.Tensor) -> tuple[int, int]:
