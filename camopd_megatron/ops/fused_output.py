@@ -114,7 +114,8 @@ def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
 
 
 class _FusedOutputLogProb(torch.autograd.Function):
-    """Saves the hidden states, the weight (both held by the graph anyway) and logZ_N."""
+    """Saves the hidden states, the weight (both held by the graph anyway), logZ_N, and with ``keep`` the
+    forward's exp chunks (consumed in place by the one backward)."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, keep):
@@ -158,8 +159,8 @@ class _FusedOutputLogProb(torch.autograd.Function):
             g_CV = x_CV.to(weight_VH.dtype)
             if need_h:
                 torch.mm(g_CV, weight_VH, out=grad_h_NH[c0:c1])
-            if need_w:
-                g_t, h_f = g_CV.t().float(), h_CH.float()
+            if need_w:  # from the fp32 chunk gradient (no round trip through a bf16 weight's dtype)
+                g_t, h_f = x_CV.t(), h_CH.float()
                 grad_w_VH = torch.mm(g_t, h_f) if grad_w_VH is None else grad_w_VH.addmm_(g_t, h_f)
             del x_CV, g_CV
         if need_h and layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
