@@ -40,19 +40,24 @@ QUICK = {"tiny": dict(b=2, t=12, w=8, h=16, v=64)}
 METHODS = ("full", "window", "fused")
 
 
+def _scored(d: dict) -> tuple[int, int]:
+    """Outputs ``[lo, hi)`` score the response: output t predicts token t + 1, the last W tokens."""
+    return d["t"] - d["w"] - 1, d["t"] - 1
+
+
 def _inputs(d: dict, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     hidden_TBH = torch.randn(d["t"], d["b"], d["h"], generator=g).requires_grad_(grad)
     weight_VH = (torch.randn(d["v"], d["h"], generator=g) * d["h"] ** -0.5).requires_grad_(grad)
     targets_BT = torch.full((d["b"], d["t"]), IGNORE_INDEX, dtype=torch.int64)
-    lo = d["t"] - d["w"] - 1  # outputs lo .. t-2 score the response tokens lo+1 .. t-1
-    targets_BT[:, lo:d["t"] - 1] = torch.randint(0, d["v"], (d["b"], d["w"]), generator=g)
+    lo, hi = _scored(d)
+    targets_BT[:, lo:hi] = torch.randint(0, d["v"], (d["b"], d["w"]), generator=g)
     upstream_BT = torch.randn(d["b"], d["t"], generator=g)
     return hidden_TBH, weight_VH, targets_BT, upstream_BT
 
 
 def _method(name: str, d: dict) -> Callable[..., torch.Tensor]:
-    lo, hi = d["t"] - d["w"] - 1, d["t"] - 1
+    lo, hi = _scored(d)
 
     def full(h_TBH, w_VH, tgt_BT):
         logits_BTV = F.linear(h_TBH, w_VH).transpose(0, 1).contiguous()
@@ -72,7 +77,7 @@ def measure(size: str, d: dict, method: str, mode: str, repeats: int) -> dict:
     grad = mode == "fwd+bwd"
     h, w, tgt, up = _inputs(d, grad)
     fn = _method(method, d)
-    lo, hi = d["t"] - d["w"] - 1, d["t"] - 1
+    lo, hi = _scored(d)
 
     def call() -> torch.Tensor:
         h.grad = w.grad = None

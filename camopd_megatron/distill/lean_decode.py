@@ -20,7 +20,7 @@ groups, H query heads, D head dim, V (padded) vocab.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,20 @@ def _norm(norm: torch.nn.RMSNorm) -> tuple[torch.Tensor, float]:
     return norm.weight, eps
 
 
+class _Layer(NamedTuple):
+    """One transformer layer's parameters, looked up once."""
+
+    input_norm: tuple[torch.Tensor, float]
+    qkv_w: torch.Tensor
+    qkv_b: Optional[torch.Tensor]
+    qk_norms: Optional[tuple[Any, Any]]  # qwen3's q/k RMSNorm modules
+    proj_w: torch.Tensor
+    proj_b: Optional[torch.Tensor]
+    mlp_norm: tuple[torch.Tensor, float]
+    fc1_w: torch.Tensor
+    fc2_w: torch.Tensor
+
+
 class LeanDecoder:
     """KV-cached decoding of one micro-batch (``logits(tokens, start)`` like megatron's context path).
 
@@ -89,24 +103,24 @@ class LeanDecoder:
         for layer in model.decoder.layers:
             att = layer.self_attention
             q_ln = getattr(att, "q_layernorm", None)
-            self.layers.append((
+            self.layers.append(_Layer(
                 _norm(layer.input_layernorm), att.linear_qkv.weight, att.linear_qkv.bias,
                 (q_ln, att.k_layernorm) if q_ln is not None else None, att.linear_proj.weight, att.linear_proj.bias,
                 _norm(layer.pre_mlp_layernorm), layer.mlp.linear_fc1.weight, layer.mlp.linear_fc2.weight,
             ))
 
     def _attention(self, i: int, x_BnC: torch.Tensor, start: int) -> torch.Tensor:
-        (ln_w, ln_eps), qkv_w, qkv_b, qk_norms, proj_w, proj_b = self.layers[i][:6]
+        p = self.layers[i]
         b, n, c = x_BnC.shape
-        h_BnC = torch.rms_norm(x_BnC, (c,), ln_w, ln_eps)
-        qkv = F.linear(h_BnC, qkv_w, qkv_b).view(b, n, self.groups, self.per_group + 2, self.dim)
+        h_BnC = torch.rms_norm(x_BnC, (c,), *p.input_norm)
+        qkv = F.linear(h_BnC, p.qkv_w, p.qkv_b).view(b, n, self.groups, self.per_group + 2, self.dim)
         cos, sin = self.cos_SD[start:start + n, None, None, :], self.sin_SD[start:start + n, None, None, :]
-        if qk_norms is None:  # rotate the query heads and the key head of every group in one call
+        if p.qk_norms is None:  # rotate the query heads and the key head of every group in one call
             qk = _rotate(qkv[:, :, :, : self.per_group + 1], cos, sin)
             q, k = qk[:, :, :, : self.per_group], qk[:, :, :, self.per_group]
         else:
-            q = qk_norms[0](qkv[:, :, :, : self.per_group].reshape(b, n, self.heads, self.dim))
-            k = qk_norms[1](qkv[:, :, :, self.per_group])
+            q = p.qk_norms[0](qkv[:, :, :, : self.per_group].reshape(b, n, self.heads, self.dim))
+            k = p.qk_norms[1](qkv[:, :, :, self.per_group])
             q, k = _rotate(q, cos[:, :, 0], sin[:, :, 0]), _rotate(k, cos[:, :, 0], sin[:, :, 0])
         v = qkv[:, :, :, self.per_group + 1]
         q = q.reshape(b, n, self.heads, self.dim)  # head g*per_group + j belongs to kv group g
@@ -119,17 +133,16 @@ class LeanDecoder:
             mask = torch.ones(n, end, dtype=torch.bool, device=x_BnC.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim)
-        return F.linear(out, proj_w, proj_b)
+        return F.linear(out, p.proj_w, p.proj_b)
 
     @torch.no_grad()
     def logits(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
         """Feed positions [start, start + n); logits ``[B, V]`` of the last one."""
         x = F.embedding(tokens_Bn, self.embed)
         c = x.shape[-1]
-        for i, layer in enumerate(self.layers):
+        for i, p in enumerate(self.layers):
             x = x + self._attention(i, x, start)
-            (ln_w, ln_eps), fc1_w, fc2_w = layer[6:]
-            gate, up = F.linear(torch.rms_norm(x, (c,), ln_w, ln_eps), fc1_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, fc2_w)
+            gate, up = F.linear(torch.rms_norm(x, (c,), *p.mlp_norm), p.fc1_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, p.fc2_w)
         w, eps = self.final_norm
         return F.linear(torch.rms_norm(x[:, -1], (c,), w, eps), self.out_weight)

@@ -331,19 +331,16 @@ def _inverse_cdf_sample(logits_BV: torch.Tensor, keys_B2: torch.Tensor, tp_group
     s_BV = logits_BV[:, :real].to(torch.float64)
     if temperature != 1.0:
         s_BV = s_BV / float(temperature)
-    if tp_size == 1:  # the whole row here: the same draw without the cross-rank bookkeeping
-        m_B = s_BV.amax(dim=-1)
-        cum_BV = (s_BV - m_B.unsqueeze(1)).exp_().cumsum_(dim=-1)
-        z_B = cum_BV[:, -1]
-        target_B1 = (row_uniforms(keys_B2).to(dev) * z_B).unsqueeze(1)
-        col_B1 = torch.searchsorted(cum_BV, target_B1, right=True).clamp_(max=real - 1)
-        mu_B = s_BV.gather(1, col_B1).squeeze(1) - m_B - z_B.log()
-        return col_B1.squeeze(1), mu_B.float()
     if real:
         m_B = s_BV.amax(dim=-1)
         cum_BV = (s_BV - m_B.unsqueeze(1)).exp_().cumsum_(dim=-1)
         mass_B = cum_BV[:, -1]
-    else:  # a shard of padding only: no mass
+    if tp_size == 1:  # the whole row here: the same draw without the cross-rank bookkeeping
+        target_B1 = (row_uniforms(keys_B2).to(dev) * mass_B).unsqueeze(1)
+        col_B1 = torch.searchsorted(cum_BV, target_B1, right=True).clamp_(max=real - 1)
+        mu_B = s_BV.gather(1, col_B1).squeeze(1) - m_B - mass_B.log()
+        return col_B1.squeeze(1), mu_B.float()
+    if not real:  # a shard of padding only: no mass
         m_B = torch.full((b,), float("-inf"), dtype=torch.float64, device=dev)
         cum_BV = torch.zeros(b, 0, dtype=torch.float64, device=dev)
         mass_B = torch.zeros(b, dtype=torch.float64, device=dev)
