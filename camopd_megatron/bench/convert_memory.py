@@ -1,6 +1,6 @@
 """Peak memory of the HF <-> megatron converters on a ~1 GB random model (BENCHMARKS.md).
 
-    python -m camopd_megatron.bench.convert_memory [--layers 8 --hidden 2048 ...] [--workdir /tmp/x]
+    python -m camopd_megatron.bench.convert_memory [--layers 8 --hidden 2048 ...] [--workdir DIR]
 
 Writes a random-init Llama-style model as sharded bf16 safetensors into a temporary directory
 (streamed, one layer at a time), then measures each direction in a fresh process: extra memory =
@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--in-shard-mib", type=int, default=200, help="shard size of the generated HF input")
     p.add_argument("--out-shard-mib", type=int, default=256, help="max shard size of the exported HF output")
-    p.add_argument("--workdir", default=None, help="where to write (default: a new dir under /tmp)")
+    p.add_argument("--workdir", default=None, help="where to write (default: a new temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--measure", choices=["import", "export"], help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.measure:
         print(json.dumps(_measure(a.measure, a.src, a.dst, a.out_shard_mib * MiB)))
         return 0
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="camopd_convert_mem_", dir="/tmp"))
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="camopd_convert_mem_"))
     try:
         facts = write_random_model(work / "hf", layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads,
                                    ffn=a.ffn, vocab=a.vocab, shard_bytes=a.in_shard_mib * MiB)

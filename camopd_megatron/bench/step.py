@@ -7,8 +7,8 @@
     python -m camopd_megatron.bench.step --json                       # one JSON line on stdout
 
 What runs is ``camopd_megatron.trainer.train(cfg)`` itself (config built with ``config_from_dict``),
-on the dimensions of ``/work/shared/peers/trl/run_peer.py --arch llama`` (Llama-style: RMSNorm, RoPE,
-SwiGLU, GQA, untied embeddings, no QKV bias):
+on the dimensions of the TRL peer's ``run_peer.py --arch llama`` (located by ``bench.vs_trl --peer-dir``;
+Llama-style: RMSNorm, RoPE, SwiGLU, GQA, untied embeddings, no QKV bias):
 
 * small: hidden 256, 4 layers, 4 heads / 2 kv heads, FFN 688, vocab 8192, 64 new tokens;
 * large: hidden 512, 8 layers, 8 heads / 4 kv heads, FFN 1376, vocab 32000, 128 new tokens;

@@ -1,10 +1,14 @@
 """Ours vs TRL's on-policy ``DistillationTrainer``, back to back and alternating, ratio per setting.
 
-    python -m camopd_megatron.bench.vs_trl --trl-python /tmp/venv-trl/bin/python            # small + large
-    python -m camopd_megatron.bench.vs_trl --sizes small --reps 3 --steps 10 --trl-python ...
+    python -m camopd_megatron.bench.vs_trl                                  # small + large
+    python -m camopd_megatron.bench.vs_trl --sizes small --reps 3 --steps-small 10 --peer-dir PEER --trl-python PY
+
+The peer is a checkout of the TRL baseline (``run_peer.py`` and its README) outside this repository:
+``--peer-dir`` (default ``../shared/peers/trl`` next to the repository root), run with the python of
+the venv its README sets up (``--trl-python``, default ``<peer-dir>/.venv-trl/bin/python``).
 
 For each size and repetition it runs, as fresh processes and one at a time (the 2 cores are
-shared), ``/work/shared/peers/trl/run_peer.py --arch llama --threads 2`` (the peer, Llama-style so
+shared), ``<peer-dir>/run_peer.py --arch llama --threads 2`` (the peer, Llama-style so
 both sides have no QKV bias) then ``python -m camopd_megatron.bench.step --json`` (ours, single
 teacher, one process), alternating the order every repetition so a drift in machine load hits both
 sides alike. ``--camopd`` adds our two-teacher ``camopd`` preset as an extra (unpaired) row.
@@ -20,10 +24,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-PEER_DIR = Path("/work/shared/peers/trl")
+REPO = Path(__file__).resolve().parents[2]
+"""The repository root (this file is ``camopd_megatron/bench/vs_trl.py``)."""
+DEFAULT_PEER_DIR = REPO.parent / "shared" / "peers" / "trl"
+"""Where the peer checkout lives by default: ``../shared/peers/trl`` relative to the repository root."""
 PEER_ARGS = {
     "small": [],
     "large": ["--hidden", "512", "--layers", "8", "--heads", "8", "--kv-heads", "4", "--vocab", "32000",
@@ -44,10 +52,10 @@ def _last_json(stdout: str) -> dict[str, Any]:
     raise RuntimeError(f"no JSON line in the output:\n{stdout[-2000:]}")
 
 
-def run_peer(trl_python: str, size: str, steps: int, threads: int) -> dict[str, Any]:
-    """One TRL run (a fresh process); its JSON record."""
-    cmd = [trl_python, str(PEER_DIR / "run_peer.py"), "--trainer", "distill", "--arch", "llama", "--threads",
-           str(threads), "--steps", str(steps), "--output-dir", "/tmp/trl_peer_out", *PEER_ARGS[size]]
+def run_peer(trl_python: str, peer_dir: Path, size: str, steps: int, threads: int, output_dir: str) -> dict[str, Any]:
+    """One TRL run (a fresh process) of ``peer_dir/run_peer.py`` writing to ``output_dir``; its JSON record."""
+    cmd = [trl_python, str(peer_dir / "run_peer.py"), "--trainer", "distill", "--arch", "llama", "--threads",
+           str(threads), "--steps", str(steps), "--output-dir", output_dir, *PEER_ARGS[size]]
     out = subprocess.run(cmd, env=_env(threads), check=True, capture_output=True, text=True)
     return _last_json(out.stdout)
 
@@ -57,7 +65,7 @@ def run_ours(size: str, steps: int, threads: int, teachers: int = 1, student_log
     cmd = [sys.executable, "-m", "camopd_megatron.bench.step", "--json", "--size", size, "--steps", str(steps),
            "--threads", str(threads), "--teachers", str(teachers), "--student-logprobs", student_logprobs]
     out = subprocess.run(cmd, env=_env(threads), check=True, capture_output=True, text=True,
-                         cwd=str(Path(__file__).resolve().parents[2]))
+                         cwd=str(REPO))
     return _last_json(out.stdout)
 
 
@@ -65,16 +73,22 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, trl_python: str,
+def compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, trl_python: str, peer_dir: Path,
             camopd: bool = False, jsonl: Optional[str] = None, student_logprobs: str = "recompute") -> str:
-    """Run the matrix and return the Markdown table."""
+    """Run the matrix and return the Markdown table (the peer writes into a scratch directory)."""
+    with tempfile.TemporaryDirectory(prefix="trl_peer_out_") as peer_out:
+        return _compare(sizes, reps, steps, threads, trl_python, peer_dir, peer_out, camopd, jsonl, student_logprobs)
+
+
+def _compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, trl_python: str, peer_dir: Path,
+             peer_out: str, camopd: bool, jsonl: Optional[str], student_logprobs: str) -> str:
     rows = []
     for size in sizes:
         ours_r, peer_r, extra_r = [], [], []
         for rep in range(reps):
             order = ("peer", "ours") if rep % 2 == 0 else ("ours", "peer")
             for who in order:
-                rec = run_peer(trl_python, size, steps[size], threads) if who == "peer" else \
+                rec = run_peer(trl_python, peer_dir, size, steps[size], threads, peer_out) if who == "peer" else \
                     run_ours(size, steps[size], threads, student_logprobs=student_logprobs)
                 (peer_r if who == "peer" else ours_r).append(rec)
                 print(f"[{size} rep {rep}] {who}: train tok/s {rec['train_tokens_per_s']} "
@@ -110,7 +124,10 @@ def compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, tr
 def main(argv: Optional[list[str]] = None) -> str:
     """CLI (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trl-python", default="/tmp/venv-trl/bin/python", help="python of the peer's venv")
+    p.add_argument("--peer-dir", type=Path, default=DEFAULT_PEER_DIR,
+                   help="the TRL peer checkout holding run_peer.py (default: ../shared/peers/trl next to the repository)")
+    p.add_argument("--trl-python", default=None,
+                   help="python of the peer's venv (default: <peer-dir>/.venv-trl/bin/python, where its README puts it)")
     p.add_argument("--sizes", nargs="+", choices=sorted(PEER_ARGS), default=["small", "large"])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--steps-small", type=int, default=10)
@@ -121,10 +138,14 @@ def main(argv: Optional[list[str]] = None) -> str:
                    help="our selection.student_logprobs (the presets use recompute)")
     p.add_argument("--jsonl", default=None, help="append raw records here")
     a = p.parse_args(argv)
-    if not Path(a.trl_python).is_file():
-        raise ValueError(f"--trl-python={a.trl_python!r} does not exist; create the peer venv as "
-                         f"{PEER_DIR / 'README.md'} says")
-    return compare(a.sizes, a.reps, {"small": a.steps_small, "large": a.steps_large}, a.threads, a.trl_python,
+    peer_dir = a.peer_dir.resolve()
+    if not (peer_dir / "run_peer.py").is_file():
+        raise ValueError(f"--peer-dir={str(a.peer_dir)!r}: no run_peer.py there; point --peer-dir at the TRL peer checkout")
+    trl_python = a.trl_python or str(peer_dir / ".venv-trl" / "bin" / "python")
+    if not Path(trl_python).is_file():
+        raise ValueError(f"--trl-python={trl_python!r} does not exist; create the peer venv as the README in "
+                         f"{peer_dir} says, or pass --trl-python")
+    return compare(a.sizes, a.reps, {"small": a.steps_small, "large": a.steps_large}, a.threads, trl_python, peer_dir,
                    camopd=a.camopd, jsonl=a.jsonl, student_logprobs=a.student_logprobs)
 
 
