@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a student with CaMOPD (counteraction-aware multi-teacher on-policy distillation) "
         "on megatron-core. Launch with torchrun (see examples/launch/).",
         epilog="examples:\n"
-        "  camopd-train --config examples/configs/demo.yaml run.steps=10\n"
+        "  camopd-train --config examples/configs/camopd.yaml run.steps=10\n"
         "  camopd-train --config big.yaml --dry-run --world-size 512",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

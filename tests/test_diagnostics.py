@@ -1,4 +1,4 @@
-"""Branch conflict and gradient coherence (CAMOPD.md §5) on plain and TP/PP-sharded gradient sets."""
+"""Branch conflict and gradient coherence (docs/algorithm.md §8) on plain and TP/PP-sharded gradient sets."""
 import math
 
 import pytest

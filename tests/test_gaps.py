@@ -1,4 +1,4 @@
-"""Gap helpers and the per-sample scores of CAMOPD.md §4 vs a plain Python loop."""
+"""Gap helpers and the per-sample scores of docs/algorithm.md §4 vs a plain Python loop."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The CaMOPD branch loss and the top-k reverse KL against hand-computed values (CAMOPD.md §2, §4)."""
+"""The CaMOPD branch loss and the top-k reverse KL against hand-computed values (docs/algorithm.md §2-§3)."""
 import math
 
 import pytest
@@ -83,7 +83,7 @@ def test_adv_clip_scale_and_normaliser():
 
 
 def reference_loss(student, teacher, rollout, mask, scale, n_global, lo=0.5, hi=2.0):
-    """Plain Python loops over samples and tokens (the formula of CAMOPD.md §4)."""
+    """Plain Python loops over samples and tokens (the formula of docs/algorithm.md §2)."""
     total = 0.0
     sg = student.detach()  # Δ and π/μ are stop-gradient
     for i in range(student.shape[0]):

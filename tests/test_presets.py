@@ -1,4 +1,4 @@
-"""The algorithm presets under examples/configs/ load and mean what CAMOPD.md §7 / issue 6 say."""
+"""The algorithm presets under examples/configs/ load and mean what docs/algorithm.md §7 says."""
 import os
 
 import pytest

@@ -1,4 +1,4 @@
-"""ρ-mass selection (CAMOPD.md §4) and the per-sample advantage scale (§7), by hand-worked examples."""
+"""ρ-mass selection (docs/algorithm.md §4) and the per-sample advantage scale (§5), by hand-worked examples."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """The demo's evaluation hook for ``train(cfg, eval_fn=...)``: held-out exact-match accuracy per task.
 
-The branch-conflict diagnostic (cos(g_general, g_domain), CAMOPD.md §5) comes from the trainer's own
+The branch-conflict diagnostic (cos(g_general, g_domain), docs/algorithm.md §8) comes from the trainer's own
 probe (``logging.diagnostics_interval``, :mod:`camopd_megatron.distill.probe`), logged as
 ``diag/grad_cosine``.
 """

@@ -41,7 +41,7 @@ METHODS: dict[str, str] = {
     "no_selection_no_scaling": "no_selection_no_scaling.yaml",
     "no_decoupling": "no_decoupling.yaml",
 }
-"""Method name → preset file in ``examples/configs`` (CAMOPD.md §7)."""
+"""Method name → preset file in ``examples/configs`` (docs/algorithm.md §7)."""
 
 _REPO = Path(__file__).resolve().parents[2]
 PRESET_DIR = _REPO / "examples" / "configs"

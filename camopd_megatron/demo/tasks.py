@@ -21,7 +21,7 @@ task       prompt                       answer            branch
 different output convention (a trailing ``!``). It shares the general tasks' letters, lengths and
 copy circuit, so specialising on it interferes with them (the model starts marking or garbling its
 copies and reversals) without wiping them out, and recovering general skill pulls against the
-domain convention: genuine branch conflict, partial forgetting (CAMOPD.md §3). An earlier version
+domain convention: genuine branch conflict, partial forgetting (docs/algorithm.md §1). An earlier version
 used a Caesar cipher, a brand-new 26-entry mapping: by the time stage 2 had learnt it, the general
 skill was gone entirely (0.2%), which is not the paper's regime.
 
@@ -32,7 +32,7 @@ prompt (so membership is exact and the same on every machine):
 * ``train``: what the teachers are trained on (full operand ranges / lengths / letters).
 * ``proxy``: the student's general/domain prompts in stage 3. For the general tasks they come from
   a *narrower* generator than the general teacher's training data (shorter strings, fewer
-  letters / digits), so they do not cover the training distribution (CAMOPD.md §1: only proxy
+  letters / digits), so they do not cover the training distribution (docs/algorithm.md §1: only proxy
   prompts are available); eval still covers the full ranges.
 
 Checkers are exact: :func:`check` compares the decoded response (up to EOS) with the answer.
@@ -130,7 +130,7 @@ def _body(task: str, pool: str, rng: random.Random) -> str:
         # teacher: 2..6 digits; proxy: 3..4 digits of 0..5
         return _letters(rng, "012345" if proxy else string.digits, 3 if proxy else 2, 4 if proxy else 6)
     if task == "mrk":
-        # the domain branch has in-distribution prompts (the domain prompt set of CAMOPD.md §1)
+        # the domain branch has in-distribution prompts (the domain prompt set of docs/algorithm.md §1)
         return _letters(rng, string.ascii_lowercase, 2, 6)
     raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
 

@@ -1,4 +1,4 @@
-"""CaMOPD algorithm pieces (CAMOPD.md §2–§5), importable one by one without megatron.
+"""CaMOPD algorithm pieces (docs/algorithm.md §2–§6, §8), importable one by one without megatron.
 
 - :mod:`~camopd_megatron.distill.losses`: the branch loss (truncated IS, r_i, adv clip, global
   normaliser) and the top-k reverse KL.

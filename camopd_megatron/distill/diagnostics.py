@@ -1,4 +1,4 @@
-"""Gradient diagnostics of CAMOPD.md §5 on megatron-sharded parameters.
+"""Gradient diagnostics of docs/algorithm.md §8 on megatron-sharded parameters.
 
 - Branch conflict: dot product and cosine of two full-parameter gradients (g_g vs g_d on probe
   batches).

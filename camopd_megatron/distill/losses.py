@@ -1,4 +1,4 @@
-"""The CaMOPD branch loss (CAMOPD.md §4) and the optional top-k reverse KL (§2), on per-token tensors.
+"""The CaMOPD branch loss (docs/algorithm.md §2-§3) and the optional top-k reverse KL (§2), on per-token tensors.
 
 For the samples i of one micro-batch (already restricted to the kept set S_b by the caller):
 
@@ -209,7 +209,7 @@ def topk_reverse_kl_loss(
     *,
     num_samples_global: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Top-k reverse KL over the teacher's top-k set, with the bias term (CAMOPD.md §2).
+    """Top-k reverse KL over the teacher's top-k set, with the bias term (docs/algorithm.md §2).
 
     Per token: kl_t = Σ_{v∈topk_T} [π_θ(v) (log π_θ(v) − log π_T(v)) − π_θ(v) + π_T(v)] (≥ 0, 0 iff
     π_θ = π_T on the set); loss = (1/N_global) Σ_i (1/L_i) Σ_t m_{i,t} kl_{i,t}, the same global

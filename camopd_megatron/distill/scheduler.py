@@ -1,4 +1,4 @@
-"""Which branch(es) each optimizer step trains on (CAMOPD.md §4 decoupling; §2 vanilla mixing).
+"""Which branch(es) each optimizer step trains on (docs/algorithm.md §6: decoupling; vanilla mixing).
 
 Two modes (``scheduler.mode``):
 

@@ -1,4 +1,4 @@
-"""Gap-based sample selection (CAMOPD.md §4) and the per-sample advantage scale r_i (§7).
+"""Gap-based sample selection (docs/algorithm.md §4) and the per-sample advantage scale r_i (§5).
 
 The ρ-mass rule on one branch's samples (:func:`select_by_gap_mass`, pure):
 

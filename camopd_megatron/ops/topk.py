@@ -1,4 +1,4 @@
-"""Global top-k over vocab-sharded logits (for the optional top-k KL of CAMOPD.md §2).
+"""Global top-k over vocab-sharded logits (for the optional top-k KL of docs/algorithm.md §2).
 
 Local top-k per shard (chunked over tokens) → all-gather of k·TP (value, global index) candidates →
 global top-k. Ties are broken towards the LOWER global vocab index everywhere: the result equals
