@@ -44,3 +44,21 @@ def test_prompt_and_tokenizer_files_match_the_peer(tmp_path):
     path = write_prompts(tmp_path / "p.jsonl", 3, 32, 100, seed=0)
     rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
     assert len(rows) == 3 and all(len(tok.encode(r)) == 32 for r in rows)
+
+
+def test_vs_trl_finds_the_peer_through_flags_relative_to_the_repository(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from camopd_megatron.bench import vs_trl
+
+    repo = Path(__file__).resolve().parents[1]
+    assert vs_trl.REPO == repo
+    assert vs_trl.DEFAULT_PEER_DIR == repo.parent / "shared" / "peers" / "trl"
+    with pytest.raises(ValueError, match="--peer-dir=.*no run_peer.py"):
+        vs_trl.main(["--peer-dir", str(tmp_path)])
+    (tmp_path / "run_peer.py").write_text("")
+    # the venv defaults to where the peer's README creates it, inside the peer dir
+    with pytest.raises(ValueError, match=r"--trl-python=.*\.venv-trl/bin/python.*does not exist"):
+        vs_trl.main(["--peer-dir", str(tmp_path)])
