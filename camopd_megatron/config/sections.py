@@ -194,17 +194,15 @@ class ModelConfig:
             if self.num_query_groups is not None:
                 sizes.append(("num_query_groups", self.num_query_groups))
             sizes += [("ffn_hidden_size", self.ffn_hidden_size), ("padded_vocab_size", self.padded_vocab_size)]
-            bad = [(name, size) for name, size in sizes if size > 0 and size % tp]
+            bad = [f"{prefix}.{name}={size}" for name, size in sizes if size > 0 and size % tp]
             if bad:
-                names = [f"{prefix}.{name}={size}" for name, size in bad]
-                if bad[-1][0] == "padded_vocab_size":
-                    names[-1] += (f" ({prefix}.vocab_size={self.vocab_size} padded to a multiple of "
-                                  f"{prefix}.vocab_pad_multiple={self.vocab_pad_multiple})")
                 fix = f"use a {tp_key} that divides {'them' if len(bad) > 1 else 'it'}"
-                if bad[-1][0] == "padded_vocab_size" and self.vocab_pad_multiple > 0:
+                if self.padded_vocab_size > 0 and self.padded_vocab_size % tp:  # always last in ``bad``
+                    bad[-1] += (f" ({prefix}.vocab_size={self.vocab_size} padded to a multiple of "
+                                f"{prefix}.vocab_pad_multiple={self.vocab_pad_multiple})")
                     fix += (f" (for the vocabulary: set {prefix}.vocab_pad_multiple to a multiple of "
-                            f"{math.lcm(self.vocab_pad_multiple, tp)})")
-                problems.append(problem(tp_key, tp, "a divisor of " + ", ".join(names), fix))
+                            f"{math.lcm(max(self.vocab_pad_multiple, 1), tp)})")
+                problems.append(problem(tp_key, tp, "a divisor of " + ", ".join(bad), fix))
         if pp > 0 and self.num_layers > 0 and self.num_layers % pp:
             problems.append(problem(
                 pp_key, pp, f"a divisor of {prefix}.num_layers={self.num_layers} (equal pipeline stages)",
