@@ -36,10 +36,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Init the default group from torchrun's environment, all-reduce (rank + 1), check the sum, report."""
     args = _parse(argv)
-    from camopd_megatron.config import ConfigError, load_config
+    from camopd_megatron.config import Config, ConfigError, load_config
     from camopd_megatron.parallel import RoleLayout
 
-    cfg = None
+    cfg: Optional[Config] = None
     if args.config is not None or args.overrides:
         try:
             cfg = load_config(args.config, args.overrides)

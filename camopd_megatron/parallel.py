@@ -7,11 +7,13 @@ on the student's ranks with the student's layout.
 
 Two layers:
 
-* :class:`RoleLayout` is pure (no torch.distributed): built from the config and the world size
-  only, so every rank computes the same layout and raises the same :class:`LayoutError` (all
-  problems at once) before any process group exists. It prints the rank map, answers
-  "which role owns rank r" and routes each student DP replica to a teacher DP replica
-  (round-robin) for the scoring service.
+* :class:`RoleLayout` is pure (no torch.distributed): built from the validated config and the
+  world size only, so every rank computes the same layout and raises the same error before any
+  process group exists. The config's own validation checks every rule it can see (divisibility,
+  teacher names, placements, group layouts); the layout adds the one rule that needs the world
+  size: the student and the teacher groups must fill it exactly (:class:`LayoutError`). It prints
+  the rank map, answers "which role owns rank r" and routes each student DP replica to a teacher
+  DP replica (round-robin) for the scoring service.
 * :func:`build_process_groups` creates every role's groups on every rank in one fixed order
   (torch requires all ranks to take part in every ``new_group``) and returns the caller's own
   :class:`RankGroups`. megatron's global parallel state is never initialised.
@@ -22,52 +24,32 @@ is a contiguous rank block.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
-from camopd_megatron.config.errors import ConfigError
+from camopd_megatron.config import Config, ConfigError
+from camopd_megatron.config.sections import STUDENT_ROLE
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from torch.distributed import ProcessGroup
 
 logger = logging.getLogger(__name__)
 
 GRID_DIMS: tuple[str, ...] = ("tp", "pp", "dp")
 """Order of the grid dimensions, fastest varying first (``HyperCommGrid`` ``dim_names`` order)."""
 
-STUDENT = "student"
-PLACEMENTS = ("separate", "colocated")
 _DETAILED_RANK_MAP_MAX = 64
 _REPLICAS_SHOWN = 3
 
 
 class LayoutError(ConfigError):
-    """One or more problems with the role layout (a :class:`ConfigError`); ``problems`` lists them all."""
+    """The config's layout does not fit the world size (a :class:`ConfigError`); ``problems`` lists every problem."""
 
     def __init__(self, problems: Sequence[str]):
-        super().__init__(problems, source="the parallel layout (parallel.*, teachers[*], model.*)")
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The model sizes a parallel layout must divide (``model.*`` config keys)."""
-
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int | None = None
-    padded_vocab_size: int | None = None
-    ffn_hidden_size: int | None = None
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """One teacher's placement (as ``TeacherConfig``). ``tp/pp/dp=None``: 1 if separate, the student's if colocated."""
-
-    name: str
-    placement: str = "colocated"
-    tp: int | None = None
-    pp: int | None = None
-    dp: int | None = None
-    group: str | None = None
-    model: ModelDims | None = None
+        super().__init__(problems, source="the role layout for this world size (parallel.*, teachers[*])")
 
 
 @dataclass(frozen=True)
@@ -156,7 +138,7 @@ class Route:
 
 @dataclass(frozen=True)
 class RoleLayout:
-    """The validated split of a world into roles (build with :meth:`plan` or :meth:`from_config`)."""
+    """The validated split of a world into roles (build with :meth:`from_config`)."""
 
     world_size: int
     roles: tuple[Role, ...]
@@ -166,51 +148,17 @@ class RoleLayout:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def plan(
-        cls,
-        world_size: int,
-        *,
-        tp: int = 1,
-        pp: int = 1,
-        dp: int | None = None,
-        teachers: Iterable[TeacherSpec] = (),
-        model: ModelDims | None = None,
-        sequence_parallel: bool = False,
-    ) -> "RoleLayout":
-        """Validate and place the student (TP × PP × DP; ``dp=None`` → from the ranks left) and teachers.
+    def from_config(cls, cfg: Config, world_size: int) -> "RoleLayout":
+        """Place the student (``parallel.*``; ``dp: null`` → from the ranks left) and the teachers (``teachers[*]``).
 
-        Raises :class:`LayoutError` listing every problem; no torch.distributed call is made.
+        Raises :class:`ConfigError` with the config's own problems if it does not validate, then
+        :class:`LayoutError` if the roles do not fill ``world_size`` exactly; no torch.distributed
+        call is made.
         """
-        return _plan(world_size, tp, pp, dp, tuple(teachers), model, sequence_parallel)
-
-    @classmethod
-    def from_config(cls, cfg: Any, world_size: int) -> "RoleLayout":
-        """Layout from the root config (``parallel``, ``teachers``, ``model`` sections)."""
-        par, mcfg = cfg.parallel, cfg.model
-        student_model = _model_dims(mcfg)
-        teachers = []
-        for t in getattr(cfg, "teachers", None) or ():
-            tmodel = getattr(t, "model", None)
-            teachers.append(
-                TeacherSpec(
-                    name=t.name,
-                    placement=getattr(t, "placement", "colocated"),
-                    tp=getattr(t, "tp", None),
-                    pp=getattr(t, "pp", None),
-                    dp=getattr(t, "dp", None),
-                    group=getattr(t, "group", None),
-                    model=_model_dims(tmodel) if tmodel is not None else None,
-                )
-            )
-        return cls.plan(
-            world_size,
-            tp=par.tp,
-            pp=par.pp,
-            dp=par.dp,
-            teachers=teachers,
-            model=student_model,
-            sequence_parallel=bool(getattr(par, "sequence_parallel", False)),
-        )
+        problems = cfg.validate()
+        if problems:
+            raise ConfigError(problems)
+        return _plan(cfg, world_size)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -275,7 +223,7 @@ class RoleLayout:
         lines = [f"world {self.world_size} ranks, {len(self.roles)} role(s), grid order {'-'.join(GRID_DIMS)}"]
         for r in self.roles:
             hosted = ", ".join(r.teachers) if r.teachers else "-"
-            label = "colocated teachers" if r.kind == STUDENT else "teachers"
+            label = "colocated teachers" if r.kind == "student" else "teachers"
             lines.append(
                 f"  {r.name:<{w}}  ranks {_span(r.ranks):<11} {r.layout_str:<14} ({r.size} ranks)  {label}: {hosted}"
             )
@@ -320,160 +268,30 @@ def _span(ranks: range) -> str:
     return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
 
 
-def _model_dims(m: Any) -> ModelDims:
-    return ModelDims(
-        num_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=getattr(m, "num_query_groups", None),
-        padded_vocab_size=getattr(m, "padded_vocab_size", None),
-        ffn_hidden_size=getattr(m, "ffn_hidden_size", None),
-    )
-
-
-def _positive_int(value: Any, key: str, problems: list[str], *, allow_none: bool = False) -> bool:
-    if value is None and allow_none:
-        return True
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        problems.append(f"{key}={value!r}: must be a positive integer")
-        return False
-    return True
-
-
-def _check_divides(tp: int, pp: int, model: ModelDims | None, prefix: str, who: str, problems: list[str]) -> None:
-    """TP must divide heads / query groups / padded vocab / ffn; PP must divide the layers."""
-    if model is None:
-        return
-    heads = model.num_attention_heads
-    groups = model.num_query_groups if model.num_query_groups is not None else heads
-    for what, key, value in (
-        ("num_attention_heads", "model.num_attention_heads", heads),
-        ("num_query_groups", "model.num_query_groups", groups),
-        ("padded_vocab_size", "model.padded_vocab_size", model.padded_vocab_size),
-        ("ffn_hidden_size", "model.ffn_hidden_size", model.ffn_hidden_size),
-    ):
-        if value is not None and value % tp:
-            problems.append(
-                f"{prefix}.tp={tp} ({who}) does not divide {key}={value}; "
-                f"choose a tp that divides {what}"
-            )
-    if model.num_layers % pp:
-        problems.append(
-            f"{prefix}.pp={pp} ({who}) does not divide model.num_layers={model.num_layers}; "
-            f"choose a pp that divides the layer count"
-        )
-
-
-def _plan(
-    world_size: int,
-    tp: int,
-    pp: int,
-    dp: int | None,
-    teachers: tuple[TeacherSpec, ...],
-    model: ModelDims | None,
-    sequence_parallel: bool,
-) -> RoleLayout:
+def _plan(cfg: Config, world_size: int) -> RoleLayout:
+    """The layout of a validated config: colocated teachers on the student, one role per separate group."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise LayoutError([f"world size (WORLD_SIZE)={world_size!r}: must be a positive integer; launch at least one rank"])
+    par = cfg.parallel
+    colocated = [t.name for t in cfg.teachers if t.placement == "colocated"]
+    groups: dict[str, list[str]] = {}
+    group_dims: dict[str, tuple[int, int, int]] = {}
+    for t in cfg.teachers:
+        if t.placement == "separate":
+            groups.setdefault(t.role_name, []).append(t.name)
+            group_dims.setdefault(t.role_name, t.separate_layout)  # members agree (config validation)
     problems: list[str] = []
-    if not _positive_int(world_size, "world size (WORLD_SIZE)", problems):
-        raise LayoutError(problems)
-    ok = _positive_int(tp, "parallel.tp", problems) & _positive_int(pp, "parallel.pp", problems)
-    ok &= _positive_int(dp, "parallel.dp", problems, allow_none=True)
-    if ok:
-        _check_divides(tp, pp, model, "parallel", "student", problems)
-    colocated, groups = _sort_teachers(teachers, (tp, pp, dp) if ok else None, problems)
-    group_dims = _group_layouts(groups, model, problems)
-    if ok and len(group_dims) == len(groups):
-        dp = _student_dp(world_size, tp, pp, dp, group_dims, problems)
+    dp = _student_dp(world_size, par.tp, par.pp, par.dp, group_dims, problems)
     if problems:
         raise LayoutError(problems)
 
     assert dp is not None
-    roles = [Role(STUDENT, "student", tp, pp, dp, 0, tuple(colocated))]
-    teacher_role = {n: STUDENT for n in colocated}
-    for gname, members in groups.items():
-        names = tuple(t.name for _, t in members)
-        roles.append(Role(gname, "teacher", *group_dims[gname], roles[-1].ranks.stop, names))
-        teacher_role.update({n: gname for n in names})
+    roles = [Role(STUDENT_ROLE, "student", par.tp, par.pp, dp, 0, tuple(colocated))]
+    for gname, names in groups.items():
+        roles.append(Role(gname, "teacher", *group_dims[gname], roles[-1].ranks.stop, tuple(names)))
     assert roles[-1].ranks.stop == world_size, (roles, world_size)
-    teacher_role = {t.name: teacher_role[t.name] for t in teachers}  # config order
-    return RoleLayout(world_size, tuple(roles), teacher_role, sequence_parallel)
-
-
-def _sort_teachers(
-    teachers: tuple[TeacherSpec, ...],
-    student: tuple[int, int, int | None] | None,
-    problems: list[str],
-) -> tuple[list[str], dict[str, list[tuple[int, TeacherSpec]]]]:
-    """Check names and placements; split into colocated names and separate groups (role → members)."""
-    seen: set[str] = set()
-    colocated: list[str] = []
-    groups: dict[str, list[tuple[int, TeacherSpec]]] = {}
-    for i, t in enumerate(teachers):
-        key = f"teachers[{i}]"
-        if not t.name or not isinstance(t.name, str):
-            problems.append(f"{key}.name={t.name!r}: every teacher needs a non-empty name")
-        elif t.name in seen or t.name == STUDENT:
-            problems.append(
-                f"{key}.name={t.name!r}: duplicate (or reserved) teacher name; give each teacher a unique name"
-            )
-        elif t.placement not in PLACEMENTS:
-            seen.add(t.name)
-            problems.append(f"{key}.placement={t.placement!r}: use one of {' | '.join(PLACEMENTS)}")
-        elif t.placement == "colocated":
-            seen.add(t.name)
-            colocated.append(t.name)
-            if t.group is not None:
-                problems.append(
-                    f"{key}.group={t.group!r}: a colocated teacher runs on the student's ranks; "
-                    f"drop 'group' or use placement: separate"
-                )
-            if student is not None:
-                for dim, val, sval in zip(("tp", "pp", "dp"), (t.tp, t.pp, t.dp), student):
-                    if val is not None and sval is not None and val != sval:
-                        problems.append(
-                            f"{key}.{dim}={val} (teacher {t.name!r}): a colocated teacher uses the "
-                            f"student's layout (parallel.{dim}={sval}); drop {dim} or set it to {sval}"
-                        )
-                _check_divides(student[0], student[1], t.model, key, f"colocated teacher {t.name!r}", problems)
-        elif t.group == STUDENT:
-            seen.add(t.name)
-            problems.append(f"{key}.group={t.group!r}: 'student' is reserved; pick another group name")
-        else:
-            seen.add(t.name)
-            groups.setdefault(t.group or t.name, []).append((i, t))
-    placed_in = {t.name: (STUDENT if t.placement == "colocated" else (t.group or t.name)) for t in teachers}
-    for gname in groups:
-        if gname in placed_in and placed_in[gname] != gname:
-            problems.append(
-                f"teacher group {gname!r} has the same name as teacher {gname!r}, which is placed elsewhere; "
-                f"rename the group or the teacher"
-            )
-    return colocated, groups
-
-
-def _group_layouts(
-    groups: dict[str, list[tuple[int, TeacherSpec]]], model: ModelDims | None, problems: list[str]
-) -> dict[str, tuple[int, int, int]]:
-    """One (tp, pp, dp) per teacher group; members must agree and divide their models."""
-    group_dims: dict[str, tuple[int, int, int]] = {}
-    for gname, members in groups.items():
-        layouts, valid = {}, True
-        for i, t in members:
-            for dim in ("tp", "pp", "dp"):
-                valid &= _positive_int(getattr(t, dim), f"teachers[{i}].{dim}", problems, allow_none=True)
-            layouts[t.name] = (t.tp or 1, t.pp or 1, t.dp or 1)
-        if not valid:
-            continue
-        if len(set(layouts.values())) > 1:
-            desc = ", ".join(f"{n}: tp{a}×pp{b}×dp{c}" for n, (a, b, c) in layouts.items())
-            problems.append(
-                f"teachers sharing group {gname!r} declare different layouts ({desc}); "
-                f"teachers of one group must use the same tp/pp/dp"
-            )
-            continue
-        group_dims[gname] = gtp, gpp, _ = next(iter(layouts.values()))
-        for i, t in members:
-            _check_divides(gtp, gpp, t.model or model, f"teachers[{i}]", f"teacher {t.name!r}", problems)
-    return group_dims
+    teacher_role = {t.name: t.role_name for t in cfg.teachers}  # config order
+    return RoleLayout(world_size, tuple(roles), teacher_role, par.sequence_parallel)
 
 
 def _student_dp(
@@ -514,9 +332,9 @@ class RankGroups:
     layout: RoleLayout
     rank: int
     role: Role
-    pg_collection: Any
-    """``megatron.core.process_groups_config.ProcessGroupCollection`` of this rank's role."""
-    role_group: Any
+    pg_collection: ProcessGroupCollection
+    """This rank's role's process groups."""
+    role_group: ProcessGroup
     """A process group over all of this role's ranks."""
 
     @property
@@ -537,17 +355,17 @@ class RankGroups:
     tp_size = property(lambda self: self.role.tp, doc="the role's TP size")
     pp_size = property(lambda self: self.role.pp, doc="the role's PP size")
     dp_size = property(lambda self: self.role.dp, doc="the role's DP size")
-    is_student = property(lambda self: self.role.kind == STUDENT, doc="this rank is a student rank")
+    is_student = property(lambda self: self.role.kind == "student", doc="this rank is a student rank")
     hosted_teachers = property(lambda self: self.role.teachers, doc="teachers served on this rank")
 
     @property
-    def student_pg_collection(self) -> Any:
+    def student_pg_collection(self) -> ProcessGroupCollection:
         """The student's collection (on student ranks only; colocated teachers run on it)."""
         if not self.is_student:
             raise KeyError(f"rank {self.rank} is in role {self.role.name!r}, not the student")
         return self.pg_collection
 
-    def teacher_pg_collection(self, teacher: str) -> Any:
+    def teacher_pg_collection(self, teacher: str) -> ProcessGroupCollection:
         """Collection a hosted teacher's model runs on (the student's for colocated teachers)."""
         if teacher not in self.role.teachers:
             raise KeyError(
@@ -564,8 +382,6 @@ def build_process_groups(layout: RoleLayout, rank: int, *, timeout_s: float | No
     every group creation, in the same order, members or not. megatron's global parallel state is
     not touched. ``timeout_s`` applies to the intra-role group (None: torch's default).
     """
-    import datetime
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -577,7 +393,7 @@ def build_process_groups(layout: RoleLayout, rank: int, *, timeout_s: float | No
         )
     own = layout.role_of(rank)
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-    mine: tuple[Any, Any] | None = None
+    mine: tuple[ProcessGroupCollection, ProcessGroup] | None = None
     for role in layout.roles:  # same order on every rank
         pgc = role_pg_collection(role, timeout=timeout)
         role_group = dist.new_group(list(role.ranks), timeout=timeout)
@@ -593,7 +409,7 @@ def build_process_groups(layout: RoleLayout, rank: int, *, timeout_s: float | No
     return groups
 
 
-def role_pg_collection(role: Role, *, timeout: Any = None) -> Any:
+def role_pg_collection(role: Role, *, timeout: datetime.timedelta | None = None) -> ProcessGroupCollection:
     """A role's ``ProcessGroupCollection`` (collective over the world; see ``models.groups``)."""
     from camopd_megatron.models.groups import simple_pg_collection
 

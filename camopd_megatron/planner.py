@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
+from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.parallel import RoleLayout
 
 __all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "count_params", "stage_params", "GIB"]
@@ -146,7 +147,7 @@ def _span(ranks: range) -> str:
 
 
 # ------------------------------------------------------------------------------------ counting
-def _layer_params(m: Any, tp: int) -> int:
+def _layer_params(m: ModelConfig, tp: int) -> int:
     """Parameters of one transformer layer on one TP rank."""
     h, a, kv, f = m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn_hidden_size
     d = h // a
@@ -160,7 +161,7 @@ def _layer_params(m: Any, tp: int) -> int:
     return sharded // tp + replicated
 
 
-def stage_params(m: Any, tp: int, pp: int) -> list[int]:
+def stage_params(m: ModelConfig, tp: int, pp: int) -> list[int]:
     """Parameters on one TP rank of each pipeline stage (embedding on the first, head + final norm on the last)."""
     vh = m.padded_vocab_size * m.hidden_size // tp
     per_stage = [m.num_layers // pp * _layer_params(m, tp) for _ in range(pp)]
@@ -171,7 +172,7 @@ def stage_params(m: Any, tp: int, pp: int) -> list[int]:
     return per_stage
 
 
-def count_params(m: Any) -> int:
+def count_params(m: ModelConfig) -> int:
     """Total parameters of the model (TP=PP=1)."""
     return stage_params(m, 1, 1)[0]
 
@@ -181,17 +182,17 @@ def _dtype_bytes(name: str, device_type: str) -> int:
     return _BYTES["bf16" if device_type == "cuda" else "fp32"] if name == "auto" else _BYTES[name]
 
 
-def _flash_attention(cfg: Any, device_type: str) -> bool:
+def _flash_attention(cfg: Config, device_type: str) -> bool:
     """TE's fused attention stores no [s, s] scores; the local layers (and every CPU run) do."""
     return device_type == "cuda" and cfg.model.transformer_impl != "local"
 
 
-def _seq_lengths(cfg: Any) -> int:
+def _seq_lengths(cfg: Config) -> int:
     return min(cfg.model.seq_length, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
 
 
 def activation_bytes(
-    m: Any, *, s: int, b: int, tp: int, pp: int, act_bytes: int, sequence_parallel: bool,
+    m: ModelConfig, *, s: int, b: int, tp: int, pp: int, act_bytes: int, sequence_parallel: bool,
     recompute: str, flash_attention: bool,
 ) -> float:
     """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring)."""
@@ -212,16 +213,16 @@ def activation_bytes(
     return total * act_bytes / 2.0
 
 
-def _student_rows(cfg: Any, layout: RoleLayout, device_type: str, recompute: str) -> list[MemoryItem]:
+def _student_rows(cfg: Config, layout: RoleLayout, device_type: str, recompute: str) -> list[MemoryItem]:
     m, par, st = cfg.model, cfg.parallel, layout.student
     pbytes = _dtype_bytes(cfg.precision.params_dtype, device_type)
     n = max(stage_params(m, st.tp, st.pp))
     opt_per_param = _ADAM_STATE_BYTES + (_MASTER_BYTES if pbytes < 4 else 0)
     opt_full, opt_dist = n * opt_per_param, n * opt_per_param / st.dp
-    dist_opt = bool(par.use_distributed_optimizer)
+    dist_opt = par.use_distributed_optimizer
     s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
     flash = _flash_attention(cfg, device_type)
-    act_kw = dict(s=s, b=b, tp=st.tp, pp=st.pp, act_bytes=pbytes, sequence_parallel=bool(par.sequence_parallel), flash_attention=flash)
+    act_kw = dict(s=s, b=b, tp=st.tp, pp=st.pp, act_bytes=pbytes, sequence_parallel=par.sequence_parallel, flash_attention=flash)
     act = activation_bytes(m, recompute=recompute, **act_kw)
     act_alt = activation_bytes(m, recompute="none" if recompute == "full" else "full", **act_kw)
     d = m.hidden_size // m.num_attention_heads
@@ -251,7 +252,7 @@ def _student_rows(cfg: Any, layout: RoleLayout, device_type: str, recompute: str
     return rows
 
 
-def _teacher_rows(cfg: Any, layout: RoleLayout, role_name: str, device_type: str) -> list[MemoryItem]:
+def _teacher_rows(cfg: Config, layout: RoleLayout, role_name: str, device_type: str) -> list[MemoryItem]:
     m, role = cfg.model, layout.role(role_name)
     by_name = {t.name: t for t in cfg.teachers}
     rows = []
@@ -267,7 +268,7 @@ def _teacher_rows(cfg: Any, layout: RoleLayout, role_name: str, device_type: str
 
 
 def plan(
-    cfg: Any,
+    cfg: Config,
     world_size: int,
     *,
     device_type: str = "cuda",
@@ -280,14 +281,15 @@ def plan(
         cfg: the root config.
         world_size: ranks of the planned launch (nodes × GPUs per node).
         device_type: ``cuda`` (default; ``auto`` dtypes become bf16) or ``cpu``.
-        recompute: ``none`` or ``full`` activation recompute; None = ``model.recompute`` if the
-            config has it, else ``none``. The other variant is printed beside it.
+        recompute: ``none`` (None, the default) or ``full`` activation recompute; the other
+            variant is printed beside it.
         gpu_memory_gib: warn in the report when a role's total exceeds this.
 
-    Raises LayoutError (a ConfigError) with every layout problem; creates no process group.
+    Raises ConfigError with every problem of the config, or LayoutError (a ConfigError) when
+    its roles do not fill ``world_size``; creates no process group.
     """
     layout = RoleLayout.from_config(cfg, world_size)
-    recompute = recompute or getattr(cfg.model, "recompute", None) or "none"
+    recompute = recompute or "none"
     if recompute not in ("none", "full"):
         raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
     roles = [RoleMemory("student", "student", layout.student.ranks, layout.student.layout_str,

@@ -109,7 +109,7 @@ selection:
   score: {general: positive, code: abs, domain: abs}
   scale_only_selected: false
   student_logprobs: rollout
-loss: {adv_scale: {general: 1, code: 1.5, domain: 3}, is_low: 0.2, is_high: 5, is_mode: clamp, adv_clip: 5, topk_kl: 64}
+loss: {adv_scale: {general: 1, code: 1.5, domain: 3}, is_low: 0.2, is_high: 5, is_mode: clamp, adv_clip: 5, topk_kl: 0}
 optim: {lr: 1e-5, min_lr: 1e-7, lr_schedule: cosine, warmup_steps: 3, weight_decay: 0.1, adam_beta1: 0.8,
         adam_beta2: 0.95, adam_eps: 1e-6, clip_grad: 0.5, micro_batch_size: 2}
 precision: {params_dtype: bf16, fp8: hybrid, fp8_recipe: mxfp8}
@@ -369,6 +369,20 @@ def test_teacher_checks():
         "teachers[0].group=pool", "teachers[1].group=pool", "teachers[1].tp=2",
     ])
     assert "the layout of group 'pool'" in only(problems, "teachers[1].tp")
+    # a group named after a separate teacher joins that teacher's rank group: same layout
+    problems = problems_of(None, [
+        "teachers[0].placement=separate", "teachers[1].placement=separate", "teachers[1].group=general",
+        "teachers[1].dp=2",
+    ])
+    assert "the layout of group 'general' (teachers[0].dp=1)" in only(problems, "teachers[1].dp")
+    # ... but not the name of a teacher placed elsewhere
+    problems = problems_of(None, ["teachers[1].placement=separate", "teachers[1].group=general"])
+    assert "not the name of teachers[0] (placed on the student's ranks)" in only(problems, "teachers[1].group")
+    # 'student' names the student's rank group
+    problems = problems_of(None, ["teachers[0].name=student", "teachers[1].placement=separate", "teachers[1].group=student"])
+    assert "rename the teacher" in only(problems, "teachers[0].name")
+    assert "rename the group" in only(problems, "teachers[1].group")
+    assert len(problems) == 2
 
 
 def test_tp_must_divide_heads_groups_and_vocab():
@@ -382,8 +396,19 @@ def test_tp_must_divide_heads_groups_and_vocab():
     problems = problems_of(None, ["teachers[0].placement=separate", "teachers[0].tp=8", "parallel.pp=3"])
     assert "num_attention_heads=4" in only(problems, "teachers[0].tp")
     assert "model.num_layers=2" in only(problems, "parallel.pp")
+    # one line per key, naming every size it does not divide (the SwiGLU width too)
+    problems = problems_of(None, ["model.ffn_hidden_size=250", "model.num_query_groups=2", "parallel.tp=4"])
+    line = only(problems, "parallel.tp")
+    assert "model.num_query_groups=2, model.ffn_hidden_size=250" in line and "divides them" in line
+    assert len(problems) == 1
     # a separate teacher at TP 4 (divides 4 heads and 128) is fine
     assert load_config(None, ["teachers[0].placement=separate", "teachers[0].tp=4"]).teachers[0].tp == 4
+
+
+def test_topk_kl_is_refused_until_the_trainer_uses_it():
+    line = only(problems_of(None, ["loss.topk_kl=64"]), "loss.topk_kl")
+    assert "got 64" in line and "does not use it yet" in line and "set loss.topk_kl: 0" in line
+    assert load_config(None, ["loss.topk_kl=0"]).loss.topk_kl == 0
 
 
 def test_dict_api_rejects_like_yaml():

@@ -205,9 +205,9 @@ def test_bad_inputs(models, tmp_path):
     with pytest.raises(ValueError, match="missing"):
         convert_hf_to_megatron(d, out, progress=False)
     # TP / PP that do not divide the model
-    with pytest.raises(ValueError, match=r"num_key_value_heads=2 is not divisible by --tp=4"):
+    with pytest.raises(ValueError, match=r"--tp: got 4; expected a divisor of model.num_query_groups=2"):
         convert_hf_to_megatron(models["qwen3"]["hf"], out, tp=4, progress=False)
-    with pytest.raises(ValueError, match="--pp=3"):
+    with pytest.raises(ValueError, match=r"--pp: got 3; expected a divisor of model.num_layers=2"):
         convert_hf_to_megatron(models["qwen3"]["hf"], out, pp=3, progress=False)
     with pytest.raises(ValueError, match="--dtype='int8'"):
         convert_hf_to_megatron(models["qwen3"]["hf"], out, dtype="int8", progress=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from camopd_megatron.config import ConfigError, ModelConfig
+from camopd_megatron.config import ConfigError, ModelConfig, load_config
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
@@ -206,10 +206,10 @@ def test_output_window_matches_full_logits_values_and_gradients(layouts):
 
 def test_bad_model_configs_name_the_key():
     from camopd_megatron.deps import resolve_transformer_impl, te_available
-    from camopd_megatron.models.gpt import check_vocab_divisible
 
-    with pytest.raises(ConfigError, match="vocab_pad_multiple"):
-        check_vocab_divisible(ModelConfig(vocab_size=100, vocab_pad_multiple=6), [4])
+    # a TP size that does not divide the padded vocabulary (102): refused by config validation
+    with pytest.raises(ConfigError, match=r"parallel.tp: got 4; .*model.padded_vocab_size=102.*vocab_pad_multiple to a multiple of 12"):
+        load_config(None, ["model.vocab_size=100", "model.vocab_pad_multiple=6", "parallel.tp=4"])
     if not te_available():
         with pytest.raises(ImportError, match="model.transformer_impl"):
             resolve_transformer_impl("te")

@@ -1,23 +1,43 @@
 """Role layout (pure) and per-role megatron-core process groups (one 4-rank launch)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from camopd_megatron.parallel import (
-    LayoutError,
-    ModelDims,
-    RoleLayout,
-    TeacherSpec,
+from camopd_megatron.config import (
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SelectionConfig,
+    TeacherConfig,
+    config_from_dict,
 )
+from camopd_megatron.parallel import LayoutError, RoleLayout
 
-TINY = ModelDims(num_layers=2, num_attention_heads=4, num_query_groups=2, padded_vocab_size=128, ffn_hidden_size=256)
+TINY = dict(num_layers=2, num_attention_heads=4, num_query_groups=2, vocab_size=128, ffn_hidden_size=256)
+"""The tiny model's sizes (padded vocabulary 128)."""
+
+
+def teacher(name: str, placement: str = "separate", **kw) -> TeacherConfig:
+    """A teacher scoring the branch named after it."""
+    return TeacherConfig(name=name, branches=[name], placement=placement, **kw)  # type: ignore[arg-type]
+
+
+def config(*teachers: TeacherConfig, model: dict = TINY, **parallel) -> Config:
+    """A Config with these teachers and the given ``parallel.*``; every teacher's branches are scheduled."""
+    branches = list(dict.fromkeys(b for t in teachers for b in t.branches))
+    return Config(
+        model=ModelConfig(**model), parallel=ParallelConfig(**parallel), teachers=list(teachers),
+        scheduler=SchedulerConfig(pattern=branches), loss=LossConfig(adv_scale={b: 1.0 for b in branches}),
+        selection=SelectionConfig(rho={b: 0.8 for b in branches}, score={b: "abs" for b in branches}),
+    )
 
 
 # ------------------------------------------------------------------ pure layout
 def test_student_and_two_separate_teachers():
-    lay = RoleLayout.plan(4, tp=2, teachers=[TeacherSpec("general", placement="separate"), TeacherSpec("domain", placement="separate")], model=TINY)
+    lay = RoleLayout.from_config(config(teacher("general"), teacher("domain"), tp=2), 4)
     assert [r.name for r in lay.roles] == ["student", "general", "domain"]
     assert (lay.student.tp, lay.student.pp, lay.student.dp) == (2, 1, 1)  # dp derived
     assert list(lay.ranks_of("student")) == [0, 1]
@@ -33,7 +53,7 @@ def test_student_and_two_separate_teachers():
 
 
 def test_coordinates_and_groups_follow_grid_order():
-    lay = RoleLayout.plan(2 * 2 * 3 + 4, tp=2, pp=2, dp=3, teachers=[TeacherSpec("t", tp=2, pp=1, dp=2, placement="separate")], model=TINY)
+    lay = RoleLayout.from_config(config(teacher("t", tp=2, pp=1, dp=2), tp=2, pp=2, dp=3), 2 * 2 * 3 + 4)
     s, t = lay.student, lay.role("t")
     assert [s.coords(r) for r in (0, 1, 2, 5)] == [
         s.coords(0).__class__(0, 0, 0), s.coords(0).__class__(1, 0, 0),
@@ -48,11 +68,11 @@ def test_coordinates_and_groups_follow_grid_order():
 
 def test_shared_group_colocated_and_routing():
     teachers = [
-        TeacherSpec("general", tp=2, dp=2, group="pool", placement="separate"),
-        TeacherSpec("domain", tp=2, dp=2, group="pool", placement="separate"),
-        TeacherSpec("tiny", placement="colocated"),
+        teacher("general", tp=2, dp=2, group="pool"),
+        teacher("domain", tp=2, dp=2, group="pool"),
+        teacher("tiny", placement="colocated"),
     ]
-    lay = RoleLayout.plan(10, tp=2, pp=1, dp=None, teachers=teachers, model=TINY)
+    lay = RoleLayout.from_config(config(*teachers, tp=2, pp=1, dp=None), 10)
     assert lay.student.dp == 3 and list(lay.ranks_of("pool")) == [6, 7, 8, 9]
     assert lay.role("pool").teachers == ("general", "domain")
     assert lay.ranks_of("general") == lay.ranks_of("domain") == range(6, 10)
@@ -71,7 +91,7 @@ def test_shared_group_colocated_and_routing():
 
 
 def test_pipeline_routes_use_first_and_last_stage():
-    lay = RoleLayout.plan(8, tp=1, pp=2, dp=2, teachers=[TeacherSpec("t", tp=2, pp=2, dp=1, placement="separate")], model=TINY)
+    lay = RoleLayout.from_config(config(teacher("t", tp=2, pp=2, dp=1), tp=1, pp=2, dp=2), 8)
     r0, r1 = lay.routes("t")
     assert (r0.student_rank, r1.student_rank) == (1, 3)  # last pipeline stage of each replica
     assert (r0.teacher_input_rank, r0.teacher_output_rank) == (4, 6)
@@ -79,10 +99,7 @@ def test_pipeline_routes_use_first_and_last_stage():
 
 
 def test_from_config_reads_sections():
-    from camopd_megatron.config.errors import ConfigError
-    from camopd_megatron.config.sections import ModelConfig, ParallelConfig, TeacherConfig
-
-    cfg = SimpleNamespace(  # the root config's sections
+    cfg = Config(
         parallel=ParallelConfig(tp=2, sequence_parallel=True),
         model=ModelConfig(vocab_size=100),  # padded to 128
         teachers=[
@@ -95,59 +112,67 @@ def test_from_config_reads_sections():
     assert lay.sequence_parallel and [r.name for r in lay.roles] == ["student", "general", "domain"]
     assert lay.student.dp == 1 and lay.teacher_role["tiny"] == "student"
     cfg.model.num_attention_heads, cfg.model.vocab_size, cfg.model.vocab_pad_multiple = 3, 101, 101
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # a config built in code is validated here
         RoleLayout.from_config(cfg, 4)
+    assert not isinstance(err.value, LayoutError)
     assert "model.num_attention_heads=3" in str(err.value) and "model.padded_vocab_size=101" in str(err.value)
 
 
-def test_all_errors_reported_together():
+def test_all_config_errors_reported_together():
+    """Every rule the config can check is checked by config validation, all at once, before the world size."""
     teachers = [
-        TeacherSpec("a", tp=2, group="g", placement="separate"),
-        TeacherSpec("b", tp=1, group="g", placement="separate"),
-        TeacherSpec("a", placement="separate"),
-        TeacherSpec("c", placement="colo"),
-        TeacherSpec("d", placement="colocated", tp=4, group="x"),
-        TeacherSpec("e", tp=0, placement="separate"),
-        TeacherSpec("student", placement="separate"),
+        teacher("a", tp=2, group="g"),
+        teacher("b", tp=1, group="g"),
+        TeacherConfig(name="a", branches=["a2"], placement="separate"),
+        teacher("d", placement="colocated", tp=4, group="x"),
+        teacher("e", tp=0),
+        teacher("student"),
     ]
-    with pytest.raises(LayoutError) as err:
-        RoleLayout.plan(7, tp=3, pp=3, dp=1, teachers=teachers, model=TINY)
+    with pytest.raises(ConfigError) as err:
+        RoleLayout.from_config(config(*teachers, tp=3, pp=3, dp=1), 7)
     msg, probs = str(err.value), err.value.problems
     for needle in (
-        "parallel.tp=3 (student) does not divide model.num_attention_heads=4",
-        "model.num_query_groups=2", "model.padded_vocab_size=128", "model.ffn_hidden_size=256",
-        "parallel.pp=3 (student) does not divide model.num_layers=2",
-        "teachers[2].name='a': duplicate",
-        "teachers[3].placement='colo'",
-        "teachers[4].group='x'", "teachers[4].tp=4",
-        "teachers[5].tp=0",
-        "teachers[6].name='student'",
-        "sharing group 'g' declare different layouts (a: tp2×pp1×dp1, b: tp1×pp1×dp1)",
+        "parallel.tp: got 3; expected a divisor of model.num_attention_heads=4, model.num_query_groups=2, "
+        "model.ffn_hidden_size=256, model.padded_vocab_size=128",
+        "parallel.pp: got 3; expected a divisor of model.num_layers=2",
+        "teachers[2].name: got 'a'; expected a unique name (teachers[0] has it)",
+        "teachers[3].group: got 'x'; expected no group for a colocated teacher",
+        "teachers[3].tp: got 4; expected the student's parallel.tp=3",
+        "teachers[4].tp: got 0; expected a value > 0",
+        "teachers[5].name: got 'student'; expected a name other than 'student'",
+        "teachers[1].tp: got 1; expected the layout of group 'g' (teachers[0].tp=2)",
     ):
         assert needle in msg, needle
-    assert len(probs) == 12, probs
-    assert isinstance(err.value, ValueError)
+    assert len(probs) == 8, probs
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, LayoutError)
+    # a placement that is not one of the choices is refused when the config is read
+    with pytest.raises(ConfigError, match=r"teachers\[0\]\.placement"):
+        config_from_dict({"teachers": [{"name": "general", "branches": ["general"], "placement": "colo"},
+                                       {"name": "domain", "branches": ["domain"]}]})
 
 
 def test_world_size_mismatch_lists_sizes():
     with pytest.raises(LayoutError) as err:
-        RoleLayout.plan(6, tp=2, dp=1, teachers=[TeacherSpec("g", placement="separate"), TeacherSpec("d", tp=2, placement="separate")], model=TINY)
+        RoleLayout.from_config(config(teacher("g"), teacher("d", tp=2), tp=2, dp=1), 6)
     (p,) = err.value.problems
     assert "world size 6 != sum of role sizes 5" in p
     assert "student 2 (tp2×pp1×dp1)" in p and "'g' 1" in p and "'d' 2 (tp2×pp1×dp1)" in p
     with pytest.raises(LayoutError, match=r"parallel.dp=null: the 3 rank\(s\) left"):
-        RoleLayout.plan(5, tp=2, teachers=[TeacherSpec("g", tp=2, placement="separate")], model=TINY)
-    with pytest.raises(LayoutError, match="teacher group 'g'.*teacher 'g'"):
-        RoleLayout.plan(3, teachers=[TeacherSpec("g", placement="colocated"), TeacherSpec("x", group="g", placement="separate")])
-    with pytest.raises(LayoutError, match="teachers\\[0\\].tp=4 \\(teacher 'g'\\) does not divide model.num_query_groups=2"):
-        RoleLayout.plan(5, teachers=[TeacherSpec("g", tp=4, placement="separate")], model=TINY)
+        RoleLayout.from_config(config(teacher("g", tp=2), tp=2), 5)
+    with pytest.raises(LayoutError, match=r"world size \(WORLD_SIZE\)=0"):
+        RoleLayout.from_config(config(teacher("g")), 0)
+    # rules that need no world size are the config's, whatever the world size
+    with pytest.raises(ConfigError, match=r"teachers\[1\]\.group: got 'g'; expected a group name that is not the name "
+                                          r"of teachers\[0\] \(placed on the student's ranks\)"):
+        RoleLayout.from_config(config(teacher("g", placement="colocated"), teacher("x", group="g")), 3)
+    with pytest.raises(ConfigError, match=r"teachers\[0\]\.tp: got 4; expected a divisor of model.num_query_groups=2"):
+        RoleLayout.from_config(config(teacher("g", tp=4)), 5)
 
 
 def test_512_rank_summary_and_map_are_compact():
-    big = ModelDims(num_layers=32, num_attention_heads=32, num_query_groups=8, padded_vocab_size=152064,
-                    ffn_hidden_size=14336)
-    teachers = [TeacherSpec("general", tp=8, pp=2, dp=8, group="g", placement="separate"), TeacherSpec("domain", tp=8, pp=2, dp=8, group="g", placement="separate")]
-    lay = RoleLayout.plan(512, tp=8, pp=4, teachers=teachers, model=big)
+    big = dict(num_layers=32, num_attention_heads=32, num_query_groups=8, vocab_size=152064, ffn_hidden_size=14336)
+    teachers = [teacher("general", tp=8, pp=2, dp=8, group="g"), teacher("domain", tp=8, pp=2, dp=8, group="g")]
+    lay = RoleLayout.from_config(config(*teachers, model=big, tp=8, pp=4), 512)
     assert lay.student.dp == 12 and list(lay.ranks_of("g")) == list(range(384, 512))
     summary, rmap = lay.summary(), lay.rank_map()
     assert len(summary.splitlines()) == 3 and "0-383" in summary and "384-511" in summary
@@ -176,9 +201,7 @@ def _tiny_model(pgc, tp: int, seed: int):
     from camopd_megatron.config import ModelConfig
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
 
-    cfg = ModelConfig(num_layers=TINY.num_layers, hidden_size=64, num_attention_heads=TINY.num_attention_heads,
-                      num_query_groups=TINY.num_query_groups, ffn_hidden_size=TINY.ffn_hidden_size,
-                      vocab_size=TINY.padded_vocab_size, seq_length=SEQ)
+    cfg = ModelConfig(**TINY, hidden_size=64, seq_length=SEQ)
     init_model_rng(seed, pgc)
     return build_gpt_model(cfg, pgc).eval()
 
@@ -207,11 +230,11 @@ def _four_rank_roles(rank: int, world_size: int) -> dict:
     result: dict = {}
     # a layout for another world size is refused before any group exists, identically on every rank
     try:
-        build_process_groups(RoleLayout.plan(8, tp=2, dp=4, model=TINY), rank)
+        build_process_groups(RoleLayout.from_config(config(teacher("c", placement="colocated"), tp=2, dp=4), 8), rank)
     except LayoutError as e:
         result["wrong_world"] = str(e)
 
-    lay = RoleLayout.plan(4, tp=2, teachers=[TeacherSpec("general", placement="separate"), TeacherSpec("domain", placement="separate")], model=TINY)
+    lay = RoleLayout.from_config(config(teacher("general"), teacher("domain"), tp=2), 4)
     groups = build_process_groups(lay, rank, timeout_s=60)
     role_ranks = set(lay.role_of(rank).ranks)
     spans = {name: dist.get_process_group_ranks(g) for name, g in _pg_fields(groups.pg_collection).items()}
@@ -226,15 +249,15 @@ def _four_rank_roles(rank: int, world_size: int) -> dict:
     # the student (TP=2) and the general teacher (TP=1) share a seed; the domain teacher does not
     seed = SEED + (1 if groups.role_name == "domain" else 0)
     model = _tiny_model(groups.pg_collection, groups.tp_size, seed)
-    result["loss"] = _loss(model, TINY.padded_vocab_size, seed=7)
+    result["loss"] = _loss(model, TINY["vocab_size"], seed=7)
     if groups.is_student:
         ref = _tiny_model(single, 1, seed)
-        result["ref_loss"] = _loss(ref, TINY.padded_vocab_size, seed=7)
+        result["ref_loss"] = _loss(ref, TINY["vocab_size"], seed=7)
     result["losses"] = [None] * world_size
     dist.all_gather_object(result["losses"], result["loss"])
 
     # colocated teachers run on the student's collection
-    colo = RoleLayout.plan(4, tp=2, dp=None, teachers=[TeacherSpec("c", placement="colocated")], model=TINY)
+    colo = RoleLayout.from_config(config(teacher("c", placement="colocated"), tp=2, dp=None), 4)
     cg = build_process_groups(colo, rank, timeout_s=60)
     result["colocated_same_pgc"] = cg.teacher_pg_collection("c") is cg.student_pg_collection
     result["colocated_dp"] = (cg.dp_rank, cg.dp_size)

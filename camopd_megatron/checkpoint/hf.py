@@ -317,17 +317,9 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name}={value!r}: must be a positive integer")
-    problems = []
-    for key, value in (
-        ("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads", cfg.kv_heads),
-        ("intermediate_size", cfg.ffn_hidden_size), ("padded vocab size", cfg.padded_vocab_size),
-    ):
-        if value % tp:
-            problems.append(f"{key}={value} is not divisible by --tp={tp}")
-    if cfg.num_layers % pp:
-        problems.append(f"num_hidden_layers={cfg.num_layers} is not divisible by --pp={pp}")
+    problems = cfg.layout_problems(tp, pp, tp_key="--tp", pp_key="--pp")
     if problems:
         raise ValueError(
             "the model cannot run at this layout: " + "; ".join(problems)
-            + ". Pick a --tp/--pp that divides them (the converted checkpoint itself loads at any valid layout)"
+            + " (the converted checkpoint itself loads at any valid layout)"
         )

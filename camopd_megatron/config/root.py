@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 from camopd_megatron.config.errors import closest, problem
 from camopd_megatron.config.sections import (
@@ -111,21 +110,35 @@ class Config:
         return problems
 
     def _check_groups(self) -> list[str]:
-        """Teachers sharing a rank group must declare the same layout."""
+        """Separate teachers sharing a rank group must declare one layout; a group name is not another teacher's.
+
+        A separate teacher's rank group is its ``group``, or its own name without one
+        (:attr:`TeacherConfig.role_name`), so ``group: x`` next to a separate teacher named ``x``
+        joins that teacher's group.
+        """
         problems: list[str] = []
         first: dict[str, int] = {}
+        named = {t.name: i for i, t in enumerate(self.teachers)}
         for i, t in enumerate(self.teachers):
-            if t.group is None or t.placement != "separate":
+            if t.placement != "separate":
                 continue
-            j = first.setdefault(t.group, i)
+            role = t.role_name
+            j = first.setdefault(role, i)
+            k = named.get(role)
+            if j == i and k is not None and self.teachers[k].role_name != role:  # first use of the group name
+                where = ("on the student's ranks" if self.teachers[k].placement == "colocated"
+                         else f"in group {self.teachers[k].role_name!r}")
+                problems.append(problem(
+                    f"teachers[{i}].group", t.group, f"a group name that is not the name of teachers[{k}] (placed {where})",
+                    "rename the group or the teacher",
+                ))
             ref = self.teachers[j]
-            for dim in ("tp", "pp", "dp"):
-                mine, theirs = getattr(t, dim) or 1, getattr(ref, dim) or 1
+            for dim, mine, theirs in zip(("tp", "pp", "dp"), t.separate_layout, ref.separate_layout):
                 if mine != theirs:
                     problems.append(problem(
                         f"teachers[{i}].{dim}", getattr(t, dim),
-                        f"the layout of group {t.group!r} (teachers[{j}].{dim}={theirs})",
-                        f"give every teacher of group {t.group!r} the same tp/pp/dp",
+                        f"the layout of group {role!r} (teachers[{j}].{dim}={theirs})",
+                        f"give every teacher of group {role!r} the same tp/pp/dp",
                     ))
         return problems
 
@@ -165,15 +178,14 @@ class Config:
 
     # ------------------------------------------------------------------ layout
     def _check_layout(self) -> list[str]:
-        problems: list[str] = []
-        m = self.model
-        _divides(problems, "parallel.tp", self.parallel.tp, m)
-        _divides_layers(problems, "parallel.pp", self.parallel.pp, m)
+        """Every layout the model is split into (the student's, each separate teacher's) must divide it."""
+        m, par = self.model, self.parallel
+        problems = m.layout_problems(par.tp, par.pp, tp_key="parallel.tp", pp_key="parallel.pp")
         for i, t in enumerate(self.teachers):
             if t.placement == "colocated":
                 # runs on the student's ranks with the student's layout (checked above)
                 for dim in ("tp", "pp", "dp"):
-                    mine, student = getattr(t, dim), getattr(self.parallel, dim)
+                    mine, student = getattr(t, dim), getattr(par, dim)
                     if mine is not None and student is not None and mine != student:
                         problems.append(problem(
                             f"teachers[{i}].{dim}", mine,
@@ -181,34 +193,11 @@ class Config:
                             f"drop teachers[{i}].{dim}, set it to {student}, or use placement: separate",
                         ))
                 continue
-            _divides(problems, f"teachers[{i}].tp", t.tp if t.tp is not None else 1, m)
-            _divides_layers(problems, f"teachers[{i}].pp", t.pp if t.pp is not None else 1, m)
+            tp, pp, _ = t.separate_layout
+            problems += m.layout_problems(tp, pp, tp_key=f"teachers[{i}].tp", pp_key=f"teachers[{i}].pp")
         return problems
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = closest(word, choices)
     return f" (did you mean {close!r}?)" if close else ""
-
-
-def _divides(problems: list[str], key: str, tp: Optional[int], m: ModelConfig) -> None:
-    """TP must divide the padded vocabulary, the head count and the key/value head count."""
-    if tp is None or tp <= 0:
-        return  # reported by the section's own checks
-    sizes = [("model.padded_vocab_size", m.padded_vocab_size), ("model.num_attention_heads", m.num_attention_heads)]
-    if m.num_query_groups is not None:
-        sizes.append(("model.num_query_groups", m.num_query_groups))
-    for name, size in sizes:
-        if size > 0 and size % tp:
-            fix = f"use a TP size that divides {size}"
-            if name == "model.padded_vocab_size" and m.vocab_pad_multiple > 0:
-                fix += f" (or set model.vocab_pad_multiple to a multiple of {math.lcm(m.vocab_pad_multiple, tp)})"
-            problems.append(problem(key, tp, f"a divisor of {name}={size}", fix))
-
-
-def _divides_layers(problems: list[str], key: str, pp: Optional[int], m: ModelConfig) -> None:
-    """PP must divide the number of layers (equal stages)."""
-    if pp is None or pp <= 0 or m.num_layers <= 0:
-        return
-    if m.num_layers % pp:
-        problems.append(problem(key, pp, f"a divisor of model.num_layers={m.num_layers}", "use a PP size that divides the layer count"))

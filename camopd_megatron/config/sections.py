@@ -3,12 +3,14 @@
 Every section's ``validate(prefix)`` returns a list of problem lines (empty when fine); each line
 names the dotted key under ``prefix`` (the section's place in the root config), the bad value and
 the fix. Cross-section checks live on the root :class:`camopd_megatron.config.Config`.
-Defaults follow ``docs/CAMOPD.md``; a tiny CPU-sized model is the default so the demo runs anywhere.
+Defaults follow the paper's settings (``docs/algorithm.md``); a tiny CPU-sized model is the default so
+the demo runs anywhere.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -31,12 +33,16 @@ __all__ = [
     "EvalConfig",
     "LoggingConfig",
     "DTypeName",
+    "STUDENT_ROLE",
 ]
 
 DTypeName = Literal["auto", "fp32", "bf16", "fp16"]
 """Parameter / compute dtype names (``auto``: bf16 on GPU, fp32 on CPU)."""
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+STUDENT_ROLE = "student"
+"""Name of the student's rank group (reserved: no teacher or teacher group may use it)."""
 
 
 def _require(ok: bool, problems: list[str], key: str, value: Any, expected: str, fix: str) -> None:
@@ -45,7 +51,7 @@ def _require(ok: bool, problems: list[str], key: str, value: Any, expected: str,
         problems.append(problem(key, value, expected, fix))
 
 
-def _positive(problems: list[str], prefix: str, obj: Any, *names: str) -> None:
+def _positive(problems: list[str], prefix: str, obj: object, *names: str) -> None:
     """Require ``obj.<name> > 0`` for each name (None is skipped: Optional fields)."""
     for name in names:
         value = getattr(obj, name)
@@ -53,7 +59,7 @@ def _positive(problems: list[str], prefix: str, obj: Any, *names: str) -> None:
             _require(value > 0, problems, f"{prefix}.{name}", value, "a value > 0", f"set {prefix}.{name} to a positive number")
 
 
-def _non_negative(problems: list[str], prefix: str, obj: Any, *names: str) -> None:
+def _non_negative(problems: list[str], prefix: str, obj: object, *names: str) -> None:
     """Require ``obj.<name> >= 0`` for each name (None is skipped)."""
     for name in names:
         value = getattr(obj, name)
@@ -173,6 +179,37 @@ class ModelConfig:
             ))
         return problems
 
+    def layout_problems(self, tp: int, pp: int, *, tp_key: str, pp_key: str, prefix: str = "model") -> list[str]:
+        """Problems splitting this model over ``tp`` tensor- x ``pp`` pipeline-parallel ranks.
+
+        megatron shards the query heads, the key/value heads, the SwiGLU width and the padded
+        vocabulary evenly over TP, and gives every pipeline stage the same number of layers, so TP
+        must divide the first four and PP the layer count. ``tp_key`` / ``pp_key`` name where the
+        sizes come from (``parallel.tp``, ``teachers[1].pp``, a converter's ``--tp``). Sizes that are
+        not positive are skipped: :meth:`validate` reports them.
+        """
+        problems: list[str] = []
+        if tp > 0:
+            sizes = [("num_attention_heads", self.num_attention_heads)]
+            if self.num_query_groups is not None:
+                sizes.append(("num_query_groups", self.num_query_groups))
+            sizes += [("ffn_hidden_size", self.ffn_hidden_size), ("padded_vocab_size", self.padded_vocab_size)]
+            bad = [f"{prefix}.{name}={size}" for name, size in sizes if size > 0 and size % tp]
+            if bad:
+                fix = f"use a {tp_key} that divides {'them' if len(bad) > 1 else 'it'}"
+                if self.padded_vocab_size > 0 and self.padded_vocab_size % tp:  # always last in ``bad``
+                    bad[-1] += (f" ({prefix}.vocab_size={self.vocab_size} padded to a multiple of "
+                                f"{prefix}.vocab_pad_multiple={self.vocab_pad_multiple})")
+                    fix += (f" (for the vocabulary: set {prefix}.vocab_pad_multiple to a multiple of "
+                            f"{math.lcm(max(self.vocab_pad_multiple, 1), tp)})")
+                problems.append(problem(tp_key, tp, "a divisor of " + ", ".join(bad), fix))
+        if pp > 0 and self.num_layers > 0 and self.num_layers % pp:
+            problems.append(problem(
+                pp_key, pp, f"a divisor of {prefix}.num_layers={self.num_layers} (equal pipeline stages)",
+                f"use a {pp_key} that divides the layer count",
+            ))
+        return problems
+
 
 @dataclass
 class ParallelConfig:
@@ -239,7 +276,27 @@ class TeacherConfig:
                 f"{prefix}.group", self.group, "no group for a colocated teacher (it runs on the student's ranks)",
                 "drop 'group' or set placement: separate",
             ))
+        if self.name == STUDENT_ROLE:
+            problems.append(problem(
+                f"{prefix}.name", self.name, f"a name other than {STUDENT_ROLE!r} (the student's rank group)",
+                "rename the teacher",
+            ))
+        if self.placement == "separate" and self.group == STUDENT_ROLE:
+            problems.append(problem(
+                f"{prefix}.group", self.group, f"a group name other than {STUDENT_ROLE!r} (the student's rank group)",
+                "rename the group",
+            ))
         return problems
+
+    @property
+    def role_name(self) -> str:
+        """The rank group hosting this teacher: the student's when colocated, else :attr:`group` or its name."""
+        return STUDENT_ROLE if self.placement == "colocated" else (self.group or self.name)
+
+    @property
+    def separate_layout(self) -> tuple[int, int, int]:
+        """``(tp, pp, dp)`` of its own rank group when separate (None = 1); colocated teachers use the student's."""
+        return (self.tp or 1, self.pp or 1, self.dp or 1)
 
 
 @dataclass
@@ -414,7 +471,8 @@ class LossConfig:
     adv_clip: Optional[float] = None
     """Clip the advantage to +-adv_clip (MOPD paper: 5); None = off."""
     topk_kl: int = 0
-    """Top-k reverse-KL term over the teacher's top-k tokens; 0 = off."""
+    """Top-k reverse-KL term over the teacher's top-k tokens; only 0 (off) is accepted: the trainer does not
+    use the top-k path yet."""
     max_bad_teacher_steps: int = 3
     """Steps skipped because a teacher returned NaN/inf log-probs before the run aborts."""
 
@@ -422,7 +480,12 @@ class LossConfig:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _positive(problems, prefix, self, "is_low", "adv_clip")
-        _non_negative(problems, prefix, self, "topk_kl", "max_bad_teacher_steps")
+        _non_negative(problems, prefix, self, "max_bad_teacher_steps")
+        _require(
+            self.topk_kl == 0, problems, f"{prefix}.topk_kl", self.topk_kl,
+            "0: the top-k reverse-KL path exists but the trainer does not use it yet",
+            f"set {prefix}.topk_kl: 0",
+        )
         _require(
             self.is_low < self.is_high, problems, f"{prefix}.is_high", self.is_high,
             f"a value > {prefix}.is_low={self.is_low}", "use e.g. is_low: 0.5, is_high: 2.0",

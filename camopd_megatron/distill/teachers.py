@@ -22,9 +22,10 @@ One factory, :func:`build_teachers`, called on every rank of the world after
   model(s) of its group.
 
 Before any collective, :func:`check_teachers` runs on every rank (pure config + local file reads),
-so a bad setup fails everywhere with the same message naming the config key: a teacher serving no
-branch, a branch with two teachers, a missing/corrupt checkpoint, or a checkpoint whose
-architecture or vocabulary differs from ``model.*`` (both vocab sizes named).
+so a bad setup fails everywhere with the same message naming the config key: a teacher the layout
+does not place, a missing/corrupt checkpoint, or a checkpoint whose architecture or vocabulary
+differs from ``model.*`` (both vocab sizes named). The config's own teacher rules are checked when
+it is validated.
 """
 from __future__ import annotations
 
@@ -80,25 +81,16 @@ __all__ = [
 def check_teachers(cfg: Any, layout: Any) -> None:
     """Refuse a bad teacher setup on every rank, before any process group is used.
 
+    The config's own rules (a teacher with no branch, a branch with two teachers, ...) are checked
+    when it is validated (``Config.validate``; ``RoleLayout.from_config`` refuses a config that fails).
+
     Raises:
-        ConfigError: a teacher with no branch, a branch with two teachers, a teacher the layout
-            does not place.
+        ConfigError: a teacher the layout does not place.
         CheckpointError: a missing, incomplete or corrupt ``teachers[i].checkpoint``, or one whose
             architecture / vocabulary differs from ``model.*`` (every problem, one per line).
     """
     problems: list[str] = []
-    owner: dict[str, int] = {}
     for i, t in enumerate(cfg.teachers):
-        if not t.branches:
-            problems.append(problem(f"teachers[{i}].branches", list(t.branches),
-                                    f"the branches teacher {t.name!r} scores",
-                                    "list its branches (e.g. [general]) or remove the teacher"))
-        for b in t.branches:
-            if b in owner and owner[b] != i:
-                problems.append(problem(f"teachers[{i}].branches", list(t.branches),
-                                        f"branch {b!r} served by one teacher only (teachers[{owner[b]}] serves it)",
-                                        f"remove {b!r} from one of the two teachers"))
-            owner.setdefault(b, i)
         if t.name not in layout.teacher_role:
             problems.append(problem(f"teachers[{i}].name", t.name, "a teacher of the planned layout",
                                     "plan the layout from this config (RoleLayout.from_config)"))

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "StageInfo",
     "stage_info",
-    "check_vocab_divisible",
     "transformer_config_from",
     "build_gpt_model",
     "init_model_rng",
@@ -98,21 +97,6 @@ def _group_size(pg_collection: Any, name: str) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def check_vocab_divisible(model_cfg: ModelConfig, tp_sizes: list[int], key: str = "parallel.tp") -> None:
-    """Every TP size of the run must divide the padded vocabulary (so shards are layout-free)."""
-    padded = model_cfg.padded_vocab_size
-    bad = sorted({tp for tp in tp_sizes if padded % tp})
-    if bad:
-        raise ConfigError(
-            [
-                f"{key}: TP size(s) {bad} do not divide the padded vocabulary {padded} "
-                f"(model.vocab_size={model_cfg.vocab_size} padded to a multiple of "
-                f"model.vocab_pad_multiple={model_cfg.vocab_pad_multiple}); raise model.vocab_pad_multiple "
-                f"to a multiple of {max(bad)} or use another TP size"
-            ]
-        )
-
-
 def transformer_config_from(
     model_cfg: ModelConfig,
     *,
@@ -126,8 +110,6 @@ def transformer_config_from(
 
     ``extra`` overrides/extends the kwargs (e.g. FP8 settings from ``models.precision``).
     """
-    if model_cfg.num_layers % pp:
-        raise ConfigError([f"model.num_layers={model_cfg.num_layers} is not divisible by pp={pp}; pick a pp that divides it"])
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         num_layers=model_cfg.num_layers,
@@ -239,10 +221,9 @@ def build_gpt_model(
         The ``GPTModel``; its forward returns vocab-sharded logits ``[B, T, V_pad / TP]``.
     """
     tp, pp = _group_size(pg_collection, "tp"), _group_size(pg_collection, "pp")
-    check_vocab_divisible(model_cfg, [tp])
-    for name, value in (("num_attention_heads", model_cfg.num_attention_heads), ("num_query_groups", model_cfg.kv_heads)):
-        if value % tp:
-            raise ConfigError([f"model.{name}={value} is not divisible by tp={tp}; pick a tp that divides it"])
+    problems = model_cfg.layout_problems(tp, pp, tp_key="TP size", pp_key="PP size")
+    if problems:  # the config's own check, for models built outside a validated config (tools, tests)
+        raise ConfigError(problems)
     impl = resolve_transformer_impl(model_cfg.transformer_impl)
     if sequence_parallel and tp == 1:
         raise ConfigError(["parallel.sequence_parallel=true needs parallel.tp > 1; set it to false"])
