@@ -36,7 +36,7 @@ from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
 from camopd_megatron.distill.probe import probe_branch_conflict
 from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
-from camopd_megatron.distill.teachers import build_teachers
+from camopd_megatron.teachers import build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
 from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, unwrap_model
 from camopd_megatron.models.optimizer import build_ddp_and_optimizer, optimizer_sharded_state_dict
