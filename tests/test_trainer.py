@@ -1,7 +1,7 @@
 """The CaMOPD trainer end to end on gloo: phases, checkpoints, exact resume, DP invariance, roles.
 
 Teachers: the domain teacher is the student's own initialisation (random init with run.seed, as
-CAMOPD.md §1: the student starts from D); the general teacher is another model, written to a
+docs/algorithm.md: the student starts from D); the general teacher is another model, written to a
 checkpoint by the test so the general branch has real gaps.
 """
 from __future__ import annotations

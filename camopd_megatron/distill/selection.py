@@ -177,18 +177,24 @@ class SelectionPolicy:
         self._require(branch)
         return self.score[branch]
 
-    def gap_free_selection(self, branches_B: Sequence[str], branch_samples: Mapping[str, int]) -> "SelectionResult":
+    def gap_free_selection(self, branches_B: Sequence[str], group: Optional[dist.ProcessGroup]) -> "SelectionResult":
         """The selection of a gap-free policy, known before any gap: every sample kept with r_i = r_b
-        (what :func:`plan_selection` decides for any scores under this policy). ``branch_samples``:
-        samples per branch over the DP group. The ρ-rule statistics follow with
+        (what :func:`plan_selection` decides for any scores under this policy). Collective over
+        ``group`` (one all-reduce of the per-branch sample counts). The ρ-rule statistics follow with
         :meth:`SelectionResult.with_rule` once the gaps are known."""
         if not self.gap_free:
             raise ValueError("gap_free_selection: this selection policy depends on the gaps (selection.enabled, or "
                              "r_b != 1 with selection.scale_only_selected); plan it with plan_selection")
         for b in dict.fromkeys(branches_B):
             self._require(b)
+        known = self.branches
+        counts_K = torch.zeros(len(known), dtype=torch.int64)
+        for b in branches_B:
+            counts_K[known.index(b)] += 1
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts_K, group=group)
         scale_B = torch.tensor([float(self.adv_scale[b]) for b in branches_B], dtype=torch.float32)
-        return SelectionResult.keep_all(scale_B, branch_samples)
+        return SelectionResult.keep_all(scale_B, {b: int(c) for b, c in zip(known, counts_K.tolist()) if c > 0})
 
 
 @dataclass

@@ -275,7 +275,7 @@ def camopd_step(
             sel = plan_selection(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B, branches,
                                  settings.policy, student.dp_group)
         else:  # gap-free: every sample, r_b, whatever Δ turns out to be
-            sel = settings.policy.gap_free_selection(branches, {b: n for b, n in plan.prompts.items() if n > 0})
+            sel = settings.policy.gap_free_selection(branches, student.dp_group)
     with timer("train"):
         loss_sums, gap_BT = train_on_selection(student, batch, teacher_logp_BT, sel, settings, source, gap_BT)
     if source is GapSource.TRAINING_FORWARD:

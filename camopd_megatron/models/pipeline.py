@@ -31,7 +31,7 @@ naming the peer instead of an unbounded wait.
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,7 @@ def _window_hidden(lo: int, hi: int) -> Callable[..., torch.Tensor]:
     return window
 
 
-def model_forward(model: Any, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None,
+def model_forward(model: torch.nn.Module, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None,
                   window: Optional[tuple[int, int]] = None, **kwargs: Any) -> torch.Tensor:
     """One forward of a (possibly wrapped) GPTModel with the causal mask: logits ``[B, T, V/TP]`` on the
     last stage (with ``window=(lo, hi)``: final hidden states ``[B, hi - lo, H]``), hidden states on the
@@ -122,7 +122,7 @@ def run_microbatches(
     config = unwrap_model(model).config
     n = len(batches)
 
-    def forward_step(data_iterator: Any, chunk: Any) -> tuple[torch.Tensor, Callable]:
+    def forward_step(data_iterator: Iterator[dict[str, Any]], chunk: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         batch = next(data_iterator)
         output = model_forward(chunk, batch["tokens"], batch.get("position_ids"), window=batch.get("output_window"))
 
@@ -202,7 +202,7 @@ def wire_device() -> torch.device:
     return torch.device("cpu")
 
 
-def wait_bounded(work: Any, timeout_s: Optional[float], what: str, peer: str, *,
+def wait_bounded(work: dist.Work, timeout_s: Optional[float], what: str, peer: str, *,
                  error: type[Exception] = CollectiveError, hint: str = "it died or hung") -> None:
     """Wait for an async ``work`` at most ``timeout_s`` seconds (None: the process group's own timeout,
     ``parallel.timeout_s``); a timeout or a dead peer (gloo's "connection closed") raises ``error``
