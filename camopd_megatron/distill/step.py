@@ -76,10 +76,10 @@ class GapSource(enum.Enum):
     TRAINING_FORWARD = "training_forward"
 
     @classmethod
-    def choose(cls, student_logprobs: str, policy: SelectionPolicy) -> "GapSource":
-        """``selection.student_logprobs`` (``recompute`` / ``rollout``); a recompute for a gap-free policy
-        is fused into the training forward."""
-        if student_logprobs == "rollout":
+    def choose(cls, recompute_student: bool, policy: SelectionPolicy) -> "GapSource":
+        """``selection.student_logprobs`` (``recompute`` or ``rollout``); a recompute for a gap-free
+        policy is fused into the training forward."""
+        if not recompute_student:
             return cls.ROLLOUT
         return cls.TRAINING_FORWARD if policy.gap_free else cls.RECOMPUTE
 
@@ -151,7 +151,7 @@ class StepSettings:
 
     @property
     def gap_source(self) -> GapSource:
-        return GapSource.choose("recompute" if self.recompute_student else "rollout", self.policy)
+        return GapSource.choose(self.recompute_student, self.policy)
 
 
 @dataclass
