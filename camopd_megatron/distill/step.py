@@ -32,7 +32,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -204,8 +204,7 @@ def student_logprobs(student: StudentState, batch: RolloutBatch, settings: StepS
     logp_BT = score_logprobs(student.model, student.pg_collection, batch.tokens_BT, batch.loss_mask_BT,
                              micro_batch=settings.micro_batch_size, vocab_size=student.vocab_size,
                              temperature=temperature, timeout_s=settings.timeout_s)
-    assert logp_BT is not None  # to_all_stages: every stage gets them
-    return logp_BT
+    return cast(torch.Tensor, logp_BT)  # to_all_stages (the default): a tensor on every stage
 
 
 def sample_scores(gap_BT: torch.Tensor, mask_BT: torch.Tensor, branches: Sequence[str],
