@@ -36,13 +36,13 @@ from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
 from camopd_megatron.distill.probe import probe_branch_conflict
 from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
-from camopd_megatron.distill.teachers import build_teachers
+from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
 from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, unwrap_model
 from camopd_megatron.models.optimizer import build_ddp_and_optimizer, optimizer_sharded_state_dict
 from camopd_megatron.models.precision import detect_device, precision_kwargs
 from camopd_megatron.deps import te_available
-from camopd_megatron.parallel import RoleLayout, build_process_groups
+from camopd_megatron.parallel import RankGroups, RoleLayout, build_process_groups
 from camopd_megatron.utils.logging import setup_logging
 from camopd_megatron.utils.metrics import make_writer
 
@@ -92,7 +92,7 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
             destroy_distributed()
 
 
-def _serve_teacher(host: Any) -> TrainResult:
+def _serve_teacher(host: TeacherHost) -> TrainResult:
     """Teacher ranks: serve log-prob requests (and join checkpoint saves) until the student is done."""
     host.serve()
     return TrainResult(role=host.role.name)
@@ -101,7 +101,7 @@ def _serve_teacher(host: Any) -> TrainResult:
 class _Trainer:
     """Student-side state and loop (built on every student rank)."""
 
-    def __init__(self, cfg: Config, groups: Any, teachers: Any, eval_fn: Optional[EvalFn]) -> None:
+    def __init__(self, cfg: Config, groups: RankGroups, teachers: TeacherClient, eval_fn: Optional[EvalFn]) -> None:
         self.cfg, self.groups, self.teachers, self.eval_fn = cfg, groups, teachers, eval_fn
         self.pgc = groups.pg_collection
         self.rank = dist.get_rank()

@@ -14,7 +14,7 @@ VARIANTS = [
 
 def _compare(rank: int, world_size: int) -> list[dict]:
     from camopd_megatron.config import ModelConfig
-    from camopd_megatron.distill import lean_decode
+    from camopd_megatron.models import lean_decode
     from camopd_megatron.distill.rollout import SamplingParams, generate
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
     from camopd_megatron.models.groups import simple_pg_collection

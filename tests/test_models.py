@@ -241,3 +241,47 @@ def test_checkpoint_errors(tmp_path):
     (evil / ".metadata").write_bytes(pickle.dumps(Boom()))
     with pytest.raises(CheckpointError, match="unsafe"):
         check_dcp_metadata(evil)
+
+
+def test_make_microbatches_pads_to_one_shape():
+    from camopd_megatron.models.pipeline import make_microbatches
+
+    tokens = torch.arange(10).view(5, 2)
+    mask = torch.tensor([[0, 1], [0, 0], [1, 0], [0, 1], [0, 0]], dtype=torch.float32)
+    mbs = make_microbatches({"tokens": tokens, "mask": mask}, 2)
+    assert [m["n_real"] for m in mbs] == [2, 2, 1] and all(m["tokens"].shape == (2, 2) for m in mbs)
+    assert mbs[2]["tokens"].tolist() == [[8, 9], [0, 0]]  # the last one padded with zero rows
+    assert [m["output_window"] for m in mbs] == [(1, 2), (0, 2), (0, 1)]  # (0, 1): nothing scored
+    (whole,) = make_microbatches({"tokens": tokens, "mask": mask}, None)  # None: every row at once
+    assert whole["n_real"] == 5 and torch.equal(whole["tokens"], tokens) and whole["output_window"] == (0, 2)
+    (empty,) = make_microbatches({"tokens": tokens[:0]}, 4)  # B = 0: one all-padding micro-batch
+    assert empty["n_real"] == 0 and empty["tokens"].shape == (1, 2)
+
+
+def _last_stage_worker(rank: int, world_size: int) -> dict:
+    import time
+
+    from camopd_megatron.models.groups import simple_pg_collection
+    from camopd_megatron.models.pipeline import CollectiveError, last_stage_to_all
+
+    pgc = simple_pg_collection(1, 2, 1)
+    out = {"shared": last_stage_to_all(torch.full((2, 3), float(rank)), pgc, timeout_s=60, what="x").tolist()}
+    if rank == 0:  # the last stage never sends: the bounded wait ends with an error naming it
+        t0 = time.monotonic()
+        try:
+            last_stage_to_all(torch.zeros(2), pgc, timeout_s=1.0, what="the step's gaps")
+            out["error"] = "no error"
+        except CollectiveError as e:
+            out["error"] = str(e)
+        out["waited_s"] = time.monotonic() - t0
+    else:
+        time.sleep(6.0)
+    return out
+
+
+def test_last_stage_to_all_is_a_bounded_broadcast():
+    out = run_on_ranks(_last_stage_worker, 2, timeout_s=240)
+    assert out[0]["shared"] == out[1]["shared"] == [[1.0] * 3] * 2
+    msg = out[0]["error"]
+    assert "the step's gaps" in msg and "global rank 1" in msg and "parallel.timeout_s" in msg, msg
+    assert out[0]["waited_s"] < 6.0

@@ -5,7 +5,9 @@ import torch
 import torch.distributed as dist
 
 from camopd_megatron.config import config_from_dict
-from camopd_megatron.distill.selection import SelectionPolicy, plan_selection, select_by_gap_mass
+from camopd_megatron.distill.selection import (
+    SelectionPolicy, SelectionResult, apply_rule, plan_selection, select_by_gap_mass,
+)
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 ids = lambda *xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
@@ -104,6 +106,31 @@ def test_mixed_batch_selects_within_each_branch():
     assert res.adv_scale_B.tolist() == [2.0, 3.0, 2.0, 1.0, 1.0]
     assert res.num_kept_global == 3
     assert res.branch_kept == {"general": 2, "domain": 1} and res.branch_samples == {"general": 3, "domain": 2}
+
+
+@pytest.mark.parametrize("kw", [dict(enabled=False, scale_only_selected=False), dict(enabled=False, r_g=1.0)])
+def test_gap_free_selection_is_the_plan_of_any_scores(kw):
+    """A gap-free policy decides before the gaps; the ρ-rule statistics added afterwards complete the plan."""
+    pol = policy(**kw)
+    assert pol.gap_free
+    scores, branches = torch.tensor([0.1, 0.5, 0.3, 0.1, 0.7]), ["general", "domain", "general", "domain", "general"]
+    early = pol.gap_free_selection(branches, None)
+    assert early.keep_B.all() and early.num_kept_global == 5 and early.branch_samples == {"domain": 2, "general": 3}
+    full = early.with_rule(apply_rule(scores, ids(0, 1, 2, 3, 4), branches, pol, None))
+    ref = plan_selection(scores, ids(0, 1, 2, 3, 4), branches, pol, None)
+    for f in ("keep_B", "rule_keep_B", "adv_scale_B"):
+        assert torch.equal(getattr(full, f), getattr(ref, f)), f
+    assert full.metrics() == ref.metrics()
+    assert not ref.rule_keep_B.all()  # the statistics really came from the scores
+    with pytest.raises(ValueError, match="depends on the gaps"):
+        policy().gap_free_selection(branches, None)
+
+
+def test_keep_all():
+    sel = SelectionResult.keep_all(torch.ones(3), {"general": 5})
+    assert sel.keep_B.tolist() == [True] * 3 and sel.num_kept_global == sel.num_samples_global == 5
+    assert sel.metrics() == {"kept_fraction": 1.0, "kept": 5.0, "general/kept_fraction": 1.0,
+                             "general/rule_kept_fraction": 1.0, "general/mass_kept": 1.0}
 
 
 def test_plan_errors_and_from_config():

@@ -100,7 +100,7 @@ def _reference(ckpts: dict[str, str], batches: list, k: int = 0) -> dict[str, li
 
 
 def _errors_on_every_rank(cfg_bad: Any, layout: Any, groups: Any) -> str:
-    from camopd_megatron.distill.teachers import build_teachers
+    from camopd_megatron.teachers import build_teachers
 
     try:
         build_teachers(cfg_bad, layout, groups)
@@ -113,7 +113,7 @@ def _errors_on_every_rank(cfg_bad: Any, layout: Any, groups: Any) -> str:
 def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
     import torch.distributed as dist
 
-    from camopd_megatron.distill.teachers import (
+    from camopd_megatron.teachers import (
         StudentAborted,
         TeacherClient,
         TeacherServiceError,
@@ -278,7 +278,7 @@ def test_abort_and_timeout_name_role_and_rank(four_ranks):
 
 # ------------------------------------------------------------------------------------------------ 6 ranks
 def _six_rank_worker(rank: int, world: int, tmp: str) -> dict:
-    from camopd_megatron.distill.teachers import build_teachers
+    from camopd_megatron.teachers import build_teachers
     from camopd_megatron.parallel import RoleLayout, build_process_groups
 
     paths = {n: f"{tmp}/{n}" for n in SEEDS}
@@ -349,7 +349,7 @@ def _layout(cfg: Any, world: int = 4) -> Any:
 
 
 def test_bad_teacher_setups_name_the_key(tmp_path):
-    from camopd_megatron.distill.teachers import check_teachers
+    from camopd_megatron.teachers import check_teachers
 
     base = [dict(name="general", branches=["general"], placement="separate"),
             dict(name="domain", branches=["domain"], placement="separate")]
@@ -388,7 +388,7 @@ def test_bad_teacher_setups_name_the_key(tmp_path):
 
 
 def test_world_size_mismatch_and_client_input_errors():
-    from camopd_megatron.distill.teacher_service import check_batch
+    from camopd_megatron.teachers import check_batch
     from camopd_megatron.parallel import LayoutError
 
     base = [dict(name="general", branches=["general"], placement="separate"),

@@ -18,27 +18,33 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from camopd_megatron.distill.rollout import RolloutBatch, generate
-from camopd_megatron.distill.scheduler import StepPlan
-from camopd_megatron.distill.step import StepSettings, StudentState, recompute_logprobs, score_with_teachers
+from camopd_megatron.distill.step import (
+    StepSettings, StudentState, TeacherScorer, rollout, score_with_teachers, student_logprobs,
+)
+from camopd_megatron.ops.gaps import token_gaps
+
+if TYPE_CHECKING:
+    from camopd_megatron.config import Config
+    from camopd_megatron.data import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 104729
 
 
-def eval_prompt_sets(cfg: Any, branches: Sequence[str], tokenizer: Any, dp_rank: int, dp_size: int) -> dict[str, list]:
+def eval_prompt_sets(cfg: "Config", branches: Sequence[str], tokenizer: "Tokenizer", dp_rank: int,
+                     dp_size: int) -> dict[str, list[list[int]]]:
     """This DP rank's share of each branch's fixed evaluation prompts (ids lists), and a warning
     where they are not a held-out split."""
     from camopd_megatron.data import build_prompt_sources, rank_slice
 
     sources = build_prompt_sources(cfg.data, branches, tokenizer, cfg.run.seed + EVAL_SEED_OFFSET)
     n = cfg.eval.num_prompts
-    out: dict[str, list] = {}
+    out: dict[str, list[list[int]]] = {}
     for b in branches:
         dataset = getattr(sources[b], "dataset", None)
         if dataset is not None and cfg.data.heldout_fraction > 0:
@@ -50,8 +56,8 @@ def eval_prompt_sets(cfg: Any, branches: Sequence[str], tokenizer: Any, dp_rank:
     return out
 
 
-def evaluate_branches(step: int, prompt_sets: dict[str, list], student: StudentState, teachers: Any,
-                      settings: StepSettings, max_new_tokens: int) -> dict[str, float]:
+def evaluate_branches(step: int, prompt_sets: dict[str, list[list[int]]], student: StudentState,
+                      teachers: TeacherScorer, settings: StepSettings, max_new_tokens: int) -> dict[str, float]:
     """Greedy answers per branch, scored by the branch teacher; role-wide means (collective)."""
     from camopd_megatron.distill.losses import reduce_metric_sums
     from camopd_megatron.models.gpt import stage_info
@@ -62,16 +68,14 @@ def evaluate_branches(step: int, prompt_sets: dict[str, list], student: StudentS
     w = 1.0 if first else 0.0
     sums: dict[str, float] = {}
     for b, prompts in prompt_sets.items():
-        batch = generate(student.model, student.pg_collection, prompts, greedy, sample_ids=list(range(len(prompts))),
-                         seed=settings.seed + EVAL_SEED_OFFSET, step=step, vocab_size=student.vocab_size,
-                         max_seq_len=student.max_seq_len, use_kv_cache=settings.use_kv_cache,
-                         micro_batch_size=settings.rollout_micro_batch_size) if prompts else RolloutBatch.empty()
-        plan = StepPlan(step=step, phase=0, prompts={b: 1})
-        teacher = score_with_teachers(teachers, plan, batch, [b] * batch.tokens_BT.shape[0])
-        mine = recompute_logprobs(student, batch, settings.micro_batch_size, 1.0)
-        mask = batch.loss_mask_BT.bool()
+        batch = rollout(student, prompts, list(range(len(prompts))), settings, step=step,
+                        seed=settings.seed + EVAL_SEED_OFFSET, sampling=greedy)
+        teacher = score_with_teachers(teachers, [b], batch, [b] * len(batch))
+        mask = batch.loss_mask_BT
+        gap = token_gaps(teacher, student_logprobs(student, batch, settings, 1.0), mask)
+        mask = mask.bool()
         sums[f"{b}/teacher_logp"] = w * float(teacher[mask].double().sum())
-        sums[f"{b}/gap"] = w * float((teacher - mine)[mask].double().sum())
+        sums[f"{b}/gap"] = w * float(gap[mask].double().sum())
         sums[f"{b}/tokens"] = w * float(mask.sum())
         sums[f"{b}/samples"] = w * batch.tokens_BT.shape[0]
         sums[f"{b}/eos"] = w * sum(r != "length" for r in batch.finish_reasons)

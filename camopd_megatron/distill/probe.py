@@ -1,4 +1,4 @@
-"""Branch-conflict probe (CAMOPD.md §3, §5): cosine of the general and domain gradients.
+"""Branch-conflict probe (docs/algorithm.md, diagnostics): cosine of the general and domain gradients.
 
 Every ``logging.diagnostics_interval`` steps, before the step's update, the trainer samples a small
 probe batch per branch from separate probe prompt streams (so probing never changes the training
@@ -10,19 +10,22 @@ measures. The optimizer is not stepped; the gradient buffers are zeroed afterwar
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from camopd_megatron.distill.diagnostics import branch_conflict, grads_from_params
-from camopd_megatron.distill.rollout import generate
-from camopd_megatron.distill.scheduler import StepPlan
+from camopd_megatron.distill.selection import SelectionResult
 from camopd_megatron.distill.step import (
-    StepSettings, StudentState, draw_prompts, recompute_logprobs, score_with_teachers, train_on_selection,
+    GapSource, StepSettings, StudentState, TeacherScorer, draw_prompts, rollout, score_with_teachers, student_logprobs,
+    train_on_selection,
 )
 from camopd_megatron.models.gpt import stage_info
 from camopd_megatron.models.optimizer import zero_grad_buffers
+from camopd_megatron.ops.gaps import token_gaps
+
+if TYPE_CHECKING:
+    from camopd_megatron.data import PromptSource
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +33,17 @@ PROBE_SEED_OFFSET = 7919
 """Added to run.seed for the probe's rollouts, so they never reuse a training sample's random stream."""
 
 
-def _branch_gradient(step: int, branch: str, n_prompts: int, student: StudentState, teachers: Any,
-                     probe_sources: dict[str, Any], settings: StepSettings) -> list[tuple[torch.Tensor, bool]]:
+def _branch_gradient(step: int, branch: str, n_prompts: int, student: StudentState, teachers: TeacherScorer,
+                     probe_sources: Mapping[str, "PromptSource"],
+                     settings: StepSettings) -> list[tuple[torch.Tensor, bool]]:
     """This rank's gradient set of the branch loss on a fresh probe batch (all samples, r = 1)."""
-    plan = StepPlan(step=step, phase=0, prompts={branch: n_prompts})
-    prompts, branches, ids = draw_prompts(probe_sources, plan, student.dp_rank, student.dp_size)
-    batch = generate(student.model, student.pg_collection, prompts, settings.sampling, sample_ids=ids,
-                     seed=settings.seed + PROBE_SEED_OFFSET, step=step, vocab_size=student.vocab_size,
-                     max_seq_len=student.max_seq_len, use_kv_cache=settings.use_kv_cache,
-                     micro_batch_size=settings.rollout_micro_batch_size)
-    teacher_logp = score_with_teachers(teachers, plan, batch, branches)
-    student_logp = recompute_logprobs(student, batch, settings.micro_batch_size, settings.sampling.logprob_temperature)
-    mask = batch.loss_mask_BT
-    gap = torch.where(mask.bool(), teacher_logp - student_logp, torch.zeros_like(mask))
-    n = batch.tokens_BT.shape[0]
-    everything = SimpleNamespace(keep_B=torch.ones(n, dtype=torch.bool), adv_scale_B=torch.ones(n),
-                                 num_kept_global=n_prompts)
-    train_on_selection(student, batch, teacher_logp, gap, everything, settings)
+    prompts, branches, ids = draw_prompts(probe_sources, {branch: n_prompts}, student.dp_rank, student.dp_size)
+    batch = rollout(student, prompts, ids, settings, step=step, seed=settings.seed + PROBE_SEED_OFFSET)
+    teacher_logp = score_with_teachers(teachers, [branch], batch, branches)
+    student_logp = student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
+    gap = token_gaps(teacher_logp, student_logp, batch.loss_mask_BT)
+    everything = SelectionResult.keep_all(torch.ones(len(batch)), {branch: n_prompts})
+    train_on_selection(student, batch, teacher_logp, everything, settings, GapSource.RECOMPUTE, gap)
     stage = stage_info(student.pg_collection)
     params = [p for p in student.model.parameters()
               # a tied embedding's copy on the last stage would be counted twice
@@ -54,8 +51,9 @@ def _branch_gradient(step: int, branch: str, n_prompts: int, student: StudentSta
     return grads_from_params(params)
 
 
-def probe_branch_conflict(step: int, branches: Sequence[str], n_prompts: int, student: StudentState, teachers: Any,
-                          probe_sources: dict[str, Any], settings: StepSettings) -> dict[str, float]:
+def probe_branch_conflict(step: int, branches: Sequence[str], n_prompts: int, student: StudentState,
+                          teachers: TeacherScorer, probe_sources: Mapping[str, "PromptSource"],
+                          settings: StepSettings) -> dict[str, float]:
     """``diag/grad_cosine`` and ``diag/grad_dot`` (and norms) of the first two branches' gradients."""
     a, b = branches[0], branches[1]
     ga = _branch_gradient(step, a, n_prompts, student, teachers, probe_sources, settings)

@@ -43,20 +43,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 
 from camopd_megatron.cpu_compat import ensure_cpu_compat
-from camopd_megatron.distill import lean_decode
+from camopd_megatron.models import lean_decode
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
 from camopd_megatron.models.gpt import stage_info, unwrap_model
-from camopd_megatron.models.pipeline import model_forward, run_microbatches
+from camopd_megatron.models.pipeline import last_stage_to_all, model_forward, run_microbatches
 
 ensure_cpu_compat()
 
 from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ class RolloutBatch:
         p, r = int(self.prompt_lens_B[b]), int(self.response_lens_B[b])
         return self.tokens_BT[b, p : p + r].tolist()
 
-    def to(self, device: Any) -> "RolloutBatch":
+    def to(self, device: Union[str, torch.device]) -> "RolloutBatch":
         """A copy with every tensor on ``device``."""
         return replace(
             self, tokens_BT=self.tokens_BT.to(device), prompt_lens_B=self.prompt_lens_B.to(device),
@@ -190,7 +192,7 @@ def validate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, *
 
 
 # ----------------------------------------------------------------------------------- generation
-def _model_device(model: Any) -> torch.device:
+def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -212,14 +214,15 @@ class _Decode:
 class _Generator:
     """One replica's decode loop over micro-batches (holds the call's arguments, no global state)."""
 
-    def __init__(self, model: Any, pgc: Any, params: SamplingParams, *, seed: int, step: int, vocab_size: int,
-                 max_seq_len: int, use_kv_cache: bool) -> None:
+    def __init__(self, model: torch.nn.Module, pgc: "ProcessGroupCollection", params: SamplingParams, *, seed: int,
+                 step: int, vocab_size: int, max_seq_len: int, use_kv_cache: bool, timeout_s: Optional[float]) -> None:
         self.model, self.pgc, self.params = model, pgc, params
+        self.timeout_s = timeout_s
         self.seed, self.step, self.vocab_size, self.max_seq_len = seed, step, vocab_size, max_seq_len
         self.stage = stage_info(pgc)
         self.tp_group = getattr(pgc, "tp", None)
         self.kv = use_kv_cache and self.stage.pp_size == 1
-        # TP = PP = 1: our lean decoder on the model's own weights (distill/lean_decode.py), ~2x faster on CPU
+        # TP = PP = 1: our lean decoder on the model's own weights (models/lean_decode.py), ~2x faster on CPU
         self.lean = self.kv and lean_decode.supported(model, pgc)
         self.device = _model_device(model)
         self.stop_ids = torch.tensor(sorted(params.stop_set), dtype=torch.int64)
@@ -238,7 +241,8 @@ class _Generator:
         )
         return out[0]["logits_BV"] if self.stage.is_last else None
 
-    def _kv_logits(self, ctx: Any, tokens_BT: torch.Tensor, start: int) -> torch.Tensor:
+    def _kv_logits(self, ctx: Union[StaticInferenceContext, lean_decode.LeanDecoder], tokens_BT: torch.Tensor,
+                   start: int) -> torch.Tensor:
         """Feed positions [start, start + n) through the cache; logits of the last one."""
         self.forward_calls += 1
         if self.lean:
@@ -269,9 +273,8 @@ class _Generator:
             tok_R, mu_R = tok_dev.cpu(), mu_dev.float().cpu()
         if n and self.stage.pp_size > 1:
             # the last stage sampled; every stage of the replica extends the same sequences
-            src = dist.get_global_rank(self.pgc.pp, self.stage.pp_size - 1)
-            dist.broadcast(tok_R, src=src, group=self.pgc.pp)
-            dist.broadcast(mu_R, src=src, group=self.pgc.pp)
+            tok_R = last_stage_to_all(tok_R, self.pgc, timeout_s=self.timeout_s, what="sampled tokens")
+            mu_R = last_stage_to_all(mu_R, self.pgc, timeout_s=self.timeout_s, what="sampled tokens' μ")
         if n:
             st.buf_BT[rows.to(st.buf_BT.device), t] = tok_R.to(st.buf_BT.device)
             st.mu_BT[rows, t] = mu_R
@@ -345,8 +348,8 @@ def _assemble(prompts: Sequence[Sequence[int]], results: list[tuple[list[int], l
 
 @torch.no_grad()
 def generate(
-    model: Any,
-    pg_collection: Any,
+    model: torch.nn.Module,
+    pg_collection: "ProcessGroupCollection",
     prompts: list[list[int]],
     params: SamplingParams,
     *,
@@ -357,6 +360,7 @@ def generate(
     max_seq_len: int,
     use_kv_cache: bool = True,
     micro_batch_size: int | None = None,
+    timeout_s: Optional[float] = None,
 ) -> RolloutBatch:
     """Sample one response per prompt from the student; collective over one DP replica.
 
@@ -372,6 +376,8 @@ def generate(
         max_seq_len: the context: prompt + response <= max_seq_len.
         use_kv_cache: KV-cached decoding (PP = 1; PP > 1 always recomputes, see the module doc).
         micro_batch_size: prompts decoded together (None: all at once).
+        timeout_s: bound on each last stage → other stages broadcast with PP > 1 (None: the process
+            group's own timeout).
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """
@@ -386,13 +392,13 @@ def generate(
         raise ValueError("generate: the model uses sequence_parallel=True, which single-token decoding does not "
                          "support; build the rollout model with parallel.sequence_parallel=false")
     gen = _Generator(model, pg_collection, params, seed=seed, step=step, vocab_size=vocab_size,
-                     max_seq_len=max_seq_len, use_kv_cache=use_kv_cache)
+                     max_seq_len=max_seq_len, use_kv_cache=use_kv_cache, timeout_s=timeout_s)
     if use_kv_cache and not gen.kv:
         logger.debug("generate: PP=%d > 1, decoding by full recompute (no KV cache)", gen.stage.pp_size)
     n = len(prompts)
     mbs = micro_batch_size or n
     order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths decode together
-    results: list[Any] = [None] * n
+    results: list[Optional[tuple[list[int], list[float], str]]] = [None] * n
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -403,7 +409,7 @@ def generate(
                 results[i] = res
     finally:
         model.train(was_training)
-    batch = _assemble(prompts, results, sample_ids, params.off_policy)
+    batch = _assemble(prompts, [r for r in results if r is not None], sample_ids, params.off_policy)
     dt = time.perf_counter() - t0
     logger.debug("generate: %d samples, %d response tokens in %.2fs (%.0f tok/s, kv=%s, %d forwards)", n,
                  batch.num_response_tokens, dt, batch.num_response_tokens / max(dt, 1e-9), gen.kv, gen.forward_calls)

@@ -14,10 +14,12 @@ Edge cases, decided here **[ours]** and relied on by the tests:
 - Scores are means of |Δ| or max(Δ, 0), hence ≥ 0: a negative or non-finite score is a caller bug
   (NaN from a teacher must be caught before selection) and raises ValueError.
 
-The step-level plan (:func:`plan_selection`) gathers (score, global index, branch) over the
-data-parallel group (unequal per-rank counts are padded), applies the rule per branch on the
-*global* batch — identical on every rank, so the result does not depend on the DP size — and
-returns this rank's rows. Config semantics (``selection.enabled``, ``selection.scale_only_selected``,
+The step-level plan (:func:`plan_selection`) is two parts. :func:`apply_rule` gathers (score, global
+index, branch) over the data-parallel group (unequal per-rank counts are padded) and applies the rule
+per branch on the *global* batch — identical on every rank, so the result does not depend on the DP
+size; :meth:`SelectionResult.from_rule` then decides this rank's kept rows and r_i. A gap-free policy
+(:attr:`SelectionPolicy.gap_free`) decides without any score (:meth:`SelectionPolicy.gap_free_selection`);
+the ρ-rule's statistics are added once the gaps are known (:meth:`SelectionResult.with_rule`). Config semantics (``selection.enabled``, ``selection.scale_only_selected``,
 ``loss.adv_scale``):
 
     rule_keep_i = the ρ-rule keeps i (within its branch)
@@ -31,6 +33,7 @@ Shape legend: B = samples on this rank, N = samples over the DP group.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -41,7 +44,8 @@ import torch.distributed as dist
 
 from camopd_megatron.ops.gaps import GAP_SCORE_KINDS
 
-__all__ = ["SelectionPolicy", "SelectionResult", "select_by_gap_mass", "plan_selection", "gather_scores"]
+__all__ = ["SelectionPolicy", "SelectionResult", "RuleOutcome", "select_by_gap_mass", "plan_selection", "apply_rule",
+           "gather_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +177,25 @@ class SelectionPolicy:
         self._require(branch)
         return self.score[branch]
 
+    def gap_free_selection(self, branches_B: Sequence[str], group: Optional[dist.ProcessGroup]) -> "SelectionResult":
+        """The selection of a gap-free policy, known before any gap: every sample kept with r_i = r_b
+        (what :func:`plan_selection` decides for any scores under this policy). Collective over
+        ``group`` (one all-reduce of the per-branch sample counts). The ρ-rule statistics follow with
+        :meth:`SelectionResult.with_rule` once the gaps are known."""
+        if not self.gap_free:
+            raise ValueError("gap_free_selection: this selection policy depends on the gaps (selection.enabled, or "
+                             "r_b != 1 with selection.scale_only_selected); plan it with plan_selection")
+        for b in dict.fromkeys(branches_B):
+            self._require(b)
+        known = self.branches
+        counts_K = torch.zeros(len(known), dtype=torch.int64)
+        for b in branches_B:
+            counts_K[known.index(b)] += 1
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts_K, group=group)
+        scale_B = torch.tensor([float(self.adv_scale[b]) for b in branches_B], dtype=torch.float32)
+        return SelectionResult.keep_all(scale_B, {b: int(c) for b, c in zip(known, counts_K.tolist()) if c > 0})
+
 
 @dataclass
 class SelectionResult:
@@ -196,6 +219,56 @@ class SelectionResult:
     """Branch → samples over the DP group."""
     branch_mass_kept: dict[str, float]
     """Branch → fraction of the branch's score mass on the ρ-rule's kept samples (1.0 for zero mass)."""
+
+    @classmethod
+    def keep_all(cls, adv_scale_B: torch.Tensor, branch_samples: Mapping[str, int]) -> "SelectionResult":
+        """Every sample kept with the given r_i (no ρ-rule: its statistics say "all kept, all mass").
+
+        ``branch_samples``: samples per branch over the DP group (their sum is |S|). Used for a gap-free
+        policy (:meth:`SelectionPolicy.gap_free_selection`) and by the conflict probe (every sample, r = 1).
+        """
+        n = int(adv_scale_B.numel())
+        counts = {b: int(c) for b, c in branch_samples.items()}
+        total = sum(counts.values())
+        keep_B = torch.ones(n, dtype=torch.bool, device=adv_scale_B.device)
+        return cls(keep_B=keep_B, rule_keep_B=keep_B.clone(), adv_scale_B=adv_scale_B.float(), num_kept_global=total,
+                   num_samples_global=total, branch_kept=dict(counts), branch_rule_kept=dict(counts),
+                   branch_samples=dict(counts), branch_mass_kept={b: 1.0 for b in counts})
+
+    @classmethod
+    def from_rule(cls, rule: "RuleOutcome", policy: SelectionPolicy) -> "SelectionResult":
+        """Keep and r_i of this rank's samples from the ρ-rule's outcome (module docstring)."""
+        rule_keep_N, codes_N, known = rule.rule_keep_N, rule.codes_N, policy.branches
+        scale_N = torch.ones(rule_keep_N.numel(), dtype=torch.float32)
+        for code in sorted(set(codes_N.tolist())):
+            rows = (codes_N == code).nonzero().flatten()
+            r = float(policy.adv_scale[known[code]])
+            keep = rule_keep_N[rows]
+            scale_N[rows] = torch.where(keep | (not policy.scale_only_selected), torch.tensor(r), torch.tensor(1.0))
+        keep_N = rule_keep_N if policy.enabled else torch.ones_like(rule_keep_N)
+        branch_kept = {
+            b: (rule.branch_rule_kept[b] if policy.enabled else rule.branch_samples[b]) for b in rule.branch_samples
+        }
+        logger.debug("selection: kept %d/%d (rule kept %s of %s)", int(keep_N.sum()), keep_N.numel(),
+                     rule.branch_rule_kept, rule.branch_samples)
+        return cls(
+            keep_B=keep_N[rule.mine].to(rule.device),
+            rule_keep_B=rule_keep_N[rule.mine].to(rule.device),
+            adv_scale_B=scale_N[rule.mine].to(rule.device),
+            num_kept_global=int(keep_N.sum()),
+            num_samples_global=int(keep_N.numel()),
+            branch_kept=branch_kept,
+            branch_rule_kept=dict(rule.branch_rule_kept),
+            branch_samples=dict(rule.branch_samples),
+            branch_mass_kept=dict(rule.branch_mass_kept),
+        )
+
+    def with_rule(self, rule: "RuleOutcome") -> "SelectionResult":
+        """This selection (kept rows, r_i, |S| unchanged) with the ρ-rule's statistics of ``rule``: the
+        metrics of a gap-free selection once the gaps are known."""
+        return dataclasses.replace(
+            self, rule_keep_B=rule.rule_keep_N[rule.mine].to(rule.device),
+            branch_rule_kept=dict(rule.branch_rule_kept), branch_mass_kept=dict(rule.branch_mass_kept))
 
     @property
     def kept_fraction(self) -> float:
@@ -244,6 +317,67 @@ def gather_scores(
     return all_N3[:, 0], all_N3[:, 1].to(torch.int64), all_N3[:, 2].to(torch.int64), counts
 
 
+@dataclass
+class RuleOutcome:
+    """The ρ-rule applied per branch to the scores of the whole DP group (:func:`apply_rule`)."""
+
+    rule_keep_N: torch.Tensor
+    """bool [N]: the samples the ρ-rule keeps, rank-major over the DP group (CPU)."""
+    codes_N: torch.Tensor
+    """int64 [N]: each sample's branch as an index into ``SelectionPolicy.branches``."""
+    mine: slice
+    """This rank's rows of the N."""
+    device: torch.device
+    """Where this rank's scores were (its per-sample results go there)."""
+    branch_samples: dict[str, int]
+    branch_rule_kept: dict[str, int]
+    branch_mass_kept: dict[str, float]
+
+
+def apply_rule(
+    scores_B: torch.Tensor,
+    sample_ids_B: torch.Tensor,
+    branches_B: Sequence[str],
+    policy: SelectionPolicy,
+    group: Optional[dist.ProcessGroup],
+) -> RuleOutcome:
+    """Gather this rank's scores over ``group`` and apply the ρ-mass rule per branch (collective).
+
+    Args: as :func:`plan_selection`.
+    """
+    if len(branches_B) != scores_B.numel():
+        raise ValueError(f"branches_B: got {len(branches_B)} names for {scores_B.numel()} scores; expected one branch per sample")
+    known = policy.branches
+    for b in dict.fromkeys(branches_B):
+        policy._require(b)
+    codes_B = torch.tensor([known.index(b) for b in branches_B], dtype=torch.int64)
+    if scores_B.dim() != 1:
+        raise ValueError(f"scores_B: expected a 1-D tensor [B], got shape {tuple(scores_B.shape)}")
+    scores_N, ids_N, codes_N, counts = gather_scores(scores_B, sample_ids_B, codes_B, group)
+    if torch.unique(ids_N).numel() != ids_N.numel():
+        raise ValueError("sample_ids_B: got duplicate global sample indices over the DP group; expected unique "
+                         "indices. Fix: number the step batch 0..N-1 across all DP ranks (e.g. dp_rank * B + i)")
+
+    rule_keep_N = torch.zeros(ids_N.numel(), dtype=torch.bool)
+    branch_samples: dict[str, int] = {}
+    branch_rule_kept: dict[str, int] = {}
+    branch_mass: dict[str, float] = {}
+    for code in sorted(set(codes_N.tolist())):
+        b = known[code]
+        rows = (codes_N == code).nonzero().flatten()
+        keep = select_by_gap_mass(scores_N[rows], float(policy.rho[b]), ids_N[rows])
+        rule_keep_N[rows] = keep
+        total = float(scores_N[rows].sum())
+        branch_samples[b] = rows.numel()
+        branch_rule_kept[b] = int(keep.sum())
+        branch_mass[b] = float(scores_N[rows][keep].sum()) / total if total > 0 else 1.0
+    rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
+    start = sum(counts[:rank])
+    return RuleOutcome(rule_keep_N=rule_keep_N, codes_N=codes_N, mine=slice(start, start + counts[rank]),
+                       device=scores_B.device, branch_samples=branch_samples, branch_rule_kept=branch_rule_kept,
+                       branch_mass_kept=branch_mass)
+
+
 def plan_selection(
     scores_B: torch.Tensor,
     sample_ids_B: torch.Tensor,
@@ -266,54 +400,4 @@ def plan_selection(
     Returns:
         :class:`SelectionResult`; identical global numbers on every rank of ``group``.
     """
-    if len(branches_B) != scores_B.numel():
-        raise ValueError(f"branches_B: got {len(branches_B)} names for {scores_B.numel()} scores; expected one branch per sample")
-    known = policy.branches
-    for b in dict.fromkeys(branches_B):
-        policy._require(b)
-    codes_B = torch.tensor([known.index(b) for b in branches_B], dtype=torch.int64)
-    if scores_B.dim() != 1:
-        raise ValueError(f"scores_B: expected a 1-D tensor [B], got shape {tuple(scores_B.shape)}")
-    scores_N, ids_N, codes_N, counts = gather_scores(scores_B, sample_ids_B, codes_B, group)
-    if torch.unique(ids_N).numel() != ids_N.numel():
-        raise ValueError("sample_ids_B: got duplicate global sample indices over the DP group; expected unique "
-                         "indices. Fix: number the step batch 0..N-1 across all DP ranks (e.g. dp_rank * B + i)")
-
-    rule_keep_N = torch.zeros(ids_N.numel(), dtype=torch.bool)
-    scale_N = torch.ones(ids_N.numel(), dtype=torch.float32)
-    branch_samples: dict[str, int] = {}
-    branch_rule_kept: dict[str, int] = {}
-    branch_mass: dict[str, float] = {}
-    for code in sorted(set(codes_N.tolist())):
-        b = known[code]
-        rows = (codes_N == code).nonzero().flatten()
-        keep = select_by_gap_mass(scores_N[rows], float(policy.rho[b]), ids_N[rows])
-        rule_keep_N[rows] = keep
-        total = float(scores_N[rows].sum())
-        branch_samples[b] = rows.numel()
-        branch_rule_kept[b] = int(keep.sum())
-        branch_mass[b] = float(scores_N[rows][keep].sum()) / total if total > 0 else 1.0
-        r = float(policy.adv_scale[b])
-        scale_N[rows] = torch.where(keep | (not policy.scale_only_selected), torch.tensor(r), torch.tensor(1.0))
-    keep_N = rule_keep_N if policy.enabled else torch.ones_like(rule_keep_N)
-    branch_kept = {
-        b: (branch_rule_kept[b] if policy.enabled else branch_samples[b]) for b in branch_samples
-    }
-
-    logger.debug("selection: kept %d/%d (rule kept %s of %s)", int(keep_N.sum()), keep_N.numel(),
-                 branch_rule_kept, branch_samples)
-    rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
-    start = sum(counts[:rank])
-    mine = slice(start, start + counts[rank])
-    device = scores_B.device
-    return SelectionResult(
-        keep_B=keep_N[mine].to(device),
-        rule_keep_B=rule_keep_N[mine].to(device),
-        adv_scale_B=scale_N[mine].to(device),
-        num_kept_global=int(keep_N.sum()),
-        num_samples_global=int(keep_N.numel()),
-        branch_kept=branch_kept,
-        branch_rule_kept=branch_rule_kept,
-        branch_samples=branch_samples,
-        branch_mass_kept=branch_mass,
-    )
+    return SelectionResult.from_rule(apply_rule(scores_B, sample_ids_B, branches_B, policy, group), policy)

@@ -1,20 +1,24 @@
-"""One CaMOPD optimizer step, reading like the algorithm (CAMOPD.md §2, §4; ARCHITECTURE.md step 1-5).
+"""One CaMOPD optimizer step, reading like the algorithm (docs/algorithm.md; docs/architecture.md, one step).
 
     plan     = scheduler.next_plan()                     which branch(es), how many prompts
     prompts  = draw(plan)                                global batch, this DP replica's slice
     rollout  = generate(student, prompts)                responses + μ (rollout log-probs)
     teacher  = teachers.score(branch, rollout)           log π_T, one float per token
-    student  = recompute(student, rollout)               log π_θ before the update (no grad)
+    student  = log π_θ before the update                 see "where Δ comes from" below
     Δ, s_i   = teacher − student, per-sample scores      mean |Δ| (general) / mean max(Δ,0) (domain)
     S        = select(s, ρ) over all DP ranks            global ρ-mass prefix; r_i per sample
     update   = Σ_micro-batches ∇ L(S) ; optimizer.step   loss normalised by the global |S|
 
-Fused recompute. When the selection does not depend on the gaps (``SelectionPolicy.gap_free``: selection
-off and r_i = r_b for every sample, e.g. ``vanilla_mopd``), nothing needs log π_θ before training, and
-the pre-update log π_θ IS the training forward's detached log-prob (same weights, no update until every
-micro-batch is done). The no-grad recompute forward is then skipped: the loss takes Δ from the training
-forward, which also returns it for the selection metrics (the plan is computed before training from
-the branches alone and re-checked against the gaps after).
+Where Δ comes from (:class:`GapSource`, from ``selection.student_logprobs`` and the policy):
+
+* ``RECOMPUTE``: a no-grad forward of the student before the update (``models.scoring.score_logprobs``).
+* ``ROLLOUT``: μ, the rollout's own log-probs (no extra forward).
+* ``TRAINING_FORWARD`` (the fused recompute): when the selection does not depend on the gaps
+  (``SelectionPolicy.gap_free``: selection off and r_i = r_b for every sample, e.g. ``vanilla_mopd``),
+  nothing needs log π_θ before training, and the pre-update log π_θ IS the training forward's detached
+  log-prob (same weights, no update until every micro-batch is done). The no-grad forward is skipped:
+  the selection is known up front (every sample, r_b), each micro-batch's loss takes Δ from its own
+  forward, and training returns Δ for the metrics and the ρ-rule's statistics.
 
 Every rank of the student role runs this function; collectives inside: rollout (the replica's TP/PP
 groups), teacher scoring (student ↔ teacher groups), selection (DP group), the pipeline schedule and
@@ -22,12 +26,13 @@ DDP (role groups), metric reduction (role group). Shapes: B samples on this repl
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -35,18 +40,48 @@ import torch.distributed as dist
 from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, reduce_metric_sums, summarize_loss_metrics
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
 from camopd_megatron.distill.scheduler import StepPlan
-from camopd_megatron.distill.selection import SelectionPolicy, plan_selection
+from camopd_megatron.distill.selection import SelectionPolicy, SelectionResult, apply_rule, plan_selection
 from camopd_megatron.models.gpt import output_weight, stage_info, unwrap_model
 from camopd_megatron.models.logprobs import next_token_logprobs
 from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
-from camopd_megatron.models.pipeline import output_window, run_microbatches
-from camopd_megatron.ops.gaps import sample_gap_scores
+from camopd_megatron.models.pipeline import last_stage_to_all, make_microbatches, run_microbatches
+from camopd_megatron.models.scoring import score_logprobs
+from camopd_megatron.ops.gaps import sample_gap_scores, token_gaps
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from camopd_megatron.config import Config
+    from camopd_megatron.data import PromptSource
+    from camopd_megatron.models.optimizer import LRScheduler
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteTeacherError(RuntimeError):
-    """A teacher returned NaN/inf log-probs on response tokens."""
+class TeacherScorer(Protocol):
+    """What the step needs of the teachers (``teachers.TeacherClient``): log π_T per branch."""
+
+    def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
+        """float32 [B, T] log-probs of the branch teacher (collective over the student role)."""
+        ...
+
+
+class GapSource(enum.Enum):
+    """Where the pre-update log π_θ of Δ = log π_T − log π_θ comes from (module docstring)."""
+
+    RECOMPUTE = "recompute"
+    ROLLOUT = "rollout"
+    TRAINING_FORWARD = "training_forward"
+
+    @classmethod
+    def choose(cls, recompute_student: bool, policy: SelectionPolicy) -> "GapSource":
+        """``selection.student_logprobs`` (``recompute`` or ``rollout``); a recompute for a gap-free
+        policy is fused into the training forward."""
+        if not recompute_student:
+            return cls.ROLLOUT
+        return cls.TRAINING_FORWARD if policy.gap_free else cls.RECOMPUTE
 
 
 class StageTimer:
@@ -68,24 +103,24 @@ class StageTimer:
 class StudentState:
     """Everything the step needs about the student on this rank."""
 
-    ddp_model: Any
+    ddp_model: "DistributedDataParallel"
     """The megatron-DDP-wrapped model chunk (training forward/backward)."""
-    ddp_chunks: list
-    optimizer: Any
-    lr_scheduler: Any
-    pg_collection: Any
-    role_group: Any
+    ddp_chunks: list["DistributedDataParallel"]
+    optimizer: "MegatronOptimizer"
+    lr_scheduler: "LRScheduler"
+    pg_collection: "ProcessGroupCollection"
+    role_group: dist.ProcessGroup
     """All ranks of the student role (metric reduction)."""
     vocab_size: int
     max_seq_len: int
 
     @property
-    def model(self) -> Any:
+    def model(self) -> torch.nn.Module:
         """The bare GPTModel (rollout, no-grad recompute)."""
         return unwrap_model(self.ddp_model)
 
     @property
-    def dp_group(self) -> Any:
+    def dp_group(self) -> dist.ProcessGroup:
         return self.pg_collection.dp
 
     @property
@@ -110,6 +145,13 @@ class StepSettings:
     use_kv_cache: bool = True
     recompute_student: bool = True
     """``selection.student_logprobs == "recompute"``; False uses μ for the gaps."""
+    timeout_s: Optional[float] = None
+    """Bound on the last pipeline stage → other stages broadcasts (``parallel.timeout_s``; None: the
+    process group's own timeout)."""
+
+    @property
+    def gap_source(self) -> GapSource:
+        return GapSource.choose(self.recompute_student, self.policy)
 
 
 @dataclass
@@ -125,13 +167,13 @@ class StepOutput:
 # ------------------------------------------------------------------------------------------------
 # pieces
 # ------------------------------------------------------------------------------------------------
-def draw_prompts(sources: dict[str, Any], plan: StepPlan, dp_rank: int, dp_size: int
+def draw_prompts(sources: Mapping[str, "PromptSource"], prompts: Mapping[str, int], dp_rank: int, dp_size: int
                  ) -> tuple[list[list[int]], list[str], list[int]]:
-    """The step's global prompt batch (branches in plan order, sample ids 0..N-1) and this
-    replica's contiguous slice of it: (prompt ids, branch per sample, global sample ids)."""
+    """The step's global prompt batch (``prompts``: branch → count, in that order; sample ids 0..N-1)
+    and this replica's contiguous slice of it: (prompt ids, branch per sample, global sample ids)."""
     ids: list[list[int]] = []
     branches: list[str] = []
-    for branch, n in plan.prompts.items():
+    for branch, n in prompts.items():
         if n <= 0:
             continue
         for p in sources[branch].next_batch(n):
@@ -142,69 +184,27 @@ def draw_prompts(sources: dict[str, Any], plan: StepPlan, dp_rank: int, dp_size:
     return ids[lo:hi], branches[lo:hi], list(range(lo, hi))
 
 
-def broadcast_from_last_stage(t: torch.Tensor, pg_collection: Any) -> torch.Tensor:
-    """Give every pipeline stage of the replica the last stage's tensor (same shape/dtype known)."""
-    stage = stage_info(pg_collection)
-    if stage.pp_size == 1:
-        return t
-    src = dist.get_global_rank(pg_collection.pp, stage.pp_size - 1)
-    t = t.contiguous()
-    dist.broadcast(t, src=src, group=pg_collection.pp)
-    return t
+def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[int], settings: StepSettings, *,
+            step: int, seed: int, sampling: Optional[SamplingParams] = None) -> RolloutBatch:
+    """The student's responses to this replica's prompts (an empty batch for no prompts; collective
+    over the replica either way)."""
+    if not prompts:
+        return RolloutBatch.empty()
+    return generate(
+        student.model, student.pg_collection, prompts, sampling or settings.sampling, sample_ids=sample_ids,
+        seed=seed, step=step, vocab_size=student.vocab_size, max_seq_len=student.max_seq_len,
+        use_kv_cache=settings.use_kv_cache, micro_batch_size=settings.rollout_micro_batch_size,
+        timeout_s=settings.timeout_s,
+    )
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] >= rows:
-        return t
-    pad = torch.zeros((rows - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype)
-    return torch.cat([t, pad], dim=0)
-
-
-def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, Any]]:
-    """Split [B, ...] tensors into equal-shape micro-batches (the pipeline needs one shape).
-
-    The last micro-batch is padded with zero rows; ``n_real`` says how many rows count. B = 0 gives
-    one all-padding micro-batch so this rank still joins the schedule's collectives. With a ``mask``
-    (aligned with the outputs), each micro-batch gets the ``output_window`` of its scored positions
-    (the model then returns final hidden states of those positions; see ``models.pipeline``).
-    """
-    b = next(iter(tensors.values())).shape[0]
-    mbs = max(1, min(micro_batch_size, b)) if b else 1
-    out = []
-    for lo in range(0, max(b, 1), mbs):
-        mb = {k: _pad_rows(v[lo:lo + mbs], mbs) for k, v in tensors.items()}
-        mb["n_real"] = max(0, min(mbs, b - lo))
-        if "mask" in mb:
-            mb["output_window"] = output_window(mb["mask"])
-        out.append(mb)
-    return out
-
-
-def recompute_logprobs(student: StudentState, batch: RolloutBatch, micro_batch_size: int,
-                       temperature: float) -> torch.Tensor:
-    """log π_θ of the rollout tokens before the update (no grad), [B, T] on every stage."""
-    tokens = batch.tokens_BT
-    if tokens.shape[0] == 0:
-        return torch.zeros(tokens.shape, dtype=torch.float32)
-    tp = student.pg_collection.tp
-    mbs = make_microbatches({"tokens": tokens, "mask": batch.loss_mask_BT}, micro_batch_size)
-
-    def loss_fn(mb: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        logp = next_token_logprobs(hidden, mb["tokens"], tp, vocab_size=student.vocab_size, temperature=temperature,
-                                   mask_BT=mb["mask"], first_position=mb["output_window"][0], output_weight=weight)
-        return hidden.new_zeros(()), {"logp": logp[: mb["n_real"]]}
-
-    model = student.model
-    weight = output_weight(model) if stage_info(student.pg_collection).is_last else None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outs = run_microbatches(model, student.pg_collection, mbs, loss_fn, forward_only=True)
-    finally:
-        model.train(was_training)
-    logp = torch.cat([o["logp"] for o in outs], 0) if outs else torch.zeros(tokens.shape, dtype=torch.float32)
-    return broadcast_from_last_stage(logp, student.pg_collection)
+def student_logprobs(student: StudentState, batch: RolloutBatch, settings: StepSettings,
+                     temperature: float) -> torch.Tensor:
+    """log π_θ of the rollout tokens with the current weights (no grad), [B, T] on every stage."""
+    logp_BT = score_logprobs(student.model, student.pg_collection, batch.tokens_BT, batch.loss_mask_BT,
+                             micro_batch=settings.micro_batch_size, vocab_size=student.vocab_size,
+                             temperature=temperature, timeout_s=settings.timeout_s)
+    return cast(torch.Tensor, logp_BT)  # to_all_stages (the default): a tensor on every stage
 
 
 def sample_scores(gap_BT: torch.Tensor, mask_BT: torch.Tensor, branches: Sequence[str],
@@ -217,11 +217,13 @@ def sample_scores(gap_BT: torch.Tensor, mask_BT: torch.Tensor, branches: Sequenc
     return scores
 
 
-def score_with_teachers(client: Any, plan: StepPlan, batch: RolloutBatch, branches: Sequence[str]) -> torch.Tensor:
-    """log π_T [B, T] from each sample's branch teacher. Every branch of the plan is requested in
-    plan order on every rank (possibly with zero rows), so the teacher protocol stays in step."""
+def score_with_teachers(client: TeacherScorer, branch_order: Sequence[str], batch: RolloutBatch,
+                        branches: Sequence[str]) -> torch.Tensor:
+    """log π_T [B, T] from each sample's branch teacher. Every branch of ``branch_order`` (the step's
+    branches, the same list on every rank) is requested in that order on every rank (possibly with
+    zero rows), so the teacher protocol stays in step."""
     out = torch.zeros(batch.tokens_BT.shape, dtype=torch.float32)
-    for branch in plan.branches:
+    for branch in branch_order:
         rows = torch.tensor([b == branch for b in branches], dtype=torch.bool)
         idx = rows.nonzero().flatten()
         sub = batch.select(idx.tolist()) if idx.numel() else None
@@ -240,54 +242,45 @@ def camopd_step(
     step: int,
     plan: StepPlan,
     student: StudentState,
-    teachers: Any,
-    sources: dict[str, Any],
+    teachers: TeacherScorer,
+    sources: Mapping[str, "PromptSource"],
     settings: StepSettings,
 ) -> StepOutput:
     """Run one optimizer step (see the module docstring); returns role-wide metrics."""
     timer = StageTimer()
     t_start = time.perf_counter()
     with timer("data"):
-        prompts, branches, sample_ids = draw_prompts(sources, plan, student.dp_rank, student.dp_size)
+        prompts, branches, sample_ids = draw_prompts(sources, plan.prompts, student.dp_rank, student.dp_size)
     with timer("rollout"):
-        batch = generate(
-            student.model, student.pg_collection, prompts, settings.sampling, sample_ids=sample_ids,
-            seed=settings.seed, step=step, vocab_size=student.vocab_size, max_seq_len=student.max_seq_len,
-            use_kv_cache=settings.use_kv_cache, micro_batch_size=settings.rollout_micro_batch_size,
-        ) if prompts else None
-    batch = batch if batch is not None else RolloutBatch.empty()
+        batch = rollout(student, prompts, sample_ids, settings, step=step, seed=settings.seed)
     mask_BT = batch.loss_mask_BT
     with timer("teacher"):
-        teacher_logp_BT = score_with_teachers(teachers, plan, batch, branches)
+        teacher_logp_BT = score_with_teachers(teachers, plan.branches, batch, branches)
     bad = ~torch.isfinite(teacher_logp_BT) & mask_BT.bool()
     n_bad = torch.tensor([float(bad.sum())])
     dist.all_reduce(n_bad, group=student.role_group)
     if n_bad.item() > 0:
         return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad.item()}, skipped=True)
     ids_B = torch.tensor(sample_ids, dtype=torch.int64)
-    fused = settings.recompute_student and settings.policy.gap_free
-    if fused:  # Δ comes out of the training forward (module docstring)
-        with timer("select"):
-            sel = plan_selection(torch.zeros(len(branches)), ids_B, branches, settings.policy, student.dp_group)
-        with timer("train"):
-            loss_sums, student_logp_BT = train_on_selection(student, batch, teacher_logp_BT, None, sel, settings)
-        gap_BT = _gaps(teacher_logp_BT, student_logp_BT, mask_BT)
-        with timer("select"):
-            sel = _replan_gap_free(sel, sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B, branches,
-                                   settings.policy, student.dp_group)
-    else:
+    source = settings.gap_source
+    gap_BT: Optional[torch.Tensor] = None  # Δ before training (RECOMPUTE, ROLLOUT); TRAINING_FORWARD: after
+    if source is not GapSource.TRAINING_FORWARD:
         with timer("recompute"):
-            if settings.recompute_student:
-                student_logp_BT = recompute_logprobs(student, batch, settings.micro_batch_size,
-                                                     settings.sampling.logprob_temperature)
-            else:
-                student_logp_BT = batch.rollout_logp_BT
-        gap_BT = _gaps(teacher_logp_BT, student_logp_BT, mask_BT)
-        with timer("select"):
-            scores_B = sample_scores(gap_BT, mask_BT, branches, settings.policy)
-            sel = plan_selection(scores_B, ids_B, branches, settings.policy, student.dp_group)
-        with timer("train"):
-            loss_sums, _ = train_on_selection(student, batch, teacher_logp_BT, gap_BT, sel, settings)
+            student_logp_BT = (student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
+                               if source is GapSource.RECOMPUTE else batch.rollout_logp_BT)
+            gap_BT = token_gaps(teacher_logp_BT, student_logp_BT, mask_BT)
+    with timer("select"):
+        if gap_BT is not None:
+            sel = plan_selection(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B, branches,
+                                 settings.policy, student.dp_group)
+        else:  # gap-free: every sample, r_b, whatever Δ turns out to be
+            sel = settings.policy.gap_free_selection(branches, student.dp_group)
+    with timer("train"):
+        loss_sums, gap_BT = train_on_selection(student, batch, teacher_logp_BT, sel, settings, source, gap_BT)
+    if source is GapSource.TRAINING_FORWARD:
+        with timer("select"):  # the ρ-rule's statistics of the real gaps (metrics; the kept set is unchanged)
+            sel = sel.with_rule(apply_rule(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B,
+                                           branches, settings.policy, student.dp_group))
     with timer("optimizer"):
         ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler)
     metrics = _step_metrics(student, batch, branches, gap_BT, sel, loss_sums, timer, t_start)
@@ -296,41 +289,29 @@ def camopd_step(
     return StepOutput(step, plan, metrics, skipped=not ok)
 
 
-def _gaps(teacher_logp_BT: torch.Tensor, student_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Δ = log π_T − log π_θ on response tokens, 0 elsewhere."""
-    return torch.where(mask_BT.bool(), teacher_logp_BT - student_logp_BT, torch.zeros_like(mask_BT))
-
-
-def _replan_gap_free(sel: Any, scores_B: torch.Tensor, ids_B: torch.Tensor, branches: Sequence[str],
-                     policy: SelectionPolicy, dp_group: Any) -> Any:
-    """The selection plan with the real gap scores (its metrics), checked against the gap-free plan the
-    step trained on: the kept set and every r_i must be the same."""
-    real = plan_selection(scores_B, ids_B, branches, policy, dp_group)
-    if not (torch.equal(real.keep_B, sel.keep_B) and torch.equal(real.adv_scale_B, sel.adv_scale_B)):
-        raise RuntimeError("fused recompute: the selection plan depends on the gaps although the policy is gap-free; "
-                           "this is a bug — set selection.student_logprobs: rollout to bypass it and report it")
-    return real
-
-
 def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: torch.Tensor,
-                       gap_BT: Optional[torch.Tensor], sel: Any, settings: StepSettings
-                       ) -> tuple[dict[str, float], torch.Tensor]:
+                       sel: SelectionResult, settings: StepSettings, source: GapSource,
+                       gap_BT: Optional[torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
     """Forward/backward of the kept samples in micro-batches.
 
-    ``gap_BT=None`` takes Δ from the training forward (fused recompute; every sample must be kept).
+    Δ per ``source``: ``gap_BT`` [B, T] computed before training (RECOMPUTE, ROLLOUT), or, for
+    TRAINING_FORWARD (``gap_BT`` None; every sample must be kept), each micro-batch's
+    log π_T − sg(log π_θ) of its own training forward.
     Returns this rank's loss metric sums (last stage, TP rank 0 only, so a SUM over the role counts every
-    sample once) and the training forward's detached log π_θ of the kept rows, ``[kept, T]`` on every
-    pipeline stage when ``gap_BT`` is None (an empty tensor otherwise: nothing is broadcast).
+    sample once) and Δ [B, T] on every pipeline stage (the given one, or the training forward's).
     """
+    from_forward = source is GapSource.TRAINING_FORWARD
+    if from_forward != (gap_BT is None):
+        raise ValueError(f"train_on_selection: gap source {source.name} needs gap_BT "
+                         f"{'None (Δ from the training forward)' if from_forward else '[B, T] (Δ before training)'}")
     keep = sel.keep_B.nonzero().flatten()
-    fused = gap_BT is None
-    if fused and keep.numel() != sel.keep_B.numel():
-        raise ValueError("train_on_selection: gap_BT=None (Δ from the training forward) needs every sample kept")
+    if from_forward and keep.numel() != sel.keep_B.numel():
+        raise ValueError("train_on_selection: Δ from the training forward needs every sample kept (a gap-free policy)")
     tensors = {
         "tokens": batch.tokens_BT[keep], "mask": batch.loss_mask_BT[keep], "mu": batch.rollout_logp_BT[keep],
         "teacher": teacher_logp_BT[keep], "scale": sel.adv_scale_B[keep].float(),
     }
-    if not fused:
+    if gap_BT is not None:
         tensors["gap"] = gap_BT[keep]
     if not tensors["tokens"].shape[1]:
         tensors = {k: (v if v.dim() == 1 else v.new_zeros((v.shape[0], 1))) for k, v in tensors.items()}
@@ -341,40 +322,37 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
 
     weight = output_weight(student.model) if stage_info(student.pg_collection).is_last else None
 
-    def loss_fn(mb: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss_fn(mb: dict[str, torch.Tensor], hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = mb["n_real"]
         if n == 0:  # a rank with nothing kept still runs the schedule (DDP/pipeline collectives)
             return (hidden.sum() + weight.sum()) * 0.0, {}
+        mask = mb["mask"][:n]
         logp = next_token_logprobs(hidden[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
-                                   temperature=temperature, mask_BT=mb["mask"][:n], first_position=mb["output_window"][0],
+                                   temperature=temperature, mask_BT=mask, first_position=mb["output_window"][0],
                                    output_weight=weight)
-        loss, m = camopd_branch_loss(
-            logp, mb["teacher"][:n], mb["mu"][:n], mb["mask"][:n], mb["scale"][:n],
-            num_samples_global=n_global, options=settings.loss_options, gap_BT=mb["gap"][:n] if not fused else None,
-        )
+        gap = token_gaps(mb["teacher"][:n], logp, mask) if from_forward else mb["gap"][:n]
+        loss, m = camopd_branch_loss(logp, mb["teacher"][:n], mb["mu"][:n], mask, mb["scale"][:n],
+                                     num_samples_global=n_global, options=settings.loss_options, gap_BT=gap)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        return loss, ({"logp": logp.detach()} if fused else {})
+        return loss, ({"gap": gap} if from_forward else {})
 
     zero_grad_buffers(student.ddp_chunks, student.optimizer)
     student.ddp_model.train()
     outs = run_microbatches(student.ddp_model, student.pg_collection,
                             make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False)
-    logp_BT = torch.zeros((0,) + tuple(tensors["tokens"].shape[1:]), dtype=torch.float32)
-    if fused:
-        shape = tuple(batch.tokens_BT.shape)
-        parts = [o["logp"] for o in outs if "logp" in o]  # an all-padding micro-batch (B = 0) has none
-        logp_BT = torch.cat(parts, 0) if parts else torch.zeros(shape, dtype=torch.float32)
-        logp_BT = broadcast_from_last_stage(logp_BT.float(), student.pg_collection)
-    return (sums if dist.get_rank(tp) == 0 else {}), logp_BT
-
-
+    if from_forward:
+        parts = [o["gap"] for o in outs if "gap" in o]  # an all-padding micro-batch (B = 0) has none
+        gap_BT = torch.cat(parts, 0) if parts else torch.zeros(tuple(batch.tokens_BT.shape), dtype=torch.float32)
+        gap_BT = last_stage_to_all(gap_BT, student.pg_collection, timeout_s=settings.timeout_s,
+                                   what="the training forward's gaps")
+    return (sums if dist.get_rank(tp) == 0 else {}), gap_BT
 _LOSS_KEYS = ("samples", "tokens", "loss_sum", "gap_sum", "gap_sq_sum", "adv_sum", "adv_clipped_tokens",
               "is_weight_sum", "is_clipped_tokens", "is_low_tokens", "is_high_tokens")
 
 
 def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence[str], gap_BT: torch.Tensor,
-                  sel: Any, loss_sums: dict[str, float], timer: StageTimer, t_start: float) -> dict[str, float]:
+                  sel: SelectionResult, loss_sums: dict[str, float], timer: StageTimer, t_start: float) -> dict[str, float]:
     """Role-wide metrics: one SUM all-reduce over the student role of per-replica partial sums."""
     # rollout-side numbers are identical on every rank of a replica: count them on its first rank only
     first_of_replica = dist.get_rank(student.pg_collection.tp) == 0 and stage_info(student.pg_collection).is_first
@@ -413,7 +391,7 @@ def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence
     return out
 
 
-def settings_from_config(cfg: Any, eos_token_id: Optional[int]) -> StepSettings:
+def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSettings:
     """Resolve the algorithm settings of :func:`camopd_step` from the config."""
     return StepSettings(
         sampling=SamplingParams.from_config(cfg.rollout, eos_token_id),
@@ -424,4 +402,5 @@ def settings_from_config(cfg: Any, eos_token_id: Optional[int]) -> StepSettings:
         rollout_micro_batch_size=cfg.rollout.micro_batch_size,
         use_kv_cache=cfg.rollout.use_kv_cache,
         recompute_student=cfg.selection.student_logprobs == "recompute",
+        timeout_s=cfg.parallel.timeout_s,
     )

@@ -6,12 +6,13 @@ role's ``pg_collection`` and a ``P2PCommunicator`` on the role's PP group (both 
 explicit groups; either alone raises), and calls ``loss_fn(batch, logits_BTV)`` on the last stage.
 
 Loss scaling. megatron divides each micro-batch's loss by the number of micro-batches (legacy two-
-value loss functions). Our losses already carry their global normaliser (CAMOPD.md §4: the mean over
-the kept set across DP ranks and micro-batches), so the returned loss is multiplied back by the
+value loss functions). Our losses already carry their global normaliser (docs/algorithm.md: the mean
+over the kept set across DP ranks and micro-batches), so the returned loss is multiplied back by the
 micro-batch count: the gradient is exactly that of ``Σ_mb loss_fn(mb)``.
 
-Shapes. Every micro-batch in one call has the same ``[B, T]`` (pad the batch first): the pipeline's
-receive buffers are allocated from ``(T, B, hidden)``. Legend: B batch, T tokens, W window, V vocab shard.
+Shapes. Every micro-batch in one call has the same ``[B, T]`` (:func:`make_microbatches` pads the
+last one): the pipeline's receive buffers are allocated from ``(T, B, hidden)``. Legend: B batch,
+T tokens, W window, V vocab shard.
 
 Output window. A micro-batch may carry ``"output_window": (lo, hi)`` (see :func:`output_window`):
 the last stage then returns the final hidden states of positions ``[lo, hi)``, ``[B, hi - lo, H]``,
@@ -21,12 +22,19 @@ output projection of :mod:`camopd_megatron.ops.fused_output`, which never builds
 Scoring a response needs neither the prompt positions' logits nor the full logits tensor, and on a
 CPU the output layer and its logits were the largest cost of a small-hidden, large-vocab model
 (BENCHMARKS.md).
+
+Last stage → other stages. Only the last stage holds a pipeline's result (log-probs, sampled tokens);
+:func:`last_stage_to_all` copies it to the earlier stages of the same TP rank with one bounded
+broadcast (:func:`group_broadcast`): a stage that died or hung surfaces as a :class:`CollectiveError`
+naming the peer instead of an unbounded wait.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import datetime
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.models.gpt import stage_info, unwrap_model
@@ -35,6 +43,9 @@ ensure_cpu_compat()
 
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 LossFn = Callable[[dict[str, Any], torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 """``loss_fn(batch, logits_BTV) -> (scalar loss, outputs)`` (hidden states ``[B, W, H]`` instead of logits
@@ -60,7 +71,7 @@ def _window_hidden(lo: int, hi: int) -> Callable[..., torch.Tensor]:
     return window
 
 
-def model_forward(model: Any, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None,
+def model_forward(model: torch.nn.Module, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None,
                   window: Optional[tuple[int, int]] = None, **kwargs: Any) -> torch.Tensor:
     """One forward of a (possibly wrapped) GPTModel with the causal mask: logits ``[B, T, V/TP]`` on the
     last stage (with ``window=(lo, hi)``: final hidden states ``[B, hi - lo, H]``), hidden states on the
@@ -80,8 +91,8 @@ def model_forward(model: Any, tokens_BT: torch.Tensor, position_ids_BT: Optional
 
 
 def run_microbatches(
-    model: Any,
-    pg_collection: Any,
+    model: torch.nn.Module,
+    pg_collection: "ProcessGroupCollection",
     batches: Sequence[dict[str, Any]],
     loss_fn: LossFn,
     *,
@@ -111,7 +122,7 @@ def run_microbatches(
     config = unwrap_model(model).config
     n = len(batches)
 
-    def forward_step(data_iterator: Any, chunk: Any) -> tuple[torch.Tensor, Callable]:
+    def forward_step(data_iterator: Iterator[dict[str, Any]], chunk: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         batch = next(data_iterator)
         output = model_forward(chunk, batch["tokens"], batch.get("position_ids"), window=batch.get("output_window"))
 
@@ -136,3 +147,97 @@ def run_microbatches(
         kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pg_collection.pp, config=config)
     outputs = fb(**kwargs)
     return list(outputs) if stage.is_last else []
+
+
+# ------------------------------------------------------------------------------------------------
+# equal-shape micro-batches
+# ------------------------------------------------------------------------------------------------
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] >= rows:
+        return t
+    pad = torch.zeros((rows - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=0)
+
+
+def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: Optional[int],
+                      device: Optional[torch.device] = None) -> list[dict[str, Any]]:
+    """Split [B, ...] tensors into equal-shape micro-batches (the pipeline needs one shape).
+
+    ``micro_batch_size`` None puts every row in one micro-batch. The last micro-batch is padded
+    with zero rows; ``n_real`` says how many rows count. B = 0 gives one all-padding micro-batch so
+    this rank still joins the schedule's collectives. With a ``mask`` (aligned with the outputs),
+    each micro-batch gets the ``output_window`` of its scored positions (module docstring).
+    ``device``: where the micro-batches go (default: where the tensors are).
+    """
+    b = next(iter(tensors.values())).shape[0]
+    mbs = max(1, min(micro_batch_size or b, b)) if b else 1
+    out = []
+    for lo in range(0, max(b, 1), mbs):
+        mb: dict[str, Any] = {k: _pad_rows(v[lo:lo + mbs], mbs) for k, v in tensors.items()}
+        if device is not None:
+            mb = {k: v.to(device) for k, v in mb.items()}
+        mb["n_real"] = max(0, min(mbs, b - lo))
+        if "mask" in mb:
+            mb["output_window"] = output_window(mb["mask"])
+        out.append(mb)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded collectives: last stage -> other stages
+# ------------------------------------------------------------------------------------------------
+class CollectiveError(RuntimeError):
+    """A bounded collective or point-to-point wait failed: timeout or a dead peer (names the peer)."""
+
+
+def compute_device() -> torch.device:
+    """Where models run: the current GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def wire_device() -> torch.device:
+    """Device of the tensors that travel: the current GPU under NCCL, the CPU under gloo (even on a GPU host)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return compute_device()
+    return torch.device("cpu")
+
+
+def wait_bounded(work: dist.Work, timeout_s: Optional[float], what: str, peer: str, *,
+                 error: type[Exception] = CollectiveError, hint: str = "it died or hung") -> None:
+    """Wait for an async ``work`` at most ``timeout_s`` seconds (None: the process group's own timeout,
+    ``parallel.timeout_s``); a timeout or a dead peer (gloo's "connection closed") raises ``error``
+    naming ``peer``."""
+    try:
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError for timeouts and dead peers alike
+        bound = "the process group's timeout" if timeout_s is None else f"at most {timeout_s:g}s"
+        raise error(f"{what} with {peer} failed after {bound} (parallel.timeout_s): {e}. "
+                    f"Check that rank's log: {hint}") from e
+
+
+def group_broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float],
+                    peer: str, what: str, error: type[Exception] = CollectiveError,
+                    hint: str = "it died or hung") -> torch.Tensor:
+    """Bounded in-place ``broadcast`` of ``t`` from global rank ``src`` inside ``group`` (no-op for 1 rank)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    wait_bounded(dist.broadcast(t, src=src, group=group, async_op=True), timeout_s, what, peer, error=error, hint=hint)
+    return t
+
+
+def last_stage_to_all(t: torch.Tensor, pg_collection: "ProcessGroupCollection", *, timeout_s: Optional[float],
+                      what: str) -> torch.Tensor:
+    """The last pipeline stage's ``t`` on every stage of this pipeline (same TP rank), in place.
+
+    Every stage passes a tensor of the same shape and dtype (the earlier stages a buffer to fill).
+    One bounded broadcast over ``pg_collection.pp``; a no-op without pipeline parallelism.
+    """
+    stage = stage_info(pg_collection)
+    if stage.pp_size == 1:
+        return t
+    src = dist.get_global_rank(pg_collection.pp, stage.pp_size - 1)
+    return group_broadcast(t.contiguous(), src, pg_collection.pp, timeout_s=timeout_s, what=what,
+                           peer=f"the last pipeline stage (global rank {src})")

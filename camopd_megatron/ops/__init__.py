@@ -1,6 +1,6 @@
 """Numerical kernels: vocab-parallel log-probs/entropy/top-k (pure torch.distributed) and gap scores."""
 from camopd_megatron.ops.fused_output import fused_output_logprobs
-from camopd_megatron.ops.gaps import GAP_SCORE_KINDS, lengths_to_mask, sample_gap_scores, token_gaps
+from camopd_megatron.ops.gaps import GAP_SCORE_KINDS, sample_gap_scores, token_gaps
 from camopd_megatron.ops.topk import sort_by_value_then_index, vocab_parallel_topk
 from camopd_megatron.ops.vocab_parallel import (
     DEFAULT_CHUNK_TOKENS,
@@ -16,7 +16,6 @@ __all__ = [
     "GAP_SCORE_KINDS",
     "fused_output_logprobs",
     "IGNORE_INDEX",
-    "lengths_to_mask",
     "logprobs_at_indices",
     "sample_gap_scores",
     "sampled_token_logprobs",

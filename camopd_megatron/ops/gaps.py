@@ -1,4 +1,4 @@
-"""Sampled-token log-prob gaps and the per-sample selection scores of CAMOPD.md §4.
+"""Sampled-token log-prob gaps and the per-sample selection scores (docs/algorithm.md, selection).
 
     Δ_{i,t} = log π_T(y_{i,t}) − sg(log π_θ(y_{i,t}))            (:func:`token_gaps`)
     abs:      s(i) = (1/L_i) Σ_t |Δ_{i,t}|                          (general branch)
@@ -12,7 +12,7 @@ Shape legend: B = samples in the batch, T = (padded) response tokens per sample.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -20,31 +20,26 @@ GapScoreKind = Literal["abs", "positive"]
 GAP_SCORE_KINDS: tuple[str, ...] = ("abs", "positive")
 
 
-def token_gaps(teacher_logp_BT: torch.Tensor, student_logp_BT: torch.Tensor) -> torch.Tensor:
-    """Per-token gap Δ = teacher_logp − student_logp, in fp32, with the student side detached.
+def token_gaps(teacher_logp_BT: torch.Tensor, student_logp_BT: torch.Tensor,
+               mask_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token gap Δ = teacher_logp − student_logp, in fp32, with both sides detached.
 
     The teacher side is expected to carry no gradient already (it is scored under no_grad); it is
-    detached as well so Δ is always a constant advantage for the loss.
+    detached as well so Δ is always a constant advantage for the loss. With ``mask_BT`` (response
+    tokens, bool or float 0/1) Δ is 0 elsewhere, whatever the log-probs hold there (``where``, so a
+    NaN/inf on a padding position cannot leak).
     """
     if teacher_logp_BT.shape != student_logp_BT.shape:
         raise ValueError(
             f"student_logp_BT: shape {tuple(student_logp_BT.shape)} must equal teacher_logp_BT's "
             f"shape {tuple(teacher_logp_BT.shape)}"
         )
-    return teacher_logp_BT.detach().float() - student_logp_BT.detach().float()
-
-
-def lengths_to_mask(lengths_B: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Boolean response mask [B, max_len] with the first ``lengths_B[i]`` tokens of row i set."""
-    if lengths_B.dim() != 1:
-        raise ValueError(f"lengths_B: expected a 1-D tensor of lengths, got shape {tuple(lengths_B.shape)}")
-    if lengths_B.numel() and (int(lengths_B.min()) < 0 or int(lengths_B.max()) > max_len):
-        raise ValueError(
-            f"lengths_B: values must lie in [0, {max_len}] (max_len), got min {int(lengths_B.min())} "
-            f"max {int(lengths_B.max())}"
-        )
-    positions_T = torch.arange(max_len, device=lengths_B.device)
-    return positions_T.unsqueeze(0) < lengths_B.unsqueeze(1)
+    gap_BT = teacher_logp_BT.detach().float() - student_logp_BT.detach().float()
+    if mask_BT is None:
+        return gap_BT
+    if mask_BT.shape != gap_BT.shape:
+        raise ValueError(f"mask_BT: shape {tuple(mask_BT.shape)} must equal teacher_logp_BT's shape {tuple(gap_BT.shape)}")
+    return torch.where(mask_BT.bool(), gap_BT, torch.zeros_like(gap_BT))
 
 
 def sample_gap_scores(gap_BT: torch.Tensor, mask_BT: torch.Tensor, kind: GapScoreKind) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Frozen teachers for the trainer: placement checks, the student-side client, colocated teachers.
+"""The student side of the teachers: placement checks, the client, colocated teachers, the factory.
 
 One factory, :func:`build_teachers`, called on every rank of the world after
 :func:`~camopd_megatron.parallel.build_process_groups`::
@@ -15,10 +15,10 @@ One factory, :func:`build_teachers`, called on every rank of the world after
 
 * Student ranks get a :class:`TeacherClient`: each branch is routed to the one teacher listing it
   in ``teachers[i].branches``, either a *separate* teacher group (point-to-point requests, see
-  :mod:`camopd_megatron.distill.teacher_service`) or a :class:`ColocatedTeacher` on the student's
+  :mod:`camopd_megatron.teachers.protocol`) or a :class:`ColocatedTeacher` on the student's
   own ranks and groups. Either way ``score`` returns the same float32 ``[B, T]`` on every rank of
   the calling student DP replica (all its TP and PP ranks).
-* Teacher ranks get a :class:`~camopd_megatron.distill.teacher_service.TeacherHost` hosting the
+* Teacher ranks get a :class:`~camopd_megatron.teachers.host.TeacherHost` hosting the
   model(s) of its group.
 
 Before any collective, :func:`check_teachers` runs on every rank (pure config + local file reads),
@@ -30,55 +30,32 @@ it is validated.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.distributed as dist
 
 from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_dcp_metadata, read_manifest
 from camopd_megatron.config.errors import ConfigError, problem
-from camopd_megatron.distill.teacher_service import (
-    Command,
-    ServeStats,
-    StudentAborted,
-    TAG_HEADER,
-    TAG_INDICES,
-    TAG_MASK,
-    TAG_MESSAGE,
-    TAG_TOKENS,
-    TAG_VALUES,
-    TeacherHost,
-    TeacherModel,
-    TeacherServiceError,
-    check_batch,
-    encode_message,
-    group_broadcast,
-    header,
-    p2p_recv,
-    p2p_send,
-    teacher_ids,
-    wire_device,
+from camopd_megatron.models.pipeline import last_stage_to_all, wire_device
+from camopd_megatron.teachers.host import TeacherHost, TeacherModel
+from camopd_megatron.teachers.protocol import (
+    TAG_HEADER, TAG_INDICES, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, TeacherServiceError, check_batch,
+    check_k, encode_message, group_broadcast, header, p2p_recv, p2p_send, teacher_ids,
 )
+
+if TYPE_CHECKING:
+    from camopd_megatron.config import Config, ModelConfig
+    from camopd_megatron.parallel import RankGroups, RoleLayout, Route
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "build_teachers",
-    "check_teachers",
-    "TeacherClient",
-    "ColocatedTeacher",
-    "TeacherHost",
-    "TeacherModel",
-    "TeacherServiceError",
-    "StudentAborted",
-    "ServeStats",
-]
+__all__ = ["build_teachers", "check_teachers", "check_teacher_checkpoint", "TeacherClient", "ColocatedTeacher"]
 
 
 # ------------------------------------------------------------------------------------------------
 # checks that run on every rank before any collective
 # ------------------------------------------------------------------------------------------------
-def check_teachers(cfg: Any, layout: Any) -> None:
+def check_teachers(cfg: "Config", layout: "RoleLayout") -> None:
     """Refuse a bad teacher setup on every rank, before any process group is used.
 
     The config's own rules (a teacher with no branch, a branch with two teachers, ...) are checked
@@ -107,7 +84,7 @@ def check_teachers(cfg: Any, layout: Any) -> None:
         raise CheckpointError("\n".join(bad))
 
 
-def check_teacher_checkpoint(path: str, model_cfg: Any, key: str) -> None:
+def check_teacher_checkpoint(path: str, model_cfg: "ModelConfig", key: str) -> None:
     """One teacher checkpoint: readable manifest, same vocabulary and architecture, safe metadata."""
     try:
         manifest = read_manifest(path)
@@ -138,7 +115,7 @@ class ColocatedTeacher:
     between calls (moved to the device for each call; a no-op on a CPU-only machine).
     """
 
-    def __init__(self, cfg: Any, index: int, groups: Any, *, timeout_s: Optional[float] = None,
+    def __init__(self, cfg: "Config", index: int, groups: "RankGroups", *, timeout_s: Optional[float] = None,
                  micro_batch_rows: Optional[int] = None) -> None:
         t = cfg.teachers[index]
         self.name, self.index = t.name, index
@@ -147,15 +124,11 @@ class ColocatedTeacher:
         self.timeout_s = float(timeout_s if timeout_s is not None else cfg.parallel.timeout_s)
         self.teacher = TeacherModel(t.name, index, cfg.model, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
                                     dtype=t.dtype, offload=t.offload, micro_batch_rows=micro_batch_rows)
-        pp_ranks = dist.get_process_group_ranks(self.pgc.pp)
-        self._last_stage_rank = pp_ranks[-1]  # same TP rank, last stage: holds the log-probs
 
     def _share(self, out: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Last stage → earlier stages of this pipeline (same TP rank); every TP rank already agrees."""
         buf = out if out is not None else torch.zeros(shape, dtype=dtype, device=wire_device())
-        return group_broadcast(buf.contiguous(), self._last_stage_rank, self.pgc.pp, timeout_s=self.timeout_s,
-                               peer=f"role 'student' rank {self._last_stage_rank} (last stage)",
-                               what=f"colocated teacher {self.name!r} result")
+        return last_stage_to_all(buf, self.pgc, timeout_s=self.timeout_s, what=f"colocated teacher {self.name!r} result")
 
     def score(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
         """Teacher log-probs float32 [B, T] (``next_token_logprobs`` alignment, 0 where masked)."""
@@ -164,14 +137,14 @@ class ColocatedTeacher:
         if b * t == 0:
             return torch.zeros(b, t, dtype=torch.float32, device=tokens_BT.device)
         with self.teacher.in_use():
-            out = self.teacher.logprobs(tokens_BT, (loss_mask_BT != 0).to(torch.uint8))
-        return self._share(out, (b, t), torch.float32).to(tokens_BT.device)
+            return self.teacher.logprobs(tokens_BT, (loss_mask_BT != 0).to(torch.uint8), to_all_stages=True,
+                                         timeout_s=self.timeout_s)
 
     def score_topk(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's top-k log-probs and global ids [B, T, k] (see ``TeacherModel.topk``)."""
         b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
                            what=f"colocated teacher {self.name!r}")
-        _check_k(k, self.vocab_size)
+        check_k(k, self.vocab_size)
         if b * t == 0:
             return torch.zeros(b, t, k), torch.zeros(b, t, k, dtype=torch.int64)
         with self.teacher.in_use():
@@ -179,11 +152,6 @@ class ColocatedTeacher:
         vals = self._share(None if out is None else out[0], (b, t, k), torch.float32)
         ids = self._share(None if out is None else out[1], (b, t, k), torch.int64)
         return vals, ids
-
-
-def _check_k(k: int, vocab_size: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
-        raise ValueError(f"score_topk: k={k!r} must be an int in [1, model.vocab_size={vocab_size}] (loss.topk_kl)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,7 +166,8 @@ class TeacherClient:
     of the leader are in :attr:`stats`.
     """
 
-    def __init__(self, cfg: Any, layout: Any, groups: Any, *, colocated: Optional[dict[str, ColocatedTeacher]] = None,
+    def __init__(self, cfg: "Config", layout: "RoleLayout", groups: "RankGroups", *,
+                 colocated: Optional[dict[str, ColocatedTeacher]] = None,
                  timeout_s: Optional[float] = None) -> None:
         if not groups.is_student:
             raise ValueError(f"TeacherClient runs on student ranks; rank {groups.rank} is in role {groups.role_name!r}")
@@ -223,7 +192,7 @@ class TeacherClient:
             raise ValueError(f"no teacher serves branch {branch!r}; teachers[*].branches cover {sorted(self.branch_teacher)}")
         return self.branch_teacher[branch]
 
-    def _peer(self, route: Any, rank: int) -> str:
+    def _peer(self, route: "Route", rank: int) -> str:
         return f"teacher {route.teacher!r} (role {self.group_of[route.teacher]!r} rank {rank})"
 
     def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -244,7 +213,7 @@ class TeacherClient:
         """The branch teacher's top-k next-token log-probs (float32) and global ids (int64), [B, T, k],
         aligned like :meth:`score`; 0 where masked and in the last column."""
         name = self.teacher_for(branch)
-        _check_k(k, self.vocab_size)
+        check_k(k, self.vocab_size)
         if name in self.colocated:
             return self.colocated[name].score_topk(tokens_BT, loss_mask_BT, k)
         vals, ids = self._request(name, Command.TOPK, tokens_BT, loss_mask_BT, k)
@@ -287,10 +256,10 @@ class TeacherClient:
                 self._fail(route, "failed while scoring (see its log)")
         return [x.to(tokens_BT.device) for x in outs]
 
-    def _fail(self, route: Any, why: str) -> None:
+    def _fail(self, route: "Route", why: str) -> None:
         raise TeacherServiceError(f"{self._peer(route, route.teacher_output_rank)} {why}")
 
-    def _leader_targets(self) -> list[tuple[str, Any]]:
+    def _leader_targets(self) -> list[tuple[str, "Route"]]:
         """(teacher name, route) per distinct teacher replica this rank leads the traffic to."""
         sent: set[tuple[str, int]] = set()
         out = []
@@ -360,7 +329,7 @@ class TeacherClient:
 # ------------------------------------------------------------------------------------------------
 # the factory
 # ------------------------------------------------------------------------------------------------
-def build_teachers(cfg: Any, layout: Any, groups: Any, *, timeout_s: Optional[float] = None,
+def build_teachers(cfg: "Config", layout: "RoleLayout", groups: "RankGroups", *, timeout_s: Optional[float] = None,
                    idle_timeout_s: Optional[float] = None,
                    micro_batch_rows: Optional[int] = None) -> tuple[Optional[TeacherClient], Optional[TeacherHost]]:
     """``(client, None)`` on student ranks, ``(None, host)`` on teacher ranks.

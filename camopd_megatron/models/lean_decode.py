@@ -20,15 +20,18 @@ groups, H query heads, D head dim, V (padded) vocab.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from camopd_megatron.models.gpt import output_weight
 
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
-def supported(model: Any, pg_collection: Any) -> bool:
+
+def supported(model: torch.nn.Module, pg_collection: "ProcessGroupCollection") -> bool:
     """True for a TP = 1, PP = 1 local-spec GPTModel of our Llama-family builder."""
     import torch.distributed as dist
 
@@ -69,7 +72,7 @@ class _Layer(NamedTuple):
     input_norm: tuple[torch.Tensor, float]
     qkv_w: torch.Tensor
     qkv_b: Optional[torch.Tensor]
-    qk_norms: Optional[tuple[Any, Any]]  # qwen3's q/k RMSNorm modules
+    qk_norms: Optional[tuple[torch.nn.Module, torch.nn.Module]]  # qwen3's q/k RMSNorm modules
     proj_w: torch.Tensor
     proj_b: Optional[torch.Tensor]
     mlp_norm: tuple[torch.Tensor, float]
@@ -84,7 +87,7 @@ class LeanDecoder:
     and MLP norms are called as ``torch.rms_norm``, and q and k are rotated in one call: in megatron's
     fused QKV layout each kv group holds its query heads then its key head, adjacent."""
 
-    def __init__(self, model: Any, batch: int, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int) -> None:
         cfg = model.config
         self.model = model
         self.heads, self.groups, self.dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels

@@ -1,43 +1,21 @@
-"""The teacher side of the log-prob scoring service: wire protocol, frozen teacher models, host loop.
+"""The teacher rank: frozen teacher models and the host loop that serves log-prob requests.
 
-Protocol (point-to-point on the world group, one exchange per student DP replica and request).
-The student replica's leader (``Route.student_rank``: TP 0 of its last pipeline stage) talks to
-the serving teacher replica's input rank (TP 0, first stage) and output rank (TP 0, last stage)::
-
-    student leader ──header int64[6] = (cmd, teacher id, B, T, k, message bytes)──▶ teacher input rank
-                   ──tokens int64 [B, T], mask uint8 [B, T]──────────────────────▶ teacher input rank
-    teacher input rank ── broadcast header/tokens/mask over the teacher replica (pg.mp: TP × PP ranks)
-    teacher replica   ── forward-only pass (megatron's pipeline schedule when PP > 1), vocab-parallel
-                         sampled-token log-probs on the last stage (three one-float TP reductions)
-    teacher output rank ──logp float32 [B, T]───────────────────────────────────▶ student leader
-
-so teacher → student moves exactly ``4 * B * T`` bytes per request (the top-k variant: ``B*T*k``
-float32 values + int64 global ids). Nothing is sent when ``B * T == 0`` beyond the header.
-
-Ordering. ``score`` is collective over every student rank, every student replica sending one request
-per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
-``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
-
-Commands: ``score``, ``topk``, ``shutdown`` (the replica exits once every student replica routed to
-it has sent one; :meth:`TeacherHost.serve` returns) and ``abort`` (carries the student's error text;
-every rank of the teacher replica raises :class:`StudentAborted`).
-
-Failure. Every wait is bounded (``parallel.timeout_s``; the teacher's wait for the *next* request by
-``idle_timeout_s``, default the same) and a dead peer surfaces as gloo's "connection closed"; both are
-turned into :class:`TeacherServiceError` naming the peer's role and global rank. A teacher whose
-forward fails sends NaNs before raising, so the student fails at once instead of waiting.
+A :class:`TeacherHost` runs on every rank of a separate teacher group (see
+:mod:`camopd_megatron.teachers.protocol` for the wire protocol): its input rank receives each
+request from a student replica's leader and broadcasts it over the teacher replica, every rank runs
+the forward (:func:`camopd_megatron.models.scoring.score_logprobs`), and the output rank (TP 0 of
+the last stage) sends the log-probs back. :class:`TeacherModel` is one frozen teacher on one role's
+ranks; colocated teachers (:mod:`camopd_megatron.teachers.client`) use it on the student's ranks.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 from types import SimpleNamespace
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from camopd_megatron.cpu_compat import ensure_cpu_compat
@@ -46,130 +24,25 @@ ensure_cpu_compat()
 
 from camopd_megatron.checkpoint.dist import load_model, save_checkpoint  # noqa: E402
 from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info  # noqa: E402
-from camopd_megatron.models.logprobs import next_token_logprobs, vocab_start  # noqa: E402
-from camopd_megatron.models.pipeline import output_window, run_microbatches  # noqa: E402
+from camopd_megatron.models.logprobs import vocab_start  # noqa: E402
+from camopd_megatron.models.pipeline import compute_device, make_microbatches, run_microbatches, wire_device  # noqa: E402
 from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs  # noqa: E402
+from camopd_megatron.models.scoring import score_logprobs  # noqa: E402
 from camopd_megatron.ops import vocab_parallel_topk  # noqa: E402
+from camopd_megatron.teachers.protocol import (  # noqa: E402
+    HEADER_LEN, TAG_HEADER, TAG_INDICES, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, StudentAborted,
+    TeacherServiceError, decode_message, group_broadcast, p2p_recv, p2p_send,
+)
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from camopd_megatron.config import Config, ModelConfig
+    from camopd_megatron.parallel import RankGroups, RoleLayout
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Command",
-    "TeacherServiceError",
-    "StudentAborted",
-    "TeacherModel",
-    "TeacherHost",
-    "ServeStats",
-    "check_batch",
-    "compute_device",
-    "wire_device",
-]
-
-
-class Command:
-    """Request commands (first header field)."""
-
-    SCORE = 1
-    TOPK = 2
-    SHUTDOWN = 3
-    ABORT = 4
-    SAVE = 5
-    """Join a world-collective checkpoint save (header B = step, message = path); see ``join_save``."""
-
-
-HEADER_LEN = 6
-"""Header fields: command, teacher id (index in ``teachers``), B, T, k (top-k only), message bytes (abort)."""
-TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_VALUES, TAG_INDICES, TAG_MESSAGE = 101, 102, 103, 104, 105, 106
-
-
-class TeacherServiceError(RuntimeError):
-    """A scoring exchange failed: timeout, dead peer, or a teacher-side failure (names role and rank)."""
-
-
-class StudentAborted(TeacherServiceError):
-    """The student sent ``abort`` (it raised); carries the student's error message."""
-
-
-# ------------------------------------------------------------------------------------------------
-# bounded point-to-point / broadcast helpers
-# ------------------------------------------------------------------------------------------------
-def compute_device() -> torch.device:
-    """Where teacher models run: the current GPU when CUDA is available, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def wire_device() -> torch.device:
-    """Device of the tensors that travel: the current GPU under NCCL, the CPU under gloo (even on a GPU host)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return compute_device()
-    return torch.device("cpu")
-
-
-def _wait(work: Any, timeout_s: float, what: str, peer: str) -> None:
-    try:
-        work.wait(datetime.timedelta(seconds=timeout_s))
-    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError for timeouts and dead peers alike
-        raise TeacherServiceError(
-            f"{what} with {peer} failed after at most {timeout_s:g}s (parallel.timeout_s): {e}. "
-            f"Check that rank's log: it died, hung, or is not running the scoring service"
-        ) from e
-
-
-def p2p_send(t: torch.Tensor, dst: int, *, tag: int, timeout_s: float, peer: str, what: str) -> None:
-    """Send ``t`` to global rank ``dst``; TeacherServiceError naming ``peer`` on timeout/death."""
-    _wait(dist.isend(t.contiguous(), dst=dst, tag=tag), timeout_s, f"{what} (send)", peer)
-
-
-def p2p_recv(t: torch.Tensor, src: int, *, tag: int, timeout_s: float, peer: str, what: str) -> torch.Tensor:
-    """Receive into ``t`` from global rank ``src``; TeacherServiceError naming ``peer`` on timeout/death."""
-    _wait(dist.irecv(t, src=src, tag=tag), timeout_s, f"{what} (receive)", peer)
-    return t
-
-
-def group_broadcast(t: torch.Tensor, src: int, group: Any, *, timeout_s: float, peer: str, what: str) -> torch.Tensor:
-    """Bounded ``broadcast`` of ``t`` from global rank ``src`` inside ``group`` (no-op for 1 rank)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return t
-    _wait(dist.broadcast(t, src=src, group=group, async_op=True), timeout_s, what, peer)
-    return t
-
-
-# ------------------------------------------------------------------------------------------------
-# input checks shared by the client and the colocated path
-# ------------------------------------------------------------------------------------------------
-def check_batch(tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, vocab_size: int, group: Any,
-                what: str) -> tuple[int, int]:
-    """Validate one replica's batch on every rank of ``group`` (its TP × PP ranks) and return (B, T).
-
-    Local checks first, then one all-reduce of (B, T, −B, −T, error) so that a mismatch between the
-    replica's ranks or a bad token on one of them raises the same ValueError on all of them.
-    """
-    err = ""
-    if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.dtype != torch.int64:
-        err = f"{what}: tokens_BT must be an int64 [B, T] tensor, got {getattr(tokens_BT, 'dtype', type(tokens_BT))} " \
-              f"{tuple(getattr(tokens_BT, 'shape', ()))}"
-    elif not isinstance(loss_mask_BT, torch.Tensor) or tuple(loss_mask_BT.shape) != tuple(tokens_BT.shape):
-        err = f"{what}: loss_mask_BT must have the tokens' shape {tuple(tokens_BT.shape)}, got " \
-              f"{tuple(getattr(loss_mask_BT, 'shape', ()))}"
-    elif tokens_BT.numel() and (int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= vocab_size):
-        err = f"{what}: token ids must lie in [0, model.vocab_size={vocab_size}), got " \
-              f"[{int(tokens_BT.min())}, {int(tokens_BT.max())}]; pad with a real token id and mask it out"
-    shape = tuple(tokens_BT.shape) if not err else (-1, -1)
-    flags = torch.tensor([shape[0], shape[1], -shape[0], -shape[1], int(bool(err))], dtype=torch.int64,
-                         device=wire_device())
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    b, t, nb, nt, bad = (int(v) for v in flags.tolist())
-    if err:
-        raise ValueError(err)
-    if bad:
-        raise ValueError(f"{what}: another rank of this student replica rejected its batch (see its error)")
-    if b != -nb or t != -nt:
-        raise ValueError(
-            f"{what}: the ranks of one student replica (its TP/PP ranks) must pass the same batch shape; "
-            f"got shapes between [{-nb}, {-nt}] and [{b}, {t}]"
-        )
-    return shape
+__all__ = ["TeacherModel", "TeacherHost", "ServeStats"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +72,8 @@ class TeacherModel:
     checkpoint; any saved TP/PP loads into this layout) and kept in eval mode without gradients.
     """
 
-    def __init__(self, name: str, index: int, model_cfg: Any, pg_collection: Any, *, seed: int,
+    def __init__(self, name: str, index: int, model_cfg: "ModelConfig", pg_collection: "ProcessGroupCollection", *,
+                 seed: int,
                  checkpoint: Optional[str], dtype: str = "auto", offload: bool = False,
                  micro_batch_rows: Optional[int] = None) -> None:
         self.name, self.index, self.model_cfg, self.pgc = name, index, model_cfg, pg_collection
@@ -240,38 +114,14 @@ class TeacherModel:
                 self._move("cpu")
 
     # -------------------------------------------------------------- scoring
-    def _batches(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[list[dict[str, Any]], int]:
-        """Split rows into equal-shape micro-batches (the pipeline needs one shape; pad the last)."""
-        b = tokens_BT.shape[0]
-        rows = min(self.micro_batch_rows or b, b)
-        batches = []
-        for r0 in range(0, b, rows):
-            tok, msk = tokens_BT[r0:r0 + rows], mask_BT[r0:r0 + rows]
-            if tok.shape[0] < rows:  # pad rows with masked copies of token 0
-                pad = rows - tok.shape[0]
-                tok = torch.cat([tok, tok.new_zeros(pad, tok.shape[1])])
-                msk = torch.cat([msk, msk.new_zeros(pad, msk.shape[1])])
-            batches.append({"tokens": tok.to(self.device), "mask": msk.to(self.device), "output_window": output_window(msk)})
-        return batches, b
-
-    @torch.no_grad()
-    def logprobs(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor) -> Optional[torch.Tensor]:
+    def logprobs(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, *,
+                 to_all_stages: bool = False, timeout_s: Optional[float] = None) -> Optional[torch.Tensor]:
         """Sampled-token log-probs fp32 [B, T] (``next_token_logprobs`` alignment, 0 where masked) on
-        the last pipeline stage (every TP rank of it); None on the other stages."""
-        tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
-
-        weight = output_weight(self.model) if self.stage.is_last else None
-
-        def loss_fn(batch: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            logp_BT = next_token_logprobs(hidden_BWH, batch["tokens"], tp, vocab_size=vocab, mask_BT=batch["mask"],
-                                          first_position=batch["output_window"][0], output_weight=weight)
-            return logp_BT.new_zeros(()), {"logp": logp_BT}
-
-        batches, b = self._batches(tokens_BT, mask_BT)
-        outs = run_microbatches(self.model, self.pgc, batches, loss_fn, forward_only=True)
-        if not self.stage.is_last:
-            return None
-        return torch.cat([o["logp"] for o in outs])[:b].float().to(wire_device())
+        the last pipeline stage (every TP rank of it), on the wire device; None on the other stages
+        (``to_all_stages``: on every stage, see :func:`~camopd_megatron.models.scoring.score_logprobs`)."""
+        return score_logprobs(self.model, self.pgc, tokens_BT, mask_BT, micro_batch=self.micro_batch_rows,
+                              vocab_size=self.model_cfg.vocab_size, device=self.device,
+                              to_all_stages=to_all_stages, timeout_s=timeout_s)
 
     @torch.no_grad()
     def topk(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -295,7 +145,8 @@ class TeacherModel:
             keep_BT1[:, -1] = False
             return vals.new_zeros(()), {"vals": vals * keep_BT1, "ids": ids * keep_BT1}
 
-        batches, b = self._batches(tokens_BT, mask_BT)
+        b = tokens_BT.shape[0]
+        batches = make_microbatches({"tokens": tokens_BT, "mask": mask_BT}, self.micro_batch_rows, device=self.device)
         outs = run_microbatches(self.model, self.pgc, batches, loss_fn, forward_only=True)
         if not self.stage.is_last:
             return None
@@ -332,7 +183,7 @@ class TeacherHost:
         micro_batch_rows: rows per pipeline micro-batch (None: the whole request at once).
     """
 
-    def __init__(self, cfg: Any, layout: Any, groups: Any, *, timeout_s: Optional[float] = None,
+    def __init__(self, cfg: "Config", layout: "RoleLayout", groups: "RankGroups", *, timeout_s: Optional[float] = None,
                  idle_timeout_s: Optional[float] = None, micro_batch_rows: Optional[int] = None) -> None:
         if groups.is_student:
             raise ValueError(f"TeacherHost runs on teacher ranks; rank {groups.rank} is a student rank")
@@ -411,7 +262,7 @@ class TeacherHost:
                      what=what)
         if nmsg:
             group_broadcast(msg, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(), what=what)
-        return bytes(msg[:nmsg].cpu().tolist()).decode("utf-8", errors="replace")
+        return decode_message(msg[:nmsg])
 
     def _abort(self, sender: tuple[int, int], nmsg: int) -> None:
         text = self._message(sender, nmsg, "abort message")
@@ -450,19 +301,3 @@ class TeacherHost:
             for x, tag in payload:
                 p2p_send(x, sender[0], tag=tag, timeout_s=self.timeout_s, peer=peer, what="reply")
                 stats.bytes_sent += x.numel() * x.element_size()
-
-
-def encode_message(text: str, limit: int = 4096) -> torch.Tensor:
-    """UTF-8 bytes of an abort message as a uint8 tensor (truncated to ``limit`` bytes)."""
-    data = text.encode("utf-8", errors="replace")[:limit]
-    return torch.tensor(list(data), dtype=torch.uint8, device=wire_device())
-
-
-def header(cmd: int, teacher_id: int = -1, b: int = 0, t: int = 0, k: int = 0, nmsg: int = 0) -> torch.Tensor:
-    """A request header (see :data:`HEADER_LEN`)."""
-    return torch.tensor([cmd, teacher_id, b, t, k, nmsg], dtype=torch.int64, device=wire_device())
-
-
-def teacher_ids(teachers: Sequence[Any]) -> dict[str, int]:
-    """Teacher name → id on the wire (its index in ``teachers``)."""
-    return {t.name: i for i, t in enumerate(teachers)}

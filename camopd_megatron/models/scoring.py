@@ -1,0 +1,89 @@
+"""Score a batch with a frozen forward: sampled-token log-probs ``[B, T]`` (the one place that does it).
+
+    logp_BT = score_logprobs(model, pgc, tokens_BT, mask_BT, micro_batch=4, vocab_size=V)
+
+Callers: the student's pre-update recompute and the built-in evaluation / conflict probe (the result
+on every pipeline stage), a colocated teacher (every stage too), and a teacher host (the last stage
+only: its output rank sends the log-probs to the student).
+
+What a call does, on every rank of one model replica (its TP × PP ranks, each with the same batch):
+the rows are split into equal-shape micro-batches (``models.pipeline.make_microbatches``, the last
+padded with zero rows), each carrying the output window of its scored positions; megatron's
+forward-only schedule runs them in eval mode under ``no_grad`` (the model's mode is restored after);
+the last stage turns the window's final hidden states into log-probs with the fused vocab-parallel
+output projection (``models.logprobs.next_token_logprobs``; no [B, T, V] logits), and with
+``to_all_stages`` one bounded broadcast gives them to the earlier stages.
+
+Alignment: ``out[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`` under softmax(logits / temperature);
+0 where ``mask_BT`` is 0 and in the last column. fp32.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from camopd_megatron.models.gpt import output_weight, stage_info
+from camopd_megatron.models.logprobs import next_token_logprobs
+from camopd_megatron.models.pipeline import last_stage_to_all, make_microbatches, run_microbatches, wire_device
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+def score_logprobs(
+    model: torch.nn.Module,
+    pg_collection: "ProcessGroupCollection",
+    tokens_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    micro_batch: Optional[int],
+    vocab_size: int,
+    temperature: float = 1.0,
+    device: Optional[torch.device] = None,
+    to_all_stages: bool = True,
+    timeout_s: Optional[float] = None,
+) -> Optional[torch.Tensor]:
+    """Sampled-token log-probs fp32 ``[B, T]`` of a frozen forward (module docstring).
+
+    Args:
+        model: this rank's model chunk (a bare GPTModel).
+        pg_collection: the process groups the model was built on.
+        tokens_BT: int64 tokens, the same on every rank of the replica.
+        mask_BT: scored positions, aligned with the outputs (float or uint8 0/1).
+        micro_batch: rows per micro-batch (None: all rows at once).
+        vocab_size: the real (unpadded) vocabulary.
+        temperature: softmax temperature of the scored distribution.
+        device: where the model runs (the micro-batches are moved there; default: left where they are).
+        to_all_stages: True: the result on every pipeline stage, on ``tokens_BT``'s device. False: on
+            the last stage only (on the wire device, ready to send), None on the other stages.
+        timeout_s: bound on the last stage → other stages broadcast (None: the group's own timeout).
+    """
+    b = tokens_BT.shape[0]
+    is_last = stage_info(pg_collection).is_last
+    if b == 0:  # every rank of the replica has the same B: nobody runs the schedule
+        empty = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
+        return empty if to_all_stages or is_last else None
+    weight = output_weight(model) if is_last else None
+
+    def loss_fn(mb: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        logp_BT = next_token_logprobs(hidden_BWH, mb["tokens"], pg_collection.tp, vocab_size=vocab_size,
+                                      temperature=temperature, mask_BT=mb["mask"],
+                                      first_position=mb["output_window"][0], output_weight=weight)
+        return logp_BT.new_zeros(()), {"logp": logp_BT[: mb["n_real"]]}
+
+    batches = make_microbatches({"tokens": tokens_BT, "mask": mask_BT}, micro_batch, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outs = run_microbatches(model, pg_collection, batches, loss_fn, forward_only=True)
+    finally:
+        model.train(was_training)
+    wire = wire_device()
+    if not to_all_stages:
+        return torch.cat([o["logp"] for o in outs]).float().to(wire) if is_last else None
+    logp_BT = (torch.cat([o["logp"] for o in outs]).float().to(wire) if is_last
+               else torch.zeros(tokens_BT.shape, dtype=torch.float32, device=wire))
+    logp_BT = last_stage_to_all(logp_BT, pg_collection, timeout_s=timeout_s, what="scored log-probs")
+    return logp_BT.to(tokens_BT.device)

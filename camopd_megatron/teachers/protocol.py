@@ -1,0 +1,175 @@
+"""The wire protocol of the log-prob scoring service: commands, header, tags, bounded p2p, batch checks.
+
+Protocol (point-to-point on the world group, one exchange per student DP replica and request).
+The student replica's leader (``Route.student_rank``: TP 0 of its last pipeline stage) talks to
+the serving teacher replica's input rank (TP 0, first stage) and output rank (TP 0, last stage)::
+
+    student leader ──header int64[6] = (cmd, teacher id, B, T, k, message bytes)──▶ teacher input rank
+                   ──tokens int64 [B, T], mask uint8 [B, T]──────────────────────▶ teacher input rank
+    teacher input rank ── broadcast header/tokens/mask over the teacher replica (pg.mp: TP × PP ranks)
+    teacher replica   ── forward-only pass (megatron's pipeline schedule when PP > 1), vocab-parallel
+                         sampled-token log-probs on the last stage (three one-float TP reductions)
+    teacher output rank ──logp float32 [B, T]───────────────────────────────────▶ student leader
+
+so teacher → student moves exactly ``4 * B * T`` bytes per request (the top-k variant: ``B*T*k``
+float32 values + int64 global ids). Nothing is sent when ``B * T == 0`` beyond the header.
+
+Ordering. ``score`` is collective over every student rank, every student replica sending one request
+per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
+``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
+
+Commands: ``score``, ``topk``, ``shutdown`` (the replica exits once every student replica routed to
+it has sent one; :meth:`TeacherHost.serve` returns) and ``abort`` (carries the student's error text;
+every rank of the teacher replica raises :class:`StudentAborted`).
+
+Failure. Every wait is bounded (``parallel.timeout_s``; the teacher's wait for the *next* request by
+``idle_timeout_s``, default the same) and a dead peer surfaces as gloo's "connection closed"; both are
+turned into :class:`TeacherServiceError` naming the peer's role and global rank. A teacher whose
+forward fails sends NaNs before raising, so the student fails at once instead of waiting.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.models.pipeline import group_broadcast as _group_broadcast
+from camopd_megatron.models.pipeline import CollectiveError, wait_bounded, wire_device
+
+if TYPE_CHECKING:
+    from camopd_megatron.config import TeacherConfig
+
+__all__ = [
+    "Command",
+    "HEADER_LEN",
+    "TeacherServiceError",
+    "StudentAborted",
+    "check_batch",
+    "check_k",
+    "decode_message",
+    "encode_message",
+    "group_broadcast",
+    "header",
+    "p2p_recv",
+    "p2p_send",
+    "teacher_ids",
+]
+
+
+class Command:
+    """Request commands (first header field)."""
+
+    SCORE = 1
+    TOPK = 2
+    SHUTDOWN = 3
+    ABORT = 4
+    SAVE = 5
+    """Join a world-collective checkpoint save (header B = step, message = path); see ``join_save``."""
+
+
+HEADER_LEN = 6
+"""Header fields: command, teacher id (index in ``teachers``), B, T, k (top-k only), message bytes (abort)."""
+TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_VALUES, TAG_INDICES, TAG_MESSAGE = 101, 102, 103, 104, 105, 106
+
+
+class TeacherServiceError(CollectiveError):
+    """A scoring exchange failed: timeout, dead peer, or a teacher-side failure (names role and rank)."""
+
+
+class StudentAborted(TeacherServiceError):
+    """The student sent ``abort`` (it raised); carries the student's error message."""
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded point-to-point / broadcast
+# ------------------------------------------------------------------------------------------------
+_HINT = "it died, hung, or is not running the scoring service"
+
+
+def p2p_send(t: torch.Tensor, dst: int, *, tag: int, timeout_s: float, peer: str, what: str) -> None:
+    """Send ``t`` to global rank ``dst``; TeacherServiceError naming ``peer`` on timeout/death."""
+    wait_bounded(dist.isend(t.contiguous(), dst=dst, tag=tag), timeout_s, f"{what} (send)", peer,
+                 error=TeacherServiceError, hint=_HINT)
+
+
+def p2p_recv(t: torch.Tensor, src: int, *, tag: int, timeout_s: float, peer: str, what: str) -> torch.Tensor:
+    """Receive into ``t`` from global rank ``src``; TeacherServiceError naming ``peer`` on timeout/death."""
+    wait_bounded(dist.irecv(t, src=src, tag=tag), timeout_s, f"{what} (receive)", peer,
+                 error=TeacherServiceError, hint=_HINT)
+    return t
+
+
+def group_broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], *, timeout_s: float, peer: str,
+                    what: str) -> torch.Tensor:
+    """Bounded ``broadcast`` of ``t`` from global rank ``src`` inside ``group``; TeacherServiceError on failure."""
+    return _group_broadcast(t, src, group, timeout_s=timeout_s, peer=peer, what=what, error=TeacherServiceError,
+                            hint=_HINT)
+
+
+# ------------------------------------------------------------------------------------------------
+# input checks shared by the client and the colocated path
+# ------------------------------------------------------------------------------------------------
+def check_batch(tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, vocab_size: int,
+                group: Optional[dist.ProcessGroup], what: str) -> tuple[int, int]:
+    """Validate one replica's batch on every rank of ``group`` (its TP × PP ranks) and return (B, T).
+
+    Local checks first, then one all-reduce of (B, T, −B, −T, error) so that a mismatch between the
+    replica's ranks or a bad token on one of them raises the same ValueError on all of them.
+    """
+    err = ""
+    if not isinstance(tokens_BT, torch.Tensor) or tokens_BT.dim() != 2 or tokens_BT.dtype != torch.int64:
+        err = f"{what}: tokens_BT must be an int64 [B, T] tensor, got {getattr(tokens_BT, 'dtype', type(tokens_BT))} " \
+              f"{tuple(getattr(tokens_BT, 'shape', ()))}"
+    elif not isinstance(loss_mask_BT, torch.Tensor) or tuple(loss_mask_BT.shape) != tuple(tokens_BT.shape):
+        err = f"{what}: loss_mask_BT must have the tokens' shape {tuple(tokens_BT.shape)}, got " \
+              f"{tuple(getattr(loss_mask_BT, 'shape', ()))}"
+    elif tokens_BT.numel() and (int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= vocab_size):
+        err = f"{what}: token ids must lie in [0, model.vocab_size={vocab_size}), got " \
+              f"[{int(tokens_BT.min())}, {int(tokens_BT.max())}]; pad with a real token id and mask it out"
+    shape = tuple(tokens_BT.shape) if not err else (-1, -1)
+    flags = torch.tensor([shape[0], shape[1], -shape[0], -shape[1], int(bool(err))], dtype=torch.int64,
+                         device=wire_device())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    b, t, nb, nt, bad = (int(v) for v in flags.tolist())
+    if err:
+        raise ValueError(err)
+    if bad:
+        raise ValueError(f"{what}: another rank of this student replica rejected its batch (see its error)")
+    if b != -nb or t != -nt:
+        raise ValueError(
+            f"{what}: the ranks of one student replica (its TP/PP ranks) must pass the same batch shape; "
+            f"got shapes between [{-nb}, {-nt}] and [{b}, {t}]"
+        )
+    return shape
+
+
+def check_k(k: int, vocab_size: int) -> None:
+    """A top-k request's k: an int in [1, vocab_size]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"score_topk: k={k!r} must be an int in [1, model.vocab_size={vocab_size}] (loss.topk_kl)")
+
+
+# ------------------------------------------------------------------------------------------------
+# messages
+# ------------------------------------------------------------------------------------------------
+def encode_message(text: str, limit: int = 4096) -> torch.Tensor:
+    """UTF-8 bytes of an abort message as a uint8 tensor (truncated to ``limit`` bytes)."""
+    data = text.encode("utf-8", errors="replace")[:limit]
+    return torch.tensor(list(data), dtype=torch.uint8, device=wire_device())
+
+
+def decode_message(data: torch.Tensor) -> str:
+    """The text of a received message (inverse of :func:`encode_message`)."""
+    return bytes(data.cpu().tolist()).decode("utf-8", errors="replace")
+
+
+def header(cmd: int, teacher_id: int = -1, b: int = 0, t: int = 0, k: int = 0, nmsg: int = 0) -> torch.Tensor:
+    """A request header (see :data:`HEADER_LEN`)."""
+    return torch.tensor([cmd, teacher_id, b, t, k, nmsg], dtype=torch.int64, device=wire_device())
+
+
+def teacher_ids(teachers: Sequence["TeacherConfig"]) -> dict[str, int]:
+    """Teacher name → id on the wire (its index in ``teachers``)."""
+    return {t.name: i for i, t in enumerate(teachers)}
