@@ -29,6 +29,7 @@ import torch.distributed as dist
 from camopd_megatron.checkpoint.dist import (
     CheckpointError, load_model, load_rank_state, load_sharded, model_sharded_state_dict, read_manifest, save_checkpoint,
 )
+from camopd_megatron.checkpoint.hf_side import carry_hf_files
 from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
@@ -168,7 +169,8 @@ class _Trainer:
         }
         save_checkpoint(path, self._state(False), model_cfg=self.cfg.model, step=step, common=common,
                         rank_state={"cpu_rng": torch.get_rng_state()}, overwrite=True)
-        if self.is_logger:
+        if self.is_logger:  # the tokenizer and HF side files of the starting model, for the HF export
+            carry_hf_files(self.cfg.model.checkpoint, path)
             self.ckpt.mark_latest(path)
         dist.barrier(group=self.groups.role_group)
         return str(path)

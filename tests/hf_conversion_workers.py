@@ -1,5 +1,6 @@
-"""Rank functions of tests/test_hf_conversion.py, in a module that does not import transformers
-(spawned ranks import the function's module; transformers would add seconds per rank)."""
+"""Rank functions and shared helpers of tests/test_hf_conversion.py and tests/test_end_to_end_hf.py, in a
+module that does not import transformers at import time (spawned ranks import the function's module;
+transformers would add seconds per rank)."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,22 @@ VOCAB = 100
 def tokens() -> torch.Tensor:
     """The fixed prompt batch [2, T]."""
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(11))
+
+
+def save_tiny_tokenizer(d, vocab_size: int) -> None:
+    """A byte-level BPE fast tokenizer (no merges: one token per character): ``<|end|>`` (id 0, eos),
+    ``<pad>`` (id 1, pad), then byte-level characters (``Ġ`` is the space). Byte-level, so that the model
+    type's own tokenizer class (Qwen2Tokenizer, which transformers 5 picks from config.json) reads it as is."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+
+    chars = ["Ġ"] + [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["Ċ", "ĉ"]
+    vocab = {"<|end|>": 0, "<pad>": 1, **{c: i + 2 for i, c in enumerate(chars[: vocab_size - 2])}}
+    tok = Tokenizer(tok_models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<pad>")
+    fast.save_pretrained(d)
 
 
 def parity_worker(rank: int, world_size: int, cases: dict, resave: str) -> dict:

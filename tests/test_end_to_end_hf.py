@@ -1,6 +1,8 @@
 """The user's whole path: two Hugging Face models (general parent G, domain child D) → our format →
 CaMOPD training (student from D, teachers G and D) → the student exported back to Hugging Face and
-loaded by ``transformers``, whose logits must match our trained student's."""
+loaded by ``transformers``, whose logits must match our trained student's; the export of the run's
+checkpoints root (its latest checkpoint) carries the domain model's tokenizer, and ``generate`` runs with
+its eos/pad."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron, convert_megatron_to_hf  # noqa: E402
 from camopd_megatron.testing.multiproc import run_on_ranks  # noqa: E402
+from tests.hf_conversion_workers import save_tiny_tokenizer  # noqa: E402
 
 SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
@@ -52,6 +55,7 @@ def test_hf_to_camopd_to_hf(tmp_path):
 
     for name, seed in (("general", 1), ("domain", 2)):
         _hf_model(tmp_path / f"hf_{name}", seed)
+        save_tiny_tokenizer(tmp_path / f"hf_{name}", SHAPE["vocab_size"])
         convert_hf_to_megatron(tmp_path / f"hf_{name}", tmp_path / f"ours_{name}", progress=False)
     model_cfg = read_manifest(tmp_path / "ours_domain")["model_config"]
     repo = Path(__file__).resolve().parents[1]
@@ -68,7 +72,9 @@ def test_hf_to_camopd_to_hf(tmp_path):
     (out,) = run_on_ranks(_train_and_score, 1, args=(cfg, tokens), timeout_s=400)
     assert any(loss not in (None, 0.0) for loss in out["loss"])
 
-    convert_megatron_to_hf(out["ckpt"], tmp_path / "hf_student", progress=False)
+    # the run's checkpoints root: its latest checkpoint, the one training ended with
+    assert Path(out["ckpt"]).parent == tmp_path / "run" / "checkpoints"
+    convert_megatron_to_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf_student", progress=False)
     student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_student").eval()
     with torch.no_grad():
         theirs = student(tokens).logits.float()
@@ -77,3 +83,12 @@ def test_hf_to_camopd_to_hf(tmp_path):
     domain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_domain").eval()
     with torch.no_grad():
         assert (domain(tokens).logits.float() - theirs).abs().max().item() > 1e-4
+    # the training checkpoint carried the domain model's tokenizer: the export loads and generates with it
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_student")
+    assert tok.get_vocab() == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_domain").get_vocab()
+    assert (student.generation_config.eos_token_id, student.generation_config.pad_token_id) == (0, 1)
+    batch = tok(["hi there", "hey"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        new = student.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    for row in new.tolist():  # each row ends at its first eos (then pads) or runs to max_new_tokens
+        assert 0 not in row or all(t == 1 for t in row[row.index(0) + 1:]), row

@@ -1,9 +1,9 @@
 """The fused output-projection log-prob (hidden states × vocab-sharded weight, no logits tensor).
 
 Reference: torch's own ``log_softmax(h Wᵀ / T)`` over the real vocabulary with autograd. Checked in one
-process (fp32 and bf16, chunking, temperature, ignored targets, padding rows) and on 4 gloo ranks as
-TP = 2 (two groups) and TP = 4 (the last shard all padding): values, dL/dh (all-reduced over the group)
-and each rank's dL/dW rows.
+process (fp32 and bf16, chunking, temperature, ignored targets, padding rows, large logits) and on 4 gloo
+ranks as TP = 2 (two groups) and TP = 4 (the last shard all padding): values, dL/dh (all-reduced over the
+group) and each rank's dL/dW rows, against a float64 reference.
 
 Shape legend: N tokens, H hidden, V real vocab, P padded vocab.
 """
@@ -18,16 +18,24 @@ from camopd_megatron.testing.multiproc import run_on_ranks
 H = 16
 
 
-def make_case(seed: int, n: int, V: int, P: int, *, temperature: float = 1.0) -> dict:
+def make_case(seed: int, n: int, V: int, P: int, *, temperature: float = 1.0, offset: float = 0.0) -> dict:
+    """``offset`` != 0: every real logit is ``offset`` + a small part, all exact in fp32 (dyadic hidden and
+    weight entries, h[:, 0] = 1 and W[:V, 0] = offset), so the fp32 logits equal the float64 reference's
+    and any error left is the kernel's (at offset 1e4 an fp32 logZ = M + log S is off by ~1e-3)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, H, generator=g)
     weight = torch.randn(P, H, generator=g) * 0.7
-    weight[V:] = 5.0  # padding rows: huge logits that must never count
+    if offset:
+        hidden = torch.randint(-8, 9, (n, H), generator=g) / 8.0
+        weight = torch.randint(-6, 7, (P, H), generator=g) / 8.0
+        hidden[:, 0] = 1.0
+        weight[:V, 0] = offset
+    weight[V:] = 5.0 + abs(offset)  # padding rows: huge logits that must never count
     targets = torch.randint(0, V, (n,), generator=g)
     targets[::5] = IGNORE_INDEX
     upstream = torch.randn(n, generator=g)
     return {"hidden": hidden, "weight": weight, "targets": targets, "upstream": upstream, "V": V, "P": P,
-            "temperature": temperature}
+            "temperature": temperature, "offset": offset}
 
 
 def reference(case: dict) -> dict:
@@ -54,12 +62,21 @@ def run_fused(case: dict, group, rank: int, tp: int, *, dtype=torch.float32, chu
     return {"logp": logp.detach(), "nograd": nograd, "dh": h.grad, "dw": w.grad, "rows": (rank * rows, (rank + 1) * rows)}
 
 
-def check(ours: dict, ref: dict, *, tol: float) -> None:
+def check(ours: dict, ref: dict, *, tol: float, offset: float = 0.0) -> None:
     torch.testing.assert_close(ours["logp"].double(), ref["logp"], atol=tol, rtol=tol)
     torch.testing.assert_close(ours["nograd"].double(), ref["logp"], atol=tol, rtol=tol)
-    torch.testing.assert_close(ours["dh"].double(), ref["dh"], atol=tol, rtol=tol)
+    # dL/dh = Σ_v G[v] W[v]: the rows of G sum to ~0, so W's column of ``offset`` leaves fp32 round-off of
+    # ~1e-7·|offset| (an fp32 logZ left ~1e-4·g·|offset| there: the probabilities did not sum to 1)
+    torch.testing.assert_close(ours["dh"].double(), ref["dh"], atol=tol + 1e-6 * abs(offset), rtol=tol)
     lo, hi = ours["rows"]
     torch.testing.assert_close(ours["dw"].double(), ref["dw"][lo:hi], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_large_logits_keep_fp32_precision(offset, keep):
+    case = make_case(6, 19, V=50, P=64, offset=offset)
+    check(run_fused(case, None, 0, 1, chunk=5, keep=keep), reference(case), tol=1e-5, offset=offset)
 
 
 @pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
@@ -112,10 +129,11 @@ def test_weight_gradient_goes_into_megatron_main_grad():
     torch.testing.assert_close(w.main_grad.double(), 0.25 + 2 * ref["dw"], atol=1e-5, rtol=1e-5)
 
 
-CASES = [  # (seed, tokens, V, P, temperature): P divisible by 4; V = 41 leaves the 4th shard of 48 all padding
-    (11, 17, 60, 64, 1.0),
-    (12, 9, 41, 48, 0.8),
-    (13, 1, 64, 64, 1.0),
+CASES = [  # (seed, tokens, V, P, temperature, offset): P divisible by 4; V = 41 leaves the 4th shard of 48 all padding
+    (11, 17, 60, 64, 1.0, 0.0),
+    (12, 9, 41, 48, 0.8, 0.0),
+    (13, 1, 64, 64, 1.0, 0.0),
+    (14, 13, 60, 64, 1.0, 1e4),  # large logits
 ]
 
 
@@ -125,20 +143,20 @@ def _tp_worker(rank: int, world_size: int) -> dict:
     groups2 = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     group4 = dist.new_group([0, 1, 2, 3])
     out = {}
-    for seed, n, V, P, temp in CASES:
-        case = make_case(seed, n, V, P, temperature=temp)
-        out[(seed, 2)] = run_fused(case, groups2[rank // 2], rank % 2, 2, chunk=4)
+    for seed, n, V, P, temp, offset in CASES:
+        case = make_case(seed, n, V, P, temperature=temp, offset=offset)
+        out[(seed, 2)] = run_fused(case, groups2[rank // 2], rank % 2, 2, chunk=4, keep=0 if rank < 2 else 2**28)
         out[(seed, 4)] = run_fused(case, group4, rank, 4, keep=0)
     return out
 
 
 def test_tp2_and_tp4_match_the_single_process_reference():
     per_rank = run_on_ranks(_tp_worker, 4, timeout_s=240, pg_timeout_s=60)
-    for seed, n, V, P, temp in CASES:
-        ref = reference(make_case(seed, n, V, P, temperature=temp))
+    for seed, n, V, P, temp, offset in CASES:
+        ref = reference(make_case(seed, n, V, P, temperature=temp, offset=offset))
         for rank, res in enumerate(per_rank):
             for tp in (2, 4):
-                check(res[(seed, tp)], ref, tol=1e-5)
+                check(res[(seed, tp)], ref, tol=1e-5, offset=offset)
 
 
 def test_output_layer_benchmark_smoke():

@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from camopd_megatron.checkpoint.hf import model_config_from_hf  # noqa: E402
 from camopd_megatron.checkpoint.hf_io import HFWeights, convert_hf_to_megatron, read_hf_config  # noqa: E402
 from camopd_megatron.testing.multiproc import run_on_ranks  # noqa: E402
-from tests.hf_conversion_workers import NEW, T, export_worker, parity_worker, tokens as _tokens  # noqa: E402
+from tests.hf_conversion_workers import (  # noqa: E402
+    NEW, T, export_worker, parity_worker, save_tiny_tokenizer, tokens as _tokens,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -259,3 +261,80 @@ def test_cli_refuses_existing_output(models, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), models["qwen3"]["hf"],
                         str(tmp_path / "exists"), "--quiet"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# a complete export: tokenizer, generation_config eos/pad, a run's checkpoints root, rope scaling
+# ------------------------------------------------------------------------------------------------
+def test_export_of_a_run_has_tokenizer_eos_and_pad(tmp_path):
+    """A training checkpoint carries the tokenizer of the model its run started from (``carry_hf_files``,
+    what the trainer's save calls); the export of the run's checkpoints root takes ``latest`` and loads in
+    AutoTokenizer, and ``generate`` stops at the tokenizer's eos and pads with its pad."""
+    import shutil
+
+    from camopd_megatron.checkpoint.hf_io import convert_megatron_to_hf
+    from camopd_megatron.checkpoint.hf_side import carry_hf_files
+    from camopd_megatron.checkpoint.manager import CheckpointManager
+
+    torch.manual_seed(5)
+    cfg = transformers.Qwen2Config(**dict(SHAPE, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None))
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # every logit 0: greedy decoding picks id 0, the tokenizer's eos
+        model.lm_head.weight.zero_()
+    model.save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf", SHAPE["vocab_size"])
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "ours", progress=False)
+    assert (tmp_path / "ours" / "hf" / "tokenizer.json").is_file()
+
+    runs = CheckpointManager(tmp_path / "checkpoints")
+    for step in (1, 3):  # a training checkpoint: the model state without hf/, which the save carries over
+        shutil.copytree(tmp_path / "ours", runs.path_for(step), ignore=shutil.ignore_patterns("hf"))
+        assert "tokenizer.json" in carry_hf_files(tmp_path / "ours", runs.path_for(step))
+        runs.mark_latest(runs.path_for(step))
+    (runs.path_for(1) / "hf" / "tokenizer.json").unlink()  # an older checkpoint: must not be the one exported
+    assert carry_hf_files(None, runs.path_for(3)) == [] and carry_hf_files(tmp_path / "hf", tmp_path / "x") == []
+
+    out = convert_megatron_to_hf(tmp_path / "checkpoints", tmp_path / "export", progress=False)
+    gen_cfg = json.loads((out / "generation_config.json").read_text())
+    assert gen_cfg["eos_token_id"] == 0 and gen_cfg["pad_token_id"] == 1
+    tok, source = (transformers.AutoTokenizer.from_pretrained(d) for d in (out, tmp_path / "hf"))
+    assert tok.get_vocab() == source.get_vocab() and len(tok) >= SHAPE["vocab_size"]
+    assert tok.eos_token_id == 0 and tok.pad_token_id == 1
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok.padding_side = "left"
+    batch = tok(["hi there", "hey"], return_tensors="pt", padding=True)
+    assert tok.decode(batch["input_ids"][0]) == "hi there"
+    assert batch["input_ids"][1, 0] == 1  # padded with <pad>
+    with torch.no_grad():
+        new = exported.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert new.tolist() == [[0], [0]]  # stopped at eos after one token, not at max_new_tokens
+
+    # a root without a complete checkpoint says so
+    (tmp_path / "empty" / "step_00000002.tmp").mkdir(parents=True)
+    (tmp_path / "empty" / "latest").write_text("step_00000002\n")
+    with pytest.raises(ValueError, match="checkpoints root without a complete checkpoint"):
+        convert_megatron_to_hf(tmp_path / "empty", tmp_path / "export2", progress=False)
+
+
+def test_generation_config_falls_back_to_config_and_eos():
+    from camopd_megatron.checkpoint.hf_side import generation_config
+
+    assert generation_config(None, {"eos_token_id": [7, 8], "bos_token_id": 3}) == {
+        "_from_model_config": True, "bos_token_id": 3, "eos_token_id": [7, 8], "pad_token_id": 7}
+    assert generation_config(None, None) == {"_from_model_config": True}
+
+
+def test_llama3_rope_scaling_megatron_cannot_build_is_refused_at_conversion(models, tmp_path):
+    """megatron-core's GPTModel hard-codes low/high_freq_factor and original_max_position_embeddings of the
+    llama3 scaling (only ``factor`` is a parameter): other values are refused by the converter, naming them."""
+    d = _copy_model(models["llama31"]["hf"], tmp_path / "llama_rope")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_scaling"] = dict(cfg["rope_scaling"], low_freq_factor=2.0, original_max_position_embeddings=4096)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"low_freq_factor=2\.0, original_max_position_embeddings=4096 is not "
+                                         r"supported.*high_freq_factor=4"):
+        convert_hf_to_megatron(d, tmp_path / "out", progress=False)
+    _assert_nothing_left(tmp_path / "out")
+    # factor alone may differ (Llama 3.2 uses 32)
+    cfg["rope_scaling"] = dict(LLAMA31_ROPE, factor=32.0)
+    assert model_config_from_hf(cfg).rope_scaling["factor"] == 32.0

@@ -50,6 +50,7 @@ __all__ = [
     "hf_config_from_model",
     "check_layout",
     "IGNORED_HF_SUFFIXES",
+    "MCORE_LLAMA3_ROPE",
 ]
 
 HF_ARCHITECTURES: dict[str, str] = {
@@ -199,6 +200,12 @@ def to_hf(rule: TensorRule, tensor: torch.Tensor, cfg: ModelConfig) -> list[torc
 # ------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 # ------------------------------------------------------------------------------------------------
+MCORE_LLAMA3_ROPE: dict[str, float] = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192.0}
+"""The llama3 RoPE-scaling settings megatron-core's GPTModel hard-codes (only ``factor`` is a parameter);
+a model with other values is refused at conversion (here) and at model build (``models/gpt.py``)."""
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
     """(theta, scaling) from either dialect; scaling None for plain RoPE."""
     params = hf.get("rope_parameters")
@@ -218,6 +225,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
         )
     scaling = {k: v for k, v in scaling.items() if k != "type"}
     scaling["rope_type"] = "llama3"
+    fixed = [f"{k}={scaling[k]!r}" for k, v in MCORE_LLAMA3_ROPE.items() if k in scaling and float(scaling[k]) != v]
+    if fixed:
+        raise ValueError(
+            f"config.json: llama3 rope scaling with {', '.join(fixed)} is not supported: megatron-core's GPTModel "
+            "implements it with " + ", ".join(f"{k}={v:g}" for k, v in MCORE_LLAMA3_ROPE.items())
+            + " only (every Llama 3.x release uses those; only 'factor' may differ); convert a model with them"
+        )
     return float(theta), scaling
 
 

@@ -68,7 +68,7 @@ def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     """``convert_megatron_to_hf.py``: our checkpoint (any saved layout) -> a HF model directory."""
     p = argparse.ArgumentParser(description="Export a camopd distributed checkpoint as a Hugging Face model "
                                             "(sharded safetensors + index, config.json, generation_config.json, tokenizer).")
-    p.add_argument("ckpt", help="our checkpoint directory")
+    p.add_argument("ckpt", help="our checkpoint directory, or a run's checkpoints/ root (exports its latest)")
     p.add_argument("out", help="HF model directory to create")
     p.add_argument("--dtype", default="auto", help="auto (as stored) | float32 | bfloat16 | float16")
     p.add_argument("--max-shard-size", default="2GiB", help="size of one safetensors file (e.g. 5GB, 500MiB)")

@@ -15,9 +15,14 @@ tensors to the current output shard,
 which is written as soon as it is complete: peak ≈ one output shard + one layer.
 
 Both directions write into ``<OUT>.tmp`` and rename at the end; a failure removes the tmp directory,
-an existing OUT is refused unless ``overwrite``. The original ``config.json``,
-``generation_config.json`` and tokenizer files travel inside our checkpoint under ``hf/`` and are
-written back unchanged by the export.
+an existing OUT is refused unless ``overwrite``.
+
+Side files (:mod:`.hf_side`). Copies of the original ``config.json``, ``generation_config.json``,
+tokenizer and chat-template files travel inside our checkpoint under ``hf/``: the import writes them,
+training checkpoints carry them over, and the export writes them back, with ``generation_config.json``'s
+bos/eos/pad ids filled in from the tokenizer (then ``config.json``) where the original leaves them unset,
+pad falling back to eos, so ``generate`` stops and pads as the source model did. The export of a run's
+``checkpoints/`` root is that of its ``latest`` checkpoint.
 """
 from __future__ import annotations
 
@@ -38,18 +43,14 @@ from camopd_megatron.checkpoint.hf import (
     EXTRA_STATE_KEYS, IGNORED_HF_SUFFIXES, TensorRule, active_rules, check_layout, hf_config_from_model,
     hf_shapes, mcore_shape, model_config_from_hf, to_hf, to_mcore,
 )
+from camopd_megatron.checkpoint.hf_side import (
+    HF_SIDE_FILES, HF_SUBDIR, TOKENIZER_FILES, TOKENIZER_MODELS, copy_side_files, generation_config,
+)
 from camopd_megatron.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFWeights", "read_hf_config", "parse_dtype", "convert_hf_to_megatron", "convert_megatron_to_hf",
-           "TOKENIZER_FILES", "HF_SUBDIR"]
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-"""Copied unchanged in both directions when present."""
-HF_SUBDIR = "hf"
-"""Inside our checkpoint: the imported config.json, generation_config.json and tokenizer files."""
+__all__ = ["HFWeights", "read_hf_config", "parse_dtype", "convert_hf_to_megatron", "convert_megatron_to_hf"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -221,16 +222,6 @@ def _staging_dir(final: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def _copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for n in names:
-        if (src / n).is_file():
-            shutil.copy2(src / n, dst / n)
-            copied.append(n)
-    return copied
-
-
 # ------------------------------------------------------------------------------------------------
 # HF -> ours
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +359,7 @@ def convert_hf_to_megatron(
         out_dtype = _check_hf_tensors(weights, cfg, active_rules(cfg), target)
         with _staging_dir(final, overwrite) as tmp:
             n = _write_dcp(tmp, weights, cfg, out_dtype, progress)
-            side = _copy_side_files(src, tmp / HF_SUBDIR, ("config.json", "generation_config.json") + TOKENIZER_FILES)
+            side = copy_side_files(src, tmp / HF_SUBDIR, HF_SIDE_FILES)
             common = {"model_config": asdict(cfg), "hf_source": str(src.absolute()), "dtype": str(out_dtype),
                       "hf_files": side}
             _write_manifest(tmp, cfg, common)
@@ -438,7 +429,7 @@ def convert_megatron_to_hf(
     """Export our checkpoint (any saved TP/PP) as a HF model directory (sharded safetensors + index).
 
     Args:
-        ckpt_dir: our checkpoint directory.
+        ckpt_dir: our checkpoint directory, or a run's ``checkpoints/`` root (its latest checkpoint).
         out_dir: the HF directory to create.
         dtype: ``auto``/None keeps the stored dtype, else ``float32|bfloat16|float16``.
         max_shard_bytes: target size of one safetensors file.
@@ -451,11 +442,12 @@ def convert_megatron_to_hf(
     from tqdm import tqdm
 
     from camopd_megatron.checkpoint.dist import check_dcp_metadata, read_manifest
+    from camopd_megatron.checkpoint.manager import resolve_checkpoint_dir
 
     if max_shard_bytes <= 0:
         raise ValueError(f"--max-shard-size={max_shard_bytes}: must be positive")
     t0 = time.perf_counter()
-    ckpt, final = Path(ckpt_dir).absolute(), Path(out_dir).absolute()
+    ckpt, final = resolve_checkpoint_dir(Path(ckpt_dir).absolute()), Path(out_dir).absolute()
     manifest = read_manifest(ckpt)
     check_dcp_metadata(ckpt)
     cfg, base, side = _export_config(ckpt, manifest, Path(hf_config_from) if hf_config_from else None)
@@ -494,13 +486,12 @@ def convert_megatron_to_hf(
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config_from_model(cfg, base=base, dtype=out_dtype), indent=2))
-        if side is not None and (side / "generation_config.json").is_file():
-            shutil.copy2(side / "generation_config.json", tmp / "generation_config.json")
-        else:
-            gen = {k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if base and base.get(k) is not None}
-            (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **gen}, indent=2))
-        if side is not None:
-            _copy_side_files(side, tmp, TOKENIZER_FILES)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(side, base), indent=2))
+        copied = copy_side_files(side, tmp, TOKENIZER_FILES) if side is not None else []
+        if not any(n in copied for n in TOKENIZER_MODELS):
+            logger.warning("%s carries no tokenizer (no %s under %s/): the export has none, and transformers' "
+                           "AutoTokenizer would not load it; pass --hf-config DIR (the HF model it came from) to add "
+                           "one", ckpt, "/".join(TOKENIZER_MODELS), HF_SUBDIR)
     logger.info("exported %s -> %s (%d shard(s), %s) in %.1fs", ckpt, final, len(shards),
                 str(out_dtype).removeprefix("torch."), time.perf_counter() - t0)
     return final

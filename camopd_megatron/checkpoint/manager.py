@@ -82,3 +82,19 @@ class CheckpointManager:
         for _, p in self.complete()[: -self.keep_last]:
             logger.info("removing old checkpoint %s (checkpoint.keep_last=%d)", p, self.keep_last)
             shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a run's ``checkpoints/`` root (no manifest; step_* directories or a ``latest``
+    pointer) its latest complete checkpoint, said in the log."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or not path.is_dir():
+        return path
+    if not ((path / LATEST).is_file() or any(path.glob("step_*"))):
+        return path  # not a checkpoints root: read_manifest names what is missing
+    latest = CheckpointManager(path).latest()
+    if latest is None:
+        raise ValueError(f"{str(path)!r} is a checkpoints root without a complete checkpoint (no step_*/{MANIFEST}); "
+                         "wait for a save to finish or pass one checkpoint directory")
+    logger.info("%s is a checkpoints root: using its latest checkpoint %s", path, latest.name)
+    return latest

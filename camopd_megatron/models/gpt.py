@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from camopd_megatron.checkpoint.hf import MCORE_LLAMA3_ROPE
 from camopd_megatron.config import ConfigError, ModelConfig
 from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.deps import resolve_transformer_impl
@@ -166,11 +167,10 @@ def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError(
             [f"model.rope_scaling: rope_type={rope_type!r} is not supported (only 'llama3'); drop rope_scaling or convert the model"]
         )
-    expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    for name, value in expected.items():
-        if name in scaling and float(scaling[name]) != float(value):
+    for name, value in MCORE_LLAMA3_ROPE.items():
+        if name in scaling and float(scaling[name]) != value:
             raise ConfigError(
-                [f"model.rope_scaling.{name}={scaling[name]!r}: megatron-core implements llama3 scaling with {name}={value} only"]
+                [f"model.rope_scaling.{name}={scaling[name]!r}: megatron-core implements llama3 scaling with {name}={value:g} only"]
             )
     return {"rope_scaling": True, "rope_scaling_factor": float(scaling.get("factor", 8.0))}
 

@@ -1,14 +1,13 @@
-"""Numerical kernels: vocab-parallel log-probs/entropy/top-k (pure torch.distributed) and gap scores."""
+"""Numerical kernels: vocab-parallel log-probs/top-k (pure torch.distributed), the fused output projection
+and gap scores."""
 from camopd_megatron.ops.fused_output import fused_output_logprobs
 from camopd_megatron.ops.gaps import GAP_SCORE_KINDS, sample_gap_scores, token_gaps
-from camopd_megatron.ops.topk import sort_by_value_then_index, vocab_parallel_topk
+from camopd_megatron.ops.topk import vocab_parallel_topk
 from camopd_megatron.ops.vocab_parallel import (
     DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
     logprobs_at_indices,
     sampled_token_logprobs,
-    shifted_sampled_token_logprobs,
-    token_entropy,
 )
 
 __all__ = [
@@ -19,9 +18,6 @@ __all__ = [
     "logprobs_at_indices",
     "sample_gap_scores",
     "sampled_token_logprobs",
-    "shifted_sampled_token_logprobs",
-    "sort_by_value_then_index",
-    "token_entropy",
     "token_gaps",
     "vocab_parallel_topk",
 ]

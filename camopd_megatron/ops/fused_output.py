@@ -1,6 +1,6 @@
 """Sampled-token log-probs straight from hidden states and the vocab-sharded output weight.
 
-    log p(y_n) = x_n[y_n] − logZ_n,   x_n = (h_n W_rᵀ) / T over every rank r's vocab rows W_r
+    log p(y_n) = (x_n[y_n] − M_n) − log S_n,   x_n = (h_n W_rᵀ) / T over every rank r's vocab rows W_r
 
 :func:`camopd_megatron.ops.sampled_token_logprobs` takes logits; this op takes what produces them,
 the final hidden states ``h`` [..., H] (replicated over the TP group, as megatron's output layer
@@ -9,7 +9,9 @@ receives them) and this rank's output weight shard ``W`` [V_local, H], and never
 gradient run chunk by chunk. On a CPU the full logits were the step's largest memory traffic: at
 h512 / vocab 32000 / 1024 scored tokens, their fp32 copy, transpose, zero-filled gradient and slice
 copies were ~40 % of the training forward + backward (BENCHMARKS.md). The math and the collectives
-are those of the logits kernel (two all-reduces in forward, whatever the chunking); backward adds the
+are those of the logits kernel (two all-reduces in forward, whatever the chunking; the same
+:class:`~camopd_megatron.ops.vocab_parallel.RowStats`, so the max is subtracted before log S is added
+and large logits keep fp32 precision); backward adds the
 all-reduce SUM of dL/dh over the TP group that megatron's column-parallel output layer does.
 
 Gradients, with p = softmax(x) and g the incoming gradient per token:
@@ -45,11 +47,13 @@ import torch.nn.functional as F
 from camopd_megatron.ops.vocab_parallel import (
     IGNORE_INDEX,
     ProcessGroup,
+    RowStats,
     _group_size_rank,
     _live,
     _prepare_targets,
-    _reduce_stats,
     _validate,
+    exp_shifted_,
+    reduce_stats,
 )
 
 __all__ = ["DEFAULT_FUSED_CHUNK_ELEMENTS", "DEFAULT_KEEP_SOFTMAX_BYTES", "fused_output_logprobs"]
@@ -73,8 +77,8 @@ def _chunk_logits(h_CH: torch.Tensor, weight_VH: torch.Tensor, layout, temperatu
 
 
 def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk,
-                   keep: bool = False):
-    """logZ_N and the target logits x_NK (summed over the group), chunk by chunk; with ``keep`` also the
+                   keep: bool = False) -> tuple[RowStats, Optional[torch.Tensor], list[torch.Tensor]]:
+    """The group's RowStats (max, log Σexp, target logits), chunk by chunk; with ``keep`` also the
     chunks' exp(x − shift_N) and shift_N (backward then needs no second projection)."""
     n = layout.n_tokens
     dev = hidden_NH.device
@@ -89,17 +93,12 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
         owned_CK = owned_NK[c0:c1]
         idx_CK = torch.where(owned_CK, tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
         tgt_NK[c0:c1] = torch.where(owned_CK, x_CV.gather(1, idx_CK), torch.zeros_like(idx_CK, dtype=torch.float32))
-        m_C = x_CV.amax(dim=-1)
-        m_N[c0:c1] = m_C
-        # a shard that is all padding has m = -inf: shift by 0 instead so exp() gives 0, not NaN
-        shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
-        s_N[c0:c1] = x_CV.sub_(shift_C.unsqueeze(-1)).exp_().sum(dim=-1)
+        m_N[c0:c1], shift_C, s_N[c0:c1] = exp_shifted_(x_CV)  # x_CV now holds exp(x − shift)
         if keep:
             shift_N[c0:c1] = shift_C
             kept.append(x_CV)
         del x_CV
-    logZ_N, tgt_sum_NK, _ = _reduce_stats(m_N, s_N, None, tgt_NK, layout, tp_group, False)
-    return logZ_N, tgt_sum_NK, shift_N, kept
+    return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), shift_N, kept
 
 
 def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
@@ -114,29 +113,33 @@ def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
 
 
 class _FusedOutputLogProb(torch.autograd.Function):
-    """Saves the hidden states, the weight (both held by the graph anyway), logZ_N, and with ``keep`` the
+    """Saves the hidden states, the weight (both held by the graph anyway), M_N and log S_N, and with ``keep`` the
     forward's exp chunks (consumed in place by the one backward)."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, keep):
-        logZ_N, tgt_NK, shift_N, kept = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout,
-                                                       tp_group, temperature, chunk, keep)
-        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N,
-                              shift_N if keep else logZ_N.new_empty(0))
+        stats, shift_N, kept = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
+                                              temperature, chunk, keep)
+        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, stats.max_N, stats.log_sum_N,
+                              shift_N if keep else stats.max_N.new_empty(0))
         ctx.layout, ctx.tp_group, ctx.temperature, ctx.chunk = layout, tp_group, temperature, chunk
         ctx.keep, ctx.kept = keep, kept
-        return torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
+        return stats.logprobs(stats.target_NK, _live(tgt_local_NK))
 
     @staticmethod
     def backward(ctx, g_logp_NK):
-        hidden_NH, weight_VH, tgt_local_NK, owned_NK, logZ_N, shift_N = ctx.saved_tensors
+        hidden_NH, weight_VH, tgt_local_NK, owned_NK, max_N, log_sum_N, shift_N = ctx.saved_tensors
+        stats = RowStats(max_N, log_sum_N, None)
         if ctx.keep and ctx.kept is None:
             raise RuntimeError("fused_output_logprobs: backward ran twice on a graph that kept its softmax chunks "
                                "(they are consumed in place); recompute the forward instead of retain_graph=True")
         kept, ctx.kept = ctx.kept, None
         layout, temperature, chunk = ctx.layout, ctx.temperature, ctx.chunk
         g_NK = torch.where(_live(tgt_local_NK), g_logp_NK.float(), torch.zeros_like(g_logp_NK, dtype=torch.float32))
-        g_sum_N = g_NK.sum(dim=-1)
+        # p = exp(x − shift) · probs_scale(shift): with the forward's kept chunks shift is the local max,
+        # when projecting again it is M itself (probs_scale = 1 / S)
+        neg_g_N = -g_NK.sum(dim=-1)
+        neg_g_scale_N = neg_g_N * stats.probs_scale(shift_N if ctx.keep else max_N)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
         into_main = need_w and _accumulates_into_main_grad(weight_VH)
@@ -145,12 +148,12 @@ class _FusedOutputLogProb(torch.autograd.Function):
         for i, c0 in enumerate(range(0, n, chunk)):
             c1 = min(c0 + chunk, n)
             h_CH = hidden_NH[c0:c1]
-            if ctx.keep:  # p = exp(x − shift) · exp(shift − logZ), from the forward's chunk
-                x_CV = kept[i].mul_(((shift_N[c0:c1] - logZ_N[c0:c1]).exp() * -g_sum_N[c0:c1]).unsqueeze(-1))
+            if ctx.keep:  # the forward's exp(x − shift) chunk
+                x_CV = kept[i]
                 kept[i] = None
             else:
-                x_CV = _chunk_logits(h_CH, weight_VH, layout, temperature)
-                x_CV.sub_(logZ_N[c0:c1].unsqueeze(-1)).exp_().mul_(-g_sum_N[c0:c1].unsqueeze(-1))  # −p · g
+                x_CV = _chunk_logits(h_CH, weight_VH, layout, temperature).sub_(max_N[c0:c1].unsqueeze(-1)).exp_()
+            x_CV.mul_(neg_g_scale_N[c0:c1].unsqueeze(-1))  # −p · g
             idx_CK = torch.where(owned_NK[c0:c1], tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
             src_CK = torch.where(owned_NK[c0:c1], g_NK[c0:c1], torch.zeros_like(g_NK[c0:c1]))
             x_CV.scatter_add_(1, idx_CK, src_CK)  # + onehot · g
@@ -227,7 +230,7 @@ def fused_output_logprobs(
                                             float(temperature), chunk, keep)
     else:
         with torch.no_grad():
-            logZ_N, tgt_NK, _, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
-                                                  float(temperature), chunk)
-            logp_NK = torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
+            stats, _, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
+                                         float(temperature), chunk)
+            logp_NK = stats.logprobs(stats.target_NK, _live(tgt_local_NK))
     return logp_NK.view(lead)

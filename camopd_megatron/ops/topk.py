@@ -97,9 +97,9 @@ def vocab_parallel_topk(
     top_vals_Nk, top_ids_Nk = sort_by_value_then_index(vals_NP, ids_NP, k)
     if return_logprobs:
         no_targets = torch.empty(n, 0, dtype=torch.int64, device=logits_NV.device)
-        logZ_N, _, _ = _global_stats(logits_NV, no_targets, no_targets.bool(), layout, tp_group, float(temperature),
-                                     layout.chunk, with_entropy=False)
-        top_vals_Nk = top_vals_Nk - logZ_N.unsqueeze(-1)
+        stats = _global_stats(logits_NV, no_targets, no_targets.bool(), layout, tp_group, float(temperature),
+                              layout.chunk)
+        top_vals_Nk = stats.logprobs(top_vals_Nk)
     shape = layout.lead_shape + (k,)
     return top_vals_Nk.reshape(shape), top_ids_Nk.reshape(shape)
 

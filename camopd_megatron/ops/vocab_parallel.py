@@ -1,32 +1,37 @@
-"""Log-probs, entropy and top-k over vocab-sharded logits, without ever gathering the logits.
+"""Log-probs and top-k over vocab-sharded logits, without ever gathering the logits.
 
 Each tensor-parallel rank holds ``logits_shard`` [..., V_local], the columns
 ``[vocab_start, vocab_start + V_local)`` of the padded vocabulary (``V_local * tp_size`` columns in
 all; columns ``>= vocab_size``, the real vocabulary, are padding and are masked to -inf). With
 x = logits / temperature:
 
-    log p(y) = x[y] − logZ,    logZ = M + log S,   M = max_v x[v],   S = Σ_v exp(x[v] − M)
+    log p(y) = (x[y] − M) − log S,   M = max_v x[v],   S = Σ_v exp(x[v] − M)
 
-Forward, per token, takes three one-float reductions over the TP group, like megatron-core's
-``vocab_parallel_cross_entropy`` (whose math split we copy), but in two collectives whatever the
-chunking: (1) ROW MAX — each rank's local max m_r, all-reduce MAX → M; (2) Σexp and TARGET LOGIT —
-each rank's local Σexp(x − m_r) rescaled by exp(m_r − M), and its masked target logit (0 where the
-target lives on another rank), one all-reduce SUM of both. Entropy adds one float to (2):
-H = log S − Σ_v exp(x − M)(x − M) / S.
+Forward, per token, takes the one-float reductions of megatron-core's ``vocab_parallel_cross_entropy``
+(whose math split we copy), in two collectives whatever the chunking: (1) ROW MAX — each rank's local
+max m_r, all-reduce MAX → M; (2) Σexp and TARGET LOGIT — each rank's local Σexp(x − m_r) rescaled by
+exp(m_r − M), and its masked target logit (0 where the target lives on another rank), one all-reduce
+SUM of both.
 
-Memory: tokens are processed in chunks of ``chunk_tokens``; only per-token statistics (logZ, H) are
-kept for backward, which recomputes the softmax chunk by chunk. Peak extra memory is therefore one or
-two fp32 [chunk, V_local] buffers, not [tokens, V_local]; the [tokens, V_local] gradient of the shard
-itself is unavoidable. Statistics are fp32 whatever the input dtype. The input logits are never
-modified (megatron's kernel subtracts the max in place; ours works on fp32 chunk copies).
+Precision: the max is subtracted BEFORE log S is added, never ``x[y] − (M + log S)``: with |M| ~ 1e4
+an fp32 ``logZ = M + log S`` is rounded to ~1e-3 (its ulp), which would land in every log-prob and, in
+backward, in every probability p = exp(x − logZ). ``x[y] − M`` is exact or nearly (two close fp32
+numbers), so the error stays that of log S. :class:`RowStats` carries (M, log S) for that reason, and
+every consumer (this kernel, the fused output projection, top-k log-probs, sampling's μ) goes through
+:meth:`RowStats.logprobs` / :meth:`RowStats.probs_scale`. (With a temperature, x = logits / T is itself
+rounded to fp32 first, as in megatron: at |logits| ~ 1e4 that costs ~1e-3 whatever the statistics do.)
 
-Gradients, with p = softmax(x) and g the incoming gradient:
+Memory: tokens are processed in chunks of ``chunk_tokens``; only per-token statistics (M, log S) are
+kept for backward, which recomputes the softmax chunk by chunk. Peak extra memory is therefore one
+fp32 [chunk, V_local] buffer, not [tokens, V_local]; the [tokens, V_local] gradient of the shard itself
+is unavoidable. Statistics are fp32 whatever the input dtype. The input logits are never modified
+(megatron's kernel subtracts the max in place; ours works on fp32 chunk copies).
+
+Gradient, with p = softmax(x) and g the incoming gradient:
     d log p(y) / d logits = (onehot(y) − p) / T · g
-    d H / d logits        = −p · (log p + H) / T · g
 
-Shift: the kernels take ALIGNED logits and targets (``targets[t]`` is scored by ``logits[t]``). A
-causal LM's logits at position t predict token t+1; :func:`shifted_sampled_token_logprobs` does that
-shift on the (small) targets, never copying the logits.
+The kernels take ALIGNED logits and targets (``targets[t]`` is scored by ``logits[t]``); a causal
+LM's shift is the caller's (it shifts the small targets, never the logits).
 
 ``tp_group`` is a required argument; ``None`` explicitly means "not sharded" (one shard holding the
 whole padded vocabulary, no communication) — it never falls back to a global group. All ranks of the
@@ -39,7 +44,7 @@ K = target indices per token (1 for the sampled token, k for top-k), C = tokens 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -167,30 +172,49 @@ def _scaled_chunk(logits_CV: torch.Tensor, layout: _Layout, temperature: float) 
     return x_CV
 
 
-def _local_row_stats(logits_NV, layout, temperature, chunk, with_entropy):
-    """Step 1 (local): per token, the shard's max m, Σexp(x − m) and Σexp(x − m)(x − m)."""
-    n = layout.n_tokens
-    m_N = torch.empty(n, dtype=torch.float32, device=logits_NV.device)
-    s_N = torch.empty_like(m_N)
-    t_N = torch.zeros_like(m_N) if with_entropy else None
-    for c0 in range(0, n, chunk):
-        c1 = min(c0 + chunk, n)
-        x_CV = _scaled_chunk(logits_NV[c0:c1], layout, temperature)
-        m_C = x_CV.amax(dim=-1)
-        m_N[c0:c1] = m_C
-        # a shard that is all padding has m = -inf: shift by 0 instead so exp() gives 0, not NaN
-        x_CV.sub_(torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C).unsqueeze(-1))
-        if with_entropy:
-            e_CV = torch.exp(x_CV)
-            s_N[c0:c1] = e_CV.sum(dim=-1)
-            if layout.pad_from < layout.v_local:
-                x_CV[:, layout.pad_from:] = 0.0  # exp = 0 there; avoid 0 * -inf
-            t_N[c0:c1] = torch.bmm(e_CV.unsqueeze(1), x_CV.unsqueeze(2)).view(-1)
-            del e_CV
-        else:
-            s_N[c0:c1] = x_CV.exp_().sum(dim=-1)
-        del x_CV
-    return m_N, s_N, t_N
+def exp_shifted_(x_CV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place x ← exp(x − shift) per row; returns (local max m_C, shift_C, Σexp(x − shift)_C).
+
+    shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
+    shift is 0 so that exp() gives 0, not NaN. The local half of :func:`reduce_stats`'s statistics,
+    for this kernel and the fused output projection alike."""
+    m_C = x_CV.amax(dim=-1)
+    shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
+    s_C = x_CV.sub_(shift_C.unsqueeze(-1)).exp_().sum(dim=-1)
+    return m_C, shift_C, s_C
+
+
+class RowStats(NamedTuple):
+    """Per-token softmax statistics over the whole (group's) vocabulary, fp32 [N]: the row max M and
+    log S = log Σ exp(x − M), kept apart (module docstring, "Precision"); ``target_NK`` is the sum over
+    the group of each rank's owned target logits (so each target's x, or 0 where ignored)."""
+
+    max_N: torch.Tensor
+    log_sum_N: torch.Tensor
+    target_NK: Optional[torch.Tensor]  # None in backward, which needs only the normaliser
+
+    def logprobs(self, values_NK: torch.Tensor, live_NK: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log softmax at ``values_NK`` (scaled logits): (x − M) − log S; 0 where not ``live_NK``."""
+        logp_NK = (values_NK - self.max_N.unsqueeze(-1)) - self.log_sum_N.unsqueeze(-1)
+        return logp_NK if live_NK is None else torch.where(live_NK, logp_NK, torch.zeros_like(logp_NK))
+
+    def probs_scale(self, shift_N: torch.Tensor) -> torch.Tensor:
+        """c_N with p = exp(x − shift_N) · c_N, i.e. exp((shift − M) − log S), without rounding M + log S."""
+        return ((shift_N - self.max_N) - self.log_sum_N).exp()
+
+
+def reduce_stats(m_N, s_N, tgt_NK, layout, tp_group) -> RowStats:
+    """From each rank's local (max m, Σexp(x − m), owned target logits [N, K]) to the group's RowStats."""
+    # (1) ROW MAX over the group
+    M_N = m_N.clone()
+    if layout.tp_size > 1 and layout.n_tokens:
+        dist.all_reduce(M_N, op=dist.ReduceOp.MAX, group=tp_group)
+    # (2) rescale the local sums to the global max, then one SUM of [Σexp, target logits]
+    scale_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), torch.exp(m_N - M_N))
+    buf_NJ = torch.cat([(s_N * scale_N).unsqueeze(-1), tgt_NK], dim=-1)
+    if layout.tp_size > 1 and layout.n_tokens:
+        dist.all_reduce(buf_NJ, op=dist.ReduceOp.SUM, group=tp_group)
+    return RowStats(M_N, torch.log(buf_NJ[:, 0]), buf_NJ[:, 1:])
 
 
 def _target_logits(logits_NV, tgt_local_NK, owned_NK, temperature):
@@ -202,59 +226,32 @@ def _target_logits(logits_NV, tgt_local_NK, owned_NK, temperature):
     return torch.where(owned_NK, vals_NK, torch.zeros_like(vals_NK))
 
 
-def _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, with_entropy):
-    """Steps 1-3: logZ_N, the summed target logits x_NK, and (optionally) entropy H_N."""
-    m_N, s_N, t_N = _local_row_stats(logits_NV, layout, temperature, chunk, with_entropy)
+def _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk) -> RowStats:
+    """Local max and Σexp chunk by chunk, the owned target logits, then :func:`reduce_stats`."""
+    n = layout.n_tokens
+    m_N = torch.empty(n, dtype=torch.float32, device=logits_NV.device)
+    s_N = torch.empty_like(m_N)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        m_N[c0:c1], _, s_N[c0:c1] = exp_shifted_(_scaled_chunk(logits_NV[c0:c1], layout, temperature))
     tgt_NK = _target_logits(logits_NV, tgt_local_NK, owned_NK, temperature)
-    return _reduce_stats(m_N, s_N, t_N, tgt_NK, layout, tp_group, with_entropy)
+    return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group)
 
 
-def _reduce_stats(m_N, s_N, t_N, tgt_NK, layout, tp_group, with_entropy):
-    """Steps 2-3 from each rank's local (max m, Σexp(x − m), [Σexp·(x − m)], owned target logits)."""
-    # step 2: ROW MAX over the group
-    M_N = m_N.clone()
-    if layout.tp_size > 1 and layout.n_tokens:
-        dist.all_reduce(M_N, op=dist.ReduceOp.MAX, group=tp_group)
-    # step 3: rescale the local sums to the global max, then one SUM of [Σexp, Σexp·(x−M), target logits]
-    m_safe_N = torch.where(torch.isinf(m_N), M_N, m_N)
-    scale_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), torch.exp(m_safe_N - M_N))
-    cols = [(s_N * scale_N).unsqueeze(-1)]
-    if with_entropy:
-        cols.append((scale_N * (t_N + (m_safe_N - M_N) * s_N)).unsqueeze(-1))
-    cols.append(tgt_NK)
-    buf_NJ = torch.cat(cols, dim=-1)
-    if layout.tp_size > 1 and layout.n_tokens:
-        dist.all_reduce(buf_NJ, op=dist.ReduceOp.SUM, group=tp_group)
-    S_N = buf_NJ[:, 0]
-    logZ_N = M_N + torch.log(S_N)
-    entropy_N = torch.log(S_N) - buf_NJ[:, 1] / S_N if with_entropy else None
-    return logZ_N, buf_NJ[:, (2 if with_entropy else 1):], entropy_N
-
-
-def _shard_grad(logits_NV, layout, temperature, chunk, logZ_N, tgt_local_NK, owned_NK, g_logp_NK, g_ent_N,
-                entropy_N) -> torch.Tensor:
-    """Backward: recompute p chunk by chunk; write (onehot − p)·g/T and −p(log p + H)·g_H/T into one buffer."""
+def _shard_grad(logits_NV, layout, temperature, chunk, stats: RowStats, tgt_local_NK, owned_NK,
+                g_logp_NK) -> torch.Tensor:
+    """Backward: recompute p = exp(x − M) / S chunk by chunk; write (onehot − p)·g/T into one buffer."""
     grad_NV = torch.empty_like(logits_NV)
     n = layout.n_tokens
-    g_sum_N = g_logp_NK.sum(dim=-1) if g_logp_NK is not None else None
+    max_N = stats.max_N
+    neg_g_over_s_N = -g_logp_NK.sum(dim=-1) * stats.probs_scale(max_N)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         x_CV = _scaled_chunk(logits_NV[c0:c1], layout, temperature)
-        x_CV.sub_(logZ_N[c0:c1].unsqueeze(-1))  # log p
-        if g_ent_N is not None:
-            p_CV = torch.exp(x_CV)
-            if layout.pad_from < layout.v_local:
-                x_CV[:, layout.pad_from:] = 0.0  # p = 0 there; avoid 0 * -inf
-            x_CV.add_(entropy_N[c0:c1].unsqueeze(-1)).mul_(p_CV).mul_(-g_ent_N[c0:c1].unsqueeze(-1))
-            if g_sum_N is not None:
-                x_CV.sub_(p_CV.mul_(g_sum_N[c0:c1].unsqueeze(-1)))
-            del p_CV
-        else:
-            x_CV.exp_().mul_(-g_sum_N[c0:c1].unsqueeze(-1))
-        if g_logp_NK is not None:
-            idx_CK = torch.where(owned_NK[c0:c1], tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
-            src_CK = torch.where(owned_NK[c0:c1], g_logp_NK[c0:c1], torch.zeros_like(g_logp_NK[c0:c1]))
-            x_CV.scatter_add_(1, idx_CK, src_CK)
+        x_CV.sub_(max_N[c0:c1].unsqueeze(-1)).exp_().mul_(neg_g_over_s_N[c0:c1].unsqueeze(-1))  # −p · g
+        idx_CK = torch.where(owned_NK[c0:c1], tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
+        src_CK = torch.where(owned_NK[c0:c1], g_logp_NK[c0:c1], torch.zeros_like(g_logp_NK[c0:c1]))
+        x_CV.scatter_add_(1, idx_CK, src_CK)  # + onehot · g
         if temperature != 1.0:
             x_CV.div_(temperature)
         grad_NV[c0:c1].copy_(x_CV)
@@ -263,34 +260,25 @@ def _shard_grad(logits_NV, layout, temperature, chunk, logZ_N, tgt_local_NK, own
 
 
 class _VocabParallelLogProb(torch.autograd.Function):
-    """Autograd wrapper; saves only logZ_N and entropy_N (plus the input logits, held by the graph)."""
+    """Autograd wrapper; saves only M_N and log S_N (plus the input logits, held by the graph)."""
 
     @staticmethod
-    def forward(ctx, logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, with_entropy):
-        logZ_N, tgt_NK, entropy_N = _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group,
-                                                  temperature, chunk, with_entropy)
-        logp_NK = torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
-        ctx.save_for_backward(logits_NV, tgt_local_NK, owned_NK, logZ_N,
-                              entropy_N if with_entropy else logZ_N.new_empty(0))
-        ctx.layout, ctx.temperature, ctx.chunk, ctx.with_entropy = layout, temperature, chunk, with_entropy
-        if with_entropy:
-            return logp_NK, entropy_N
-        dummy = logZ_N.new_zeros(0)
-        ctx.mark_non_differentiable(dummy)
-        return logp_NK, dummy
+    def forward(ctx, logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk):
+        stats = _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk)
+        ctx.save_for_backward(logits_NV, tgt_local_NK, owned_NK, stats.max_N, stats.log_sum_N)
+        ctx.layout, ctx.temperature, ctx.chunk = layout, temperature, chunk
+        return stats.logprobs(stats.target_NK, _live(tgt_local_NK))
 
     @staticmethod
-    def backward(ctx, g_logp_NK, g_ent_N):
-        logits_NV, tgt_local_NK, owned_NK, logZ_N, entropy_N = ctx.saved_tensors
-        live_NK = _live(tgt_local_NK)
-        g_logp_NK = None if g_logp_NK is None or tgt_local_NK.shape[-1] == 0 else \
-            torch.where(live_NK, g_logp_NK.float(), torch.zeros_like(g_logp_NK, dtype=torch.float32))
-        g_ent_N = g_ent_N.float() if (ctx.with_entropy and g_ent_N is not None) else None
-        if g_logp_NK is None and g_ent_N is None:
-            return (None,) * 8
-        grad_NV = _shard_grad(logits_NV, ctx.layout, ctx.temperature, ctx.chunk, logZ_N, tgt_local_NK, owned_NK,
-                              g_logp_NK, g_ent_N, entropy_N if ctx.with_entropy else None)
-        return grad_NV, None, None, None, None, None, None, None
+    def backward(ctx, g_logp_NK):
+        logits_NV, tgt_local_NK, owned_NK, max_N, log_sum_N = ctx.saved_tensors
+        if tgt_local_NK.shape[-1] == 0:
+            return (None,) * 7
+        g_logp_NK = torch.where(_live(tgt_local_NK), g_logp_NK.float(),
+                                torch.zeros_like(g_logp_NK, dtype=torch.float32))
+        grad_NV = _shard_grad(logits_NV, ctx.layout, ctx.temperature, ctx.chunk, RowStats(max_N, log_sum_N, None),
+                              tgt_local_NK, owned_NK, g_logp_NK)
+        return grad_NV, None, None, None, None, None, None
 
 
 _DEAD = torch.iinfo(torch.int64).min  # tgt_local marker of an ignored/masked target
@@ -303,10 +291,7 @@ def _live(tgt_local_NK: torch.Tensor) -> torch.Tensor:
 def _prepare_targets(targets, mask, layout, ignore_index, device):
     """Global ids → local column ids ([N, K], _DEAD where ignored) and the 'owned by this shard' mask."""
     n = layout.n_tokens
-    if targets is None:
-        tgt_NK = torch.empty(n, 0, dtype=torch.int64, device=device)
-    else:
-        tgt_NK = targets.reshape(n, -1).to(torch.int64)
+    tgt_NK = targets.reshape(n, -1).to(torch.int64)
     live_NK = tgt_NK != ignore_index
     if mask is not None:
         live_NK = live_NK & mask.reshape(n, 1).bool()
@@ -317,22 +302,20 @@ def _prepare_targets(targets, mask, layout, ignore_index, device):
 
 
 def _run(logits_shard, targets, mask, tp_group, *, vocab_start, vocab_size, chunk_tokens, temperature,
-         ignore_index, with_entropy, n_index):
+         ignore_index, n_index):
     layout = _validate(logits_shard, targets, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
                        temperature=temperature, chunk_tokens=chunk_tokens, ignore_index=ignore_index, n_index=n_index)
     logits_NV = logits_shard.reshape(layout.n_tokens, layout.v_local)  # a view when contiguous
     tgt_local_NK, owned_NK = _prepare_targets(targets, mask, layout, ignore_index, logits_shard.device)
     if torch.is_grad_enabled() and logits_shard.requires_grad:
-        logp_NK, entropy_N = _VocabParallelLogProb.apply(logits_NV, tgt_local_NK, owned_NK, layout, tp_group,
-                                                         float(temperature), layout.chunk, with_entropy)
+        logp_NK = _VocabParallelLogProb.apply(logits_NV, tgt_local_NK, owned_NK, layout, tp_group,
+                                              float(temperature), layout.chunk)
     else:  # teacher / no-grad path: nothing is saved
         with torch.no_grad():
-            logZ_N, tgt_NK, entropy_N = _global_stats(logits_NV.detach(), tgt_local_NK, owned_NK, layout, tp_group,
-                                                      float(temperature), layout.chunk, with_entropy)
-            logp_NK = torch.where(_live(tgt_local_NK), tgt_NK - logZ_N.unsqueeze(-1), torch.zeros_like(tgt_NK))
-    if mask is not None and with_entropy:
-        entropy_N = entropy_N * mask.reshape(-1).to(entropy_N.dtype)
-    return logp_NK, (entropy_N.view(layout.lead_shape) if with_entropy else None), layout
+            stats = _global_stats(logits_NV.detach(), tgt_local_NK, owned_NK, layout, tp_group, float(temperature),
+                                  layout.chunk)
+            logp_NK = stats.logprobs(stats.target_NK, _live(tgt_local_NK))
+    return logp_NK, layout
 
 
 # --------------------------------------------------------------------------- public API
@@ -347,9 +330,8 @@ def sampled_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     mask: torch.Tensor | None = None,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log p(targets) [...] (fp32) from vocab-sharded logits [..., V_local]; optionally also entropy [...].
+) -> torch.Tensor:
+    """log p(targets) [...] (fp32) from vocab-sharded logits [..., V_local].
 
     Args:
         logits_shard: this rank's columns of the padded vocabulary, any float dtype; ALIGNED with targets.
@@ -357,60 +339,17 @@ def sampled_token_logprobs(
         tp_group: the group the vocabulary is sharded over (None: unsharded, no communication).
         vocab_start: this rank's first global column (= tp_rank * V_local).
         vocab_size: the real vocabulary; columns >= vocab_size are padding.
-        chunk_tokens: tokens per chunk; bounds the extra memory to ~2 fp32 [chunk, V_local] buffers.
+        chunk_tokens: tokens per chunk; bounds the extra memory to ~1 fp32 [chunk, V_local] buffer.
             None (default): ~DEFAULT_CHUNK_ELEMENTS per buffer, i.e. max(1, 2**21 // V_local) tokens.
         temperature: the softmax is taken over logits / temperature.
         mask: optional [...] bool/0-1 loss mask; masked tokens score 0 (and have zero gradient).
-        return_entropy: also return the per-token entropy of the full distribution (0 where masked).
 
     Autograd flows when grad is enabled and ``logits_shard.requires_grad``; otherwise nothing is saved.
     """
-    logp_NK, entropy, layout = _run(logits_shard, targets, mask, tp_group, vocab_start=vocab_start,
-                                    vocab_size=vocab_size, chunk_tokens=chunk_tokens, temperature=temperature,
-                                    ignore_index=ignore_index, with_entropy=return_entropy, n_index=None)
-    logp = logp_NK.view(layout.lead_shape)
-    return (logp, entropy) if return_entropy else logp
-
-
-def shifted_sampled_token_logprobs(
-    logits_shard: torch.Tensor,
-    token_ids: torch.Tensor,
-    tp_group: ProcessGroup,
-    *,
-    vocab_start: int,
-    vocab_size: int,
-    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Causal-LM convenience: logits [..., S, V_local] at position t score ``token_ids[..., t+1]``.
-
-    Returns [..., S-1]: entry t is log p(token_ids[t+1] | token_ids[:t+1]). The shift is applied to the
-    targets (the last position is ignored), so the logits are never sliced or copied.
-    """
-    if token_ids.dim() < 1 or token_ids.shape[-1] < 2:
-        raise ValueError(f"token_ids: expected [..., S] with S >= 2, got shape {tuple(token_ids.shape)}")
-    aligned = torch.full_like(token_ids, IGNORE_INDEX)
-    aligned[..., :-1] = token_ids[..., 1:]
-    logp = sampled_token_logprobs(logits_shard, aligned, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                                  chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=IGNORE_INDEX)
-    return logp[..., :-1]
-
-
-def token_entropy(
-    logits_shard: torch.Tensor,
-    tp_group: ProcessGroup,
-    *,
-    vocab_start: int,
-    vocab_size: int,
-    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token entropy [...] (fp32, nats) of softmax(logits / temperature) over the real vocabulary."""
-    _, entropy, _ = _run(logits_shard, None, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                         chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=IGNORE_INDEX,
-                         with_entropy=True, n_index=0)
-    return entropy
+    logp_NK, layout = _run(logits_shard, targets, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
+                           chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=ignore_index,
+                           n_index=None)
+    return logp_NK.view(layout.lead_shape)
 
 
 def logprobs_at_indices(
@@ -430,7 +369,7 @@ def logprobs_at_indices(
     """
     if indices.dim() < 1:
         raise ValueError(f"indices: expected [..., K], got shape {tuple(indices.shape)}")
-    logp_NK, _, layout = _run(logits_shard, indices, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                              chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=IGNORE_INDEX,
-                              with_entropy=False, n_index=indices.shape[-1])
+    logp_NK, layout = _run(logits_shard, indices, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
+                           chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=IGNORE_INDEX,
+                           n_index=indices.shape[-1])
     return logp_NK.view(layout.lead_shape + (indices.shape[-1],))
