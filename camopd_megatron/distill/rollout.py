@@ -47,16 +47,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.inference.contexts import StaticInferenceContext
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.distill import lean_decode
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
 from camopd_megatron.models.gpt import stage_info, unwrap_model
 from camopd_megatron.models.pipeline import model_forward, run_microbatches
-
-ensure_cpu_compat()
-
-from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

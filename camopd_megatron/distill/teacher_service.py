@@ -40,16 +40,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-ensure_cpu_compat()
-
-from camopd_megatron.checkpoint.dist import load_model, save_checkpoint  # noqa: E402
-from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info  # noqa: E402
-from camopd_megatron.models.logprobs import next_token_logprobs, vocab_start  # noqa: E402
-from camopd_megatron.models.pipeline import output_window, run_microbatches  # noqa: E402
-from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs  # noqa: E402
-from camopd_megatron.ops import vocab_parallel_topk  # noqa: E402
+from camopd_megatron.checkpoint.dist import load_model, save_checkpoint
+from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info
+from camopd_megatron.models.logprobs import next_token_logprobs, vocab_start
+from camopd_megatron.models.pipeline import output_window, run_microbatches
+from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs
+from camopd_megatron.ops import vocab_parallel_topk
 
 logger = logging.getLogger(__name__)
 

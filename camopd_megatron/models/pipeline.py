@@ -27,14 +27,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.models.gpt import stage_info, unwrap_model
-
-ensure_cpu_compat()
-
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
 
 LossFn = Callable[[dict[str, Any], torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 """``loss_fn(batch, logits_BTV) -> (scalar loss, outputs)`` (hidden states ``[B, W, H]`` instead of logits
