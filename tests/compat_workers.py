@@ -121,13 +121,14 @@ def _distopt_checkpoint(pgc: Any, ckpt_dir: str) -> dict:
     except AssertionError:
         out["fresh_upstream_fails"] = True
     out["fresh_step"] = [g["step"] for g in dopt.state_dict()["optimizer"]["param_groups"]]
-    # the DP gather: upstream moves its buffers with .cuda() on every rank before any collective
+    W.train_steps(ddp, opt, sched, pgc, range(2))
+    # the DP gather as the fully_reshardable save runs it (Adam state exists now): upstream moves
+    # its buffers with .cuda() on every rank, before any collective
     try:
-        cls.get_parameter_state_dp_zero.__wrapped__(dopt)
+        cls.get_parameter_state_dp_zero.__wrapped__(dopt, use_gloo_comm=False, return_on_all_ranks=True)
         out["dp_zero_upstream_fails"] = False
     except (AssertionError, RuntimeError) as e:
         out["dp_zero_upstream_fails"] = "CUDA" in str(e)
-    W.train_steps(ddp, opt, sched, pgc, range(2))
     W._save(ddp, opt, sched, pgc, ckpt_dir)
     out["files"] = sorted(os.listdir(ckpt_dir))
     model2 = W.build_model(pgc, seed=7)

@@ -6,8 +6,10 @@ import pytest
 from camopd_megatron import compat
 
 
-@pytest.fixture(autouse=True, scope="session")
-def megatron_compat_layer() -> None:
+def pytest_sessionstart(session: pytest.Session) -> None:
     """Launched ranks get the megatron compatibility layer from ``init_distributed``; tests that use
-    megatron in the pytest process itself (no process group) install it here, as a program would."""
+    megatron in the pytest process itself (no process group) get it here, as a program would.
+    Also re-runs the import preparation: pytest drops the warning filters set while it loads
+    this file (``import camopd_megatron``), and megatron's import warnings are expected."""
+    compat.prepare_megatron_import()
     compat.install()
