@@ -11,8 +11,6 @@ Shape legend: B, T = leading dims, N = B*T tokens, V = real vocab, P = padded vo
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -231,7 +229,7 @@ def build_cases() -> list[dict]:
     return out
 
 
-def _megatron_check(rank: int, tp: int) -> dict | None:
+def _megatron_check(rank: int, tp: int) -> dict:
     """megatron-core's vocab_parallel_cross_entropy on the same shards (no padding, no temperature)."""
     from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
