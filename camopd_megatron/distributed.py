@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from camopd_megatron import compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,9 +44,11 @@ def init_distributed(*, backend: str = "auto", timeout_s: float = 600.0) -> Dist
     """Initialise the default process group from torchrun's environment variables.
 
     Works without torchrun too (a single process, world size 1, on a free local port).
-    Idempotent: a second call returns the existing world.
+    Idempotent: a second call returns the existing world. Installs the megatron compatibility
+    layer (:func:`camopd_megatron.compat.install`) for this process.
     """
     backend = pick_backend(backend)
+    compat.install()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,25 +1,27 @@
-"""Rank function for tests/test_cpu_compat.py: each CPU patch on the real upstream path it exists for.
+"""Rank function for tests/test_cpu_compat.py: each compat patch on the real upstream path it exists for.
 
 One 2-rank launch runs every check; the result maps patch name -> a dict of observations that the
 test asserts on (a check that raises fails the whole launch with the rank's traceback).
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from camopd_megatron.cpu_compat import applied_patches, ensure_cpu_compat
+from camopd_megatron.compat import applied_patches
+from camopd_megatron.compat.imports import PAGED_STASH_MODULE
+from camopd_megatron.compat.logs import GPT_DEPRECATION, GPT_MODEL_LOGGER
+from camopd_megatron.models.groups import pg_rank, simple_pg_collection
+from tests import optim_workers as W
 
-ensure_cpu_compat()
-
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed  # noqa: E402
-
-from camopd_megatron.models.groups import pg_rank, simple_pg_collection  # noqa: E402
-from tests import optim_workers as W  # noqa: E402
+# after camopd_megatron, whose import prepares `import megatron.core` (no triton here)
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 
 
 def _rng_tracker(tp_rank: int) -> dict:
@@ -103,8 +105,9 @@ def _dp_equal(ddp: Any, pgc: Any) -> bool:
 
 
 def _distopt_checkpoint(pgc: Any, ckpt_dir: str) -> dict:
-    """dist_checkpointing save/load (CUDA flags in state_dict_saver/exchange_utils) and the four
-    DistributedOptimizer + torch-Adam fixes, each shown against the unwrapped upstream function."""
+    """dist_checkpointing save/load (CUDA flags in state_dict_saver/exchange_utils), the DP gather of
+    the fully_reshardable format (``send_tensor.cuda()``) and the four DistributedOptimizer +
+    torch-Adam fixes, each shown against the unwrapped upstream function."""
     model = W.build_model(pgc)
     ddp, opt, sched = W.build_ddp_and_optimizer(
         [model], W.tiny_optim_cfg(), W.ParallelConfig(dp=2, use_distributed_optimizer=True), pgc, total_steps=3)
@@ -119,6 +122,13 @@ def _distopt_checkpoint(pgc: Any, ckpt_dir: str) -> dict:
         out["fresh_upstream_fails"] = True
     out["fresh_step"] = [g["step"] for g in dopt.state_dict()["optimizer"]["param_groups"]]
     W.train_steps(ddp, opt, sched, pgc, range(2))
+    # the DP gather as the fully_reshardable save runs it (Adam state exists now): upstream moves
+    # its buffers with .cuda() on every rank, before any collective
+    try:
+        cls.get_parameter_state_dp_zero.__wrapped__(dopt, use_gloo_comm=False, return_on_all_ranks=True)
+        out["dp_zero_upstream_fails"] = False
+    except (AssertionError, RuntimeError) as e:
+        out["dp_zero_upstream_fails"] = "CUDA" in str(e)
     W._save(ddp, opt, sched, pgc, ckpt_dir)
     out["files"] = sorted(os.listdir(ckpt_dir))
     model2 = W.build_model(pgc, seed=7)
@@ -152,12 +162,54 @@ def _distopt_checkpoint(pgc: Any, ckpt_dir: str) -> dict:
     return out
 
 
+def _deprecation_once(pgc: Any) -> dict:
+    """megatron logs the GPTModel deprecation on every build (on global rank 0); with the filter
+    once per process (models were built before this check, so no more now)."""
+    log = logging.getLogger(GPT_MODEL_LOGGER)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    log.addHandler(handler)
+    ours = list(log.filters)
+    try:
+        for f in ours:
+            log.removeFilter(f)
+        for _ in range(2):
+            W.build_model(pgc)
+        upstream = sum(GPT_DEPRECATION in m for m in records)
+        for f in ours:
+            log.addFilter(f)
+        records.clear()
+        for _ in range(2):
+            W.build_model(pgc)
+        patched = sum(GPT_DEPRECATION in m for m in records)
+    finally:
+        log.removeHandler(handler)
+        for f in ours:
+            if f not in log.filters:
+                log.addFilter(f)
+    return {"upstream": upstream, "patched": patched}
+
+
+def _role_local_param_groups(rank: int, world_size: int) -> dict:
+    """One-rank roles: only rank 0 builds an optimizer (megatron's param-group alignment would
+    gather over the whole world and wait for rank 1); megatron's module torch is restored after."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    solo = [simple_pg_collection(1, 1, 1, rank_offset=r) for r in range(world_size)][rank]
+    built = None
+    if rank == 0:
+        model = W.build_model(solo)
+        _, opt, _ = W.build_ddp_and_optimizer([model], W.tiny_optim_cfg(), W.ParallelConfig(), solo, total_steps=1)
+        built = type(opt).__name__
+    dist.barrier()
+    return {"built": built, "torch_restored": mcore_optimizer.torch is torch}
+
+
 def cpu_compat_paths(rank: int, world_size: int, ckpt_dir: str) -> dict:
     """Run every patched path on 2 ranks; returns {patch name: observations}."""
     out: dict[str, Any] = {"applied": list(applied_patches())}
     import megatron.core  # noqa: F401  (the stub let it import)
-    from camopd_megatron.cpu_compat import PAGED_STASH_MODULE
-    import sys
 
     stub = sys.modules[PAGED_STASH_MODULE]
     try:
@@ -172,6 +224,9 @@ def cpu_compat_paths(rank: int, world_size: int, ckpt_dir: str) -> dict:
     out["device_factories_model"] = _device_factories(tp2)
     out["pipeline_schedules"] = out["tied_embedding_tensor_cuda"] = _pipeline_and_tied(pp2)
     out["ddp_and_optimizer_devices"] = out["cuda_type_checks"] = _ddp_and_clip(dp2)
-    out["dist_checkpointing_devices"] = out["distopt_torch_adam_checkpoint"] = _distopt_checkpoint(dp2, ckpt_dir)
+    out["dist_checkpointing_devices"] = out["distopt_torch_adam_checkpoint"] = out["distopt_dp_zero_gather_cuda"] = (
+        _distopt_checkpoint(dp2, ckpt_dir))
+    out["gpt_model_deprecation_logged_once"] = _deprecation_once(dp2)
+    out["param_groups_aligned_over"] = _role_local_param_groups(rank, world_size)
     dist.barrier()
     return out

@@ -12,23 +12,20 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-ensure_cpu_compat()
-
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
-
-from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from camopd_megatron.models.groups import in_collection, pg_rank, pg_size, simple_pg_collection  # noqa: E402
-from camopd_megatron.models.optimizer import (  # noqa: E402
+from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig
+from camopd_megatron.models.groups import in_collection, pg_rank, pg_size, simple_pg_collection
+from camopd_megatron.models.optimizer import (
     build_ddp_and_optimizer,
     optimizer_sharded_state_dict,
     optimizer_step,
     shard_common_state,
     zero_grad_buffers,
 )
+
+# after camopd_megatron, whose import prepares `import megatron.core` (no triton here)
+from megatron.core import dist_checkpointing
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 logger = logging.getLogger(__name__)
 

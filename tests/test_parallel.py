@@ -219,9 +219,6 @@ def _loss(model, vocab: int, seed: int) -> float:
 
 
 def _four_rank_roles(rank: int, world_size: int) -> dict:
-    from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-    ensure_cpu_compat()
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -267,7 +264,6 @@ def _four_rank_roles(rank: int, world_size: int) -> dict:
 
 def test_four_ranks_student_tp2_and_two_teachers():
     """Student TP=2 on ranks 0-1, teachers TP=1 on ranks 2 and 3: three models, groups stay in their role."""
-    pytest.importorskip("camopd_megatron.cpu_compat", reason="the megatron CPU layer has not landed yet")
     from camopd_megatron.testing.multiproc import run_on_ranks
 
     _check_four_rank_results(run_on_ranks(_four_rank_roles, 4, timeout_s=240, pg_timeout_s=60))

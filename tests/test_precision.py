@@ -64,9 +64,9 @@ def test_fp8_e4m3_param_and_ada():
 
 def test_megatron_receives_the_kwargs():
     """Each recipe's kwargs build megatron-core 0.19.2's TransformerConfig with exactly those values."""
-    from camopd_megatron.cpu_compat import ensure_cpu_compat
+    from camopd_megatron import compat
 
-    ensure_cpu_compat()
+    compat.install()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     for recipe, expected in EXPECTED.items():

@@ -40,13 +40,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from camopd_megatron.config import ModelConfig
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-ensure_cpu_compat()
-
-from megatron.core import dist_checkpointing  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -46,16 +46,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
+from megatron.core.inference.contexts import StaticInferenceContext
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-from camopd_megatron.models import lean_decode
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
+from camopd_megatron.models import lean_decode
 from camopd_megatron.models.gpt import stage_info, unwrap_model
 from camopd_megatron.models.pipeline import last_stage_to_all, model_forward, run_microbatches
-
-ensure_cpu_compat()
-
-from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection

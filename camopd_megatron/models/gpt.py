@@ -27,19 +27,15 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from camopd_megatron.checkpoint.hf import MCORE_LLAMA3_ROPE
 from camopd_megatron.config import ConfigError, ModelConfig
-from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.deps import resolve_transformer_impl
-
-ensure_cpu_compat()
-
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -175,28 +171,6 @@ def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_scaling": True, "rope_scaling_factor": float(scaling.get("factor", 8.0))}
 
 
-class _OnceFilter(logging.Filter):
-    """Let one message through once per process (megatron logs its GPTModel deprecation per build)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.seen = text, False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.text not in record.getMessage():
-            return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
-
-
-def _quiet_deprecation() -> None:
-    log = logging.getLogger("megatron.core.models.gpt.gpt_model")
-    if not any(isinstance(f, _OnceFilter) for f in log.filters):
-        log.addFilter(_OnceFilter("GPTModel IS DEPRECATED"))
-
-
 def build_gpt_model(
     model_cfg: ModelConfig,
     pg_collection: Any,
@@ -233,7 +207,6 @@ def build_gpt_model(
              "use model.transformer_impl=te on GPU or set parallel.sequence_parallel=false"]
         )
     stage = stage_info(pg_collection)
-    _quiet_deprecation()
     config = transformer_config_from(
         model_cfg, tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel, extra=config_extra
     )

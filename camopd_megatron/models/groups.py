@@ -27,13 +27,8 @@ import logging
 from typing import Any, Optional
 
 import torch.distributed as dist
-
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-ensure_cpu_compat()
-
-from megatron.core.hyper_comm_grid import HyperCommGrid  # noqa: E402
-from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.hyper_comm_grid import HyperCommGrid
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 logger = logging.getLogger(__name__)
 

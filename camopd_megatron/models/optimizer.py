@@ -22,37 +22,32 @@ dp/expt_dp/mp/tp_ep_pp/intra_dist_opt fields; ``simple_pg_collection`` sets them
 ``use_gloo_process_groups=False`` (megatron refuses gloo side groups with a collection).
 ``get_megatron_optimizer`` aligns parameter groups with ONE ``all_gather_object`` over the whole
 WORLD (optimizer/__init__.py ``_get_param_groups``), which would hang when only one role builds an
-optimizer; :func:`build_ddp_and_optimizer` redirects that gather to the role's own ranks.
+optimizer; :func:`build_ddp_and_optimizer` redirects that gather to the role's own ranks
+(:func:`camopd_megatron.compat.param_groups_aligned_over`).
 
 Optimizer state checkpointing goes through :func:`optimizer_sharded_state_dict`
 (dist_checkpointing; the DistributedOptimizer uses the ``fully_reshardable`` format); the
-torch-native-Adam fixes it relies on live in :mod:`camopd_megatron.cpu_compat_optim`.
+torch-native-Adam fixes it relies on live in :mod:`camopd_megatron.compat.optim`.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-ensure_cpu_compat()
-
-import megatron.core.optimizer as mcore_optimizer  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
+from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
-from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.process_groups_config import ProcessGroupCollection
 
-from camopd_megatron.config.sections import OptimConfig, ParallelConfig  # noqa: E402
+from camopd_megatron.compat.optim import param_groups_aligned_over
+from camopd_megatron.config.sections import OptimConfig, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -181,48 +176,6 @@ class FinalizeGradsSum:
         finalize_model_grads(model, None, pg_collection=self.pg_collection, force_all_reduce=force_all_reduce)
 
 
-class _RoleDistributed:
-    """``torch.distributed`` as seen by ``megatron.core.optimizer`` while it builds param groups:
-    group-less ``get_world_size`` / ``all_gather_object`` act on the role's group, not the world."""
-
-    def __init__(self, group: Any) -> None:
-        self._group = group
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(dist, name)
-
-    def get_world_size(self, group: Any = None) -> int:
-        return dist.get_world_size(group if group is not None else self._group)
-
-    def all_gather_object(self, object_list: list, obj: Any, group: Any = None) -> None:
-        dist.all_gather_object(object_list, obj, group=group if group is not None else self._group)
-
-
-class _RoleTorch:
-    """Module-local ``torch`` for ``megatron.core.optimizer`` with :class:`_RoleDistributed`."""
-
-    def __init__(self, real: Any, group: Any) -> None:
-        self._real = real
-        self.distributed = _RoleDistributed(group)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
-@contextlib.contextmanager
-def _param_group_alignment_over(group: Any) -> Iterator[None]:
-    """Workaround (0.19.2, optimizer/__init__.py:363): ``_get_param_groups`` aligns the param-group
-    keys of all ranks with a WORLD ``all_gather_object``. Per-role groups mean other roles never
-    join it; alignment only has to hold inside the role (its checkpoint), so gather over ``group``.
-    Swaps the module's global ``torch`` for the duration of the build (main thread only)."""
-    original = mcore_optimizer.torch
-    mcore_optimizer.torch = _RoleTorch(original, group)
-    try:
-        yield
-    finally:
-        mcore_optimizer.torch = original
-
-
 def _role_group(pg_collection: ProcessGroupCollection) -> Any:
     """All ranks of the role: ``intra_dist_opt`` (tp×cp×ep×pp×dp in ``simple_pg_collection``)."""
     group = getattr(pg_collection, "intra_dist_opt", None)
@@ -327,7 +280,7 @@ def build_ddp_and_optimizer(
         fp16=bool(getattr(config, "fp16", False)),
         params_dtype=getattr(config, "params_dtype", torch.float32),
     )
-    with _param_group_alignment_over(_role_group(pg_collection)):
+    with param_groups_aligned_over(_role_group(pg_collection)):
         optimizer = get_megatron_optimizer(
             optimizer_config, ddp_chunks, use_gloo_process_groups=False, pg_collection=pg_collection
         )

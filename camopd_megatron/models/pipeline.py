@@ -35,14 +35,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
 from camopd_megatron.models.gpt import stage_info, unwrap_model
-
-ensure_cpu_compat()
-
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # noqa: E402
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection

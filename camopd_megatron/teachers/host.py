@@ -18,18 +18,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from camopd_megatron.cpu_compat import ensure_cpu_compat
-
-ensure_cpu_compat()
-
-from camopd_megatron.checkpoint.dist import load_model, save_checkpoint  # noqa: E402
-from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info  # noqa: E402
-from camopd_megatron.models.logprobs import vocab_start  # noqa: E402
-from camopd_megatron.models.pipeline import compute_device, make_microbatches, run_microbatches, wire_device  # noqa: E402
-from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs  # noqa: E402
-from camopd_megatron.models.scoring import score_logprobs  # noqa: E402
-from camopd_megatron.ops import vocab_parallel_topk  # noqa: E402
-from camopd_megatron.teachers.protocol import (  # noqa: E402
+from camopd_megatron.checkpoint.dist import load_model, save_checkpoint
+from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info
+from camopd_megatron.models.logprobs import vocab_start
+from camopd_megatron.models.pipeline import compute_device, make_microbatches, run_microbatches, wire_device
+from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs
+from camopd_megatron.models.scoring import score_logprobs
+from camopd_megatron.ops import vocab_parallel_topk
+from camopd_megatron.teachers.protocol import (
     HEADER_LEN, TAG_HEADER, TAG_INDICES, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, StudentAborted,
     TeacherServiceError, decode_message, group_broadcast, p2p_recv, p2p_send,
 )

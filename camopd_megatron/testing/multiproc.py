@@ -102,8 +102,8 @@ def run_on_ranks(
                         ) from None
                 continue
             if status == "ok":
-                # a result may hold objects whose classes live in megatron (unpickling imports it)
-                _stub_triton_only_modules()
+                # a result may hold objects whose classes live in megatron: unpickling imports it,
+                # which works here because importing camopd_megatron prepared that import
                 results[rank] = pickle.loads(data)
             else:
                 errors[rank] = data
@@ -121,9 +121,3 @@ def run_on_ranks(
                 p.join(timeout=5)
     return [results[r] for r in range(world_size)]
 
-
-def _stub_triton_only_modules() -> None:
-    """Let this (parent) process import megatron-core while unpickling, without patching anything else."""
-    from camopd_megatron.cpu_compat import stub_triton_only_modules
-
-    stub_triton_only_modules()
