@@ -3,7 +3,7 @@
 Run it through any launch script by setting the entry module::
 
     CAMOPD_ENTRY=camopd_megatron.launch_check NPROC_PER_NODE=4 \\
-        examples/launch/single_node.sh examples/configs/demo.yaml
+        examples/launch/single_node.sh examples/configs/demo_cpu_4rank.yaml
 
 It accepts the same ``--config X.yaml [key=value ...]`` as ``camopd-train``; with a config it also
 plans the role layout for the launched world size and prints this rank's role, so a bad layout

@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 
 from camopd_megatron.config import ModelConfig
+from camopd_megatron.config.sections import MCORE_LLAMA3_ROPE
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ __all__ = [
     "hf_config_from_model",
     "check_layout",
     "IGNORED_HF_SUFFIXES",
-    "MCORE_LLAMA3_ROPE",
 ]
 
 HF_ARCHITECTURES: dict[str, str] = {
@@ -200,12 +200,6 @@ def to_hf(rule: TensorRule, tensor: torch.Tensor, cfg: ModelConfig) -> list[torc
 # ------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 # ------------------------------------------------------------------------------------------------
-MCORE_LLAMA3_ROPE: dict[str, float] = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192.0}
-"""The llama3 RoPE-scaling settings megatron-core's GPTModel hard-codes (only ``factor`` is a parameter);
-a model with other values is refused at conversion (here) and at model build (``models/gpt.py``)."""
-
-
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
     """(theta, scaling) from either dialect; scaling None for plain RoPE."""
     params = hf.get("rope_parameters")

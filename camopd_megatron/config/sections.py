@@ -98,6 +98,12 @@ class RunConfig:
         return int(getattr(logging, self.log_level.upper()))
 
 
+MCORE_LLAMA3_ROPE: dict[str, float] = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192.0}
+"""The llama3 RoPE-scaling settings megatron-core's GPTModel hard-codes (only ``factor`` is a parameter);
+a model with other values is refused at conversion (``checkpoint/hf.py``) and at model build (``models/gpt.py``)."""
+
+
 @dataclass
 class ModelConfig:
     """The student's architecture (teachers share it: same lineage, same tokenizer)."""

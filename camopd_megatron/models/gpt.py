@@ -33,8 +33,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from camopd_megatron.checkpoint.hf import MCORE_LLAMA3_ROPE
 from camopd_megatron.config import ConfigError, ModelConfig
+from camopd_megatron.config.sections import MCORE_LLAMA3_ROPE
 from camopd_megatron.deps import resolve_transformer_impl
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ _CPU_FUSIONS_OFF = dict(
     apply_rope_fusion=False,
     persist_layer_norm=False,
 )
-"""Fused kernels are CUDA-only; on CPU every fusion is off (MCORE_CPU_NOTES.md §E)."""
+"""Fused kernels are CUDA-only; on CPU every fusion is off (docs/architecture.md, the CPU compatibility layer)."""
 
 
 @dataclass(frozen=True)
