@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 
 from camopd_megatron.checkpoint.dist import (
-    CheckpointError, load_model, load_rank_state, load_sharded, model_sharded_state_dict, read_manifest, save_checkpoint,
+    load_model, load_rank_state, load_sharded, model_sharded_state_dict, save_checkpoint,
 )
 from camopd_megatron.checkpoint.manager import CheckpointManager
+from camopd_megatron.checkpoint.resume import select_checkpoint
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
@@ -174,18 +175,15 @@ class _Trainer:
         return str(path)
 
     def resume(self) -> int:
-        """Load the checkpoint to resume from (``checkpoint.resume``); returns the first step to run."""
+        """Load the checkpoint to resume from (``checkpoint.resume``/``load``, checkpoint/resume.py for
+        damaged ones); returns the first step to run."""
         c = self.cfg.checkpoint
-        if c.resume == "never" and not c.load:
-            return 0
-        path = Path(c.load) if c.load else self.ckpt.latest()
+        path, manifest = select_checkpoint(self.ckpt, load=c.load, resume=c.resume, group=self.groups.role_group,
+                                           is_writer=self.is_logger)
         if path is None:
-            if c.resume == "must":
-                raise CheckpointError(f"checkpoint.resume=must but no checkpoint in {str(self.ckpt.root)!r}; "
-                                      "set checkpoint.load or checkpoint.resume=auto")
             return 0
-        manifest = read_manifest(path)
-        loaded = load_sharded(path, self._state(True), process_group=self.pgc.intra_dist_opt)
+        rs = load_rank_state(path, self.rank)  # checksummed by select_checkpoint; read before the expensive load
+        loaded = load_sharded(path, self._state(True), process_group=self.pgc.intra_dist_opt, verify=False)
         unwrap_model(self.student.ddp_model).load_state_dict(loaded["model"], strict=False)
         self.student.optimizer.load_state_dict(loaded["optimizer"])
         common = manifest["common"]
@@ -194,7 +192,6 @@ class _Trainer:
         for b, s in self.sources.items():
             s.load_state_dict(common["data"][b])
         self.bad_teacher_steps = int(common.get("bad_teacher_steps", 0))
-        rs = load_rank_state(path, self.rank)
         if rs is not None:
             torch.set_rng_state(rs["cpu_rng"])
         logger.info("resumed from %s (step %d)", path, manifest["step"])
