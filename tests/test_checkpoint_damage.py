@@ -203,3 +203,31 @@ def test_verify_tool(damaged, capsys):
     assert out.count("DAMAGED") == 3 and "ranks/1.pt does not match" in out and "__0_0.distcp is missing" in out
     assert main([str(root / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_selection_in_one_process(damaged, tmp_path):
+    """No torch.distributed: a second damaged copy of one step is kept next to the first; a `latest` whose
+    checkpoints are all gone stops the run instead of starting from scratch."""
+    from camopd_megatron.checkpoint.dist import CheckpointError
+    from camopd_megatron.checkpoint.manager import CheckpointManager
+    from camopd_megatron.checkpoint.resume import select_checkpoint
+
+    root, _ = damaged
+    ckpts = tmp_path / "checkpoints"
+    for name in ("latest", "step_00000002", "step_00000003"):
+        src = root / "base" / "checkpoints" / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, ckpts / name)
+    manager = CheckpointManager(ckpts)
+    for _ in range(2):
+        shutil.rmtree(ckpts / "step_00000003", ignore_errors=True)
+        shutil.copytree(root / "base" / "checkpoints" / "step_00000003", ckpts / "step_00000003")
+        _damage(ckpts / "step_00000003" / "ranks" / "0.pt", "flip")
+        path, manifest = select_checkpoint(manager, load=None, resume="auto")
+        assert path == ckpts / "step_00000002" and manifest["step"] == 2
+    assert _listing(ckpts) == ["latest", "step_00000002", "step_00000003.damaged-checksum",
+                               "step_00000003.damaged-checksum.2"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    shutil.rmtree(ckpts / "step_00000002")
+    with pytest.raises(CheckpointError, match="names 'step_00000002', but no step_<N> checkpoint is left"):
+        select_checkpoint(manager, load=None, resume="auto")
+    assert select_checkpoint(manager, load=None, resume="never") == (None, None)

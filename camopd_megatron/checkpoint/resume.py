@@ -70,6 +70,12 @@ def select_checkpoint(
                 f"every checkpoint in {str(manager.root)!r} is damaged, so the run stops instead of starting from "
                 f"scratch over them ({listing}). Repair or move them away ({VERIFY_HINT} names the bad files), "
                 "or set checkpoint.resume=never to start from scratch", reason="all-damaged")
+        if pointer:
+            raise CheckpointError(
+                f"{str(manager.root / 'latest')!r} names {pointer!r}, but no step_<N> checkpoint is left in "
+                f"{str(manager.root)!r} (deleted?), so the run stops instead of starting from scratch. Restore the "
+                "checkpoint, or remove the `latest` file (or set checkpoint.resume=never) to start from scratch",
+                reason="missing")
         if resume == "must":
             raise CheckpointError(f"checkpoint.resume=must but no checkpoint in {str(manager.root)!r}; "
                                   "set checkpoint.load or checkpoint.resume=auto")
