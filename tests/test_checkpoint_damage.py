@@ -215,6 +215,7 @@ def test_selection_in_one_process(damaged, tmp_path):
 
     root, _ = damaged
     ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
     for name in ("latest", "step_00000002", "step_00000003"):
         src = root / "base" / "checkpoints" / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, ckpts / name)
