@@ -39,6 +39,7 @@ setup(
             "camopd-train=camopd_megatron.cli:main",
             "camopd-convert-hf-to-megatron=camopd_megatron.checkpoint.hf_cli:hf_to_megatron_main",
             "camopd-convert-megatron-to-hf=camopd_megatron.checkpoint.hf_cli:megatron_to_hf_main",
+            "camopd-verify-checkpoint=camopd_megatron.checkpoint.verify:main",
         ],
     },
 )

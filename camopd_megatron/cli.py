@@ -5,7 +5,9 @@
     camopd-train --config X.yaml [key=value ...] [--dry-run --world-size N] [--log-level L]
 
 * Config and layout errors print their message (every problem, one line each) and exit 2,
-  without a traceback.
+  without a traceback; so do input errors found inside the run (``CheckpointError``: a damaged or
+  mismatching checkpoint; ``DataError``), as ``camopd-train: CheckpointError: ...``. A teacher rank
+  stopped by the student's error prints one line naming it and exits 1 (the student printed the cause).
 * ``--dry-run`` validates the layout for ``--world-size`` ranks and prints the rank map and the
   per-rank memory estimate (:mod:`camopd_megatron.planner`), then exits 0. It needs no GPU and
   never starts torch.distributed, so a 64-node run can be planned from a laptop.
@@ -32,6 +34,8 @@ EXIT_CONFIG_ERROR = 2
 """Exit status for config / layout errors (argparse uses the same for bad command lines)."""
 EXIT_MISSING_TRAINER = 3
 """Exit status when the trainer module is not installed."""
+EXIT_PEER_FAILED = 1
+"""Exit status of a teacher rank whose student stopped with an error (the student reports the cause)."""
 
 _TRAINER_MODULE = "camopd_megatron.trainer"
 
@@ -126,6 +130,13 @@ def _is_input_error(e: BaseException) -> bool:
     return isinstance(e, (CheckpointError, DataError))
 
 
+def _is_student_abort(e: BaseException) -> bool:
+    """A teacher rank stopped because the student raised (the student's ranks print the error itself)."""
+    from camopd_megatron.teachers.protocol import StudentAborted
+
+    return isinstance(e, StudentAborted)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, load the config, then dry-run or train; returns the exit status (argparse exits itself on --help)."""
     args = build_parser().parse_intermixed_args(argv)
@@ -143,6 +154,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"camopd-train: {type(e).__name__}: {e}", file=sys.stderr)
         code = EXIT_CONFIG_ERROR
+    except RuntimeError as e:
+        if not _is_student_abort(e):
+            raise
+        print(f"camopd-train: {e}", file=sys.stderr)
+        code = EXIT_PEER_FAILED
     return code
 
 

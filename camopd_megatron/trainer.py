@@ -13,11 +13,20 @@ Checkpoints are world-collective (megatron's dist_checkpointing synchronises thr
 holds the model, the optimizer, and in its manifest the scheduler, lr schedule and data positions;
 per-rank RNG states go to ``ranks/<rank>.pt``. Resuming reproduces the uninterrupted run exactly on
 CPU (rollout randomness is a function of (seed, step, sample id), not of process state).
+
+Stopping early. SIGTERM and SIGUSR1 only set a flag (a handler must not act in the middle of a
+collective); after every step the student ranks agree on it with one all-reduce over their group
+(together with ``run.exit_duration_min``), then finish that step, save, and each rank logs why it
+stopped. Separate teacher ranks ignore the signal and stop when the student shuts them down after
+that save.
 """
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 from camopd_megatron.checkpoint.dist import (
-    CheckpointError, load_model, load_rank_state, load_sharded, model_sharded_state_dict, read_manifest, save_checkpoint,
+    load_model, load_rank_state, load_sharded, model_sharded_state_dict, save_checkpoint,
 )
-from camopd_megatron.checkpoint.hf_side import carry_hf_files
 from camopd_megatron.checkpoint.manager import CheckpointManager
+from camopd_megatron.checkpoint.resume import select_checkpoint
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
@@ -62,16 +71,41 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     """Per-step metrics (student ranks; identical on each), including eval metrics at eval steps."""
     last_checkpoint: Optional[str] = None
+    stopped: Optional[str] = None
+    """Why the run stopped before ``run.steps`` ("SIGTERM", "SIGUSR1", "run.exit_duration_min"), else None."""
 
 
 class _TeacherFailure(RuntimeError):
     """Too many steps with non-finite teacher log-probs."""
 
 
+class _StopRequest:
+    """SIGTERM / SIGUSR1 → a flag read between steps (the previous handlers come back on :meth:`restore`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.started = time.monotonic()
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
 def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
     """Run CaMOPD training for ``cfg`` on this process (under torchrun, or alone as a world of 1)."""
     owns_world = not dist.is_initialized()  # a caller that set up the world keeps it afterwards
     env = init_distributed(backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
+    stop = _StopRequest()
     try:
         setup_logging(env.rank, cfg.run.log_level.upper())
         layout = RoleLayout.from_config(cfg, env.world_size)
@@ -80,30 +114,38 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
         groups = build_process_groups(layout, env.rank, timeout_s=cfg.parallel.timeout_s)
         client, host = build_teachers(cfg, layout, groups)
         if host is not None:
-            return _serve_teacher(host)
+            return _serve_teacher(host, stop)
         try:
-            result = _Trainer(cfg, groups, client, eval_fn).run()
+            result = _Trainer(cfg, groups, client, eval_fn, stop).run()
         except BaseException as e:
             client.close(error=e)  # teachers stop with the student's error instead of waiting
             raise
         client.close()
         return result
     finally:
+        stop.restore()
         if owns_world:
             destroy_distributed()
 
 
-def _serve_teacher(host: TeacherHost) -> TrainResult:
+def _serve_teacher(host: TeacherHost, stop: _StopRequest) -> TrainResult:
     """Teacher ranks: serve log-prob requests (and join checkpoint saves) until the student is done."""
+    # TODO(teachers): a signal that reaches only teacher ranks is not seen by the student; the per-step
+    # stop agreement should include the teacher ranks (after the teachers/ refactor).
     host.serve()
-    return TrainResult(role=host.role.name)
+    reason = signal.Signals(stop.signum).name if stop.signum else None
+    if reason:
+        logger.warning("role %s rank %d: %s received; stopped after the student's last save", host.role.name,
+                       dist.get_rank(), reason)
+    return TrainResult(role=host.role.name, stopped=reason)
 
 
 class _Trainer:
     """Student-side state and loop (built on every student rank)."""
 
-    def __init__(self, cfg: Config, groups: RankGroups, teachers: TeacherClient, eval_fn: Optional[EvalFn]) -> None:
-        self.cfg, self.groups, self.teachers, self.eval_fn = cfg, groups, teachers, eval_fn
+    def __init__(self, cfg: Config, groups: RankGroups, teachers: TeacherClient, eval_fn: Optional[EvalFn],
+                 stop: _StopRequest) -> None:
+        self.cfg, self.groups, self.teachers, self.eval_fn, self.stop = cfg, groups, teachers, eval_fn, stop
         self.pgc = groups.pg_collection
         self.rank = dist.get_rank()
         self.is_logger = self.rank == 0
@@ -168,26 +210,23 @@ class _Trainer:
             "bad_teacher_steps": self.bad_teacher_steps,
         }
         save_checkpoint(path, self._state(False), model_cfg=self.cfg.model, step=step, common=common,
-                        rank_state={"cpu_rng": torch.get_rng_state()}, overwrite=True)
-        if self.is_logger:  # the tokenizer and HF side files of the starting model, for the HF export
-            carry_hf_files(self.cfg.model.checkpoint, path)
+                        rank_state={"cpu_rng": torch.get_rng_state()}, overwrite=True,
+                        hf_source=self.cfg.model.checkpoint)  # the starting model's tokenizer, for the HF export
+        if self.is_logger:
             self.ckpt.mark_latest(path)
         dist.barrier(group=self.groups.role_group)
         return str(path)
 
     def resume(self) -> int:
-        """Load the checkpoint to resume from (``checkpoint.resume``); returns the first step to run."""
+        """Load the checkpoint to resume from (``checkpoint.resume``/``load``, checkpoint/resume.py for
+        damaged ones); returns the first step to run."""
         c = self.cfg.checkpoint
-        if c.resume == "never" and not c.load:
-            return 0
-        path = Path(c.load) if c.load else self.ckpt.latest()
+        path, manifest = select_checkpoint(self.ckpt, load=c.load, resume=c.resume, group=self.groups.role_group,
+                                           is_writer=self.is_logger)
         if path is None:
-            if c.resume == "must":
-                raise CheckpointError(f"checkpoint.resume=must but no checkpoint in {str(self.ckpt.root)!r}; "
-                                      "set checkpoint.load or checkpoint.resume=auto")
             return 0
-        manifest = read_manifest(path)
-        loaded = load_sharded(path, self._state(True), process_group=self.pgc.intra_dist_opt)
+        rs = load_rank_state(path, self.rank)  # checksummed by select_checkpoint; read before the expensive load
+        loaded = load_sharded(path, self._state(True), process_group=self.pgc.intra_dist_opt, verify=False)
         unwrap_model(self.student.ddp_model).load_state_dict(loaded["model"], strict=False)
         self.student.optimizer.load_state_dict(loaded["optimizer"])
         common = manifest["common"]
@@ -196,7 +235,6 @@ class _Trainer:
         for b, s in self.sources.items():
             s.load_state_dict(common["data"][b])
         self.bad_teacher_steps = int(common.get("bad_teacher_steps", 0))
-        rs = load_rank_state(path, self.rank)
         if rs is not None:
             torch.set_rng_state(rs["cpu_rng"])
         logger.info("resumed from %s (step %d)", path, manifest["step"])
@@ -249,13 +287,29 @@ class _Trainer:
                 bar.update(1)
                 bar.set_postfix(branch=plan.branch or "mixed", loss=f"{metrics.get('train/loss', 0.0):.4f}")
             interval = cfg.checkpoint.save_interval
-            if (interval and done % interval == 0) or done == cfg.run.steps:
+            stop = self._stop_reason() if done < cfg.run.steps else None  # the last step ends the run anyway
+            if (interval and done % interval == 0) or done == cfg.run.steps or stop:
                 result.last_checkpoint = self.save(done)
             result.steps_done = done
+            if stop:
+                result.stopped = stop
+                logger.warning("rank %d: stopping after step %d of %d (%s); saved %s, run the same command to "
+                               "resume from it", self.rank, done, cfg.run.steps, stop, result.last_checkpoint)
+                break
         if bar is not None:
             bar.close()
         self.writer.close()
         return result
+
+    def _stop_reason(self) -> Optional[str]:
+        """Whether to stop after this step: one all-reduce (max) over the student ranks, so all agree."""
+        limit = self.cfg.run.exit_duration_min
+        late = limit is not None and time.monotonic() - self.stop.started >= 60.0 * limit
+        flags = torch.tensor([float(self.stop.signum), float(late)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.role_group)
+        if flags[0] > 0:
+            return signal.Signals(int(flags[0])).name
+        return "run.exit_duration_min" if flags[1] > 0 else None
 
     def _probe(self, step: int) -> dict[str, float]:
         """The general/domain gradient-conflict probe, every ``logging.diagnostics_interval`` steps."""

@@ -4,7 +4,8 @@
   localhost, one process each) running ``camopd_megatron.launch_check`` with a config.
 * single_node.sh: ``--nproc_per_node 4`` with the CPU demo config (~6-10 s: 4 processes on 2 cores).
 * slurm.sbatch: run with stand-in ``srun`` / ``scontrol`` that execute the per-node command for two
-  node ids with ``TORCHRUN=echo``, so the generated torchrun command lines are checked.
+  node ids with ``TORCHRUN=echo``, so the generated torchrun command lines are checked; and with a
+  stand-in ``srun`` that waits: SIGUSR1 to the batch script reaches the job step and requeues the job.
 * Dockerfile: pinned base, versions as ARGs, non-root user, smoke check; hadolint when installed.
 """
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,7 +133,46 @@ def test_slurm_builds_per_node_torchrun(tmp_path, config):
     for node, line in enumerate(lines):
         assert f"--nnodes 2 --node_rank {node} --nproc_per_node 8" in line
         assert "--rdzv_backend c10d --rdzv_endpoint gpu-a01:29500 --rdzv_id 4242" in line
+        # torchrun forwards SIGUSR1 too, and waits long enough for a step and a save before SIGKILL
+        assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 600" in line
         assert line.endswith(f"-m camopd_megatron.cli --config {config} optim.lr=1e-5")
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M) and "#SBATCH --requeue" in text
+
+
+def test_slurm_forwards_usr1_to_the_job_step_and_requeues(tmp_path, config):
+    """SIGUSR1 before the time limit (--signal=B:USR1@...): the batch script forwards it to srun and,
+    once the job step has stopped, requeues the job (scontrol requeue)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [[ "$1" == requeue ]]; then echo "REQUEUE $2" >> {log}; else printf \'gpu-a01\\n\'; fi\n')
+    # srun stand-in: says it runs, then waits; on SIGUSR1 it records it and exits as the trainer would
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        f'trap \'echo "SRUN got USR1" >> {log}; kill $SLEEP; exit 0\' USR1\n'
+        f'echo ready >> {log}\nsleep 60 & SLEEP=$!\nwait $SLEEP\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a01", SLURM_JOB_NUM_NODES="1",
+               SLURM_JOB_ID="4242")
+    p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), config], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while not (log.exists() and "ready" in log.read_text()):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    calls = log.read_text()
+    assert "SRUN got USR1" in calls and "REQUEUE 4242" in calls, (calls, err)
+    assert "SIGUSR1 received" in err and "requeueing job 4242" in err
 
 
 # ------------------------------------------------------------------------------------ Dockerfile

@@ -1,4 +1,5 @@
-"""SIGKILL during a checkpoint save: the previous checkpoint stays intact and resume works.
+"""SIGKILL during a checkpoint save: the previous checkpoint stays intact and resume works; SIGUSR1 and
+run.exit_duration_min stop after the step with a save.
 
 Runs the real entry point (``python -m torch.distributed.run ... camopd_megatron.cli``), kills the
 whole process group while the step-4 save is in flight (its ``step_00000004.tmp`` directory exists
@@ -96,3 +97,41 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert manager.latest() == ckpts / f"step_{caught:08d}"
     assert not tmp.exists()
     assert "resumed from" in log and previous.name in log
+
+
+def _stop_worker(rank: int, world_size: int, root: str) -> dict:
+    import signal as sig
+
+    from camopd_megatron.trainer import train
+    from tests.test_trainer import _write_general_teacher, tiny_cfg
+
+    general = f"{root}/general"
+    _write_general_teacher(rank, world_size, general)
+    extra = {"eval": {"interval": 1, "teacher_scored": False}, "checkpoint": {"save_interval": 0}}
+
+    def signal_at_2(step, model, pgc):
+        if step == 2:
+            os.kill(os.getpid(), sig.SIGUSR1)  # as torchrun forwards it: arrives in the middle of the loop
+        return {}
+
+    out = {}
+    for name, steps, fn, more in (("signal", 4, signal_at_2, {}), ("resumed", 4, None, {}),
+                                  ("time", 4, None, {"run": {"exit_duration_min": 1e-9}})):
+        cfg = tiny_cfg(f"{root}/{'time' if name == 'time' else 'run'}", general, steps=steps, extra={**extra, **more})
+        res = train(cfg, eval_fn=fn)
+        out[name] = {"stopped": res.stopped, "done": res.steps_done, "ckpt": res.last_checkpoint,
+                     "steps": [int(h["step"]) for h in res.history if "phase" in h]}
+    return out
+
+
+def test_signal_and_time_limit_stop_after_the_step_with_a_save(tmp_path):
+    """SIGUSR1 mid-run: the step finishes, a checkpoint is saved, the run returns; the next run resumes
+    there. run.exit_duration_min stops the same way."""
+    from camopd_megatron.testing.multiproc import run_on_ranks
+
+    (out,) = run_on_ranks(_stop_worker, 1, args=(str(tmp_path),), timeout_s=300)
+    assert out["signal"] == {"stopped": "SIGUSR1", "done": 2, "ckpt": str(tmp_path / "run/checkpoints/step_00000002"),
+                             "steps": [1, 2]}
+    assert out["resumed"]["stopped"] is None and out["resumed"]["steps"] == [3, 4]
+    assert out["time"]["stopped"] == "run.exit_duration_min" and out["time"]["steps"] == [1]
+    assert out["time"]["ckpt"].endswith("step_00000001")

@@ -10,6 +10,12 @@ A checkpoint directory holds
 * ``ranks/<global rank>.pt`` — optional per-rank tensors (RNG states), loaded with
   ``torch.load(weights_only=True)``.
 
+Integrity (checkpoint/integrity.py). The manifest lists every file with its size and SHA-256 and
+carries a checksum of itself. Before any tensor is read, :func:`verify_checkpoint` checks every size
+and the small files' checksums on every rank of the loading group, and the ranks agree on the verdict
+(one collective), so a damaged checkpoint is refused before the expensive load and by all ranks at
+once. ``tools/verify_checkpoint.py`` checks every checksum, the tensor shards included.
+
 Atomicity. Everything is written into ``<name>.tmp`` next to the target; rank 0 writes the manifest,
 fsyncs, and only then renames the directory to its final name (``os.replace`` is atomic on POSIX).
 A crash at any point leaves either the old checkpoint or the new one, never a half-written one
@@ -41,7 +47,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
+from camopd_megatron.checkpoint.hf_side import carry_hf_files
+from camopd_megatron.checkpoint.integrity import (
+    FILES_KEY, MANIFEST_SUM_KEY, check_files, check_manifest_digest, list_files, manifest_digest, owner_rank,
+    record_files, summarize,
+)
 from camopd_megatron.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -57,7 +69,28 @@ ARCH_KEYS = (
 
 
 class CheckpointError(ValueError):
-    """A missing, incomplete, corrupt or mismatching checkpoint (the message names path and fix)."""
+    """A missing, incomplete, corrupt or mismatching checkpoint (the message names path and fix).
+
+    ``reason`` is a short slug of what is wrong ("truncated", "checksum", "missing-file", ...): it
+    names the directory a damaged checkpoint is moved aside to; "invalid" for anything that is not
+    damage (a mismatching architecture, a bad path).
+    """
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _dcp_failure(e: BaseException) -> str:
+    """torch's CheckpointException on one line (its ``str`` holds every rank's full traceback)."""
+    failures = getattr(e, "failures", None)
+    if not failures:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    parts = []
+    for r, pair in sorted(failures.items()):
+        exc = pair[0] if isinstance(pair, tuple) else pair
+        parts.append(f"rank {r}: {type(exc).__name__}: {exc}")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,22 +106,27 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of checkpoint ``path`` (CheckpointError if missing or unreadable)."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a directory; check the path")
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a directory; check the path",
+                              reason="missing")
     mf = p / MANIFEST
     if not mf.is_file():
         raise CheckpointError(
             f"{str(p)!r} is not a complete camopd checkpoint (no {MANIFEST}; an interrupted save or another format); "
-            "point to a checkpoint directory written by camopd_megatron (or convert with tools/convert_hf_to_megatron.py)"
+            "point to a checkpoint directory written by camopd_megatron (or convert with tools/convert_hf_to_megatron.py)",
+            reason="no-manifest",
         )
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{str(mf)!r} is unreadable ({e}); the checkpoint is corrupt") from e
+        raise CheckpointError(f"{str(mf)!r} is unreadable ({e}); the checkpoint is corrupt", reason="manifest") from e
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{str(mf)!r}: format_version={manifest.get('format_version') if isinstance(manifest, dict) else None!r}, "
-            f"this build reads {FORMAT_VERSION}"
+            f"this build reads {FORMAT_VERSION}", reason="manifest",
         )
+    bad = check_manifest_digest(manifest)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(p)!r}: {bad.detail}", reason=bad.reason)
     return manifest
 
 
@@ -134,11 +172,12 @@ def check_dcp_metadata(path: str | os.PathLike) -> None:
     """Parse ``<path>/.metadata`` with an allow-list unpickler; CheckpointError if it is unsafe/corrupt."""
     meta = Path(path) / ".metadata"
     if not meta.is_file():
-        raise CheckpointError(f"{str(path)!r} has no .metadata (torch_dist shards missing); the checkpoint is incomplete")
+        raise CheckpointError(f"{str(path)!r} has no .metadata (torch_dist shards missing); the checkpoint is incomplete",
+                              reason="missing-file")
     try:
         _AllowListUnpickler(io.BytesIO(meta.read_bytes())).load()
     except Exception as e:  # noqa: BLE001 - any failure means we will not hand it to pickle.load
-        raise CheckpointError(f"{str(meta)!r} is corrupt or unsafe ({e}); refusing to load it") from e
+        raise CheckpointError(f"{str(meta)!r} is corrupt or unsafe ({e}); refusing to load it", reason="metadata") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,11 +216,12 @@ def swap_in_dir(tmp: Path, final: Path) -> None:
 
 
 def write_manifest(directory: Path, model_cfg: ModelConfig, *, step: int, world_size: int,
-                   common: Optional[dict[str, Any]] = None) -> None:
+                   common: Optional[dict[str, Any]] = None, files: Optional[dict[str, Any]] = None) -> None:
     """Write ``camopd.json`` into ``directory`` (atomically, fsynced): the last file of a checkpoint.
 
     ``model`` holds the fields checked on load (:data:`ARCH_KEYS`); ``model_config`` the whole
-    architecture (RoPE, norms, ...) so a checkpoint can be exported without its original config.
+    architecture (RoPE, norms, ...) so a checkpoint can be exported without its original config;
+    ``files`` every other file with size and checksum (None: recorded here, by this process).
     """
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -191,7 +231,9 @@ def write_manifest(directory: Path, model_cfg: ModelConfig, *, step: int, world_
         "world_size": int(world_size),
         "common": common or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        FILES_KEY: files if files is not None else record_files(directory, list_files(directory, exclude=(MANIFEST,))),
     }
+    manifest[MANIFEST_SUM_KEY] = manifest_digest(manifest)
     _write_json_atomic(directory / MANIFEST, manifest)
     _fsync_dir(directory)
 
@@ -213,6 +255,7 @@ def save_checkpoint(
     common: Optional[dict[str, Any]] = None,
     rank_state: Optional[dict[str, torch.Tensor]] = None,
     overwrite: bool = False,
+    hf_source: Optional[str | os.PathLike] = None,
 ) -> Path:
     """Write a checkpoint atomically. Collective over the WORLD: every rank calls it.
 
@@ -225,6 +268,8 @@ def save_checkpoint(
         common: JSON-serialisable state shared by all ranks (rank 0's copy is written).
         rank_state: tensors private to this rank (e.g. RNG states), saved to ``ranks/<rank>.pt``.
         overwrite: replace an existing checkpoint at ``path``.
+        hf_source: a checkpoint whose ``hf/`` side files (tokenizer, HF config) this one carries over
+            (copied inside the atomic save, so they are in the file list and verified like the rest).
     Returns:
         The final path.
     """
@@ -244,18 +289,30 @@ def save_checkpoint(
         except (OSError, TypeError, CheckpointError) as e:
             err = f"cannot prepare checkpoint {str(final)!r}: {e}"
     _broadcast_error(err)
-    dist_checkpointing.save(sharded_state_dict or {}, str(tmp))
+    try:
+        dist_checkpointing.save(sharded_state_dict or {}, str(tmp))
+    except CheckpointException as e:  # a BaseException: `except Exception` would miss it; raised on every rank
+        raise CheckpointError(f"saving checkpoint {str(final)!r} failed: {_dcp_failure(e)}", reason="save") from None
     if rank_state is not None:
         (tmp / RANKS_DIR).mkdir(exist_ok=True)
         with open(tmp / RANKS_DIR / f"{rank}.pt", "wb") as f:
             torch.save(rank_state, f)
             f.flush()
             os.fsync(f.fileno())
+    if rank == 0:
+        carry_hf_files(hf_source, tmp)
     dist.barrier()
+    # the file list: every rank hashes what it wrote (in parallel, from its page cache), rank 0 the rest
+    all_files = list_files(tmp, exclude=(MANIFEST,))
+    mine = record_files(tmp, [f for f in all_files if owner_rank(f) == rank])
+    gathered: list[Any] = [None] * dist.get_world_size() if rank == 0 else []
+    dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
     err = None
     if rank == 0:
         try:
-            write_manifest(tmp, model_cfg, step=step, world_size=dist.get_world_size(), common=common)
+            files = {k: v for part in gathered for k, v in (part or {}).items()}
+            files.update(record_files(tmp, [f for f in all_files if f not in files]))  # no rank claimed them
+            write_manifest(tmp, model_cfg, step=step, world_size=dist.get_world_size(), common=common, files=files)
             swap_in_dir(tmp, final)
         except OSError as e:
             err = f"cannot finalise checkpoint {str(final)!r}: {e}"
@@ -267,23 +324,73 @@ def save_checkpoint(
 # ------------------------------------------------------------------------------------------------
 # load
 # ------------------------------------------------------------------------------------------------
+def _agree(problem: Optional[tuple[str, str]], group: Any) -> Optional[tuple[str, str]]:
+    """The first (lowest rank's) problem any rank of ``group`` found, on every rank of it."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return problem
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, problem, group=group)
+    return next((p for p in everyone if p is not None), None)
+
+
+def verify_checkpoint(
+    path: str | os.PathLike,
+    *,
+    group: Any = None,
+    rank: Optional[int] = None,
+    full: bool = False,
+) -> dict[str, Any]:
+    """Check checkpoint ``path`` before loading it; returns the manifest, or raises CheckpointError.
+
+    Collective over ``group`` (None = the world; no collective without torch.distributed): every rank
+    reads the manifest (its own checksum), the DCP ``.metadata`` (allow-list unpickler), checks the
+    size of every recorded file and the checksums of the small ones (of ``ranks/*.pt`` only its own,
+    ``rank``; default its global rank), then the ranks agree: all raise the same error or none does.
+    ``full`` also checksums the tensor shards (slow; tools/verify_checkpoint.py).
+    """
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    manifest: Optional[dict[str, Any]] = None
+    problem: Optional[tuple[str, str]] = None
+    try:
+        manifest = read_manifest(path)
+        found = check_files(path, manifest, full=full, hash_rank_files=None if full else (rank,))
+        if found:
+            d = summarize(found)
+            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {d.detail}", reason=d.reason)
+        check_dcp_metadata(path)
+    except CheckpointError as e:
+        problem = (e.reason, str(e))
+    problem = _agree(problem, group)
+    if problem is not None:
+        raise CheckpointError(problem[1], reason=problem[0])
+    assert manifest is not None
+    return manifest
+
+
 def load_sharded(
     path: str | os.PathLike,
     sharded_state_dict: dict[str, Any],
     *,
     process_group: Any = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load the tensors described by ``sharded_state_dict`` from checkpoint ``path``.
 
     Collective over ``process_group`` (the role's ranks; None = the world). Returns the loaded
-    state dict (same structure, real tensors).
+    state dict (same structure, real tensors). ``verify=False`` skips :func:`verify_checkpoint`
+    (for a caller that just ran it).
     """
-    read_manifest(path)
-    check_dcp_metadata(path)
+    if verify:
+        verify_checkpoint(path, group=process_group)
     try:
         return dist_checkpointing.load(sharded_state_dict, str(path), process_group=process_group)
+    except CheckpointException as e:  # a BaseException: `except Exception` would miss it
+        raise CheckpointError(f"failed to load checkpoint {str(path)!r}: {_dcp_failure(e)}; check it with "
+                              "tools/verify_checkpoint.py", reason="load") from None
     except Exception as e:  # noqa: BLE001 - turn megatron's deep errors into one actionable message
-        raise CheckpointError(f"failed to load checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"failed to load checkpoint {str(path)!r}: {type(e).__name__}: {e}",
+                              reason="load") from e
 
 
 def model_sharded_state_dict(model: Any, pg_collection: Any) -> dict[str, Any]:
@@ -320,8 +427,12 @@ def load_model(
 
 
 def load_rank_state(path: str | os.PathLike, rank: int) -> Optional[dict[str, torch.Tensor]]:
-    """This rank's private tensors from the checkpoint, or None if it saved none."""
+    """This rank's private tensors from the checkpoint, or None if it saved none (CheckpointError if unreadable)."""
     f = Path(path) / RANKS_DIR / f"{rank}.pt"
     if not f.is_file():
         return None
-    return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle error, ...: one message naming the file
+        raise CheckpointError(f"checkpoint {str(path)!r}: {RANKS_DIR}/{rank}.pt is unreadable ({type(e).__name__}: "
+                              f"{e}); check the checkpoint with tools/verify_checkpoint.py", reason="unreadable") from e

@@ -5,11 +5,16 @@ Layout under ``checkpoint.dir``::
     step_00000004/          a complete checkpoint (has camopd.json, see checkpoint/dist.py)
     step_00000008/
     step_00000012.tmp/      a save in progress (or one that died): never read, removed by the next save
+    step_00000010.damaged-truncated/   a damaged checkpoint moved aside by a resume (never deleted)
     latest                  text file naming the newest complete checkpoint, replaced atomically
 
 The pointer is a convenience: :meth:`CheckpointManager.latest` trusts it only if it names a complete
 checkpoint and otherwise falls back to scanning, so a crash between "rename the directory" and
 "update the pointer" loses nothing.
+
+Saves are atomic, so a ``step_<N>`` directory (final name) without a manifest was damaged after the
+save: :meth:`CheckpointManager.candidates` lists it, and resuming reports it instead of silently
+taking the one before (and later overwriting it).
 """
 from __future__ import annotations
 
@@ -53,6 +58,35 @@ class CheckpointManager:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
+    def candidates(self) -> list[tuple[int, Path]]:
+        """(step, path) of every ``step_<N>`` directory, manifest or not, newest first (what a resume tries)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def pointer(self) -> Optional[str]:
+        """The name ``latest`` holds, or None without a pointer file."""
+        pointer = self.root / LATEST
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def move_aside(self, path: Path, reason: str) -> Path:
+        """Rename damaged checkpoint ``path`` to ``<name>.damaged-<reason>`` (never over an existing one)."""
+        slug = re.sub(r"[^a-z0-9-]+", "-", reason.lower()).strip("-") or "damaged"
+        target = path.with_name(f"{path.name}.damaged-{slug}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.damaged-{slug}.{n}")
+        os.replace(path, target)
+        return target
+
+    def set_latest(self, path: Path) -> None:
+        """Point ``latest`` at ``path`` (atomic replace). Rank 0 only."""
+        tmp = self.root / (LATEST + ".tmp")
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, self.root / LATEST)
+
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint, or None."""
         pointer = self.root / LATEST
@@ -68,9 +102,7 @@ class CheckpointManager:
 
     def mark_latest(self, path: Path) -> None:
         """Point ``latest`` at ``path`` (atomic replace) and prune old checkpoints. Rank 0 only."""
-        tmp = self.root / (LATEST + ".tmp")
-        tmp.write_text(path.name + "\n")
-        os.replace(tmp, self.root / LATEST)
+        self.set_latest(path)
         self.prune()
 
     def prune(self) -> None:

@@ -79,12 +79,14 @@ class RunConfig:
     """Directory for checkpoints, TensorBoard logs and the resolved config."""
     log_level: str = "INFO"
     """Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    exit_duration_min: Optional[float] = None
+    """Wall-clock minutes after which the run finishes its step, saves and exits (as on SIGTERM); None = no limit."""
 
     def validate(self, prefix: str = "run") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _non_negative(problems, prefix, self, "seed")
-        _positive(problems, prefix, self, "steps")
+        _positive(problems, prefix, self, "steps", "exit_duration_min")
         _require(bool(self.output_dir), problems, f"{prefix}.output_dir", self.output_dir, "a non-empty path", "set a directory")
         _require(
             self.log_level.upper() in _LOG_LEVELS, problems, f"{prefix}.log_level", self.log_level,

@@ -15,6 +15,10 @@
 #   MAX_RESTARTS    torchrun restarts of the whole worker group on failure   [0]
 #   CAMOPD_ENTRY    python module torchrun runs (-m)                         [camopd_megatron.cli]
 #   TORCHRUN        the torchrun command                                     [torchrun]
+#   SIGNALS_TO_HANDLE  signals torchrun forwards to the workers (the trainer finishes its step,
+#                   saves and exits on SIGTERM/SIGUSR1)          [SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1]
+#   SHUTDOWN_TIMEOUT_S seconds torchrun waits after forwarding a signal before it SIGKILLs the
+#                   workers: longer than one step plus one checkpoint save          [600]
 #   OMP_NUM_THREADS CPU threads per process                                  [1]
 set -euo pipefail
 
@@ -35,6 +39,8 @@ RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 CAMOPD_ENTRY="${CAMOPD_ENTRY:-camopd_megatron.cli}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+SIGNALS_TO_HANDLE="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+SHUTDOWN_TIMEOUT_S="${SHUTDOWN_TIMEOUT_S:-600}"
 read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
 
 echo "multi_node.sh: node ${NODE_RANK}/${NNODES}, ${NPROC_PER_NODE} proc(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT} id ${RDZV_ID}" >&2
@@ -42,6 +48,8 @@ exec "${TORCHRUN_CMD[@]}" \
     --nnodes "${NNODES}" \
     --node_rank "${NODE_RANK}" \
     --nproc_per_node "${NPROC_PER_NODE}" \
+    --signals-to-handle "${SIGNALS_TO_HANDLE}" \
+    --shutdown-timeout "${SHUTDOWN_TIMEOUT_S}" \
     --rdzv_backend "${RDZV_BACKEND}" \
     --rdzv_endpoint "${MASTER_ADDR}:${MASTER_PORT}" \
     --rdzv_id "${RDZV_ID}" \

@@ -8,6 +8,10 @@
 #   CAMOPD_ENTRY    python module torchrun runs (-m)                         [camopd_megatron.cli]
 #                   camopd_megatron.launch_check only brings the world up and all-reduces once
 #   TORCHRUN        the torchrun command                                     [torchrun]
+#   SIGNALS_TO_HANDLE  signals torchrun forwards to the workers (the trainer finishes its step,
+#                   saves and exits on SIGTERM/SIGUSR1)          [SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1]
+#   SHUTDOWN_TIMEOUT_S seconds torchrun waits after forwarding a signal before it SIGKILLs the
+#                   workers: longer than one step plus one checkpoint save          [600]
 #   OMP_NUM_THREADS CPU threads per process                                  [1]
 set -euo pipefail
 
@@ -21,11 +25,15 @@ shift
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 CAMOPD_ENTRY="${CAMOPD_ENTRY:-camopd_megatron.cli}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+SIGNALS_TO_HANDLE="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+SHUTDOWN_TIMEOUT_S="${SHUTDOWN_TIMEOUT_S:-600}"
 read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
 
 exec "${TORCHRUN_CMD[@]}" \
     --standalone \
     --nnodes 1 \
     --nproc_per_node "${NPROC_PER_NODE}" \
+    --signals-to-handle "${SIGNALS_TO_HANDLE}" \
+    --shutdown-timeout "${SHUTDOWN_TIMEOUT_S}" \
     -m "${CAMOPD_ENTRY}" \
     --config "${CONFIG}" "$@"
