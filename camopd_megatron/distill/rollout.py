@@ -407,8 +407,8 @@ def generate(
         max_seq_len: the context: prompt + response <= max_seq_len.
         use_kv_cache: KV-cached decoding (any TP / PP); False recomputes the prefix at every step.
         micro_batch_size: prompts decoded together (None: all at once).
-        timeout_s: bound on each last stage → other stages broadcast with PP > 1 (None: the process
-            group's own timeout).
+        timeout_s: bound on each wait between pipeline stages with PP > 1: the last stage → other stages
+            broadcasts and the KV path's stage-to-stage hidden states (None: the process group's own timeout).
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """

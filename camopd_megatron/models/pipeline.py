@@ -23,6 +23,11 @@ Scoring a response needs neither the prompt positions' logits nor the full logit
 CPU the output layer and its logits were the largest cost of a small-hidden, large-vocab model
 (BENCHMARKS.md).
 
+Sequence parallelism. With ``sequence_parallel`` the embedding splits the sequence over the TP group:
+:func:`model_forward` right-pads T to a multiple of TP (:func:`sequence_length`) and cuts the logits
+back to T, the schedule's p2p buffers get the padded length, and the output window all-gathers the
+final hidden states along the sequence before slicing (see :func:`_window_hidden`).
+
 Last stage → other stages. Only the last stage holds a pipeline's result (log-probs, sampled tokens);
 :func:`last_stage_to_all` copies it to the earlier stages of the same TP rank with one bounded
 broadcast (:func:`group_broadcast`): a stage that died or hung surfaces as a :class:`CollectiveError`
