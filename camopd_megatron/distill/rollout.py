@@ -303,9 +303,11 @@ class _Generator:
             tok_dev, mu_dev = sample_with_logprobs(lg_RV, params, keys_R2, self.tp_group, vocab_size=self.vocab_size)
             tok_R, mu_R = tok_dev.cpu(), mu_dev.float().cpu()
         if n and self.stage.pp_size > 1:
-            # the last stage sampled; every stage of the replica extends the same sequences
-            tok_R = last_stage_to_all(tok_R, self.pgc, timeout_s=self.timeout_s, what="sampled tokens")
-            mu_R = last_stage_to_all(mu_R, self.pgc, timeout_s=self.timeout_s, what="sampled tokens' μ")
+            # the last stage sampled; every stage of the replica extends the same sequences. One broadcast
+            # per step: token ids (< 2^53) and fp32 μ are both exact in float64
+            both_2R = last_stage_to_all(torch.stack([tok_R.double(), mu_R.double()]), self.pgc,
+                                        timeout_s=self.timeout_s, what="sampled tokens and their μ")
+            tok_R, mu_R = both_2R[0].long(), both_2R[1].float()
         if n:
             st.buf_BT[rows.to(st.buf_BT.device), t] = tok_R.to(st.buf_BT.device)
             st.mu_BT[rows, t] = mu_R
