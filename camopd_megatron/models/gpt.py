@@ -177,8 +177,8 @@ class LocalNorm:
 
 def _layer_spec(model_cfg: ModelConfig, impl: str, config: TransformerConfig, pp_rank: int) -> Any:
     """The layer spec (TE) or, for the local spec, this stage's block spec with :class:`LocalNorm` everywhere:
-    the four norms of each layer and the final norm (which megatron would otherwise take from whatever
-    TE / apex / torch it finds installed)."""
+    each layer's two norms (and q/k norms) and the final norm, which megatron would otherwise take from
+    whatever TE / apex / torch it finds installed (apex's FusedLayerNorm has no RMSNorm)."""
     if impl == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
