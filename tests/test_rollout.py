@@ -2,7 +2,7 @@
 
 One 2-rank gloo launch (module fixture) runs every model check: a TP=1 replica per rank, a TP=2
 replica over both ranks (CPU init gives the same weights at any TP), and a PP=2 replica loaded from a
-checkpoint of the TP=1 model. The sampler itself is also tested in-process on synthetic logits.
+checkpoint of the TP=1 model (decoding with a KV cache per stage and by full recompute). The sampler itself is also tested in-process on synthetic logits.
 """
 from __future__ import annotations
 
