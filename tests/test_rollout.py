@@ -2,7 +2,7 @@
 
 One 2-rank gloo launch (module fixture) runs every model check: a TP=1 replica per rank, a TP=2
 replica over both ranks (CPU init gives the same weights at any TP), and a PP=2 replica loaded from a
-checkpoint of the TP=1 model. The sampler itself is also tested in-process on synthetic logits.
+checkpoint of the TP=1 model (decoding with a KV cache per stage and by full recompute). The sampler itself is also tested in-process on synthetic logits.
 """
 from __future__ import annotations
 
@@ -86,6 +86,30 @@ def _summary(batch: RolloutBatch) -> dict:
             "logp": batch.rollout_logp_BT.clone(), "mask": batch.loss_mask_BT.clone()}
 
 
+class _DecodeLog:
+    """Collects rollout's end-of-call debug line ("kv=..., N forwards") while active: which path ran."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.lines: list[str] = []
+        self.logger = logging.getLogger("camopd_megatron.distill.rollout")
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "_DecodeLog":
+        import logging
+
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+
 def _rollout_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     from camopd_megatron.checkpoint.dist import load_model, model_sharded_state_dict, save_checkpoint
     from camopd_megatron.config import ModelConfig
@@ -143,10 +167,16 @@ def _rollout_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     init_model_rng(SEED + 77, pgcp)
     mp = build_gpt_model(cfg, pgcp)
     load_model(mp, ckpt_dir, model_cfg=cfg, pg_collection=pgcp)
+    paths = _DecodeLog()
     for name, params in (("greedy", greedy), ("t1", t1)):
-        b = generate(mp, pgcp, PROMPTS, params, micro_batch_size=4, **kw)
+        with paths:  # KV cache per stage (the default)
+            b = generate(mp, pgcp, PROMPTS, params, micro_batch_size=4, **kw)
         out[f"pp2_{name}"] = _summary(b)
         out[f"pp2_{name}_mu_err"] = _mu_err(mp, pgcp, b, params.logprob_temperature)
+        with paths:
+            out[f"pp2_{name}_rc"] = _summary(generate(mp, pgcp, PROMPTS, params, micro_batch_size=4,
+                                                      use_kv_cache=False, **kw))
+    out["pp2_paths"] = paths.lines
 
     # ---------------- distribution of the first sampled token (TP = 2, vocab-parallel Gumbel) ----------------
     # sharpen the tiny model (scale the output layer) so the test has power against a wrong distribution
@@ -247,10 +277,14 @@ def test_tp2_and_pp2_equal_tp1(ranks):
             torch.testing.assert_close(o[f"tp2_{name}"]["logp"], ref[f"tp1_{name}_kv"]["logp"], atol=1e-5, rtol=0)
         assert o["tp2_greedy_rc"]["tokens"] == ref["tp1_greedy_kv"]["tokens"]
         for name in ("greedy", "t1"):
-            assert o[f"pp2_{name}"]["tokens"] == ref[f"tp1_{name}_kv"]["tokens"], name
-            assert o[f"pp2_{name}"]["reasons"] == ref[f"tp1_{name}_kv"]["reasons"]
-            # every stage of the replica returns the same batch, μ included
-            torch.testing.assert_close(o[f"pp2_{name}"]["logp"], ref[f"tp1_{name}_kv"]["logp"], atol=1e-5, rtol=0)
+            for path in ("", "_rc"):  # PP = 2 with the per-stage KV cache and by full recompute
+                assert o[f"pp2_{name}{path}"]["tokens"] == ref[f"tp1_{name}_kv"]["tokens"], name + path
+                assert o[f"pp2_{name}{path}"]["reasons"] == ref[f"tp1_{name}_kv"]["reasons"]
+                # every stage of the replica returns the same batch, μ included
+                torch.testing.assert_close(o[f"pp2_{name}{path}"]["logp"], ref[f"tp1_{name}_kv"]["logp"], atol=1e-5,
+                                           rtol=0)
+        # which path each PP = 2 call took (rollout's summary line): cached, then recompute, per setting
+        assert [("kv=True" in line, "kv=False" in line) for line in o["pp2_paths"]] == [(True, False), (False, True)] * 2
 
 
 def test_samples_depend_only_on_seed_step_and_sample_id(ranks):
@@ -455,6 +489,9 @@ def _tp2_pp2_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
     from camopd_megatron.models.groups import simple_pg_collection
 
+    from camopd_megatron.models.logprobs import next_token_logprobs
+    from camopd_megatron.models.pipeline import run_microbatches
+
     cfg = ModelConfig(**CFG)
     kw = dict(sample_ids=SIDS, seed=SEED, step=3, vocab_size=V, max_seq_len=MAX_SEQ)
     greedy = SamplingParams(greedy=True, max_new_tokens=8, eos_token_id=2)
@@ -470,6 +507,22 @@ def _tp2_pp2_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     load_model(m, ckpt_dir, model_cfg=cfg, pg_collection=pgc)
     out["tp2pp2"] = {n: _summary(generate(m, pgc, PROMPTS, p, micro_batch_size=3, **kw))
                      for n, p in (("greedy", greedy), ("t1", t1))}
+    # the same layout with sequence parallelism: rollout, and a training forward + backward of a sequence
+    # TP does not divide (padded; the p2p buffers are [T_pad / TP, B, H])
+    init_model_rng(SEED + 2, pgc)
+    ms = build_gpt_model(cfg, pgc, sequence_parallel=True)
+    load_model(ms, ckpt_dir, model_cfg=cfg, pg_collection=pgc)
+    out["tp2pp2_sp"] = {n: _summary(generate(ms, pgc, PROMPTS, p, micro_batch_size=3, **kw))
+                        for n, p in (("greedy", greedy), ("t1", t1))}
+    out["train"] = {}
+    tokens = torch.tensor([p + [3] * (13 - len(p)) for p in PROMPTS[:3]])
+    for name, model in (("plain", m), ("sp", ms)):
+        model.zero_grad()
+        outs = run_microbatches(model, pgc, [{"tokens": tokens}], lambda b, logits: (lambda logp: (
+            -logp.sum(), {"logp": logp.detach()}))(next_token_logprobs(logits, b["tokens"], pgc.tp, vocab_size=V)),
+            forward_only=False)
+        out["train"][name] = (outs[0]["logp"] if outs else None,
+                              {n: p.grad.clone() for n, p in model.named_parameters() if "layernorm" not in n})
     return out
 
 
@@ -479,5 +532,13 @@ def test_tp2_pp2_equals_tp1(tmp_path):
     ref = res[0]["ref"]
     for o in res:
         for name in ("greedy", "t1"):
-            assert o["tp2pp2"][name]["tokens"] == ref[name]["tokens"], name
-            torch.testing.assert_close(o["tp2pp2"][name]["logp"], ref[name]["logp"], atol=1e-5, rtol=0)
+            for layout in ("tp2pp2", "tp2pp2_sp"):
+                assert o[layout][name]["tokens"] == ref[name]["tokens"], (layout, name)
+                torch.testing.assert_close(o[layout][name]["logp"], ref[name]["logp"], atol=1e-5, rtol=0)
+        (logp, grads), (logp_sp, grads_sp) = o["train"]["plain"], o["train"]["sp"]
+        if logp is not None:  # last stage
+            assert logp.shape == (3, 13)
+            torch.testing.assert_close(logp_sp, logp, atol=1e-5, rtol=0)
+        assert grads.keys() == grads_sp.keys() and grads
+        for n in grads:  # the norms' SP partial sums are completed by DDP (tests/test_sequence_parallel.py)
+            torch.testing.assert_close(grads_sp[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)

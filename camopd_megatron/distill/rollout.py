@@ -17,17 +17,29 @@ the results are put back in the caller's order. A finished row keeps being fed p
 whole micro-batch is done (static batching); its outputs are discarded.
 
 Two forward paths, same sampling code (:mod:`camopd_megatron.distill.sampling`):
-* KV cache (``use_kv_cache`` and PP = 1): megatron's ``StaticInferenceContext``. Prefill
+* KV cache (``use_kv_cache``): megatron's ``StaticInferenceContext``. Prefill
   ``model(tokens[:, :L0], inference_context=ctx)``, then per step ``ctx.sequence_len_offset = t``,
   ``ctx.enable_decode_mode()``, ``model(tokens[:, t:t+1], inference_context=ctx)`` (keys carry RoPE
   at their absolute position; the decode query attends to the whole cache, no mask: everything
-  cached lies at or before t). Only the last position's logits are materialised.
-* Full recompute: each step runs the whole prefix ``tokens[:, :t]`` through the model and reads the
-  logits at t − 1. With PP > 1 this is the path (the KV cache is not wired through megatron's
-  pipeline schedule here): ``models.pipeline.run_microbatches(forward_only=True)`` carries the
-  activations, the last stage samples (collectively over its TP group) and broadcasts the new tokens
-  and μ over ``pg_collection.pp`` so every stage extends the same sequences. Cost O(T^2) per
-  response instead of O(T); correct, and simple.
+  cached lies at or before t). Only the last position's logits are materialised. At TP = PP = 1 the
+  lean decoder of :mod:`camopd_megatron.models.lean_decode` runs the same weights instead.
+  With PP > 1 every stage keeps its own context (the KV cache of its own layers) and the fed
+  positions travel stage by stage: the first stage embeds the tokens, each stage runs its layers on
+  the hidden states ``[n, B, H]`` received from the previous one (``set_input_tensor``) and sends its
+  output to the next (bounded point-to-point, ``models.pipeline.send_to_next_stage``); one position
+  per step after the prefill. The last stage samples (collectively over its TP group) and broadcasts
+  the new tokens and μ over ``pg_collection.pp`` (``last_stage_to_all``) so every stage extends the
+  same sequences. O(T) per response, like PP = 1.
+* Full recompute (``use_kv_cache=False``): each step runs the whole prefix ``tokens[:, :t]`` through
+  the model and reads the logits at t − 1; with PP > 1 through megatron's pipeline schedule
+  (``models.pipeline.run_microbatches(forward_only=True)``), tokens and μ broadcast as above. Cost
+  O(T^2) per response: the reference the cached paths are tested against.
+
+Sequence parallelism. A model built with ``sequence_parallel`` decodes with it switched off
+(``models.gpt.sequence_parallel_off``, what megatron-core 0.19.2's own static-batching generation
+does): one decode position cannot be split over the TP group. The weights are the same, so the
+tokens and μ equal those of the model without SP; the activations are replicated over TP while
+decoding.
 
 Sampling and randomness: see :mod:`~camopd_megatron.distill.sampling` (inverse-CDF draws, Gumbel-max
 for top-k/top-p, keyed on (seed, step, sample_id, response position): samples do not depend on the DP
@@ -51,8 +63,10 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
 from camopd_megatron.models import lean_decode
-from camopd_megatron.models.gpt import stage_info, unwrap_model
-from camopd_megatron.models.pipeline import last_stage_to_all, model_forward, run_microbatches
+from camopd_megatron.models.gpt import sequence_parallel_off, stage_info, unwrap_model
+from camopd_megatron.models.pipeline import (
+    last_stage_to_all, model_forward, recv_from_previous_stage, run_microbatches, send_to_next_stage, wire_device,
+)
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -218,10 +232,12 @@ class _Generator:
         self.seed, self.step, self.vocab_size, self.max_seq_len = seed, step, vocab_size, max_seq_len
         self.stage = stage_info(pgc)
         self.tp_group = getattr(pgc, "tp", None)
-        self.kv = use_kv_cache and self.stage.pp_size == 1
+        self.kv = use_kv_cache
         # TP = PP = 1: our lean decoder on the model's own weights (models/lean_decode.py), ~2x faster on CPU
         self.lean = self.kv and lean_decode.supported(model, pgc)
         self.device = _model_device(model)
+        config = unwrap_model(model).config
+        self.hidden_size, self.wire_dtype = config.hidden_size, config.pipeline_dtype or config.params_dtype
         self.stop_ids = torch.tensor(sorted(params.stop_set), dtype=torch.int64)
         self.forward_calls = 0
         self.sample_ids_mb: list[int] = []
@@ -249,8 +265,26 @@ class _Generator:
         if start > 0:
             ctx.enable_decode_mode()
         pos_BT = torch.arange(start, start + n, device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
+        if self.stage.pp_size > 1:
+            return self._stage_forward(ctx, tokens_BT, pos_BT)
         # materialize_only_last_token_logits: [B, 1, V]
         return self.model(tokens_BT, pos_BT, None, inference_context=ctx)[:, -1]
+
+    def _stage_forward(self, ctx: StaticInferenceContext, tokens_BT: torch.Tensor,
+                       pos_BT: torch.Tensor) -> Optional[torch.Tensor]:
+        """PP > 1: the fed positions through this stage's layers and its own KV cache. The hidden states
+        ``[n, B, H]`` come from the previous stage and go to the next; the last stage returns the logits."""
+        n, b = tokens_BT.shape[1], tokens_BT.shape[0]
+        if not self.stage.is_first:
+            h_nBH = torch.empty((n, b, self.hidden_size), dtype=self.wire_dtype, device=wire_device())
+            recv_from_previous_stage(h_nBH, self.pgc, timeout_s=self.timeout_s, what="decode hidden states")
+            unwrap_model(self.model).set_input_tensor(h_nBH.to(self.device))
+        out = self.model(tokens_BT, pos_BT, None, inference_context=ctx)
+        if not self.stage.is_last:  # the decoder's output [n, B, H]
+            send_to_next_stage(out.to(wire_device(), self.wire_dtype), self.pgc, timeout_s=self.timeout_s,
+                               what="decode hidden states")
+            return None
+        return out[:, -1]
 
     # -- one decoding step: position t gets a forced prompt token or a sample --
     def _advance(self, st: _Decode, logits_BV: Optional[torch.Tensor], t: int) -> None:
@@ -269,9 +303,11 @@ class _Generator:
             tok_dev, mu_dev = sample_with_logprobs(lg_RV, params, keys_R2, self.tp_group, vocab_size=self.vocab_size)
             tok_R, mu_R = tok_dev.cpu(), mu_dev.float().cpu()
         if n and self.stage.pp_size > 1:
-            # the last stage sampled; every stage of the replica extends the same sequences
-            tok_R = last_stage_to_all(tok_R, self.pgc, timeout_s=self.timeout_s, what="sampled tokens")
-            mu_R = last_stage_to_all(mu_R, self.pgc, timeout_s=self.timeout_s, what="sampled tokens' μ")
+            # the last stage sampled; every stage of the replica extends the same sequences. One broadcast
+            # per step: token ids (< 2^53) and fp32 μ are both exact in float64
+            both_2R = last_stage_to_all(torch.stack([tok_R.double(), mu_R.double()]), self.pgc,
+                                        timeout_s=self.timeout_s, what="sampled tokens and their μ")
+            tok_R, mu_R = both_2R[0].long(), both_2R[1].float()
         if n:
             st.buf_BT[rows.to(st.buf_BT.device), t] = tok_R.to(st.buf_BT.device)
             st.mu_BT[rows, t] = mu_R
@@ -371,10 +407,10 @@ def generate(
         seed, step: the run's seed and the optimizer step.
         vocab_size: the real vocabulary (padded columns are never sampled).
         max_seq_len: the context: prompt + response <= max_seq_len.
-        use_kv_cache: KV-cached decoding (PP = 1; PP > 1 always recomputes, see the module doc).
+        use_kv_cache: KV-cached decoding (any TP / PP); False recomputes the prefix at every step.
         micro_batch_size: prompts decoded together (None: all at once).
-        timeout_s: bound on each last stage → other stages broadcast with PP > 1 (None: the process
-            group's own timeout).
+        timeout_s: bound on each wait between pipeline stages with PP > 1: the last stage → other stages
+            broadcasts and the KV path's stage-to-stage hidden states (None: the process group's own timeout).
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """
@@ -385,13 +421,8 @@ def generate(
     if padded is not None and vocab_size > padded:
         raise ValueError(f"vocab_size={vocab_size} exceeds the model's output vocabulary ({padded} padded columns); "
                          "pass the tokenizer's vocabulary size")
-    if getattr(inner.config, "sequence_parallel", False):
-        raise ValueError("generate: the model uses sequence_parallel=True, which single-token decoding does not "
-                         "support; build the rollout model with parallel.sequence_parallel=false")
     gen = _Generator(model, pg_collection, params, seed=seed, step=step, vocab_size=vocab_size,
                      max_seq_len=max_seq_len, use_kv_cache=use_kv_cache, timeout_s=timeout_s)
-    if use_kv_cache and not gen.kv:
-        logger.debug("generate: PP=%d > 1, decoding by full recompute (no KV cache)", gen.stage.pp_size)
     n = len(prompts)
     mbs = micro_batch_size or n
     order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths decode together
@@ -400,10 +431,11 @@ def generate(
     model.eval()
     t0 = time.perf_counter()
     try:
-        for c0 in range(0, n, mbs):
-            idx = order[c0 : c0 + mbs]
-            for i, res in zip(idx, gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])):
-                results[i] = res
+        with sequence_parallel_off(model):  # module docstring: decoding runs without sequence parallelism
+            for c0 in range(0, n, mbs):
+                idx = order[c0 : c0 + mbs]
+                for i, res in zip(idx, gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])):
+                    results[i] = res
     finally:
         model.train(was_training)
     batch = _assemble(prompts, [r for r in results if r is not None], sample_ids, params.off_policy)

@@ -22,8 +22,9 @@ RNG tracker (seeded with the role's explicit TP rank).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from camopd_megatron.config import ConfigError, ModelConfig
@@ -46,6 +48,8 @@ __all__ = [
     "build_gpt_model",
     "init_model_rng",
     "unwrap_model",
+    "LocalNorm",
+    "sequence_parallel_off",
 ]
 
 _CPU_FUSIONS_OFF = dict(
@@ -145,12 +149,48 @@ def transformer_config_from(
     return TransformerConfig(**kwargs)
 
 
-def _layer_spec(model_cfg: ModelConfig, impl: str) -> Any:
+class LocalNorm:
+    """The local layer spec's norms: torch ``RMSNorm`` (``LayerNorm``), with sequence parallelism.
+
+    megatron's ``WrappedTorchNorm`` builds the same torch module but refuses ``sequence_parallel``: under SP
+    each TP rank normalises only its ``s / TP`` positions, so a norm weight's gradient on one rank is a
+    partial sum, and megatron completes it only for parameters flagged ``sequence_parallel`` (an all-reduce
+    over TP in ``finalize_model_grads``). This builder flags them as ``TENorm`` and apex's
+    ``FusedLayerNorm`` flag theirs (with the config's value, so the flag is False without SP; the q/k
+    norms see whole sequences and are all-reduced by megatron under ``qk_layernorm`` either way).
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("LocalNorm: layernorm_zero_centered_gamma is not supported by the torch norms; "
+                             "use model.transformer_impl=te")
+        if config.normalization == "RMSNorm":
+            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"LocalNorm: normalization={config.normalization!r}; expected RMSNorm or LayerNorm")
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _layer_spec(model_cfg: ModelConfig, impl: str, config: TransformerConfig, pp_rank: int) -> Any:
+    """The layer spec (TE) or, for the local spec, this stage's block spec with :class:`LocalNorm` everywhere:
+    each layer's two norms (and q/k norms) and the final norm, which megatron would otherwise take from
+    whatever TE / apex / torch it finds installed (apex's FusedLayerNorm has no RMSNorm)."""
     if impl == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = LocalNorm
+    if model_cfg.qk_layernorm:
+        attn = sub.self_attention.submodules
+        attn.q_layernorm = attn.k_layernorm = LocalNorm
+    n_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=LocalNorm)
 
 
 def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -201,18 +241,13 @@ def build_gpt_model(
     impl = resolve_transformer_impl(model_cfg.transformer_impl)
     if sequence_parallel and tp == 1:
         raise ConfigError(["parallel.sequence_parallel=true needs parallel.tp > 1; set it to false"])
-    if sequence_parallel and impl == "local":
-        raise ConfigError(
-            ["parallel.sequence_parallel=true is not supported with the local layer spec (torch norms); "
-             "use model.transformer_impl=te on GPU or set parallel.sequence_parallel=false"]
-        )
     stage = stage_info(pg_collection)
     config = transformer_config_from(
         model_cfg, tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel, extra=config_extra
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(model_cfg, impl),
+        transformer_layer_spec=_layer_spec(model_cfg, impl, config, stage.pp_rank),
         vocab_size=model_cfg.padded_vocab_size,
         max_sequence_length=model_cfg.seq_length,
         pre_process=stage.is_first if pre_process is None else pre_process,
@@ -265,3 +300,38 @@ def output_weight(model: Any) -> Any:
     if inner.share_embeddings_and_output_weights:
         return inner.shared_embedding_or_output_weight()
     return inner.output_layer.weight
+
+
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+"""The module attributes that carry megatron's sequence-parallel switch (the list of megatron's own
+``set_model_to_sequence_parallel``); the config's ``sequence_parallel`` is read at forward time."""
+
+
+@contextmanager
+def sequence_parallel_off(model: Any) -> Iterator[None]:
+    """Run ``model`` without sequence parallelism inside the block; every switch is restored after.
+
+    What megatron-core 0.19.2 itself does for static-batching inference (its text-generation controller
+    turns SP off, ``transformer.utils.set_model_to_sequence_parallel``): a decode step feeds one position,
+    which cannot be split over the TP group, and the static inference path slices the last position of the
+    (sharded) sequence. With SP off the same weights compute the same function, the activations replicated
+    over TP instead of sharded along the sequence. megatron's helper caches the modules per ``id(model)``
+    in a process-global dict (stale after a model is freed and the id reused); this walks the modules each
+    time and restores each attribute to its own previous value. Forward only: the modules' gradient
+    reductions were chosen at construction for SP.
+    """
+    inner = unwrap_model(model)
+    config = inner.config
+    if not getattr(config, "sequence_parallel", False):
+        yield
+        return
+    saved = [(m, a, getattr(m, a)) for m in inner.modules() for a in _SP_ATTRS if isinstance(getattr(m, a, None), bool)]
+    try:
+        config.sequence_parallel = False
+        for m, a, _ in saved:
+            setattr(m, a, False)
+        yield
+    finally:
+        config.sequence_parallel = True
+        for m, a, v in saved:
+            setattr(m, a, v)

@@ -23,6 +23,11 @@ Scoring a response needs neither the prompt positions' logits nor the full logit
 CPU the output layer and its logits were the largest cost of a small-hidden, large-vocab model
 (BENCHMARKS.md).
 
+Sequence parallelism. With ``sequence_parallel`` the embedding splits the sequence over the TP group:
+:func:`model_forward` right-pads T to a multiple of TP (:func:`sequence_length`) and cuts the logits
+back to T, the schedule's p2p buffers get the padded length, and the output window all-gathers the
+final hidden states along the sequence before slicing (see :func:`_window_hidden`).
+
 Last stage → other stages. Only the last stage holds a pipeline's result (log-probs, sampled tokens);
 :func:`last_stage_to_all` copies it to the earlier stages of the same TP rank with one bounded
 broadcast (:func:`group_broadcast`): a stage that died or hung surfaces as a :class:`CollectiveError`
@@ -35,8 +40,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from camopd_megatron.models.gpt import stage_info, unwrap_model
 
@@ -58,10 +65,29 @@ def output_window(mask_BT: torch.Tensor) -> tuple[int, int]:
     return int(cols[0]), int(cols[-1]) + 1
 
 
-def _window_hidden(lo: int, hi: int) -> Callable[..., torch.Tensor]:
-    """megatron ``output_processor``: the final hidden states of positions ``[lo, hi)``, ``[B, W, H]``."""
+def sequence_length(config: Any, t: int) -> int:
+    """The length a ``t``-token sequence runs at: with sequence parallelism the embedding splits the
+    sequence over the TP group, so it is right-padded to a multiple of TP (causal attention: the pad
+    positions come after every real one and change none of them); ``t`` otherwise."""
+    if not getattr(config, "sequence_parallel", False):
+        return t
+    tp = config.tensor_model_parallel_size
+    return -(-t // tp) * tp
+
+
+def _window_hidden(lo: int, hi: int, sp_group: Optional[dist.ProcessGroup]) -> Callable[..., torch.Tensor]:
+    """megatron ``output_processor``: the final hidden states of positions ``[lo, hi)``, ``[B, W, H]``.
+
+    With sequence parallelism (``sp_group``, the TP group) the final norm's output is this rank's
+    ``[T / TP, B, H]`` slice of the sequence: it is all-gathered first, as megatron's column-parallel
+    output layer gathers its input. Backward keeps only this rank's slice of the gradient
+    (``tensor_parallel_output_grad=False``) instead of a reduce-scatter: the fused output projection
+    already all-reduces dL/dh over the TP group, so every rank holds the whole sum."""
 
     def window(*, hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+        if sp_group is not None:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                                 group=sp_group)
         return hidden_states[lo:hi].transpose(0, 1)
 
     return window
@@ -71,19 +97,30 @@ def model_forward(model: torch.nn.Module, tokens_BT: torch.Tensor, position_ids_
                   window: Optional[tuple[int, int]] = None, **kwargs: Any) -> torch.Tensor:
     """One forward of a (possibly wrapped) GPTModel with the causal mask: logits ``[B, T, V/TP]`` on the
     last stage (with ``window=(lo, hi)``: final hidden states ``[B, hi - lo, H]``), hidden states on the
-    others."""
+    others (``[T', B, H]``, T' = :func:`sequence_length` / TP with sequence parallelism)."""
+    inner = unwrap_model(model)
+    config = inner.config
+    t = tokens_BT.shape[1]
     if position_ids_BT is None:
-        position_ids_BT = torch.arange(tokens_BT.shape[1], device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
+        position_ids_BT = torch.arange(t, device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
+    t_run = sequence_length(config, t)
+    if t_run != t:  # sequence parallelism: right-pad to a multiple of TP (sliced off the logits below)
+        tokens_BT = F.pad(tokens_BT, (0, t_run - t))
+        position_ids_BT = torch.cat([position_ids_BT, position_ids_BT[:, -1:] + torch.arange(
+            1, t_run - t + 1, device=tokens_BT.device)], dim=1)
     if window is not None:
         lo, hi = window
-        if not 0 <= lo < hi <= tokens_BT.shape[1]:
-            raise ValueError(f"window={window!r}: expected 0 <= lo < hi <= {tokens_BT.shape[1]} (the sequence length)")
-        config = unwrap_model(model).config
-        if getattr(config, "sequence_parallel", False) or getattr(config, "use_mup", False):
-            raise ValueError("output window: the fused output projection supports neither sequence_parallel nor MuP "
-                             "logit scaling; set parallel.sequence_parallel=false")
-        kwargs["output_processor"] = _window_hidden(lo, hi)
-    return model(tokens_BT, position_ids_BT, None, **kwargs)
+        if not 0 <= lo < hi <= t:
+            raise ValueError(f"window={window!r}: expected 0 <= lo < hi <= {t} (the sequence length)")
+        if getattr(config, "use_mup", False):
+            raise ValueError("output window: the fused output projection does not apply MuP logit scaling; "
+                             "drop use_mup from the model config")
+        sp_group = inner.pg_collection.tp if config.sequence_parallel else None
+        kwargs["output_processor"] = _window_hidden(lo, hi, sp_group)
+    out = model(tokens_BT, position_ids_BT, None, **kwargs)
+    if t_run != t and window is None and getattr(inner, "post_process", True):
+        out = out[:, :t]
+    return out
 
 
 def run_microbatches(
@@ -134,7 +171,7 @@ def run_microbatches(
         data_iterator=iter(batches),
         model=[model],
         num_microbatches=n,
-        seq_length=shape[1],
+        seq_length=sequence_length(config, shape[1]),  # the p2p buffers' length (padded under SP)
         micro_batch_size=shape[0],
         forward_only=forward_only,
         pg_collection=pg_collection,
@@ -221,6 +258,28 @@ def group_broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup
     if group is None or dist.get_world_size(group) == 1:
         return t
     wait_bounded(dist.broadcast(t, src=src, group=group, async_op=True), timeout_s, what, peer, error=error, hint=hint)
+    return t
+
+
+def _stage_peer(pg_collection: "ProcessGroupCollection", step: int) -> tuple[int, str]:
+    stage = stage_info(pg_collection)
+    rank = dist.get_global_rank(pg_collection.pp, stage.pp_rank + step)
+    return rank, f"pipeline stage {stage.pp_rank + step} (global rank {rank})"
+
+
+def send_to_next_stage(t: torch.Tensor, pg_collection: "ProcessGroupCollection", *, timeout_s: Optional[float],
+                       what: str) -> None:
+    """Bounded send of ``t`` to the next pipeline stage (same TP rank); the receiver knows the shape and dtype.
+    For hand-written stage-to-stage exchanges outside megatron's schedules (rollout's KV-cached decode)."""
+    dst, peer = _stage_peer(pg_collection, +1)
+    wait_bounded(dist.isend(t.contiguous(), dst=dst, group=pg_collection.pp), timeout_s, f"{what} (send)", peer)
+
+
+def recv_from_previous_stage(t: torch.Tensor, pg_collection: "ProcessGroupCollection", *, timeout_s: Optional[float],
+                             what: str) -> torch.Tensor:
+    """Bounded receive into ``t`` from the previous pipeline stage (same TP rank); returns ``t``."""
+    src, peer = _stage_peer(pg_collection, -1)
+    wait_bounded(dist.irecv(t, src=src, group=pg_collection.pp), timeout_s, f"{what} (receive)", peer)
     return t
 
 
