@@ -14,7 +14,9 @@
 #   RDZV_BACKEND    c10d, or static (then NODE_RANK fixes the rank order)    [c10d]
 #   MAX_RESTARTS    torchrun restarts of the whole worker group on failure   [0]
 #   CAMOPD_ENTRY    python module torchrun runs (-m)                         [camopd_megatron.cli]
-#   TORCHRUN        the torchrun command                                     [torchrun]
+#   PYTHON          interpreter with the package    [the repository's .venv/bin/python, else python3]
+#   TORCHRUN        the torchrun command                          [$PYTHON -m torch.distributed.run]
+#                   (torchrun_cmd.sh: no need to activate the virtual environment)
 #   OMP_NUM_THREADS CPU threads per process                                  [1]
 set -euo pipefail
 
@@ -35,7 +37,7 @@ RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 CAMOPD_ENTRY="${CAMOPD_ENTRY:-camopd_megatron.cli}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun_cmd.sh"  # sets TORCHRUN_CMD
 
 echo "multi_node.sh: node ${NODE_RANK}/${NNODES}, ${NPROC_PER_NODE} proc(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT} id ${RDZV_ID}" >&2
 exec "${TORCHRUN_CMD[@]}" \
