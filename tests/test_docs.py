@@ -87,6 +87,7 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", [doc for doc, blocks in MARKED.items() if blocks])
 def test_marked_blocks_run(doc, fixtures, tmp_path):
     work = tmp_path / "work"
