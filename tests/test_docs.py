@@ -3,14 +3,14 @@
 A block is marked by an HTML comment (invisible on GitHub) on the line right before its fence::
 
     <!-- cpu-test -->
-    <!-- cpu-test: /models/Qwen3-8B={hf_general} outputs/run/checkpoints/step_00000120=ckpt/general -->
+    <!-- cpu-test: /models/Qwen3-8B=>{hf_general} run.steps=120=>run.steps=2 -->
 
-Each ``FROM=TO`` replaces the text FROM in the block: the docs speak of the reader's paths, the test
-substitutes its own. ``{name}`` in TO is a fixture of this test: ``{hf_general}`` and ``{hf_domain}``
-are tiny Qwen2 Hugging Face models with their tokenizer. The marked blocks of one file run in order
-(``bash -euo pipefail``) in one scratch directory that links the repository's ``examples/`` and
-``tools/``, so a block can use what an earlier one wrote; PATH starts with this interpreter's
-directory (``python``, ``camopd-train``, ``camopd-convert-*``).
+Each ``FROM=>TO`` (shell-quoted when it holds spaces) replaces the text FROM in the block: the docs
+speak of the reader's paths and sizes, the test substitutes its own. ``{name}`` in TO is a fixture of
+this test: ``{hf_general}`` and ``{hf_domain}`` are tiny Qwen2 Hugging Face models with their
+tokenizer. The marked blocks of one file run in order (``bash -euo pipefail``) in one scratch
+directory that links the repository's ``examples/`` and ``tools/``, so a block can use what an earlier
+one wrote; PATH starts with this interpreter's directory (``python``, ``camopd-train``, ``camopd-convert-*``).
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def marked_blocks(path: Path) -> list[Block]:
         assert FENCE.match(lines[i + 1]).group(1) in ("bash", "sh", ""), f"{where}: cpu-test on a non-shell block"
         end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == "```"), None)
         assert end is not None, f"{where}: unclosed fence"
-        subs = tuple(tuple(s.split("=", 1)) for s in shlex.split(m.group("subs") or ""))
-        assert all(len(s) == 2 for s in subs), f"{where}: substitutions are FROM=TO"
+        subs = tuple(tuple(s.split("=>", 1)) for s in shlex.split(m.group("subs") or ""))
+        assert all(len(s) == 2 for s in subs), f"{where}: substitutions are FROM=>TO"
         blocks.append(Block(str(path.relative_to(ROOT)), i + 2, "\n".join(lines[i + 2:end]), subs))  # type: ignore[arg-type]
     return blocks
 
