@@ -4,10 +4,12 @@
 
     camopd-train --config X.yaml [key=value ...] [--dry-run --world-size N] [--log-level L]
 
-* Config and layout errors print their message (every problem, one line each) and exit 2,
-  without a traceback; so do input errors found inside the run (``CheckpointError``: a damaged or
-  mismatching checkpoint; ``DataError``), as ``camopd-train: CheckpointError: ...``. A teacher rank
-  stopped by the student's error prints one line naming it and exits 1 (the student printed the cause).
+* Errors in what the user gave (config, checkpoints, data, tokenizer, installation) print one
+  ``camopd-train: <Kind>: message`` line per failing rank, without a traceback, and exit with the
+  status of their family (:data:`EXIT_CODES`); any other exception is a bug and keeps its traceback
+  (status 1). Under torchrun the failing rank's status is what torchrun reports as the root cause.
+* A teacher rank whose student stopped (:class:`~camopd_megatron.teachers.StudentAborted`) exits 0
+  quietly: the failure is the student rank's, and only that rank reports it.
 * ``--dry-run`` validates the layout for ``--world-size`` ranks and prints the rank map and the
   per-rank memory estimate (:mod:`camopd_megatron.planner`), then exits 0. It needs no GPU and
   never starts torch.distributed, so a 64-node run can be planned from a laptop.
@@ -26,16 +28,30 @@ from typing import Optional, Sequence
 from camopd_megatron.config import Config, ConfigError, load_config
 from camopd_megatron.deps import MissingDependencyError
 
-__all__ = ["main", "build_parser", "EXIT_CONFIG_ERROR", "EXIT_MISSING_TRAINER"]
+__all__ = [
+    "main", "build_parser", "EXIT_CODES", "EXIT_CONFIG_ERROR", "EXIT_MISSING_TRAINER", "EXIT_CHECKPOINT_ERROR",
+    "EXIT_DATA_ERROR",
+]
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
-"""Exit status for config / layout errors (argparse uses the same for bad command lines)."""
+"""Config / layout errors and a missing config file (argparse uses the same for bad command lines)."""
 EXIT_MISSING_TRAINER = 3
-"""Exit status when the trainer module is not installed."""
-EXIT_PEER_FAILED = 1
-"""Exit status of a teacher rank whose student stopped with an error (the student reports the cause)."""
+"""The installation lacks a part: the trainer module, or an optional dependency the config asks for."""
+EXIT_CHECKPOINT_ERROR = 4
+"""A checkpoint is missing, incomplete or does not fit the config (:class:`CheckpointError`)."""
+EXIT_DATA_ERROR = 5
+"""Prompt files or the tokenizer are missing or malformed (:class:`DataError`)."""
+EXIT_CODES = {
+    0: "success (also a teacher rank that stopped because its student did; the student rank reports why)",
+    1: "an unexpected error (a bug): the traceback is printed",
+    EXIT_CONFIG_ERROR: "config or layout error, or a bad command line",
+    EXIT_MISSING_TRAINER: "missing part of the installation (trainer module, optional dependency)",
+    EXIT_CHECKPOINT_ERROR: "checkpoint error",
+    EXIT_DATA_ERROR: "prompt data or tokenizer error",
+}
+"""Every exit status of ``camopd-train`` (docs/workflow.md lists them too)."""
 
 _TRAINER_MODULE = "camopd_megatron.trainer"
 
@@ -122,19 +138,39 @@ def _train(cfg: Config) -> int:
     return 0
 
 
-def _is_input_error(e: BaseException) -> bool:
-    """Bad user input raised inside the run: checkpoint files, prompt data, tokenizers."""
+def _user_error_status(e: Exception) -> Optional[int]:
+    """The exit status of a user-input error family, or None for anything else (a bug)."""
+    if isinstance(e, (ConfigError, FileNotFoundError)):  # LayoutError is a ConfigError
+        return EXIT_CONFIG_ERROR
+    if isinstance(e, MissingDependencyError):
+        return EXIT_MISSING_TRAINER
+    if not isinstance(e, ValueError):
+        return None
+    # raised inside the run; their modules are loaded by then (importing them here costs nothing)
     from camopd_megatron.checkpoint.dist import CheckpointError
     from camopd_megatron.data import DataError
 
-    return isinstance(e, (CheckpointError, DataError))
+    if isinstance(e, CheckpointError):
+        return EXIT_CHECKPOINT_ERROR
+    if isinstance(e, DataError):
+        return EXIT_DATA_ERROR
+    return None
 
 
-def _is_student_abort(e: BaseException) -> bool:
-    """A teacher rank stopped because the student raised (the student's ranks print the error itself)."""
-    from camopd_megatron.teachers.protocol import StudentAborted
+def _student_aborted(e: Exception) -> bool:
+    """A teacher rank stopped because its student raised (the student rank reports the error)."""
+    if "camopd_megatron.teachers" not in sys.modules:  # no teacher ever ran in this process
+        return False
+    from camopd_megatron.teachers import StudentAborted
 
     return isinstance(e, StudentAborted)
+
+
+def _where() -> str:
+    """``rank R/W: `` under torchrun (each failing rank prints its line), else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -142,24 +178,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        _setup_logging(args.log_level or cfg.run.log_level)
-        code = _dry_run(cfg, args) if args.dry_run else _train(cfg)
-    except (ConfigError, FileNotFoundError, MissingDependencyError) as e:  # LayoutError is a ConfigError
-        print(f"camopd-train: {e}", file=sys.stderr)
-        code = EXIT_CONFIG_ERROR
-    except ValueError as e:
-        # user-facing input errors raised inside the run (checkpoint, data, tokenizer): the message names
-        # the key/file and the fix; a traceback from deep inside the stack would only bury it
-        if not _is_input_error(e):
+        if args.log_level:  # the trainer sets up logging again from the config: it must see the flag
+            cfg.run.log_level = args.log_level
+        _setup_logging(cfg.run.log_level)
+        return _dry_run(cfg, args) if args.dry_run else _train(cfg)
+    except Exception as e:
+        if _student_aborted(e):
+            # exit 0 so that torchrun's "root cause" is the student rank that failed, not this one
+            logger.info("%s", e)
+            return 0
+        code = _user_error_status(e)
+        if code is None:
             raise
-        print(f"camopd-train: {type(e).__name__}: {e}", file=sys.stderr)
-        code = EXIT_CONFIG_ERROR
-    except RuntimeError as e:
-        if not _is_student_abort(e):
-            raise
-        print(f"camopd-train: {e}", file=sys.stderr)
-        code = EXIT_PEER_FAILED
-    return code
+        # the message names the key/file and the fix; a traceback from deep inside the stack would bury it
+        kind = "" if isinstance(e, ConfigError) else f"{type(e).__name__}: "  # ConfigError lists its own problems
+        print(f"camopd-train: {_where()}{kind}{e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -34,6 +34,24 @@ def save_tiny_tokenizer(d, vocab_size: int) -> None:
     fast.save_pretrained(d)
 
 
+TINY_QWEN2 = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
+"""A tiny Qwen2 (GQA, untied embeddings) for the end-to-end tests."""
+
+
+def save_tiny_qwen2(path, seed: int) -> None:
+    """A :data:`TINY_QWEN2` Hugging Face model directory with its tokenizer (weights perturbed by ``seed``)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY_QWEN2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    save_tiny_tokenizer(path, TINY_QWEN2["vocab_size"])
+
+
 def parity_worker(rank: int, world_size: int, cases: dict, resave: str) -> dict:
     import torch.distributed as dist
 

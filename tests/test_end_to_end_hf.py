@@ -15,19 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron, convert_megatron_to_hf  # noqa: E402
 from camopd_megatron.testing.multiproc import run_on_ranks  # noqa: E402
-from tests.hf_conversion_workers import save_tiny_tokenizer  # noqa: E402
-
-SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=96, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
-
-
-def _hf_model(path: Path, seed: int) -> None:
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**SHAPE)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
+from tests.hf_conversion_workers import TINY_QWEN2 as SHAPE, save_tiny_qwen2  # noqa: E402
 
 
 def _train_and_score(rank: int, world_size: int, cfg, tokens: torch.Tensor) -> dict:
@@ -54,8 +42,7 @@ def test_hf_to_camopd_to_hf(tmp_path):
     from camopd_megatron.checkpoint.dist import read_manifest
 
     for name, seed in (("general", 1), ("domain", 2)):
-        _hf_model(tmp_path / f"hf_{name}", seed)
-        save_tiny_tokenizer(tmp_path / f"hf_{name}", SHAPE["vocab_size"])
+        save_tiny_qwen2(tmp_path / f"hf_{name}", seed)  # with its tokenizer
         convert_hf_to_megatron(tmp_path / f"hf_{name}", tmp_path / f"ours_{name}", progress=False)
     model_cfg = read_manifest(tmp_path / "ours_domain")["model_config"]
     repo = Path(__file__).resolve().parents[1]

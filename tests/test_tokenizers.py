@@ -10,6 +10,7 @@ import pytest
 
 from camopd_megatron.data import (
     ByteTokenizer,
+    DataError,
     HFTokenizer,
     SentencePieceTokenizer,
     check_vocab,
@@ -103,7 +104,7 @@ def test_hf_fallback_specials_without_config(hf_dir: Path, tmp_path: Path) -> No
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.bos_id is None and tok.eos_id == 2 and tok.pad_id is None  # <|im_end|> found by name
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
-    with pytest.raises(ValueError, match="eos_token '<nope>' is not in"):
+    with pytest.raises(DataError, match="eos_token '<nope>' is not in"):
         load_tokenizer(tmp_path / "tokenizer.json")
 
 
@@ -119,33 +120,33 @@ def test_byte_tokenizer_modes() -> None:
     full = ByteTokenizer(260)
     text = "héllo ✓ 😀"
     assert full.decode(full.encode(text)) == text and max(full.encode(text)) < 260
-    with pytest.raises(ValueError, match="vocab_size=200"):
+    with pytest.raises(DataError, match="vocab_size=200"):
         ByteTokenizer(200)
 
 
 def test_check_vocab_names_sizes_and_file(hf_dir: Path) -> None:
     tok = load_tokenizer(hf_dir / "tokenizer.json")
     check_vocab(tok, 300, hf_dir)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(DataError) as info:
         check_vocab(tok, 256, hf_dir / "tokenizer.json")
     msg = str(info.value)
     assert "300" in msg and "256" in msg and "tokenizer.json" in msg and "model.vocab_size" in msg
     check_vocab(load_tokenizer(None), 128)
-    with pytest.raises(ValueError, match="<byte> has 128 tokens but model.vocab_size is 100"):
+    with pytest.raises(DataError, match="<byte> has 128 tokens but model.vocab_size is 100"):
         check_vocab(load_tokenizer(None), 100)
 
 
 def test_load_tokenizer_bad_paths(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(tmp_path / "missing.model")
-    with pytest.raises(ValueError, match="neither tokenizer.json nor tokenizer.model"):
+    with pytest.raises(DataError, match="neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "vocab.txt").write_text("a\n")
-    with pytest.raises(ValueError, match="neither a tokenizer.json nor a sentencepiece"):
+    with pytest.raises(DataError, match="neither a tokenizer.json nor a sentencepiece"):
         load_tokenizer(tmp_path / "vocab.txt")
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot load tokenizer.json"):
+    with pytest.raises(DataError, match="cannot load tokenizer.json"):
         load_tokenizer(tmp_path / "broken.json")
     (tmp_path / "broken.model").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="cannot load sentencepiece model"):
+    with pytest.raises(DataError, match="cannot load sentencepiece model"):
         load_tokenizer(tmp_path / "broken.model")

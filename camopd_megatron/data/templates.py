@@ -26,7 +26,8 @@ TEMPLATES = ("plain", "chatml", "llama3")
 
 
 class DataError(ValueError):
-    """A malformed prompt record or file; the message names the file and line (or row)."""
+    """A malformed prompt record or file (the message names the file and line, or row), or an unusable
+    tokenizer (the message names ``data.tokenizer`` or the file)."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from camopd_megatron.data.templates import DataError
+
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
@@ -87,7 +89,7 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int = 128) -> None:
         if vocab_size != 128 and vocab_size < 256 + self._SPECIALS:
-            raise ValueError(
+            raise DataError(
                 f"ByteTokenizer(vocab_size={vocab_size}): use 128 (ASCII characters) or >= {256 + self._SPECIALS} "
                 "(UTF-8 bytes); fix model.vocab_size or give data.tokenizer"
             )
@@ -144,7 +146,7 @@ class SentencePieceTokenizer:
         try:
             self._sp.Load(str(path))
         except (OSError, RuntimeError) as exc:
-            raise ValueError(f"data.tokenizer: cannot load sentencepiece model {path!r}: {exc}; "
+            raise DataError(f"data.tokenizer: cannot load sentencepiece model {path!r}: {exc}; "
                              "give a valid .model file") from exc
 
     @staticmethod
@@ -212,7 +214,7 @@ class HFTokenizer:
         try:
             self._tok = _HFTok.from_file(str(path))
         except Exception as exc:  # the Rust side raises a plain Exception
-            raise ValueError(f"data.tokenizer: cannot load tokenizer.json {path!r}: {exc}; "
+            raise DataError(f"data.tokenizer: cannot load tokenizer.json {path!r}: {exc}; "
                              "give a valid Hugging Face tokenizer.json") from exc
         self._ids: dict[str, Optional[int]] = {}
         config = Path(path).parent / "tokenizer_config.json"
@@ -221,7 +223,7 @@ class HFTokenizer:
             try:
                 data = json.loads(config.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{config}: line {exc.lineno}: malformed JSON ({exc.msg}); fix or remove the file") from exc
+                raise DataError(f"{config}: line {exc.lineno}: malformed JSON ({exc.msg}); fix or remove the file") from exc
             for kind in ("bos", "eos", "pad"):
                 if f"{kind}_token" in data:
                     declared[kind] = _special_from_config(data[f"{kind}_token"])
@@ -230,7 +232,7 @@ class HFTokenizer:
                 token = declared[kind]
                 tid = self._tok.token_to_id(token) if token is not None else None
                 if token is not None and tid is None:
-                    raise ValueError(f"{config}: {kind}_token {token!r} is not in {path}; fix tokenizer_config.json")
+                    raise DataError(f"{config}: {kind}_token {token!r} is not in {path}; fix tokenizer_config.json")
                 self._ids[kind] = tid
             else:
                 self._ids[kind] = next(
@@ -286,27 +288,27 @@ def load_tokenizer(path: Optional[str | Path], byte_vocab_size: int = 128) -> To
         elif (p / "tokenizer.model").is_file():
             p = p / "tokenizer.model"
         else:
-            raise ValueError(f"data.tokenizer: directory {str(path)!r} has neither tokenizer.json nor tokenizer.model; "
+            raise DataError(f"data.tokenizer: directory {str(path)!r} has neither tokenizer.json nor tokenizer.model; "
                              "point data.tokenizer at the tokenizer file or the model's HF directory")
     if not p.is_file():
-        raise ValueError(f"data.tokenizer: {str(path)!r} does not exist; give a tokenizer.json, a sentencepiece "
+        raise DataError(f"data.tokenizer: {str(path)!r} does not exist; give a tokenizer.json, a sentencepiece "
                          ".model file, a directory holding one, or null for the synthetic byte tokenizer")
     if p.suffix == ".json":
         tok: Tokenizer = HFTokenizer(p)
     elif p.suffix == ".model":
         tok = SentencePieceTokenizer(p)
     else:
-        raise ValueError(f"data.tokenizer: {str(path)!r} is neither a tokenizer.json nor a sentencepiece .model file; "
+        raise DataError(f"data.tokenizer: {str(path)!r} is neither a tokenizer.json nor a sentencepiece .model file; "
                          "give one of those (or a directory holding one)")
     logger.info("tokenizer %s: vocab %d, bos %s, eos %s, pad %s", tok.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
     return tok
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, path: Optional[str | Path] = None) -> None:
-    """Raise ValueError when the tokenizer has more ids than the model's (unpadded) vocabulary."""
+    """Raise DataError when the tokenizer has more ids than the model's (unpadded) vocabulary."""
     if tokenizer.vocab_size > model_vocab_size:
         where = str(path) if path is not None else tokenizer.name
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer: {where} has {tokenizer.vocab_size} tokens but model.vocab_size is {model_vocab_size}; "
             f"set model.vocab_size >= {tokenizer.vocab_size} or use the model's own tokenizer"
         )

@@ -139,6 +139,9 @@ def transformer_config_from(
         # Full master weights drawn on the CPU then split: initial weights independent of TP.
         use_cpu_initialization=True,
         perform_initialization=True,
+        # megatron's default "full" means the same (graph the whole layer, when CUDA graphs are on)
+        # but is deprecated and warns on every config built; [] is its documented replacement
+        cuda_graph_modules=[],
     )
     if not on_gpu:
         kwargs.update(_CPU_FUSIONS_OFF)

@@ -14,7 +14,9 @@
 #   RDZV_BACKEND    c10d, or static (then NODE_RANK fixes the rank order)    [c10d]
 #   MAX_RESTARTS    torchrun restarts of the whole worker group on failure   [0]
 #   CAMOPD_ENTRY    python module torchrun runs (-m)                         [camopd_megatron.cli]
-#   TORCHRUN        the torchrun command                                     [torchrun]
+#   PYTHON          interpreter with the package    [the repository's .venv/bin/python, else python3]
+#   TORCHRUN        the torchrun command                          [$PYTHON -m torch.distributed.run]
+#                   (torchrun_cmd.sh: no need to activate the virtual environment)
 #   SIGNALS_TO_HANDLE  signals torchrun forwards to the workers (the trainer finishes its step,
 #                   saves and exits on SIGTERM/SIGUSR1)          [SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1]
 #   SHUTDOWN_TIMEOUT_S seconds torchrun waits after forwarding a signal before it SIGKILLs the
@@ -41,7 +43,7 @@ CAMOPD_ENTRY="${CAMOPD_ENTRY:-camopd_megatron.cli}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 SIGNALS_TO_HANDLE="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 SHUTDOWN_TIMEOUT_S="${SHUTDOWN_TIMEOUT_S:-600}"
-read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun_cmd.sh"  # sets TORCHRUN_CMD
 
 echo "multi_node.sh: node ${NODE_RANK}/${NNODES}, ${NPROC_PER_NODE} proc(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT} id ${RDZV_ID}" >&2
 exec "${TORCHRUN_CMD[@]}" \

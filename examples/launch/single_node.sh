@@ -7,7 +7,9 @@
 #   NPROC_PER_NODE  processes on this node, one per GPU                      [8]
 #   CAMOPD_ENTRY    python module torchrun runs (-m)                         [camopd_megatron.cli]
 #                   camopd_megatron.launch_check only brings the world up and all-reduces once
-#   TORCHRUN        the torchrun command                                     [torchrun]
+#   PYTHON          interpreter with the package    [the repository's .venv/bin/python, else python3]
+#   TORCHRUN        the torchrun command                          [$PYTHON -m torch.distributed.run]
+#                   (torchrun_cmd.sh: no need to activate the virtual environment)
 #   SIGNALS_TO_HANDLE  signals torchrun forwards to the workers (the trainer finishes its step,
 #                   saves and exits on SIGTERM/SIGUSR1)          [SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1]
 #   SHUTDOWN_TIMEOUT_S seconds torchrun waits after forwarding a signal before it SIGKILLs the
@@ -27,7 +29,7 @@ CAMOPD_ENTRY="${CAMOPD_ENTRY:-camopd_megatron.cli}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 SIGNALS_TO_HANDLE="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 SHUTDOWN_TIMEOUT_S="${SHUTDOWN_TIMEOUT_S:-600}"
-read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun_cmd.sh"  # sets TORCHRUN_CMD
 
 exec "${TORCHRUN_CMD[@]}" \
     --standalone \
