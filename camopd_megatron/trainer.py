@@ -39,7 +39,7 @@ from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
-from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, unwrap_model
+from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, recompute_kwargs, unwrap_model
 from camopd_megatron.models.optimizer import build_ddp_and_optimizer, optimizer_sharded_state_dict
 from camopd_megatron.models.precision import detect_device, precision_kwargs
 from camopd_megatron.deps import te_available
@@ -112,7 +112,8 @@ class _Trainer:
                                 compute_capability=capability)
         init_model_rng(cfg.run.seed, self.pgc)
         model = build_gpt_model(cfg.model, self.pgc, params_dtype=prec["params_dtype"],
-                                sequence_parallel=cfg.parallel.sequence_parallel, config_extra=prec)
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                config_extra={**prec, **recompute_kwargs(cfg.model)})
         if cfg.model.checkpoint:
             load_model(model, cfg.model.checkpoint, model_cfg=cfg.model, pg_collection=self.pgc)
         ddp_chunks, optimizer, lr_scheduler = build_ddp_and_optimizer(

@@ -43,6 +43,7 @@ __all__ = [
     "StageInfo",
     "stage_info",
     "transformer_config_from",
+    "recompute_kwargs",
     "build_gpt_model",
     "init_model_rng",
     "unwrap_model",
@@ -143,6 +144,20 @@ def transformer_config_from(
     if extra:
         kwargs.update(extra)
     return TransformerConfig(**kwargs)
+
+
+def recompute_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """megatron ``TransformerConfig`` kwargs of ``model.recompute`` (the student's training model; frozen
+    models never recompute). ``selective`` recomputes megatron's default module, the core attention
+    (the [s, s] scores of the local layers; TE's fused attention stores none), and takes no layer
+    count; ``full`` recomputes whole layers chosen by ``recompute_method`` / ``recompute_num_layers``.
+    megatron recomputes only in training mode (``module.train()``), never in a forward-only pass."""
+    if model_cfg.recompute == "none":
+        return {}
+    if model_cfg.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": model_cfg.recompute_method,
+            "recompute_num_layers": model_cfg.recompute_num_layers}
 
 
 def _layer_spec(model_cfg: ModelConfig, impl: str) -> Any:
