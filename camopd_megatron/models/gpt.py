@@ -47,6 +47,8 @@ __all__ = [
     "build_gpt_model",
     "init_model_rng",
     "unwrap_model",
+    "run_forward_pre_hooks",
+    "finish_param_gather",
 ]
 
 _CPU_FUSIONS_OFF = dict(
@@ -280,3 +282,33 @@ def output_weight(model: Any) -> Any:
     if inner.share_embeddings_and_output_weights:
         return inner.shared_embedding_or_output_weight()
     return inner.output_layer.weight
+
+
+def run_forward_pre_hooks(module: torch.nn.Module) -> None:
+    """Run ``module``'s own forward pre-hooks as its forward would, without running the forward.
+
+    For code that reads a module's weights directly instead of calling it (the output window's fused
+    output projection, the lean rollout decoder, a checkpoint save): megatron DDP with
+    ``overlap_param_gather`` waits for a parameter's asynchronous all-gather in the forward pre-hook of
+    the module that owns it (``DistributedDataParallel._make_forward_pre_hook``, which then dispatches
+    the next bucket's gather), so a direct read must trigger the same wait or it sees the shards other
+    DP ranks updated still un-gathered. Hooks' return values (changed inputs) are ignored: there are no
+    inputs. Without overlap no hook is registered and this does nothing."""
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, (), {})
+        else:
+            hook(module, ())
+
+
+def finish_param_gather(model: Any) -> None:
+    """Wait for every pending parameter all-gather of ``model`` (bare or DDP-wrapped): the forward
+    pre-hooks of all its modules, in forward order (embedding, layers, output layer), so the buckets
+    are gathered in megatron's dispatch order.
+
+    Collective over the data-parallel group when gathers are pending (each bucket's all-gather is
+    issued by the first rank that reaches it): call it on every DP rank at the same point of the
+    step, e.g. before the rollout even on a rank with no prompts. A no-op without
+    ``parallel.overlap_param_gather``."""
+    for module in unwrap_model(model).modules():
+        run_forward_pre_hooks(module)

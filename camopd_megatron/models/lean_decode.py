@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from camopd_megatron.models.gpt import output_weight
+from camopd_megatron.models.gpt import finish_param_gather, output_weight
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -88,6 +88,9 @@ class LeanDecoder:
     fused QKV layout each kv group holds its query heads then its key head, adjacent."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int) -> None:
+        # every weight is read directly, never through a module's forward: wait for megatron DDP's
+        # pending parameter all-gathers (parallel.overlap_param_gather) as the forward pre-hooks would
+        finish_param_gather(model)
         cfg = model.config
         self.model = model
         self.heads, self.groups, self.dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels

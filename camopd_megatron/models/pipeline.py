@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-from camopd_megatron.models.gpt import stage_info, unwrap_model
+from camopd_megatron.models.gpt import run_forward_pre_hooks, stage_info, unwrap_model
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -59,9 +59,15 @@ def output_window(mask_BT: torch.Tensor) -> tuple[int, int]:
 
 
 def _window_hidden(lo: int, hi: int) -> Callable[..., torch.Tensor]:
-    """megatron ``output_processor``: the final hidden states of positions ``[lo, hi)``, ``[B, W, H]``."""
+    """megatron ``output_processor``: the final hidden states of positions ``[lo, hi)``, ``[B, W, H]``.
 
-    def window(*, hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+    It replaces the output layer's forward, so it runs that layer's forward pre-hooks: with
+    ``parallel.overlap_param_gather`` megatron DDP waits there for the output weight's all-gather,
+    which the fused output projection then reads directly (``models.gpt.run_forward_pre_hooks``)."""
+
+    def window(*, hidden_states: torch.Tensor, output_layer: Optional[torch.nn.Module] = None, **_: Any) -> torch.Tensor:
+        if output_layer is not None:
+            run_forward_pre_hooks(output_layer)
         return hidden_states[lo:hi].transpose(0, 1)
 
     return window
