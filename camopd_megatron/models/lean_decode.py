@@ -5,7 +5,9 @@ against ~4.6 ms for Hugging Face ``generate`` (BENCHMARKS.md, "End-to-end step v
 not matmuls: RoPE cos/sin recomputed per layer and step, a copy of the whole KV cache to expand GQA
 groups, and autograd-function wrappers around every linear. This decoder runs the SAME parameters
 (read from the GPTModel's modules, never copied) with precomputed RoPE tables, a preallocated KV
-cache and ``scaled_dot_product_attention(enable_gqa=True)``.
+cache and ``scaled_dot_product_attention(enable_gqa=True)``. Reading the weights directly skips the
+modules' forward pre-hooks, so construction runs them first (``models.gpt.finish_param_gather``: with
+``parallel.overlap_param_gather`` that is where megatron DDP waits for the updated weights).
 
 Math (identical to the local spec, fp32 statistics as there): per layer
     h = RMSNorm_in(x); [q | k | v] per query group = h W_qkv (+ b); q, k ← RMSNorm_qk (qwen3);
