@@ -17,7 +17,6 @@ MODES = (
     ("none", {}),
     ("selective", {}),
     ("full", {"recompute_method": "uniform", "recompute_num_layers": 1}),
-    ("full", {"recompute_method": "uniform", "recompute_num_layers": 2}),
     ("full", {"recompute_method": "block", "recompute_num_layers": 1}),
 )
 SEQ, VOCAB = 16, 100
@@ -65,7 +64,7 @@ def _worker(rank: int, world_size: int) -> dict:
 
 
 def test_recompute_same_loss_and_grads_tp2_pp2():
-    results = run_on_ranks(_worker, 2, timeout_s=300, pg_timeout_s=60)
+    results = run_on_ranks(_worker, 2, timeout_s=600, pg_timeout_s=120)
     for res in results:
         for tp, pp in ((2, 1), (1, 2)):
             ref = res[(tp, pp, "none", ())]
