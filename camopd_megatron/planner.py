@@ -20,8 +20,16 @@ The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes
 
   - no recompute, no SP: ``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` bytes
   - no recompute, SP:    ``s·b·h·(34 + 5·a·s/h)/t`` bytes
-  - full recompute:      ``2·s·b·h`` bytes (``/t`` with SP) stored per layer, plus one layer
-    re-materialised without recompute during its backward.
+  - selective recompute (``model.recompute: selective``, the core attention): the same without the
+    ``5·a·s/h`` term
+  - full recompute (``model.recompute: full``): ``2·s·b·h`` bytes (``/t`` with SP), the input of each
+    recompute group, plus the group re-materialised without recompute during its backward.
+    ``recompute_method: uniform`` with N = ``recompute_num_layers``: one input per N layers and N
+    layers re-materialised; ``block``: the first N layers of the stage keep their input only, the
+    others everything, and one layer is re-materialised.
+
+  The table prints ``model.recompute``'s figure and, beside it, the other variant (full recompute of
+  every layer when the config has none, no recompute otherwise).
 
   The ``5·a·s/h`` term (attention scores, softmax, dropout mask) is dropped with
   transformer-engine's fused/flash attention (``model.transformer_impl`` te or auto); it stays
@@ -49,7 +57,7 @@ from typing import Optional
 from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.parallel import RoleLayout
 
-__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "count_params", "stage_params", "GIB"]
+__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "count_params", "stage_params", "activation_bytes", "GIB"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +201,15 @@ def _seq_lengths(cfg: Config) -> int:
 
 def activation_bytes(
     m: ModelConfig, *, s: int, b: int, tp: int, pp: int, act_bytes: int, sequence_parallel: bool,
-    recompute: str, flash_attention: bool,
+    recompute: str, flash_attention: bool, method: str = "uniform", num_layers: int = 1,
 ) -> float:
-    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring)."""
+    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring).
+
+    ``recompute``: none / selective / full; ``method`` and ``num_layers`` (N) choose the layers of
+    ``full`` (megatron ``recompute_method`` / ``recompute_num_layers``)."""
     h, a = m.hidden_size, m.num_attention_heads
     sbh = s * b * h
-    scores = 0.0 if flash_attention else 5.0 * a * s / h
+    scores = 0.0 if flash_attention or recompute == "selective" else 5.0 * a * s / h
     if sequence_parallel:
         full_layer = sbh * (34.0 + scores) / tp
     else:
@@ -206,14 +217,24 @@ def activation_bytes(
     layers = m.num_layers // pp
     in_flight = pp  # 1F1B: stage 0 holds PP micro-batches
     if recompute == "full":
-        stored = 2.0 * sbh / (tp if sequence_parallel else 1)
-        total = layers * in_flight * stored + full_layer  # + one layer re-materialised in backward
+        stored = 2.0 * sbh / (tp if sequence_parallel else 1)  # one recompute group's input
+        n = max(1, min(num_layers, layers))
+        if method == "block":  # the first n layers keep their input, the rest everything; one layer re-run
+            total = in_flight * (n * stored + (layers - n) * full_layer) + full_layer
+        else:  # uniform: one input per group of n layers; a whole group re-materialised in its backward
+            total = in_flight * -(-layers // n) * stored + n * full_layer
     else:
         total = layers * in_flight * full_layer
     return total * act_bytes / 2.0
 
 
-def _student_rows(cfg: Config, layout: RoleLayout, device_type: str, recompute: str) -> list[MemoryItem]:
+def _recompute_label(m: ModelConfig) -> str:
+    if m.recompute == "full":
+        return f"full recompute ({m.recompute_method}, {m.recompute_num_layers} layer{'s' if m.recompute_num_layers > 1 else ''})"
+    return "selective recompute" if m.recompute == "selective" else "no recompute"
+
+
+def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[MemoryItem]:
     m, par, st = cfg.model, cfg.parallel, layout.student
     pbytes = _dtype_bytes(cfg.precision.params_dtype, device_type)
     n = max(stage_params(m, st.tp, st.pp))
@@ -223,8 +244,9 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str, recompute: 
     s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
     flash = _flash_attention(cfg, device_type)
     act_kw = dict(s=s, b=b, tp=st.tp, pp=st.pp, act_bytes=pbytes, sequence_parallel=par.sequence_parallel, flash_attention=flash)
-    act = activation_bytes(m, recompute=recompute, **act_kw)
-    act_alt = activation_bytes(m, recompute="none" if recompute == "full" else "full", **act_kw)
+    act = activation_bytes(m, recompute=m.recompute, method=m.recompute_method, num_layers=m.recompute_num_layers,
+                           **act_kw)
+    act_alt = activation_bytes(m, recompute="full" if m.recompute == "none" else "none", **act_kw)
     d = m.hidden_size // m.num_attention_heads
     kv = 2 * (m.num_layers // st.pp) * (m.kv_heads // st.tp) * d * s * cfg.rollout.micro_batch_size * pbytes
     rows = [
@@ -237,9 +259,9 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str, recompute: 
             alt_label="without distributed optimizer" if dist_opt else f"with distributed optimizer (dp {st.dp})",
         ),
         MemoryItem(
-            "activations", act, f"mb {b} x s {s}, {'full' if recompute == 'full' else 'no'} recompute" + (", SP" if par.sequence_parallel else "")
+            "activations", act, f"mb {b} x s {s}, {_recompute_label(m)}" + (", SP" if par.sequence_parallel else "")
             + (f", {st.pp} in flight" if st.pp > 1 else ""),
-            alt_bytes=act_alt, alt_label="no recompute" if recompute == "full" else "full recompute",
+            alt_bytes=act_alt, alt_label="full recompute" if m.recompute == "none" else "no recompute",
         ),
         MemoryItem("logits", s * b * m.padded_vocab_size / st.tp * pbytes, "[s, b, V/tp] of one micro-batch"),
         MemoryItem("kv cache", kv, f"rollout mb {cfg.rollout.micro_batch_size} x {s} tokens"),
@@ -272,7 +294,6 @@ def plan(
     world_size: int,
     *,
     device_type: str = "cuda",
-    recompute: Optional[str] = None,
     gpu_memory_gib: Optional[float] = None,
 ) -> Plan:
     """Validate the role layout of ``cfg`` for ``world_size`` ranks and estimate per-rank memory.
@@ -281,26 +302,22 @@ def plan(
         cfg: the root config.
         world_size: ranks of the planned launch (nodes × GPUs per node).
         device_type: ``cuda`` (default; ``auto`` dtypes become bf16) or ``cpu``.
-        recompute: ``none`` (None, the default) or ``full`` activation recompute; the other
-            variant is printed beside it.
         gpu_memory_gib: warn in the report when a role's total exceeds this.
 
     Raises ConfigError with every problem of the config, or LayoutError (a ConfigError) when
     its roles do not fill ``world_size``; creates no process group.
     """
     layout = RoleLayout.from_config(cfg, world_size)
-    recompute = recompute or "none"
-    if recompute not in ("none", "full"):
-        raise ValueError(f"recompute={recompute!r}: use 'none' or 'full'")
     roles = [RoleMemory("student", "student", layout.student.ranks, layout.student.layout_str,
-                        tuple(_student_rows(cfg, layout, device_type, recompute)))]
+                        tuple(_student_rows(cfg, layout, device_type)))]
     for r in layout.roles[1:]:
         roles.append(RoleMemory(r.name, "teacher", r.ranks, r.layout_str, tuple(_teacher_rows(cfg, layout, r.name, device_type))))
     assumptions = (
         f"device {device_type}",
         f"params {cfg.precision.params_dtype} ({_dtype_bytes(cfg.precision.params_dtype, device_type)} B)" + (f" (fp8 {cfg.precision.fp8}/{cfg.precision.fp8_recipe} GEMMs)" if cfg.precision.fp8 else ""),
         f"sequence {_seq_lengths(cfg)} tokens",
-        "activations per Korthikanti et al. 2022" + (" with flash attention" if _flash_attention(cfg, device_type) else ""),
+        "activations per Korthikanti et al. 2022" + (" with flash attention" if _flash_attention(cfg, device_type) else "")
+        + f", {_recompute_label(cfg.model)} (model.recompute)",
         "CUDA context / NCCL buffers not counted",
     )
     result = Plan(layout, tuple(roles), assumptions, gpu_memory_gib)

@@ -48,7 +48,7 @@ from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
-from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, unwrap_model
+from camopd_megatron.models.gpt import build_gpt_model, finish_param_gather, init_model_rng, recompute_kwargs, unwrap_model
 from camopd_megatron.models.optimizer import build_ddp_and_optimizer, optimizer_sharded_state_dict
 from camopd_megatron.models.precision import detect_device, precision_kwargs
 from camopd_megatron.deps import te_available
@@ -154,7 +154,8 @@ class _Trainer:
                                 compute_capability=capability)
         init_model_rng(cfg.run.seed, self.pgc)
         model = build_gpt_model(cfg.model, self.pgc, params_dtype=prec["params_dtype"],
-                                sequence_parallel=cfg.parallel.sequence_parallel, config_extra=prec)
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                config_extra={**prec, **recompute_kwargs(cfg.model)})
         if cfg.model.checkpoint:
             load_model(model, cfg.model.checkpoint, model_cfg=cfg.model, pg_collection=self.pgc)
         ddp_chunks, optimizer, lr_scheduler = build_ddp_and_optimizer(
@@ -191,6 +192,11 @@ class _Trainer:
         self.bad_teacher_steps = 0
 
     # -------------------------------------------------------------------------------- checkpoints
+    def _params_ready(self) -> None:
+        """Finish the last optimizer step's pending parameter all-gathers (``parallel.overlap_param_gather``)
+        before code that reads the weights directly (save, evaluation, probe), on every student rank."""
+        finish_param_gather(self.student.ddp_model)
+
     def _state(self, is_loading: bool) -> dict[str, Any]:
         # the bare model's keys (no DDP "module." prefix): a training checkpoint then loads anywhere a
         # model checkpoint does (teachers, HF export); the optimizer maps its state by parameter identity
@@ -201,6 +207,7 @@ class _Trainer:
     def save(self, step: int) -> str:
         """World-collective save of the state after ``step`` steps (atomic; keeps the last N)."""
         path = self.ckpt.path_for(step)
+        self._params_ready()
         if self.teachers.has_separate:  # teacher ranks take part in the world-collective save
             self.teachers.join_save(str(path.absolute()), step)
         common = {
@@ -244,6 +251,7 @@ class _Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         """Built-in teacher-scored eval (``eval.teacher_scored``) and the caller's ``eval_fn``."""
         out: dict[str, float] = {}
+        self._params_ready()
         if self.eval_prompts is not None:
             out.update(evaluate_branches(step, self.eval_prompts, self.student, self.teachers, self.settings,
                                          self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens))
@@ -316,6 +324,7 @@ class _Trainer:
         every = self.cfg.logging.diagnostics_interval
         if self.probe_sources is None or step % every:
             return {}
+        self._params_ready()
         return probe_branch_conflict(step, self.probe_branches, self.cfg.logging.diagnostics_prompts, self.student,
                                      self.teachers, self.probe_sources, self.settings)
 

@@ -111,10 +111,11 @@ def test_memory_matches_hand_calculation():
 
 
 def test_variants_recompute_no_dist_opt_sp_and_cpu():
-    p = plan(_cfg(parallel__use_distributed_optimizer=False), 32, recompute="full")
+    p = plan(_cfg(parallel__use_distributed_optimizer=False, model__recompute="full"), 32)
     s = p.role("student")
     assert s.item("optimizer").bytes == OPT_FULL and s.item("optimizer").alt_bytes == pytest.approx(OPT_DIST)
-    assert s.item("activations").bytes == ACT_RECOMPUTE
+    assert s.item("activations").bytes == ACT_RECOMPUTE and s.item("activations").alt_bytes == ACT
+    assert "full recompute (uniform, 1 layer)" in s.item("activations").note
     # sequence parallel: s*b*h*34/t per layer
     sp = plan(_cfg(parallel__sequence_parallel=True), 32).role("student")
     assert sp.item("activations").bytes == 32 * 16_777_216 * 34 / 4
@@ -125,6 +126,23 @@ def test_variants_recompute_no_dist_opt_sp_and_cpu():
     cpu = plan(_cfg(precision__params_dtype="auto"), 32, device_type="cpu").role("student")
     assert cpu.item("params").bytes == 4 * N_STUDENT
     assert cpu.item("optimizer").bytes == pytest.approx(8 * N_STUDENT / DP)
+
+
+def test_recompute_variants_read_model_recompute():
+    """model.recompute drives the figure: selective drops the 5as/h scores term (local layers), full
+    uniform N keeps one 2sbh input per N layers and re-materialises N layers, full block N keeps the
+    input of its first N layers and everything of the rest."""
+    sbh = 16_777_216
+    local_layer = sbh * (16 + 40)  # s*b*h*(10 + 24/4) + 5as/(h t) = 40 for the local layers (see above)
+    sel = plan(_cfg(model__transformer_impl="local", model__recompute="selective"), 32).role("student")
+    assert sel.item("activations").bytes == 32 * sbh * 16
+    assert sel.item("activations").alt_bytes == 32 * local_layer  # beside it: no recompute
+    uni = plan(_cfg(model__recompute="full", model__recompute_num_layers=4), 32).role("student")
+    assert uni.item("activations").bytes == 32 // 4 * 2 * sbh + 4 * sbh * 16
+    block = plan(_cfg(model__recompute="full", model__recompute_method="block", model__recompute_num_layers=24),
+                 32).role("student")
+    assert block.item("activations").bytes == 24 * 2 * sbh + 8 * sbh * 16 + sbh * 16
+    assert "full recompute (block, 24 layers)" in block.item("activations").note
 
 
 def test_render_and_layout_errors():

@@ -181,6 +181,13 @@ class Config:
         """Every layout the model is split into (the student's, each separate teacher's) must divide it."""
         m, par = self.model, self.parallel
         problems = m.layout_problems(par.tp, par.pp, tp_key="parallel.tp", pp_key="parallel.pp")
+        problems += m.recompute_problems(par.pp, pp_key="parallel.pp")
+        if par.overlap_param_gather and not par.use_distributed_optimizer:
+            problems.append(problem(
+                "parallel.overlap_param_gather", True,
+                "parallel.use_distributed_optimizer=true (only the distributed optimizer gathers parameters)",
+                "set parallel.use_distributed_optimizer: true or parallel.overlap_param_gather: false",
+            ))
         for i, t in enumerate(self.teachers):
             if t.placement == "colocated":
                 # runs on the student's ranks with the student's layout (checked above)

@@ -148,6 +148,21 @@ class ModelConfig:
     """Layer implementation: ``te`` (Transformer Engine, error if missing), ``local``, or ``auto`` (te if installed)."""
     checkpoint: Optional[str] = None
     """The student's initial weights: a directory in our distributed checkpoint format; None = random init."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in the student's training backward (megatron ``recompute_granularity``):
+    ``none`` keeps every activation; ``selective`` recomputes the core attention (the [s, s] scores,
+    softmax and its dropout: the largest activation of the local layers, nothing to store with TE's
+    fused attention); ``full`` keeps only each recomputed layer's input and runs its forward again in
+    backward (``recompute_method`` / ``recompute_num_layers`` choose which layers). Numerics are
+    unchanged: the same loss and gradients as ``none``. Forward-only passes (rollout, scoring,
+    teachers) never recompute."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With ``recompute: full``: ``uniform`` splits each pipeline stage's layers into groups of
+    ``recompute_num_layers`` and keeps only each group's input; ``block`` recomputes the first
+    ``recompute_num_layers`` layers of each stage and keeps the rest's activations."""
+    recompute_num_layers: int = 1
+    """With ``recompute: full``: layers per recompute group (``uniform``) or recomputed layers per
+    pipeline stage (``block``); 1 to the layers of one stage (num_layers / parallel.pp)."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -174,6 +189,10 @@ class ModelConfig:
             "head_dim",
         )
         _non_negative(problems, prefix, self, "init_method_std")
+        _require(self.recompute in ("none", "selective", "full"), problems, f"{prefix}.recompute", self.recompute,
+                 "one of none, selective, full", f"set {prefix}.recompute to none, selective or full")
+        _require(self.recompute_method in ("uniform", "block"), problems, f"{prefix}.recompute_method",
+                 self.recompute_method, "uniform or block", f"set {prefix}.recompute_method to uniform or block")
         heads, groups = self.num_attention_heads, self.num_query_groups
         if heads > 0 and groups is not None and groups > 0 and heads % groups:
             problems.append(problem(
@@ -218,6 +237,22 @@ class ModelConfig:
             ))
         return problems
 
+    def recompute_problems(self, pp: int, *, pp_key: str, prefix: str = "model") -> list[str]:
+        """Problems of the activation-recompute keys for a student split into ``pp`` pipeline stages
+        (only the student trains, so only its layout is checked; a stage count that does not divide
+        the layers is :meth:`layout_problems`' report)."""
+        if self.recompute != "full" or pp <= 0 or self.num_layers <= 0 or self.num_layers % pp:
+            return []
+        per_stage = self.num_layers // pp
+        if 1 <= self.recompute_num_layers <= per_stage:
+            return []
+        return [problem(
+            f"{prefix}.recompute_num_layers", self.recompute_num_layers,
+            f"1 to {per_stage} with {prefix}.recompute=full (the layers of one pipeline stage: "
+            f"{prefix}.num_layers={self.num_layers} / {pp_key}={pp})",
+            f"set {prefix}.recompute_num_layers between 1 and {per_stage}",
+        )]
+
 
 @dataclass
 class ParallelConfig:
@@ -233,6 +268,20 @@ class ParallelConfig:
     """Megatron sequence parallelism inside the TP group."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over the data-parallel group (megatron's distributed optimizer)."""
+    overlap_grad_reduce: bool = False
+    """Reduce (or, with the distributed optimizer, reduce-scatter) each gradient bucket over DP as
+    soon as the last micro-batch's backward has produced all its gradients, asynchronously, while the
+    backward continues (megatron DDP ``overlap_grad_reduce``); the step waits for them at its end.
+    The same sums as without: the parameters after a step are identical."""
+    overlap_param_gather: bool = False
+    """With ``use_distributed_optimizer``: after the optimizer step, gather the updated parameter
+    shards bucket by bucket, asynchronously, each waited for just before its first use (a module's
+    forward pre-hook; code that reads weights outside a module's forward, the fused output projection
+    and the lean rollout decoder, waits the same way) instead of all at once at the end of the step."""
+    bucket_size: Optional[int] = None
+    """Parameters per gradient-reduce / parameter-gather bucket when overlapping (megatron DDP
+    ``bucket_size``); None = megatron's default, max(40M, 1M x DP). Smaller buckets start
+    communicating earlier; without overlap every buffer is one bucket."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; ``auto`` = nccl with CUDA, gloo without."""
     timeout_s: float = 600.0
@@ -241,7 +290,7 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
-        _positive(problems, prefix, self, "tp", "pp", "dp", "timeout_s")
+        _positive(problems, prefix, self, "tp", "pp", "dp", "timeout_s", "bucket_size")
         return problems
 
 

@@ -41,7 +41,7 @@ from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, redu
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
 from camopd_megatron.distill.scheduler import StepPlan
 from camopd_megatron.distill.selection import SelectionPolicy, SelectionResult, apply_rule, plan_selection
-from camopd_megatron.models.gpt import output_weight, stage_info, unwrap_model
+from camopd_megatron.models.gpt import finish_param_gather, output_weight, stage_info, unwrap_model
 from camopd_megatron.models.logprobs import next_token_logprobs
 from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
 from camopd_megatron.models.pipeline import last_stage_to_all, make_microbatches, run_microbatches
@@ -188,6 +188,9 @@ def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[in
             step: int, seed: int, sampling: Optional[SamplingParams] = None) -> RolloutBatch:
     """The student's responses to this replica's prompts (an empty batch for no prompts; collective
     over the replica either way)."""
+    # the rollout reads every weight first: finish the optimizer step's pending parameter all-gathers
+    # (parallel.overlap_param_gather) here, on every DP rank, even one with no prompts (collective)
+    finish_param_gather(student.model)
     if not prompts:
         return RolloutBatch.empty()
     return generate(

@@ -45,11 +45,14 @@ __all__ = [
     "StageInfo",
     "stage_info",
     "transformer_config_from",
+    "recompute_kwargs",
     "build_gpt_model",
     "init_model_rng",
     "unwrap_model",
     "LocalNorm",
     "sequence_parallel_off",
+    "run_forward_pre_hooks",
+    "finish_param_gather",
 ]
 
 _CPU_FUSIONS_OFF = dict(
@@ -150,6 +153,20 @@ def transformer_config_from(
     if extra:
         kwargs.update(extra)
     return TransformerConfig(**kwargs)
+
+
+def recompute_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """megatron ``TransformerConfig`` kwargs of ``model.recompute`` (the student's training model; frozen
+    models never recompute). ``selective`` recomputes megatron's default module, the core attention
+    (the [s, s] scores of the local layers; TE's fused attention stores none), and takes no layer
+    count; ``full`` recomputes whole layers chosen by ``recompute_method`` / ``recompute_num_layers``.
+    megatron recomputes only in training mode (``module.train()``), never in a forward-only pass."""
+    if model_cfg.recompute == "none":
+        return {}
+    if model_cfg.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": model_cfg.recompute_method,
+            "recompute_num_layers": model_cfg.recompute_num_layers}
 
 
 class LocalNorm:
@@ -338,3 +355,33 @@ def sequence_parallel_off(model: Any) -> Iterator[None]:
         config.sequence_parallel = True
         for m, a, v in saved:
             setattr(m, a, v)
+
+
+def run_forward_pre_hooks(module: torch.nn.Module) -> None:
+    """Run ``module``'s own forward pre-hooks as its forward would, without running the forward.
+
+    For code that reads a module's weights directly instead of calling it (the output window's fused
+    output projection, the lean rollout decoder, a checkpoint save): megatron DDP with
+    ``overlap_param_gather`` waits for a parameter's asynchronous all-gather in the forward pre-hook of
+    the module that owns it (``DistributedDataParallel._make_forward_pre_hook``, which then dispatches
+    the next bucket's gather), so a direct read must trigger the same wait or it sees the shards other
+    DP ranks updated still un-gathered. Hooks' return values (changed inputs) are ignored: there are no
+    inputs. Without overlap no hook is registered and this does nothing."""
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, (), {})
+        else:
+            hook(module, ())
+
+
+def finish_param_gather(model: Any) -> None:
+    """Wait for every pending parameter all-gather of ``model`` (bare or DDP-wrapped): the forward
+    pre-hooks of all its modules, in forward order (embedding, layers, output layer), so the buckets
+    are gathered in megatron's dispatch order.
+
+    Collective over the data-parallel group when gathers are pending (each bucket's all-gather is
+    issued by the first rank that reaches it): call it on every DP rank at the same point of the
+    step, e.g. before the rollout even on a rank with no prompts. A no-op without
+    ``parallel.overlap_param_gather``."""
+    for module in unwrap_model(model).modules():
+        run_forward_pre_hooks(module)

@@ -5,7 +5,9 @@ against ~4.6 ms for Hugging Face ``generate`` (BENCHMARKS.md, "End-to-end step v
 not matmuls: RoPE cos/sin recomputed per layer and step, a copy of the whole KV cache to expand GQA
 groups, and autograd-function wrappers around every linear. This decoder runs the SAME parameters
 (read from the GPTModel's modules, never copied) with precomputed RoPE tables, a preallocated KV
-cache and ``scaled_dot_product_attention(enable_gqa=True)``.
+cache and ``scaled_dot_product_attention(enable_gqa=True)``. Reading the weights directly skips the
+modules' forward pre-hooks, so construction runs them first (``models.gpt.finish_param_gather``: with
+``parallel.overlap_param_gather`` that is where megatron DDP waits for the updated weights).
 
 Math (identical to the local spec, fp32 statistics as there): per layer
     h = RMSNorm_in(x); [q | k | v] per query group = h W_qkv (+ b); q, k ← RMSNorm_qk (qwen3);
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from camopd_megatron.models.gpt import output_weight
+from camopd_megatron.models.gpt import finish_param_gather, output_weight
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -88,6 +90,9 @@ class LeanDecoder:
     fused QKV layout each kv group holds its query heads then its key head, adjacent."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int) -> None:
+        # every weight is read directly, never through a module's forward: wait for megatron DDP's
+        # pending parameter all-gathers (parallel.overlap_param_gather) as the forward pre-hooks would
+        finish_param_gather(model)
         cfg = model.config
         self.model = model
         self.heads, self.groups, self.dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels

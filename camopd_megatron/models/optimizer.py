@@ -198,16 +198,26 @@ def _check_collection(pg_collection: ProcessGroupCollection) -> None:
         )
 
 
+def _ddp_bucket_size(ddp_config: DistributedDataParallelConfig, pg_collection: ProcessGroupCollection,
+                     first_chunk: bool) -> Optional[int]:
+    """The bucket size megatron's DDP uses for a chunk (mirrors ``DistributedDataParallel.__init__``):
+    one bucket per buffer (None) without ``overlap_grad_reduce``, on pipeline stages after the first
+    and for chunks after the first; otherwise ``bucket_size`` or max(40M, 1M x DP)."""
+    if not ddp_config.overlap_grad_reduce or not first_chunk or dist.get_rank(pg_collection.pp) > 0:
+        return None
+    return ddp_config.bucket_size or max(40_000_000, 1_000_000 * pg_collection.dp.size())
+
+
 def _distopt_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelConfig,
-                    pg_collection: ProcessGroupCollection) -> Any:
+                    pg_collection: ProcessGroupCollection, first_chunk: bool) -> Any:
     """The DistributedOptimizer's buffer layout, precomputed as megatron asks callers to (DDP
-    otherwise computes the same layout itself and warns). One bucket per buffer: without
-    ``overlap_grad_reduce`` DDP sets ``bucket_size=None``. None without the distributed optimizer."""
+    otherwise computes the same layout itself and warns), with the bucket size DDP will use
+    (:func:`_ddp_bucket_size`). None without the distributed optimizer."""
     if not ddp_config.use_distributed_optimizer:
         return None
     params = [p for _, p in chunk.named_parameters() if p.requires_grad]  # DDP's order
     return DistributedOptimizer.compute_full_param_layout(
-        params, None, pg_collection.dp_cp.size(), ddp_config,
+        params, _ddp_bucket_size(ddp_config, pg_collection, first_chunk), pg_collection.dp_cp.size(), ddp_config,
         expert_data_parallel_world_size=pg_collection.expt_dp.size(),
     )
 
@@ -229,7 +239,8 @@ def build_ddp_and_optimizer(
     Args:
         model_chunks: the role's GPTModel chunk(s) (several only with virtual pipeline stages).
         optim_cfg: lr, min_lr, schedule, warmup, weight decay, Adam betas/eps, clip_grad (0 = off).
-        parallel_cfg: ``use_distributed_optimizer`` (shard optimizer state over DP).
+        parallel_cfg: ``use_distributed_optimizer`` (shard optimizer state over DP), ``overlap_grad_reduce``,
+            ``overlap_param_gather`` (needs the distributed optimizer) and ``bucket_size``.
         pg_collection: the role's process groups (``simple_pg_collection``).
         total_steps: number of optimizer steps of the run (the decay horizon of the lr schedule).
 
@@ -243,12 +254,21 @@ def build_ddp_and_optimizer(
     # SUM over DP: DDP pre-scales by 1/dp unless calculate_per_token_loss (distributed_data_parallel.py
     # "Compute gradient scaling factors"); average_in_collective must stay False with it.
     config.calculate_per_token_loss = True
+    if parallel_cfg.overlap_param_gather and not parallel_cfg.use_distributed_optimizer:
+        raise ValueError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true "
+                         "(only the distributed optimizer gathers parameters); enable it or turn the overlap off")
+    # Overlap: megatron's DDP dispatches a bucket's async reduce(-scatter) from the backward hooks of the
+    # last micro-batch once all its gradients are in (finish_grad_sync waits; the very first step reduces
+    # at the end, it records which gradients a bucket gets); with overlap_param_gather the optimizer step
+    # leaves the gathers to the forward pre-hooks (models.gpt.run_forward_pre_hooks for direct readers).
+    # Non-interleaved schedules need no grad_sync_func/param_sync_func: the hooks do both.
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
         average_in_collective=False,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
+        overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
+        overlap_param_gather=parallel_cfg.overlap_param_gather,
+        bucket_size=parallel_cfg.bucket_size,
     )
     ddp_chunks = [
         DistributedDataParallel(
@@ -258,7 +278,7 @@ def build_ddp_and_optimizer(
             # megatron: bucketing only for the first chunk of an interleaved pipeline
             disable_bucketing=i > 0,
             pg_collection=pg_collection,
-            full_param_layout=_distopt_layout(chunk, ddp_config, pg_collection),
+            full_param_layout=_distopt_layout(chunk, ddp_config, pg_collection, first_chunk=i == 0),
         )
         for i, chunk in enumerate(model_chunks)
     ]
@@ -276,6 +296,7 @@ def build_ddp_and_optimizer(
         adam_eps=optim_cfg.adam_eps,
         clip_grad=optim_cfg.clip_grad,
         use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        overlap_param_gather=parallel_cfg.overlap_param_gather,
         bf16=bool(getattr(config, "bf16", False)),
         fp16=bool(getattr(config, "fp16", False)),
         params_dtype=getattr(config, "params_dtype", torch.float32),

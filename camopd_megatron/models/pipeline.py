@@ -45,7 +45,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from camopd_megatron.models.gpt import stage_info, unwrap_model
+from camopd_megatron.models.gpt import run_forward_pre_hooks, stage_info, unwrap_model
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -82,9 +82,15 @@ def _window_hidden(lo: int, hi: int, sp_group: Optional[dist.ProcessGroup]) -> C
     ``[T / TP, B, H]`` slice of the sequence: it is all-gathered first, as megatron's column-parallel
     output layer gathers its input. Backward keeps only this rank's slice of the gradient
     (``tensor_parallel_output_grad=False``) instead of a reduce-scatter: the fused output projection
-    already all-reduces dL/dh over the TP group, so every rank holds the whole sum."""
+    already all-reduces dL/dh over the TP group, so every rank holds the whole sum.
 
-    def window(*, hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+    It replaces the output layer's forward, so it runs that layer's forward pre-hooks: with
+    ``parallel.overlap_param_gather`` megatron DDP waits there for the output weight's all-gather,
+    which the fused output projection then reads directly (``models.gpt.run_forward_pre_hooks``)."""
+
+    def window(*, hidden_states: torch.Tensor, output_layer: Optional[torch.nn.Module] = None, **_: Any) -> torch.Tensor:
+        if output_layer is not None:
+            run_forward_pre_hooks(output_layer)
         if sp_group is not None:
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
                                                                  group=sp_group)

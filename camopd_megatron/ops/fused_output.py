@@ -26,9 +26,11 @@ Chunks: ``chunk_tokens`` rows per step; the default keeps one fp32 [chunk, V_loc
 ``DEFAULT_FUSED_CHUNK_ELEMENTS`` (32 MiB). Larger than the logits kernel's default on purpose: every
 chunk adds into the whole [V_local, H] weight gradient, so fewer chunks move less memory.
 
-The weight is used directly, not through the output layer module: its forward hooks do not run (we
-never enable megatron's ``overlap_param_gather``, the one that needs them), and MuP logit scaling is
-not applied (:func:`camopd_megatron.models.pipeline.model_forward` refuses it).
+The weight is used directly, not through the output layer module, so the caller owns what that
+module's forward would do first: with megatron's ``overlap_param_gather`` the weight's all-gather is
+waited for in the output layer's forward pre-hook, which the output window of
+:mod:`camopd_megatron.models.pipeline` runs in the layer's place before this op reads the weight; MuP
+logit scaling is not applied (:func:`camopd_megatron.models.pipeline.model_forward` refuses it).
 
 Under megatron's DDP the weight gradient is added straight into the parameter's fp32 ``main_grad``
 buffer (megatron's gradient-accumulation-fusion contract: ``grad_added_to_main_grad`` is set and a dummy
