@@ -476,22 +476,17 @@ class LossConfig:
     """Ratios outside [is_low, is_high]: weight 0 (``mask``, the paper) or clamped to the bound."""
     adv_clip: Optional[float] = None
     """Clip the advantage to +-adv_clip (MOPD paper: 5); None = off."""
-    topk_kl: int = 0
-    """Top-k reverse-KL term over the teacher's top-k tokens; only 0 (off) is accepted: the trainer does not
-    use the top-k path yet."""
+    teacher_temperature: Optional[float] = None
+    """Softmax temperature the teachers score at; None = the temperature of the student's log-probs π and μ
+    (``rollout.temperature``, or 1 when greedy or 0), so the gap compares like with like."""
     max_bad_teacher_steps: int = 3
     """Steps skipped because a teacher returned NaN/inf log-probs before the run aborts."""
 
     def validate(self, prefix: str = "loss") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
-        _positive(problems, prefix, self, "is_low", "adv_clip")
+        _positive(problems, prefix, self, "is_low", "adv_clip", "teacher_temperature")
         _non_negative(problems, prefix, self, "max_bad_teacher_steps")
-        _require(
-            self.topk_kl == 0, problems, f"{prefix}.topk_kl", self.topk_kl,
-            "0: the top-k reverse-KL path exists but the trainer does not use it yet",
-            f"set {prefix}.topk_kl: 0",
-        )
         _require(
             self.is_low < self.is_high, problems, f"{prefix}.is_high", self.is_high,
             f"a value > {prefix}.is_low={self.is_low}", "use e.g. is_low: 0.5, is_high: 2.0",

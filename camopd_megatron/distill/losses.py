@@ -1,4 +1,4 @@
-"""The CaMOPD branch loss (docs/algorithm.md §2-§3) and the optional top-k reverse KL (§2), on per-token tensors.
+"""The CaMOPD branch loss (docs/algorithm.md §2-§3) on per-token tensors.
 
 For the samples i of one micro-batch (already restricted to the kept set S_b by the caller):
 
@@ -28,7 +28,7 @@ float64 sums/counts that add up across micro-batches and ranks (see :func:`reduc
 :func:`summarize_loss_metrics`). Positions where the mask is 0 are neutralised with ``where`` so
 padding holding NaN/inf (e.g. μ = −inf) cannot leak into the loss or its gradient.
 
-Shape legend: B = samples in the micro-batch, T = (padded) response tokens, K = teacher top-k.
+Shape legend: B = samples in the micro-batch, T = (padded) response tokens.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ from camopd_megatron.ops.gaps import token_gaps
 __all__ = [
     "LossOptions",
     "camopd_branch_loss",
-    "topk_reverse_kl_loss",
     "reduce_metric_sums",
     "summarize_loss_metrics",
 ]
@@ -202,61 +201,6 @@ def camopd_branch_loss(
     return loss, {k: v.detach().cpu() for k, v in metrics.items()}
 
 
-def topk_reverse_kl_loss(
-    student_topk_logp_BTK: torch.Tensor,
-    teacher_topk_logp_BTK: torch.Tensor,
-    response_mask_BT: torch.Tensor,
-    *,
-    num_samples_global: int,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Top-k reverse KL over the teacher's top-k set, with the bias term (docs/algorithm.md §2).
-
-    Per token: kl_t = Σ_{v∈topk_T} [π_θ(v) (log π_θ(v) − log π_T(v)) − π_θ(v) + π_T(v)] (≥ 0, 0 iff
-    π_θ = π_T on the set); loss = (1/N_global) Σ_i (1/L_i) Σ_t m_{i,t} kl_{i,t}, the same global
-    normaliser as :func:`camopd_branch_loss`. ``student_topk_logp_BTK`` are the student's log-probs
-    at the teacher's top-k ids (with grad, e.g. from ``ops.logprobs_at_indices``); the teacher side is
-    constant. d kl_t / d log π_θ(v) = π_θ(v) (log π_θ(v) − log π_T(v)).
-
-    Returns (loss, metrics) with metrics ``kl_samples``, ``kl_tokens``, ``kl_sum`` (Σ_i of the
-    per-sample mean KL), ``kl_token_sum`` (Σ over tokens of kl_t) as 0-dim float64 tensors.
-    """
-    if student_topk_logp_BTK.dim() != 3:
-        raise ValueError(f"student_topk_logp_BTK: expected shape [B, T, K], got {tuple(student_topk_logp_BTK.shape)}")
-    if teacher_topk_logp_BTK.shape != student_topk_logp_BTK.shape:
-        raise ValueError(
-            f"teacher_topk_logp_BTK: shape {tuple(teacher_topk_logp_BTK.shape)} must equal "
-            f"student_topk_logp_BTK's shape {tuple(student_topk_logp_BTK.shape)}"
-        )
-    if tuple(response_mask_BT.shape) != tuple(student_topk_logp_BTK.shape[:2]):
-        raise ValueError(
-            f"response_mask_BT: shape {tuple(response_mask_BT.shape)} must equal the first two dims "
-            f"{tuple(student_topk_logp_BTK.shape[:2])} of student_topk_logp_BTK"
-        )
-    batch = student_topk_logp_BTK.shape[0]
-    _check_normaliser(num_samples_global, batch)
-
-    mask_BT = response_mask_BT.to(torch.bool)
-    mask_f_BT = mask_BT.to(torch.float32)
-    mask_BTK = mask_BT.unsqueeze(-1).expand_as(student_topk_logp_BTK)
-    zeros_BTK = torch.zeros(student_topk_logp_BTK.shape, dtype=torch.float32, device=student_topk_logp_BTK.device)
-    # padding can hold -inf log-probs: replace by 0 before exp/multiply so neither value nor grad is NaN
-    s_BTK = torch.where(mask_BTK, student_topk_logp_BTK.float(), zeros_BTK)
-    t_BTK = torch.where(mask_BTK, teacher_topk_logp_BTK.detach().float(), zeros_BTK)
-    p_s_BTK, p_t_BTK = s_BTK.exp(), t_BTK.exp()
-    kl_BTK = p_s_BTK * (s_BTK - t_BTK) - p_s_BTK + p_t_BTK
-    kl_BT = torch.where(mask_BT, kl_BTK.sum(dim=-1), torch.zeros_like(mask_f_BT))
-    per_sample_B = (kl_BT * _inv_lengths(mask_f_BT)).sum(dim=1)
-    loss = per_sample_B.sum() / float(num_samples_global)
-    f64 = torch.float64
-    metrics = {
-        "kl_samples": torch.tensor(float(batch), dtype=f64),
-        "kl_tokens": mask_f_BT.sum().to(f64),
-        "kl_sum": per_sample_B.detach().sum().to(f64),
-        "kl_token_sum": kl_BT.detach().sum().to(f64),
-    }
-    return loss, {k: v.detach().cpu() for k, v in metrics.items()}
-
-
 def reduce_metric_sums(
     metrics: Mapping[str, torch.Tensor | float], group: Optional[dist.ProcessGroup], *, device: torch.device | None = None
 ) -> dict[str, float]:
@@ -273,11 +217,11 @@ def reduce_metric_sums(
 
 
 def summarize_loss_metrics(sums: Mapping[str, float]) -> dict[str, float]:
-    """Means and rates from (reduced) metric sums of :func:`camopd_branch_loss` / :func:`topk_reverse_kl_loss`.
+    """Means and rates from (reduced) metric sums of :func:`camopd_branch_loss`.
 
     Returns whichever of these the sums allow: ``loss`` (mean over samples), ``gap_mean``, ``gap_std``,
     ``adv_mean``, ``adv_clip_rate``, ``is_weight_mean``, ``is_clip_rate``, ``is_low_rate``,
-    ``is_high_rate``, ``tokens``, ``kl`` (mean over samples), ``kl_token_mean``. Empty counts give NaN-free 0.
+    ``is_high_rate``, ``tokens``. Empty counts give NaN-free 0.
     """
     out: dict[str, float] = {}
 
@@ -297,7 +241,4 @@ def summarize_loss_metrics(sums: Mapping[str, float]) -> dict[str, float]:
         out["is_clip_rate"] = ratio("is_clipped_tokens", "tokens")
         out["is_low_rate"] = ratio("is_low_tokens", "tokens")
         out["is_high_rate"] = ratio("is_high_tokens", "tokens")
-    if "kl_sum" in sums:
-        out["kl"] = ratio("kl_sum", "kl_samples")
-        out["kl_token_mean"] = ratio("kl_token_sum", "kl_tokens")
     return out

@@ -39,7 +39,7 @@ def _branch_gradient(step: int, branch: str, n_prompts: int, student: StudentSta
     """This rank's gradient set of the branch loss on a fresh probe batch (all samples, r = 1)."""
     prompts, branches, ids = draw_prompts(probe_sources, {branch: n_prompts}, student.dp_rank, student.dp_size)
     batch = rollout(student, prompts, ids, settings, step=step, seed=settings.seed + PROBE_SEED_OFFSET)
-    teacher_logp = score_with_teachers(teachers, [branch], batch, branches)
+    teacher_logp = score_with_teachers(teachers, [branch], batch, branches, settings.teacher_temperature)
     student_logp = student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
     gap = token_gaps(teacher_logp, student_logp, batch.loss_mask_BT)
     everything = SelectionResult.keep_all(torch.ones(len(batch)), {branch: n_prompts})
