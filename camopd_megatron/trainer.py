@@ -147,6 +147,7 @@ class _Trainer:
             out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, str(out / "config.yaml"))
         self.bad_teacher_steps = 0
+        self.clip_counts = [0, 0]  # [steps whose gradient was clipped, steps that reached the optimizer] (grad_clip_rate)
 
     # -------------------------------------------------------------------------------- checkpoints
     def _state(self, is_loading: bool) -> dict[str, Any]:
@@ -166,6 +167,7 @@ class _Trainer:
             "lr_scheduler": self.student.lr_scheduler.state_dict(),
             "data": {b: s.state_dict() for b, s in self.sources.items()},
             "bad_teacher_steps": self.bad_teacher_steps,
+            "clip_counts": list(self.clip_counts),
         }
         save_checkpoint(path, self._state(False), model_cfg=self.cfg.model, step=step, common=common,
                         rank_state={"cpu_rng": torch.get_rng_state()}, overwrite=True)
@@ -196,6 +198,7 @@ class _Trainer:
         for b, s in self.sources.items():
             s.load_state_dict(common["data"][b])
         self.bad_teacher_steps = int(common.get("bad_teacher_steps", 0))
+        self.clip_counts = [int(v) for v in common.get("clip_counts", [0, 0])]
         rs = load_rank_state(path, self.rank)
         if rs is not None:
             torch.set_rng_state(rs["cpu_rng"])
@@ -235,6 +238,9 @@ class _Trainer:
             out = camopd_step(step, plan, self.student, self.teachers, self.sources, self.settings)
             self._handle_skip(out)
             metrics = {"step": float(step + 1), **out.metrics, **probe}
+            if "grad_clipped" in metrics:  # the running fraction of updates whose gradient was clipped
+                self.clip_counts = [self.clip_counts[0] + int(metrics["grad_clipped"]), self.clip_counts[1] + 1]
+                metrics["grad_clip_rate"] = self.clip_counts[0] / self.clip_counts[1]
             metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
             if torch.cuda.is_available():
                 metrics["memory/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -268,6 +274,7 @@ class _Trainer:
     def _handle_skip(self, out: StepOutput) -> None:
         if "teacher_nonfinite_tokens" not in out.metrics:
             return
+        self.scheduler.repeat_last()  # the skipped step's branch gets its turn again (docs/algorithm.md §6)
         self.bad_teacher_steps += 1
         limit = self.cfg.loss.max_bad_teacher_steps
         logger.warning("step %d skipped: %d non-finite teacher log-probs (%d/%d allowed)", out.step,

@@ -69,10 +69,15 @@ def test_clamp_mode_hand_values():
 
 
 def test_adv_clip_scale_and_normaliser():
-    # clip 0.6: row 0 t0 Â 1.0 → 0.6: −0.6/3; row 1 unchanged −0.375; global N = 4 (other micro-batches)
+    # the clip bounds Δ before r_i scales it (Â = r·clip(Δ)): |Δ| = 0.5 < 0.6 is not clipped, even where
+    # r = 2 makes r·Δ = 1.0 (clipping after r would halve the clip's reach for r_g = 2)
     loss, m, _ = run(LossOptions(adv_clip=0.6), n_global=4)
-    assert loss.item() == pytest.approx((0.2 + 0.375) / 4, rel=1e-6)
-    assert m["adv_clipped_tokens"].item() == 2  # row 0: Â = +1 and −1 (the latter IS-masked anyway)
+    assert loss.item() == pytest.approx((1 / 3 + 0.375) / 4, rel=1e-6) and m["adv_clipped_tokens"].item() == 0
+    # clip 0.4: row 0 t0 Â = 2·0.4: −0.8/3; row 1 t1 1.5·0.4·(−1)/2 = −0.3; global N = 4 (other micro-batches)
+    loss, m, _ = run(LossOptions(adv_clip=0.4), n_global=4)
+    assert loss.item() == pytest.approx((0.8 / 3 + 0.3) / 4, rel=1e-6)
+    assert m["adv_clipped_tokens"].item() == 4  # every |Δ| = 0.5 (the IS-masked ones too)
+    assert m["adv_sum"].item() == pytest.approx(2 * 0.4 - 2 * 0.4 + 0.4 + 0.4)
     # a precomputed pre-update gap replaces teacher − student (here: twice the gap → twice the loss)
     student, teacher, rollout, mask, scale = hand_case()
     gap = 2 * (teacher - student.detach())

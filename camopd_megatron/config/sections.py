@@ -448,6 +448,11 @@ class SelectionConfig:
     """Branch → sample score: mean |gap| (``abs``) or mean max(gap, 0) (``positive``)."""
     scale_only_selected: bool = True
     """Apply the advantage scale r_b only to samples the rho-rule keeps."""
+    scale_mode: Literal["advantage", "lr"] = "advantage"
+    """How r_b acts: ``advantage`` multiplies the kept samples' advantage (the paper's formula; the global
+    gradient clip and Adam's normalisation remove most of a uniform factor); ``lr`` multiplies the step's
+    learning rate by r_b instead (one r for the whole step: needs ``scheduler.mode: alternating`` or equal
+    r_b over the mixed branches, and ``enabled: true`` or ``scale_only_selected: false``)."""
     student_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Student log-probs for the gap: a pre-update training forward, or the rollout engine's (saves a forward).
     With ``recompute`` and a selection that does not depend on the gaps (``enabled: false`` and r_b on every

@@ -3,7 +3,7 @@
 For the samples i of one micro-batch (already restricted to the kept set S_b by the caller):
 
     Δ_{i,t} = log π_T(y_{i,t}) − sg(log π_θ(y_{i,t}))                         gap (no gradient)
-    Â_{i,t} = clip(r_i · Δ_{i,t}, −A_max, +A_max)                             advantage (clip optional)
+    Â_{i,t} = r_i · clip(Δ_{i,t}, −A_max, +A_max)                             advantage (clip optional)
     ρ_{i,t} = exp(sg(log π_θ) − log μ)                                         π/μ, μ = rollout log-prob
     w_{i,t} = ρ if ε_low ≤ ρ ≤ ε_high else 0            (is_mode="mask", the paper)
             = clamp(ρ, ε_low, ε_high)                   (is_mode="clamp")
@@ -162,11 +162,10 @@ def camopd_branch_loss(
         if gap_BT is None:
             gap_BT = token_gaps(teacher_logp_BT, student_logp_BT)
         gap_BT = torch.where(mask_BT, gap_BT.detach().float(), zeros_BT)
-        raw_adv_BT = adv_scale_B.detach().float().unsqueeze(1) * gap_BT
-        if options.adv_clip is not None:
-            adv_BT = raw_adv_BT.clamp(-options.adv_clip, options.adv_clip)
-        else:
-            adv_BT = raw_adv_BT
+        # the clip bounds the gap, then r_i scales it: r_g = 2 doubles the clipped advantage instead of
+        # halving the clip's reach (docs/algorithm.md §2)
+        clipped_gap_BT = gap_BT.clamp(-options.adv_clip, options.adv_clip) if options.adv_clip is not None else gap_BT
+        adv_BT = adv_scale_B.detach().float().unsqueeze(1) * clipped_gap_BT
         log_ratio_BT = torch.where(mask_BT, student_logp_BT.detach().float() - rollout_logp_BT.detach().float(), zeros_BT)
         ratio_BT = log_ratio_BT.exp()
         low_BT = (ratio_BT < options.is_low) & mask_BT
@@ -192,7 +191,7 @@ def camopd_branch_loss(
         "gap_sum": gap_BT.sum().to(f64),
         "gap_sq_sum": (gap_BT.to(f64) ** 2).sum(),
         "adv_sum": adv_BT.sum().to(f64),
-        "adv_clipped_tokens": ((adv_BT != raw_adv_BT) & mask_BT).sum().to(f64),
+        "adv_clipped_tokens": ((clipped_gap_BT != gap_BT) & mask_BT).sum().to(f64),
         "is_weight_sum": weight_BT.sum().to(f64),
         "is_clipped_tokens": (low_BT | high_BT).sum().to(f64),
         "is_low_tokens": low_BT.sum().to(f64),

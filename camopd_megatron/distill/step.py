@@ -150,6 +150,8 @@ class StepSettings:
     timeout_s: Optional[float] = None
     """Bound on the last pipeline stage → other stages broadcasts (``parallel.timeout_s``; None: the
     process group's own timeout)."""
+    clip_grad: float = 0.0
+    """``optim.clip_grad`` (0: off), for the ``grad_clipped`` metric."""
     teacher_temperature_override: Optional[float] = None
     """``loss.teacher_temperature``; None: :attr:`teacher_temperature` follows the student's."""
 
@@ -293,11 +295,15 @@ def camopd_step(
         with timer("select"):  # the ρ-rule's statistics of the real gaps (metrics; the kept set is unchanged)
             sel = sel.with_rule(apply_rule(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B,
                                            branches, settings.policy, student.dp_group))
+    lr_scale = settings.policy.lr_scale(plan.branches)  # r_b under selection.scale_mode: lr, else 1
     with timer("optimizer"):
-        ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler)
+        ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler, lr_scale=lr_scale)
     metrics = _step_metrics(student, batch, branches, gap_BT, sel, loss_sums, timer, t_start)
-    metrics.update(grad_norm=float(grad_norm or 0.0), lr=float(student.lr_scheduler.get_lr()),
-                   update_skipped=float(not ok), phase=float(plan.phase))
+    lr = float(student.lr_scheduler.get_lr())
+    grad_norm = float(grad_norm or 0.0)
+    metrics.update(grad_norm=grad_norm, lr=lr, lr_effective=lr * lr_scale, update_skipped=float(not ok),
+                   phase=float(plan.phase),
+                   grad_clipped=float(settings.clip_grad > 0 and grad_norm > settings.clip_grad))
     return StepOutput(step, plan, metrics, skipped=not ok)
 
 
@@ -416,4 +422,5 @@ def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSett
         recompute_student=cfg.selection.student_logprobs == "recompute",
         timeout_s=cfg.parallel.timeout_s,
         teacher_temperature_override=cfg.loss.teacher_temperature,
+        clip_grad=cfg.optim.clip_grad,
     )
