@@ -34,7 +34,7 @@ from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
-from camopd_megatron.distill.probe import probe_branch_conflict
+from camopd_megatron.distill.probe import probe_branch_conflict, probe_coherence
 from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
@@ -140,6 +140,10 @@ class _Trainer:
         )
         if cfg.logging.diagnostics_interval and self.probe_sources is None:
             logger.warning("logging.diagnostics_interval is set but the schedule has one branch: no conflict probe")
+        self.coherence_sources = (  # a stream of its own: the coherence probe never shifts the others
+            build_prompt_sources(cfg.data, cfg.scheduler.branches, self.tokenizer, cfg.run.seed + 2)
+            if cfg.logging.diagnostics_interval and cfg.logging.coherence_samples else None
+        )
         out = Path(cfg.run.output_dir)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or out / "checkpoints", cfg.checkpoint.keep_last)
         self.writer = make_writer(cfg.logging.tensorboard, str(cfg.logging.dir or out / "tensorboard"), self.is_logger)
@@ -234,7 +238,7 @@ class _Trainer:
             result.history.append({"step": 0.0, **self._evaluate(0)})
         for step in range(start, cfg.run.steps):
             plan = self.scheduler.next_plan()
-            probe = self._probe(step)
+            probe = self._probe(step, plan)
             out = camopd_step(step, plan, self.student, self.teachers, self.sources, self.settings)
             self._handle_skip(out)
             metrics = {"step": float(step + 1), **out.metrics, **probe}
@@ -263,13 +267,20 @@ class _Trainer:
         self.writer.close()
         return result
 
-    def _probe(self, step: int) -> dict[str, float]:
-        """The general/domain gradient-conflict probe, every ``logging.diagnostics_interval`` steps."""
-        every = self.cfg.logging.diagnostics_interval
-        if self.probe_sources is None or step % every:
+    def _probe(self, step: int, plan: Any) -> dict[str, float]:
+        """The general/domain gradient-conflict probe and the gradient-coherence probe of the step's
+        branches, every ``logging.diagnostics_interval`` steps (before the update)."""
+        every, log = self.cfg.logging.diagnostics_interval, self.cfg.logging
+        if not every or step % every:
             return {}
-        return probe_branch_conflict(step, self.probe_branches, self.cfg.logging.diagnostics_prompts, self.student,
-                                     self.teachers, self.probe_sources, self.settings)
+        out: dict[str, float] = {}
+        if self.probe_sources is not None:
+            out.update(probe_branch_conflict(step, self.probe_branches, log.diagnostics_prompts, self.student,
+                                             self.teachers, self.probe_sources, self.settings))
+        if self.coherence_sources is not None:
+            out.update(probe_coherence(step, plan.branches, log.coherence_samples, self.student, self.teachers,
+                                       self.coherence_sources, self.settings))
+        return out
 
     def _handle_skip(self, out: StepOutput) -> None:
         if "teacher_nonfinite_tokens" not in out.metrics:

@@ -159,6 +159,28 @@ def test_dp2_equals_dp1_on_the_same_global_batch(general_ckpt, tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5
 
 
+def test_coherence_probe_sharded_equals_one_process(general_ckpt, tmp_path):
+    """The gradient-coherence probe (4 per-sample gradients of the general step) at DP=2 and at TP=2
+    gives the one-process values: each g_i is the whole-model gradient of sample i alone, whichever
+    rank holds the sample and however the parameters are split."""
+    def cfg(name, parallel):
+        return tiny_cfg(str(tmp_path / name), general_ckpt, steps=1, extra={
+            "scheduler": {"pattern": ["general", "domain"]}, "parallel": parallel, "checkpoint": {"save_interval": 0},
+            "logging": {"diagnostics_interval": 1, "coherence_samples": 4}})
+
+    (one,) = _run(1, [cfg("one", {})])
+    sharded = _run(2, [cfg("dp2", {}), cfg("tp2", {"tp": 2})])[0]
+    ref = one[0]["history"][-1]
+    keys = [f"diag/general/{k}" for k in ("coherence_all", "coherence_selected", "coherence_ratio", "coherence_gain",
+                                          "coherence_selected_samples")]
+    assert 0.0 < ref[keys[0]] <= 1.0 and 0.0 < ref[keys[1]] <= 1.0 and 1 <= ref[keys[4]] <= 4
+    assert ref[keys[2]] == pytest.approx(ref[keys[1]] / ref[keys[0]]) and ref[keys[3]] == pytest.approx(ref[keys[2]] - 1)
+    for run in sharded:
+        h = run["history"][-1]
+        for k in keys:
+            assert h[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (k, h[k], ref[k])
+
+
 def test_fused_recompute_equals_the_separate_recompute(general_ckpt, tmp_path):
     """vanilla_mopd's selection is gap-free, so Δ comes out of the training forward (no no-grad recompute
     forward). The same run with selection on at ρ = 1 (keeps all, r = 1: the same algorithm, but not
@@ -259,7 +281,7 @@ def test_scale_mode_lr_survives_the_gradient_clip(general_ckpt, tmp_path):
     advantage (the clip and Adam remove a uniform factor on the loss: docs/algorithm.md §5)."""
     def cfg(name, r_g, mode):
         return tiny_cfg(str(tmp_path / name), general_ckpt, steps=1, extra={
-            "scheduler": {"pattern": ["general"]}, "loss": {"adv_scale": {"general": r_g, "domain": 1.0}},
+            "scheduler": {"pattern": ["general", "domain"]}, "loss": {"adv_scale": {"general": r_g, "domain": 1.0}},
             "selection": {"scale_mode": mode}, "optim": {"clip_grad": 1e-4}, "checkpoint": {"save_interval": 0}})
 
     (one, adv2, lr2), = run_on_ranks(_update_norms, 1, args=([cfg("one", 1.0, "advantage"), cfg("adv2", 2.0, "advantage"),

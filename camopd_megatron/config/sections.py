@@ -615,11 +615,19 @@ class LoggingConfig:
     """Branch-conflict probe (general vs domain gradient cosine) every this many steps; 0 = off."""
     diagnostics_prompts: int = 8
     """Prompts per branch in each probe batch (global over data-parallel ranks)."""
+    coherence_samples: int = 0
+    """Per-sample gradients of the gradient-coherence probe (every ``diagnostics_interval`` steps, per
+    branch of the step: Coh of all of them, of the rho-rule's selected ones, and the gain); each costs one
+    forward/backward of the student, so at most 64. 0 = off."""
 
     def validate(self, prefix: str = "logging") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _positive(problems, prefix, self, "log_interval")
-        _non_negative(problems, prefix, self, "diagnostics_interval")
+        _non_negative(problems, prefix, self, "diagnostics_interval", "coherence_samples")
         _positive(problems, prefix, self, "diagnostics_prompts")
+        _require(
+            self.coherence_samples <= 64, problems, f"{prefix}.coherence_samples", self.coherence_samples,
+            "at most 64 (one backward per sample)", f"lower {prefix}.coherence_samples",
+        )
         return problems
