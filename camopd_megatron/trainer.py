@@ -35,7 +35,7 @@ from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
 from camopd_megatron.distill.probe import probe_branch_conflict, probe_coherence
-from camopd_megatron.distill.scheduler import BranchScheduler
+from camopd_megatron.distill.scheduler import BranchScheduler, StepPlan
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
@@ -267,7 +267,7 @@ class _Trainer:
         self.writer.close()
         return result
 
-    def _probe(self, step: int, plan: Any) -> dict[str, float]:
+    def _probe(self, step: int, plan: StepPlan) -> dict[str, float]:
         """The general/domain gradient-conflict probe and the gradient-coherence probe of the step's
         branches, every ``logging.diagnostics_interval`` steps (before the update)."""
         every, log = self.cfg.logging.diagnostics_interval, self.cfg.logging

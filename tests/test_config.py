@@ -411,6 +411,11 @@ def test_topk_kl_is_not_a_key():
     assert load_config(None, []).loss.teacher_temperature is None
 
 
+def test_coherence_samples_is_bounded():
+    assert "at most 64" in only(problems_of(None, ["logging.coherence_samples=65"]), "logging.coherence_samples")
+    assert load_config(None, ["logging.coherence_samples=64"]).logging.coherence_samples == 64
+
+
 def test_dict_api_rejects_like_yaml():
     problems = problems_of(data={"model": {"hidden_sise": 64}, "teachers": [{"name": "general"}]})
     assert "did you mean 'model.hidden_size'?" in only(problems, "model.hidden_sise")
