@@ -43,8 +43,8 @@ from camopd_megatron.checkpoint.resume import select_checkpoint
 from camopd_megatron.config import Config, dump_config
 from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
-from camopd_megatron.distill.probe import probe_branch_conflict
-from camopd_megatron.distill.scheduler import BranchScheduler
+from camopd_megatron.distill.probe import probe_branch_conflict, probe_coherence
+from camopd_megatron.distill.scheduler import BranchScheduler, StepPlan
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
@@ -183,6 +183,10 @@ class _Trainer:
         )
         if cfg.logging.diagnostics_interval and self.probe_sources is None:
             logger.warning("logging.diagnostics_interval is set but the schedule has one branch: no conflict probe")
+        self.coherence_sources = (  # a stream of its own: the coherence probe never shifts the others
+            build_prompt_sources(cfg.data, cfg.scheduler.branches, self.tokenizer, cfg.run.seed + 2)
+            if cfg.logging.diagnostics_interval and cfg.logging.coherence_samples else None
+        )
         out = Path(cfg.run.output_dir)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or out / "checkpoints", cfg.checkpoint.keep_last)
         self.writer = make_writer(cfg.logging.tensorboard, str(cfg.logging.dir or out / "tensorboard"), self.is_logger)
@@ -190,6 +194,7 @@ class _Trainer:
             out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, str(out / "config.yaml"))
         self.bad_teacher_steps = 0
+        self.clip_counts = [0, 0]  # [steps whose gradient was clipped, steps that reached the optimizer] (grad_clip_rate)
 
     # -------------------------------------------------------------------------------- checkpoints
     def _params_ready(self) -> None:
@@ -215,6 +220,7 @@ class _Trainer:
             "lr_scheduler": self.student.lr_scheduler.state_dict(),
             "data": {b: s.state_dict() for b, s in self.sources.items()},
             "bad_teacher_steps": self.bad_teacher_steps,
+            "clip_counts": list(self.clip_counts),
         }
         save_checkpoint(path, self._state(False), model_cfg=self.cfg.model, step=step, common=common,
                         rank_state={"cpu_rng": torch.get_rng_state()}, overwrite=True,
@@ -242,6 +248,7 @@ class _Trainer:
         for b, s in self.sources.items():
             s.load_state_dict(common["data"][b])
         self.bad_teacher_steps = int(common.get("bad_teacher_steps", 0))
+        self.clip_counts = [int(v) for v in common.get("clip_counts", [0, 0])]
         if rs is not None:
             torch.set_rng_state(rs["cpu_rng"])
         logger.info("resumed from %s (step %d)", path, manifest["step"])
@@ -277,10 +284,13 @@ class _Trainer:
             result.history.append({"step": 0.0, **self._evaluate(0)})
         for step in range(start, cfg.run.steps):
             plan = self.scheduler.next_plan()
-            probe = self._probe(step)
+            probe = self._probe(step, plan)
             out = camopd_step(step, plan, self.student, self.teachers, self.sources, self.settings)
             self._handle_skip(out)
             metrics = {"step": float(step + 1), **out.metrics, **probe}
+            if "grad_clipped" in metrics:  # the running fraction of updates whose gradient was clipped
+                self.clip_counts = [self.clip_counts[0] + int(metrics["grad_clipped"]), self.clip_counts[1] + 1]
+                metrics["grad_clip_rate"] = self.clip_counts[0] / self.clip_counts[1]
             metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
             if torch.cuda.is_available():
                 metrics["memory/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -319,18 +329,26 @@ class _Trainer:
             return signal.Signals(int(flags[0])).name
         return "run.exit_duration_min" if flags[1] > 0 else None
 
-    def _probe(self, step: int) -> dict[str, float]:
-        """The general/domain gradient-conflict probe, every ``logging.diagnostics_interval`` steps."""
-        every = self.cfg.logging.diagnostics_interval
-        if self.probe_sources is None or step % every:
+    def _probe(self, step: int, plan: StepPlan) -> dict[str, float]:
+        """The general/domain gradient-conflict probe and the gradient-coherence probe of the step's
+        branches, every ``logging.diagnostics_interval`` steps (before the update)."""
+        every, log = self.cfg.logging.diagnostics_interval, self.cfg.logging
+        if not every or step % every:
             return {}
         self._params_ready()
-        return probe_branch_conflict(step, self.probe_branches, self.cfg.logging.diagnostics_prompts, self.student,
-                                     self.teachers, self.probe_sources, self.settings)
+        out: dict[str, float] = {}
+        if self.probe_sources is not None:
+            out.update(probe_branch_conflict(step, self.probe_branches, log.diagnostics_prompts, self.student,
+                                             self.teachers, self.probe_sources, self.settings))
+        if self.coherence_sources is not None:
+            out.update(probe_coherence(step, plan.branches, log.coherence_samples, self.student, self.teachers,
+                                       self.coherence_sources, self.settings))
+        return out
 
     def _handle_skip(self, out: StepOutput) -> None:
         if "teacher_nonfinite_tokens" not in out.metrics:
             return
+        self.scheduler.repeat_last()  # the skipped step's branch gets its turn again (docs/algorithm.md §6)
         self.bad_teacher_steps += 1
         limit = self.cfg.loss.max_bad_teacher_steps
         logger.warning("step %d skipped: %d non-finite teacher log-probs (%d/%d allowed)", out.step,

@@ -109,7 +109,7 @@ selection:
   score: {general: positive, code: abs, domain: abs}
   scale_only_selected: false
   student_logprobs: rollout
-loss: {adv_scale: {general: 1, code: 1.5, domain: 3}, is_low: 0.2, is_high: 5, is_mode: clamp, adv_clip: 5, topk_kl: 0}
+loss: {adv_scale: {general: 1, code: 1.5, domain: 3}, is_low: 0.2, is_high: 5, is_mode: clamp, adv_clip: 5, teacher_temperature: 0.7}
 optim: {lr: 1e-5, min_lr: 1e-7, lr_schedule: cosine, warmup_steps: 3, weight_decay: 0.1, adam_beta1: 0.8,
         adam_beta2: 0.95, adam_eps: 1e-6, clip_grad: 0.5, micro_batch_size: 2}
 precision: {params_dtype: bf16, fp8: hybrid, fp8_recipe: mxfp8}
@@ -332,11 +332,11 @@ def test_base_cycle_and_missing_base(tmp_path):
 def test_section_checks():
     problems = problems_of(None, [
         "model.num_query_groups=3", "model.hidden_size=66", "rollout.max_new_tokens=0", "rollout.top_k=-1",
-        "selection.rho.general=1.5", "loss.adv_clip=0", "loss.topk_kl=-1", "scheduler.mixed_shares.domain=0",
+        "selection.rho.general=1.5", "loss.adv_clip=0", "loss.teacher_temperature=-1", "scheduler.mixed_shares.domain=0",
         "data.branches.general.paths=[a]", "data.branches.general.weights=[1,2]", "data.heldout_fraction=1",
     ])
     for key in ["model.num_query_groups", "model.hidden_size", "rollout.max_new_tokens", "rollout.top_k",
-                "selection.rho.general", "loss.adv_clip", "loss.topk_kl", "scheduler.mixed_shares.domain",
+                "selection.rho.general", "loss.adv_clip", "loss.teacher_temperature", "scheduler.mixed_shares.domain",
                 "data.branches.general.weights", "data.heldout_fraction"]:
         assert "Fix:" in only(problems, key)
     # data.branches is non-empty and lacks 'domain' → also a cross-section error naming the fix
@@ -405,10 +405,15 @@ def test_tp_must_divide_heads_groups_and_vocab():
     assert load_config(None, ["teachers[0].placement=separate", "teachers[0].tp=4"]).teachers[0].tp == 4
 
 
-def test_topk_kl_is_refused_until_the_trainer_uses_it():
-    line = only(problems_of(None, ["loss.topk_kl=64"]), "loss.topk_kl")
-    assert "got 64" in line and "does not use it yet" in line and "set loss.topk_kl: 0" in line
-    assert load_config(None, ["loss.topk_kl=0"]).loss.topk_kl == 0
+def test_topk_kl_is_not_a_key():
+    # the top-k reverse-KL variant is not offered (docs/algorithm.md §2): its old key is an unknown key
+    assert "loss.topk_kl: unknown key" in only(problems_of(None, ["loss.topk_kl=0"]), "loss.topk_kl")
+    assert load_config(None, []).loss.teacher_temperature is None
+
+
+def test_coherence_samples_is_bounded():
+    assert "at most 64" in only(problems_of(None, ["logging.coherence_samples=65"]), "logging.coherence_samples")
+    assert load_config(None, ["logging.coherence_samples=64"]).logging.coherence_samples == 64
 
 
 def test_dict_api_rejects_like_yaml():

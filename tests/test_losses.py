@@ -9,7 +9,6 @@ from camopd_megatron.distill.losses import (
     camopd_branch_loss,
     reduce_metric_sums,
     summarize_loss_metrics,
-    topk_reverse_kl_loss,
 )
 
 NAN, INF = float("nan"), float("inf")
@@ -70,10 +69,15 @@ def test_clamp_mode_hand_values():
 
 
 def test_adv_clip_scale_and_normaliser():
-    # clip 0.6: row 0 t0 Â 1.0 → 0.6: −0.6/3; row 1 unchanged −0.375; global N = 4 (other micro-batches)
+    # the clip bounds Δ before r_i scales it (Â = r·clip(Δ)): |Δ| = 0.5 < 0.6 is not clipped, even where
+    # r = 2 makes r·Δ = 1.0 (clipping after r would halve the clip's reach for r_g = 2)
     loss, m, _ = run(LossOptions(adv_clip=0.6), n_global=4)
-    assert loss.item() == pytest.approx((0.2 + 0.375) / 4, rel=1e-6)
-    assert m["adv_clipped_tokens"].item() == 2  # row 0: Â = +1 and −1 (the latter IS-masked anyway)
+    assert loss.item() == pytest.approx((1 / 3 + 0.375) / 4, rel=1e-6) and m["adv_clipped_tokens"].item() == 0
+    # clip 0.4: row 0 t0 Â = 2·0.4: −0.8/3; row 1 t1 1.5·0.4·(−1)/2 = −0.3; global N = 4 (other micro-batches)
+    loss, m, _ = run(LossOptions(adv_clip=0.4), n_global=4)
+    assert loss.item() == pytest.approx((0.8 / 3 + 0.3) / 4, rel=1e-6)
+    assert m["adv_clipped_tokens"].item() == 4  # every |Δ| = 0.5 (the IS-masked ones too)
+    assert m["adv_sum"].item() == pytest.approx(2 * 0.4 - 2 * 0.4 + 0.4 + 0.4)
     # a precomputed pre-update gap replaces teacher − student (here: twice the gap → twice the loss)
     student, teacher, rollout, mask, scale = hand_case()
     gap = 2 * (teacher - student.detach())
@@ -174,25 +178,3 @@ def test_input_errors():
         LossOptions(adv_clip=0.0)
     with pytest.raises(ValueError, match="loss.is_mode"):
         LossOptions(is_mode="clip")
-
-
-def test_topk_reverse_kl_hand_values():
-    # one token, K = 2: π_θ = [1/2, 1/4], π_T = [1/4, 1/2] on the teacher's top-k set
-    # kl = ½·ln2 − ½ + ¼ + ¼·(−ln2) − ¼ + ½ = ¼·ln2;  ∂kl/∂log π_θ(v) = π_θ(v)(log π_θ(v) − log π_T(v))
-    s = torch.log(torch.tensor([[[0.5, 0.25], [0.5, 0.25]]]))  # [B=1, T=2, K=2]; t=1 is padding
-    s[0, 1] = -INF
-    s.requires_grad_(True)
-    t = torch.log(torch.tensor([[[0.25, 0.5], [0.25, 0.5]]]))
-    mask = torch.tensor([[True, False]])
-    loss, m = topk_reverse_kl_loss(s, t, mask, num_samples_global=2)
-    loss.backward()
-    ln2 = math.log(2.0)
-    assert loss.item() == pytest.approx(0.25 * ln2 / 2, rel=1e-6)
-    torch.testing.assert_close(s.grad[0, 0], torch.tensor([0.5 * ln2, -0.25 * ln2]) / 2, rtol=1e-6, atol=1e-7)
-    assert (s.grad[0, 1] == 0).all()
-    assert m["kl_token_sum"].item() == pytest.approx(0.25 * ln2, rel=1e-6) and m["kl_tokens"].item() == 1
-    # equal distributions on the set: zero loss, zero gradient (the bias terms cancel)
-    same = t.clone().requires_grad_(True)
-    loss0, _ = topk_reverse_kl_loss(same, t, torch.ones(1, 2, dtype=torch.bool), num_samples_global=1)
-    loss0.backward()
-    assert loss0.item() == pytest.approx(0.0, abs=1e-7) and same.grad.abs().max() < 1e-7

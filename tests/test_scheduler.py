@@ -104,6 +104,23 @@ def test_state_dict_roundtrip(caplog):
         u.load_state_dict({**state, "next_step": -1})
 
 
+def test_repeat_last_reissues_the_skipped_position():
+    # the trainer's protocol: next_plan per step; a step skipped for non-finite teacher scores calls
+    # repeat_last, so the trained steps still follow G,G,G,D (a skip never drops a branch's turn)
+    s = BranchScheduler("alternating", ["general", "general", "general", "domain"], {}, 4)
+    trained = []
+    for step in range(7):
+        plan = s.next_plan()
+        if step in (3, 4):  # the domain step is skipped twice
+            s.repeat_last()
+            continue
+        trained.append((plan.branch, plan.phase))
+    assert trained == [("general", 0), ("general", 1), ("general", 2), ("domain", 3), ("general", 0)]
+    assert s.next_step == 5 and s.state_dict()["next_step"] == 5
+    with pytest.raises(ValueError, match="no plan was issued"):
+        BranchScheduler("alternating", ["general"], {}, 4).repeat_last()
+
+
 def test_from_config():
     cfg = config_from_dict({"rollout": {"prompts_per_step": 12}})
     s = BranchScheduler.from_config(cfg)

@@ -1,10 +1,12 @@
 """ρ-mass selection (docs/algorithm.md §4) and the per-sample advantage scale (§5), by hand-worked examples."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from camopd_megatron.config import config_from_dict
+from camopd_megatron.config import ConfigError, config_from_dict, load_config
 from camopd_megatron.distill.selection import (
     SelectionPolicy, SelectionResult, apply_rule, plan_selection, select_by_gap_mass,
 )
@@ -124,6 +126,28 @@ def test_gap_free_selection_is_the_plan_of_any_scores(kw):
     assert not ref.rule_keep_B.all()  # the statistics really came from the scores
     with pytest.raises(ValueError, match="depends on the gaps"):
         policy().gap_free_selection(branches, None)
+
+
+def test_scale_mode_lr_moves_r_b_to_the_learning_rate():
+    """scale_mode lr: the same kept set, every r_i = 1, and r_b as the step's learning-rate factor."""
+    adv = policy()
+    lr = dataclasses.replace(adv, scale_mode="lr")
+    a = plan_selection(SCORES, ids(0, 1, 2, 3), ["general"] * 4, adv, None)
+    b = plan_selection(SCORES, ids(0, 1, 2, 3), ["general"] * 4, lr, None)
+    assert torch.equal(a.keep_B, b.keep_B) and b.adv_scale_B.tolist() == [1.0] * 4
+    assert (adv.lr_scale(["general"]), lr.lr_scale(["general"]), lr.lr_scale(["domain"])) == (1.0, 2.0, 1.0)
+    with pytest.raises(ValueError, match="one loss.adv_scale"):
+        lr.lr_scale(["general", "domain"])  # a mixed step with r_g != r_d has no single learning rate
+    assert dataclasses.replace(lr, enabled=False).gap_free_selection(["general"] * 2, None).adv_scale_B.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="selection.scale_mode"):
+        dataclasses.replace(adv, scale_mode="gradient")
+    # config validation: one r per step
+    with pytest.raises(ConfigError, match="selection.scale_mode: got 'lr'.*different loss.adv_scale"):
+        load_config(None, ["selection.scale_mode=lr", "scheduler.mode=mixed"])
+    with pytest.raises(ConfigError, match="scale_only_selected: false"):
+        load_config(None, ["selection.scale_mode=lr", "selection.enabled=false"])
+    assert load_config(None, ["selection.scale_mode=lr"]).selection.scale_mode == "lr"
+    assert load_config(None, ["selection.scale_mode=lr", "scheduler.mode=mixed", "loss.adv_scale.general=1"])
 
 
 def test_keep_all():

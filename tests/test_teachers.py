@@ -3,9 +3,10 @@
 Two multi-rank launches (each groups many checks):
 
 * 4 ranks: student TP=2 on 0-1, ``general`` TP=1 on 2 (checkpoint saved at TP=2), ``domain`` TP=1
-  on 3 (saved at TP=1). Teacher log-probs (and top-k) equal a one-rank evaluation of the same
-  checkpoint for variable-length padded batches; one float per token travels back; colocated mode
-  (student TP=2 × DP=2) gives the same numbers; a wrong-vocabulary checkpoint is refused on every
+  on 3 (saved at TP=1). Teacher log-probs equal a one-rank evaluation of the same checkpoint for
+  variable-length padded batches, also at a softmax temperature T != 1 (``loss.teacher_temperature``,
+  carried in the request header); one float per token travels back; colocated mode (student TP=2 ×
+  DP=2) gives the same numbers, at T = 1 and at T; a wrong-vocabulary checkpoint is refused on every
   rank; abort reaches the teachers; a peer that does not answer gives an error naming role and rank.
 * 6 ranks: student DP=2 (both replicas routed to one teacher replica, one of them sending B=0),
   ``general`` at TP=2, ``domain`` and ``extra`` time-sharing one PP=2 group; then colocated at
@@ -28,6 +29,8 @@ MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_grou
              vocab_size=100, vocab_pad_multiple=128, seq_length=32)
 SEEDS = {"general": 11, "domain": 22, "extra": 33}
 TOL = 1e-5
+TEMP = 0.7
+"""The tempered requests' temperature (its log-probs differ from T = 1 by far more than TOL)."""
 
 
 def _cfg(teachers: list[dict[str, Any]], **parallel: Any) -> Any:
@@ -66,8 +69,9 @@ def _save_checkpoints(ckpts: dict[str, tuple[str, int, int]]) -> None:
         save_checkpoint(path, model_sharded_state_dict(model, pgc), model_cfg=ModelConfig(**MODEL))
 
 
-def _reference(ckpts: dict[str, str], batches: list, k: int = 0) -> dict[str, list]:
-    """One-rank evaluation (TP=1, PP=1 on every rank separately) of each checkpoint."""
+def _reference(ckpts: dict[str, str], batches: list) -> dict[str, list]:
+    """One-rank evaluation (TP=1, PP=1 on every rank separately) of each checkpoint: per batch, the
+    log-probs at T = 1 and at T = TEMP (log_softmax(logits / TEMP) of the whole vocabulary, in torch)."""
     import torch.distributed as dist
 
     from camopd_megatron.checkpoint.dist import load_model
@@ -76,7 +80,6 @@ def _reference(ckpts: dict[str, str], batches: list, k: int = 0) -> dict[str, li
     from camopd_megatron.models.groups import simple_pg_collection
     from camopd_megatron.models.logprobs import next_token_logprobs
     from camopd_megatron.models.pipeline import model_forward
-    from camopd_megatron.ops import vocab_parallel_topk
 
     cfg = ModelConfig(**MODEL)
     pgc = simple_pg_collection(1, 1, dist.get_world_size())
@@ -92,9 +95,10 @@ def _reference(ckpts: dict[str, str], batches: list, k: int = 0) -> dict[str, li
                 tokens, mask = _batch(b, t, s)
                 logits = model_forward(model, tokens)
                 logp = next_token_logprobs(logits, tokens, None, vocab_size=cfg.vocab_size, mask_BT=mask)
-                top = vocab_parallel_topk(logits, k, None, vocab_start=0, vocab_size=cfg.vocab_size,
-                                          return_logprobs=True) if k else None
-                res.append((logp, top))
+                ls = torch.log_softmax(logits[..., : cfg.vocab_size].double() / TEMP, dim=-1)
+                tempered = ls[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).float()
+                tempered = torch.cat([tempered, tempered.new_zeros(tokens.shape[0], 1)], 1) * mask
+                res.append((logp, tempered))
         out[name] = res
     return out
 
@@ -123,8 +127,9 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
 
     paths = {"general": f"{tmp}/general", "domain": f"{tmp}/domain"}
     _save_checkpoints({"general": (paths["general"], 2, 1), "domain": (paths["domain"], 1, 1)})
-    ref = _reference(paths, BATCHES, k=5)
+    ref = _reference(paths, BATCHES)
     res: dict[str, Any] = {"rank": rank}
+    res["temperature_effect"] = min((hot - cold).abs().max().item() for cold, hot in ref["domain"])
 
     teachers = [dict(name="general", branches=["general"], placement="separate", checkpoint=paths["general"]),
                 dict(name="domain", branches=["domain"], placement="separate", checkpoint=paths["domain"])]
@@ -149,7 +154,7 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
         res["served"] = (stats.requests, stats.bytes_sent, stats.tokens)
     else:
         try:
-            diffs, topk_diffs, zeros_ok, expected_bytes = [], [], True, 0
+            diffs, tempered_diffs, zeros_ok, expected_bytes = [], [], True, 0
             for i, (b, t, s) in enumerate(BATCHES):
                 tokens, mask = _batch(b, t, s)
                 for branch in ("general", "domain"):
@@ -158,13 +163,11 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
                     diffs.append((logp - ref[branch][i][0]).abs().max().item())
                     zeros_ok &= bool((logp[mask == 0] == 0).all())
                     expected_bytes += 4 * b * t
-                vals, ids = client.score_topk("domain", tokens, mask, 5)
-                rv, ri = ref["domain"][i][1]
-                keep = mask.bool().unsqueeze(-1)
-                topk_diffs.append((vals - rv * keep).abs().max().item())
-                topk_diffs.append(float((ids != ri * keep).sum()))
+                hot = client.score("domain", tokens, mask, temperature=TEMP)  # the header carries T
+                tempered_diffs.append((hot - ref["domain"][i][1]).abs().max().item())
+                expected_bytes += 4 * b * t
             empty = client.score("general", torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, 5))
-            res.update(diffs=diffs, topk_diffs=topk_diffs, zeros_ok=zeros_ok, empty_shape=tuple(empty.shape),
+            res.update(diffs=diffs, tempered_diffs=tempered_diffs, zeros_ok=zeros_ok, empty_shape=tuple(empty.shape),
                        expected_score_bytes=expected_bytes, stats=dict(client.stats))
         finally:
             client.close()
@@ -210,6 +213,8 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
     tokens, mask = _batch(*BATCHES[i])
     res["colocated"] = [(client_co.score(b, tokens, mask) - ref[b][i][0]).abs().max().item()
                         for b in ("general", "domain")]
+    res["colocated_tempered"] = [(client_co.score(b, tokens, mask, temperature=TEMP) - ref[b][i][1]).abs().max().item()
+                                 for b in ("general", "domain")]
     client_co.close()
 
     # a teacher that never answers: the student fails within parallel.timeout_s, naming role and rank
@@ -234,7 +239,9 @@ def test_separate_teachers_match_single_process(four_ranks):
     for r in four_ranks[:2]:  # both student TP ranks get the result
         assert max(r["diffs"]) <= TOL, r["diffs"]
         assert r["zeros_ok"] and r["empty_shape"] == (0, 5)
-        assert max(r["topk_diffs"]) <= TOL, r["topk_diffs"]
+        assert max(r["tempered_diffs"]) <= TOL, r["tempered_diffs"]
+        # the tempered reference really differs from T = 1 (a teacher ignoring T would fail above)
+        assert r["temperature_effect"] > 1e-2, r["temperature_effect"]
     # distinct teachers really differ (the routing is not trivially right)
     assert four_ranks[2]["served"][0] == {"general": len(BATCHES) + 1}
     assert four_ranks[3]["served"][0] == {"domain": 2 * len(BATCHES)}
@@ -242,8 +249,7 @@ def test_separate_teachers_match_single_process(four_ranks):
 
 def test_one_float_per_token_moves_back(four_ranks):
     leader, other = four_ranks[0], four_ranks[1]
-    topk_bytes = sum(b * t * 5 * (4 + 8) for b, t, _ in BATCHES)
-    assert leader["stats"]["bytes_received"] == leader["expected_score_bytes"] + topk_bytes
+    assert leader["stats"]["bytes_received"] == leader["expected_score_bytes"]
     assert four_ranks[2]["served"][1] == sum(4 * b * t for b, t, _ in BATCHES)  # general: score only
     assert other["stats"]["bytes_received"] == 0  # only the replica leader talks to teachers
 
@@ -251,6 +257,7 @@ def test_one_float_per_token_moves_back(four_ranks):
 def test_colocated_equals_separate(four_ranks):
     for r in four_ranks:
         assert max(r["colocated"]) <= TOL, r["colocated"]
+        assert max(r["colocated_tempered"]) <= TOL, r["colocated_tempered"]
         assert r["rng_kept"]
 
 

@@ -159,6 +159,28 @@ def test_dp2_equals_dp1_on_the_same_global_batch(general_ckpt, tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5
 
 
+def test_coherence_probe_sharded_equals_one_process(general_ckpt, tmp_path):
+    """The gradient-coherence probe (4 per-sample gradients of the general step) at DP=2 and at TP=2
+    gives the one-process values: each g_i is the whole-model gradient of sample i alone, whichever
+    rank holds the sample and however the parameters are split."""
+    def cfg(name, parallel):
+        return tiny_cfg(str(tmp_path / name), general_ckpt, steps=1, extra={
+            "scheduler": {"pattern": ["general", "domain"]}, "parallel": parallel, "checkpoint": {"save_interval": 0},
+            "logging": {"diagnostics_interval": 1, "coherence_samples": 4}})
+
+    (one,) = _run(1, [cfg("one", {})])
+    sharded = _run(2, [cfg("dp2", {}), cfg("tp2", {"tp": 2})])[0]
+    ref = one[0]["history"][-1]
+    keys = [f"diag/general/{k}" for k in ("coherence_all", "coherence_selected", "coherence_ratio", "coherence_gain",
+                                          "coherence_selected_samples")]
+    assert 0.0 < ref[keys[0]] <= 1.0 and 0.0 < ref[keys[1]] <= 1.0 and 1 <= ref[keys[4]] <= 4
+    assert ref[keys[2]] == pytest.approx(ref[keys[1]] / ref[keys[0]]) and ref[keys[3]] == pytest.approx(ref[keys[2]] - 1)
+    for run in sharded:
+        h = run["history"][-1]
+        for k in keys:
+            assert h[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (k, h[k], ref[k])
+
+
 def test_fused_recompute_equals_the_separate_recompute(general_ckpt, tmp_path):
     """vanilla_mopd's selection is gap-free, so Δ comes out of the training forward (no no-grad recompute
     forward). The same run with selection on at ρ = 1 (keeps all, r = 1: the same algorithm, but not
@@ -232,6 +254,64 @@ def test_nan_teacher_steps_are_skipped_then_the_run_aborts(tmp_path):
     assert out["error"] and "loss.max_bad_teacher_steps=1" in out["error"], out
     assert "2 steps" in out["error"]
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()  # no update was ever taken
+
+
+def _update_norms(rank: int, world_size: int, cfgs: list) -> list:
+    """Per config: ‖θ_after − θ_before‖ of a one-step run (the eval hook sees the weights before and after)."""
+    from camopd_megatron.trainer import train
+
+    out = []
+    for cfg in cfgs:
+        seen: list[torch.Tensor] = []
+
+        def delta(step, model, pgc):
+            seen.append(torch.cat([p.detach().double().flatten() for p in model.parameters()]))
+            return {"update_norm": (seen[-1] - seen[0]).norm().item()}
+
+        history = train(cfg, eval_fn=delta).history
+        out.append({"update_norm": history[-1]["eval/update_norm"], "grad_clipped": history[-1]["grad_clipped"],
+                    "grad_clip_rate": history[-1]["grad_clip_rate"], "lr_effective": history[-1]["lr_effective"],
+                    "lr": history[-1]["lr"]})
+    return out
+
+
+def test_scale_mode_lr_survives_the_gradient_clip(general_ckpt, tmp_path):
+    """From the same state, with the global-norm clip active, one general step with r_g = 2 moves the
+    weights 2x as far as with r_g = 1 under scale_mode: lr, and about as far under scale_mode:
+    advantage (the clip and Adam remove a uniform factor on the loss: docs/algorithm.md §5)."""
+    def cfg(name, r_g, mode):
+        return tiny_cfg(str(tmp_path / name), general_ckpt, steps=1, extra={
+            "scheduler": {"pattern": ["general", "domain"]}, "loss": {"adv_scale": {"general": r_g, "domain": 1.0}},
+            "selection": {"scale_mode": mode}, "optim": {"clip_grad": 1e-4}, "checkpoint": {"save_interval": 0}})
+
+    (one, adv2, lr2), = run_on_ranks(_update_norms, 1, args=([cfg("one", 1.0, "advantage"), cfg("adv2", 2.0, "advantage"),
+                                                              cfg("lr2", 2.0, "lr")],), timeout_s=500)
+    assert one["grad_clipped"] == adv2["grad_clipped"] == lr2["grad_clipped"] == 1.0  # the clip is active
+    assert lr2["grad_clip_rate"] == 1.0 and lr2["lr_effective"] == pytest.approx(2 * lr2["lr"])
+    assert lr2["update_norm"] / one["update_norm"] == pytest.approx(2.0, rel=1e-3)
+    assert adv2["update_norm"] / one["update_norm"] == pytest.approx(1.0, rel=1e-2)
+
+
+def _train_history(rank: int, world_size: int, cfg) -> list:
+    from camopd_megatron.trainer import train
+
+    return train(cfg).history
+
+
+def test_a_skipped_step_reissues_its_branch(tmp_path):
+    """Pattern [domain, general] with a NaN domain teacher: every step is the skipped domain step
+    again (the schedule does not move on to general after a skip, docs/algorithm.md §6)."""
+    nan_ckpt = str(tmp_path / "nan_teacher")
+    run_on_ranks(_write_nan_teacher, 1, args=(nan_ckpt,), timeout_s=240)
+    cfg = tiny_cfg(str(tmp_path / "run"), "", steps=3, extra={
+        "teachers": [{"name": "general", "branches": ["general"], "checkpoint": None},
+                     {"name": "domain", "branches": ["domain"], "checkpoint": nan_ckpt}],
+        "scheduler": {"pattern": ["domain", "general"]},
+        "loss": {"max_bad_teacher_steps": 3}, "checkpoint": {"save_interval": 0}, "eval": {"interval": 0}})
+    (history,) = run_on_ranks(_train_history, 1, args=(cfg,), timeout_s=300)
+    assert len(history) == 3
+    assert all(h.get("teacher_nonfinite_tokens", 0) > 0 for h in history), history
+    assert not any("train/loss" in h for h in history)  # general never trained
 
 
 @pytest.mark.slow

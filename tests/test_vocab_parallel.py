@@ -8,7 +8,7 @@ is not divisible by TP, whole shards of padding, tokens=1, tokens not divisible 
 heavy ties, large logits, bad input raising on every rank, and (TP=2) megatron-core's own
 vocab_parallel_cross_entropy.
 
-Shape legend: B, T = leading dims, N = B*T tokens, V = real vocab, P = padded vocab, K = indices per token.
+Shape legend: B, T = leading dims, N = B*T tokens, V = real vocab, P = padded vocab.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from camopd_megatron.ops import (
     IGNORE_INDEX,
-    logprobs_at_indices,
     sampled_token_logprobs,
     vocab_parallel_topk,
 )
@@ -28,7 +27,7 @@ from camopd_megatron.testing.multiproc import run_on_ranks
 
 # --------------------------------------------------------------------------- cases and reference
 def make_case(seed: int, lead: tuple[int, ...], V: int, P: int, dtype: torch.dtype, *, temperature: float = 1.0,
-              chunk: int = 7, K: int = 3, k_top: int = 5, ties: bool = False, masked: bool = True,
+              chunk: int = 7, k_top: int = 5, ties: bool = False, masked: bool = True,
               offset: float = 0.0) -> dict:
     """``offset`` shifts every real logit (large offsets test precision: the logits' fp32 ulp at 1e4 is ~1e-3)."""
     g = torch.Generator().manual_seed(seed)
@@ -42,9 +41,7 @@ def make_case(seed: int, lead: tuple[int, ...], V: int, P: int, dtype: torch.dty
     if masked and targets.numel() > 1:
         targets.view(-1)[1] = IGNORE_INDEX
     return dict(logits=logits, targets=targets, mask=mask, V=V, P=P, T=temperature, chunk=chunk, k_top=k_top,
-                indices=torch.randint(0, V, lead + (K,), generator=g),
-                w_logp=torch.randn(lead, generator=g),
-                w_at=torch.randn(lead + (K,), generator=g))
+                w_logp=torch.randn(lead, generator=g))
 
 
 def reference(case: dict) -> dict:
@@ -57,14 +54,11 @@ def reference(case: dict) -> dict:
     if case["mask"] is not None:
         live = live & case["mask"]
     logp = torch.where(live, ls.gather(-1, case["targets"].clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
-    at = ls.gather(-1, case["indices"])
-    if case["mask"] is not None:
-        at = at * case["mask"].unsqueeze(-1)
-    loss = (logp * case["w_logp"]).sum() + (at * case["w_at"]).sum()
+    loss = (logp * case["w_logp"]).sum()
     loss.backward()
     x = case["logits"][..., :V].float() / T
     sorted_vals, sorted_ids = x.sort(dim=-1, descending=True, stable=True)
-    return dict(logp=logp.detach().float(), at=at.detach().float(), grad=full.grad,
+    return dict(logp=logp.detach().float(), grad=full.grad,
                 top_vals=sorted_vals[..., :case["k_top"]], top_ids=sorted_ids[..., :case["k_top"]])
 
 
@@ -75,21 +69,19 @@ def run_ours(case: dict, group, rank: int, tp: int) -> dict:
     shard = case["logits"][..., rank * Vl:(rank + 1) * Vl].clone().requires_grad_()
     before = shard.detach().clone()
     logp = sampled_token_logprobs(shard, case["targets"], group, mask=case["mask"], **kw)
-    at = logprobs_at_indices(shard, case["indices"], group, mask=case["mask"], **kw)
-    loss = (logp * case["w_logp"]).sum() + (at * case["w_at"]).sum()
+    loss = (logp * case["w_logp"]).sum()
     loss.backward()
     top_vals, top_ids = vocab_parallel_topk(shard, case["k_top"], group, **kw)
     with torch.no_grad():  # teacher path: same values, no graph
         logp_ng = sampled_token_logprobs(shard, case["targets"], group, mask=case["mask"], **kw)
-    return dict(logp=logp.detach(), at=at.detach(), grad=shard.grad, top_vals=top_vals,
+    return dict(logp=logp.detach(), grad=shard.grad, top_vals=top_vals,
                 top_ids=top_ids, logp_nograd=logp_ng, nograd_has_graph=logp_ng.grad_fn is not None,
                 unmodified=torch.equal(before, shard.detach()))
 
 
 def check(ours: dict, ref: dict, dtype: torch.dtype, *, grad_full: torch.Tensor | None = None) -> None:
     """Values to fp32 accuracy; gradients to the input dtype's rounding."""
-    for key in ("logp", "at"):
-        torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=2e-5, msg=key)
+    torch.testing.assert_close(ours["logp"], ref["logp"], rtol=1e-5, atol=2e-5, msg="logp")
     grad = ours["grad"] if grad_full is None else grad_full
     assert grad.dtype == dtype
     if dtype == torch.float32:
@@ -107,7 +99,7 @@ SINGLE_CASES = [
     dict(seed=1, lead=(3, 11), V=50, P=64, dtype=torch.bfloat16, chunk=4),
     dict(seed=2, lead=(37,), V=64, P=64, dtype=torch.float32, chunk=1000, temperature=0.7, masked=False),
     dict(seed=3, lead=(2, 9), V=61, P=64, dtype=torch.bfloat16, chunk=1, temperature=1.3),
-    dict(seed=4, lead=(1,), V=30, P=32, dtype=torch.float32, chunk=5, K=2, k_top=30),
+    dict(seed=4, lead=(1,), V=30, P=32, dtype=torch.float32, chunk=5, k_top=30),
     dict(seed=5, lead=(4, 8), V=40, P=48, dtype=torch.bfloat16, chunk=6, ties=True, k_top=9),
     dict(seed=6, lead=(17,), V=100, P=128, dtype=torch.float16, chunk=5),
     dict(seed=7, lead=(3, 5), V=50, P=64, dtype=torch.float32, chunk=4, offset=1e4),  # large logits
@@ -212,7 +204,7 @@ TP_CASES = [
     dict(seed=20, lead=(3, 10), V=61, P=64, dtype=torch.float32, chunk=7),  # padding on the last rank(s)
     dict(seed=21, lead=(1,), V=64, P=64, dtype=torch.bfloat16, chunk=4, k_top=20),  # tokens=1, k > V_local at TP=4
     dict(seed=22, lead=(2, 13), V=45, P=48, dtype=torch.bfloat16, chunk=5, temperature=0.8),
-    dict(seed=23, lead=(19,), V=9, P=16, dtype=torch.float32, chunk=4, K=4, k_top=6),  # whole shards of padding
+    dict(seed=23, lead=(19,), V=9, P=16, dtype=torch.float32, chunk=4, k_top=6),  # whole shards of padding
     dict(seed=24, lead=(4, 6), V=40, P=48, dtype=torch.bfloat16, chunk=5, ties=True, k_top=7),
     dict(seed=25, lead=(3, 7), V=61, P=64, dtype=torch.float32, chunk=4, offset=1e4),  # large logits
 ]
@@ -260,7 +252,7 @@ def _check_tp(per_rank: list[dict], cases: list[dict]) -> None:
             ours = r["cases"][i]
             assert ours["unmodified"] and not ours["nograd_has_graph"]
             check(ours, ref, case["logits"].dtype, grad_full=grad_full)
-            for key in ("logp", "at", "top_vals"):  # TP=1 (our kernel) agrees to rounding
+            for key in ("logp", "top_vals"):  # TP=1 (our kernel) agrees to rounding
                 torch.testing.assert_close(ours[key], single[key], rtol=1e-6, atol=1e-6)
             assert torch.equal(ours["top_ids"], single["top_ids"]), f"case {i} tp={tp}"
         tol = dict(rtol=1e-5, atol=1e-6) if case["logits"].dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)

@@ -77,7 +77,31 @@ class Config:
             problems += teacher.validate(f"teachers[{i}]")
         problems += self._check_teachers()
         problems += self._check_branches()
+        problems += self._check_scale_mode()
         problems += self._check_layout()
+        return problems
+
+    def _check_scale_mode(self) -> list[str]:
+        """``selection.scale_mode: lr`` needs one r for the whole step (docs/algorithm.md §5)."""
+        sel = self.selection
+        if sel.scale_mode != "lr":
+            return []
+        problems: list[str] = []
+        if self.scheduler.mode == "mixed":
+            scales = {b: self.loss.adv_scale.get(b) for b in self.scheduler.branches}
+            if len(set(scales.values())) > 1:
+                problems.append(problem(
+                    "selection.scale_mode", "lr",
+                    f"one learning-rate factor per step, but the mixed branches have different loss.adv_scale {scales}",
+                    "use scale_mode: advantage, scheduler.mode: alternating, or equal loss.adv_scale",
+                ))
+        if not sel.enabled and sel.scale_only_selected and any(r != 1.0 for r in self.loss.adv_scale.values()):
+            problems.append(problem(
+                "selection.scale_mode", "lr",
+                "r_b on every kept sample, but selection.enabled: false with scale_only_selected: true scales only "
+                "the samples the rho-rule would keep",
+                "set selection.scale_only_selected: false, or use scale_mode: advantage",
+            ))
         return problems
 
     # ------------------------------------------------------------------ teachers

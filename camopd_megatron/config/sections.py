@@ -499,6 +499,11 @@ class SelectionConfig:
     """Branch → sample score: mean |gap| (``abs``) or mean max(gap, 0) (``positive``)."""
     scale_only_selected: bool = True
     """Apply the advantage scale r_b only to samples the rho-rule keeps."""
+    scale_mode: Literal["advantage", "lr"] = "advantage"
+    """How r_b acts: ``advantage`` multiplies the kept samples' advantage (the paper's formula; the global
+    gradient clip and Adam's normalisation remove most of a uniform factor); ``lr`` multiplies the step's
+    learning rate by r_b instead (one r for the whole step: needs ``scheduler.mode: alternating`` or equal
+    r_b over the mixed branches, and ``enabled: true`` or ``scale_only_selected: false``)."""
     student_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Student log-probs for the gap: a pre-update training forward, or the rollout engine's (saves a forward).
     With ``recompute`` and a selection that does not depend on the gaps (``enabled: false`` and r_b on every
@@ -527,22 +532,17 @@ class LossConfig:
     """Ratios outside [is_low, is_high]: weight 0 (``mask``, the paper) or clamped to the bound."""
     adv_clip: Optional[float] = None
     """Clip the advantage to +-adv_clip (MOPD paper: 5); None = off."""
-    topk_kl: int = 0
-    """Top-k reverse-KL term over the teacher's top-k tokens; only 0 (off) is accepted: the trainer does not
-    use the top-k path yet."""
+    teacher_temperature: Optional[float] = None
+    """Softmax temperature the teachers score at; None = the temperature of the student's log-probs π and μ
+    (``rollout.temperature``, or 1 when greedy or 0), so the gap compares like with like."""
     max_bad_teacher_steps: int = 3
     """Steps skipped because a teacher returned NaN/inf log-probs before the run aborts."""
 
     def validate(self, prefix: str = "loss") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
-        _positive(problems, prefix, self, "is_low", "adv_clip")
+        _positive(problems, prefix, self, "is_low", "adv_clip", "teacher_temperature")
         _non_negative(problems, prefix, self, "max_bad_teacher_steps")
-        _require(
-            self.topk_kl == 0, problems, f"{prefix}.topk_kl", self.topk_kl,
-            "0: the top-k reverse-KL path exists but the trainer does not use it yet",
-            f"set {prefix}.topk_kl: 0",
-        )
         _require(
             self.is_low < self.is_high, problems, f"{prefix}.is_high", self.is_high,
             f"a value > {prefix}.is_low={self.is_low}", "use e.g. is_low: 0.5, is_high: 2.0",
@@ -666,11 +666,19 @@ class LoggingConfig:
     """Branch-conflict probe (general vs domain gradient cosine) every this many steps; 0 = off."""
     diagnostics_prompts: int = 8
     """Prompts per branch in each probe batch (global over data-parallel ranks)."""
+    coherence_samples: int = 0
+    """Per-sample gradients of the gradient-coherence probe (every ``diagnostics_interval`` steps, per
+    branch of the step: Coh of all of them, of the rho-rule's selected ones, and the gain); each costs one
+    forward/backward of the student, so at most 64. 0 = off."""
 
     def validate(self, prefix: str = "logging") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _positive(problems, prefix, self, "log_interval")
-        _non_negative(problems, prefix, self, "diagnostics_interval")
+        _non_negative(problems, prefix, self, "diagnostics_interval", "coherence_samples")
         _positive(problems, prefix, self, "diagnostics_prompts")
+        _require(
+            self.coherence_samples <= 64, problems, f"{prefix}.coherence_samples", self.coherence_samples,
+            "at most 64 (one backward per sample)", f"lower {prefix}.coherence_samples",
+        )
         return problems

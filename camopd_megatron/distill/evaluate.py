@@ -70,7 +70,8 @@ def evaluate_branches(step: int, prompt_sets: dict[str, list[list[int]]], studen
     for b, prompts in prompt_sets.items():
         batch = rollout(student, prompts, list(range(len(prompts))), settings, step=step,
                         seed=settings.seed + EVAL_SEED_OFFSET, sampling=greedy)
-        teacher = score_with_teachers(teachers, [b], batch, [b] * len(batch))
+        # greedy answers: student and teacher both at T = 1 (loss.teacher_temperature is for training)
+        teacher = score_with_teachers(teachers, [b], batch, [b] * len(batch), 1.0)
         mask = batch.loss_mask_BT
         gap = token_gaps(teacher, student_logprobs(student, batch, settings, 1.0), mask)
         mask = mask.bool()

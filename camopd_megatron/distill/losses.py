@@ -1,9 +1,9 @@
-"""The CaMOPD branch loss (docs/algorithm.md §2-§3) and the optional top-k reverse KL (§2), on per-token tensors.
+"""The CaMOPD branch loss (docs/algorithm.md §2-§3) on per-token tensors.
 
 For the samples i of one micro-batch (already restricted to the kept set S_b by the caller):
 
     Δ_{i,t} = log π_T(y_{i,t}) − sg(log π_θ(y_{i,t}))                         gap (no gradient)
-    Â_{i,t} = clip(r_i · Δ_{i,t}, −A_max, +A_max)                             advantage (clip optional)
+    Â_{i,t} = r_i · clip(Δ_{i,t}, −A_max, +A_max)                             advantage (clip optional)
     ρ_{i,t} = exp(sg(log π_θ) − log μ)                                         π/μ, μ = rollout log-prob
     w_{i,t} = ρ if ε_low ≤ ρ ≤ ε_high else 0            (is_mode="mask", the paper)
             = clamp(ρ, ε_low, ε_high)                   (is_mode="clamp")
@@ -28,7 +28,7 @@ float64 sums/counts that add up across micro-batches and ranks (see :func:`reduc
 :func:`summarize_loss_metrics`). Positions where the mask is 0 are neutralised with ``where`` so
 padding holding NaN/inf (e.g. μ = −inf) cannot leak into the loss or its gradient.
 
-Shape legend: B = samples in the micro-batch, T = (padded) response tokens, K = teacher top-k.
+Shape legend: B = samples in the micro-batch, T = (padded) response tokens.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ from camopd_megatron.ops.gaps import token_gaps
 __all__ = [
     "LossOptions",
     "camopd_branch_loss",
-    "topk_reverse_kl_loss",
     "reduce_metric_sums",
     "summarize_loss_metrics",
 ]
@@ -163,11 +162,10 @@ def camopd_branch_loss(
         if gap_BT is None:
             gap_BT = token_gaps(teacher_logp_BT, student_logp_BT)
         gap_BT = torch.where(mask_BT, gap_BT.detach().float(), zeros_BT)
-        raw_adv_BT = adv_scale_B.detach().float().unsqueeze(1) * gap_BT
-        if options.adv_clip is not None:
-            adv_BT = raw_adv_BT.clamp(-options.adv_clip, options.adv_clip)
-        else:
-            adv_BT = raw_adv_BT
+        # the clip bounds the gap, then r_i scales it: r_g = 2 doubles the clipped advantage instead of
+        # halving the clip's reach (docs/algorithm.md §2)
+        clipped_gap_BT = gap_BT.clamp(-options.adv_clip, options.adv_clip) if options.adv_clip is not None else gap_BT
+        adv_BT = adv_scale_B.detach().float().unsqueeze(1) * clipped_gap_BT
         log_ratio_BT = torch.where(mask_BT, student_logp_BT.detach().float() - rollout_logp_BT.detach().float(), zeros_BT)
         ratio_BT = log_ratio_BT.exp()
         low_BT = (ratio_BT < options.is_low) & mask_BT
@@ -193,66 +191,11 @@ def camopd_branch_loss(
         "gap_sum": gap_BT.sum().to(f64),
         "gap_sq_sum": (gap_BT.to(f64) ** 2).sum(),
         "adv_sum": adv_BT.sum().to(f64),
-        "adv_clipped_tokens": ((adv_BT != raw_adv_BT) & mask_BT).sum().to(f64),
+        "adv_clipped_tokens": ((clipped_gap_BT != gap_BT) & mask_BT).sum().to(f64),
         "is_weight_sum": weight_BT.sum().to(f64),
         "is_clipped_tokens": (low_BT | high_BT).sum().to(f64),
         "is_low_tokens": low_BT.sum().to(f64),
         "is_high_tokens": high_BT.sum().to(f64),
-    }
-    return loss, {k: v.detach().cpu() for k, v in metrics.items()}
-
-
-def topk_reverse_kl_loss(
-    student_topk_logp_BTK: torch.Tensor,
-    teacher_topk_logp_BTK: torch.Tensor,
-    response_mask_BT: torch.Tensor,
-    *,
-    num_samples_global: int,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Top-k reverse KL over the teacher's top-k set, with the bias term (docs/algorithm.md §2).
-
-    Per token: kl_t = Σ_{v∈topk_T} [π_θ(v) (log π_θ(v) − log π_T(v)) − π_θ(v) + π_T(v)] (≥ 0, 0 iff
-    π_θ = π_T on the set); loss = (1/N_global) Σ_i (1/L_i) Σ_t m_{i,t} kl_{i,t}, the same global
-    normaliser as :func:`camopd_branch_loss`. ``student_topk_logp_BTK`` are the student's log-probs
-    at the teacher's top-k ids (with grad, e.g. from ``ops.logprobs_at_indices``); the teacher side is
-    constant. d kl_t / d log π_θ(v) = π_θ(v) (log π_θ(v) − log π_T(v)).
-
-    Returns (loss, metrics) with metrics ``kl_samples``, ``kl_tokens``, ``kl_sum`` (Σ_i of the
-    per-sample mean KL), ``kl_token_sum`` (Σ over tokens of kl_t) as 0-dim float64 tensors.
-    """
-    if student_topk_logp_BTK.dim() != 3:
-        raise ValueError(f"student_topk_logp_BTK: expected shape [B, T, K], got {tuple(student_topk_logp_BTK.shape)}")
-    if teacher_topk_logp_BTK.shape != student_topk_logp_BTK.shape:
-        raise ValueError(
-            f"teacher_topk_logp_BTK: shape {tuple(teacher_topk_logp_BTK.shape)} must equal "
-            f"student_topk_logp_BTK's shape {tuple(student_topk_logp_BTK.shape)}"
-        )
-    if tuple(response_mask_BT.shape) != tuple(student_topk_logp_BTK.shape[:2]):
-        raise ValueError(
-            f"response_mask_BT: shape {tuple(response_mask_BT.shape)} must equal the first two dims "
-            f"{tuple(student_topk_logp_BTK.shape[:2])} of student_topk_logp_BTK"
-        )
-    batch = student_topk_logp_BTK.shape[0]
-    _check_normaliser(num_samples_global, batch)
-
-    mask_BT = response_mask_BT.to(torch.bool)
-    mask_f_BT = mask_BT.to(torch.float32)
-    mask_BTK = mask_BT.unsqueeze(-1).expand_as(student_topk_logp_BTK)
-    zeros_BTK = torch.zeros(student_topk_logp_BTK.shape, dtype=torch.float32, device=student_topk_logp_BTK.device)
-    # padding can hold -inf log-probs: replace by 0 before exp/multiply so neither value nor grad is NaN
-    s_BTK = torch.where(mask_BTK, student_topk_logp_BTK.float(), zeros_BTK)
-    t_BTK = torch.where(mask_BTK, teacher_topk_logp_BTK.detach().float(), zeros_BTK)
-    p_s_BTK, p_t_BTK = s_BTK.exp(), t_BTK.exp()
-    kl_BTK = p_s_BTK * (s_BTK - t_BTK) - p_s_BTK + p_t_BTK
-    kl_BT = torch.where(mask_BT, kl_BTK.sum(dim=-1), torch.zeros_like(mask_f_BT))
-    per_sample_B = (kl_BT * _inv_lengths(mask_f_BT)).sum(dim=1)
-    loss = per_sample_B.sum() / float(num_samples_global)
-    f64 = torch.float64
-    metrics = {
-        "kl_samples": torch.tensor(float(batch), dtype=f64),
-        "kl_tokens": mask_f_BT.sum().to(f64),
-        "kl_sum": per_sample_B.detach().sum().to(f64),
-        "kl_token_sum": kl_BT.detach().sum().to(f64),
     }
     return loss, {k: v.detach().cpu() for k, v in metrics.items()}
 
@@ -273,11 +216,11 @@ def reduce_metric_sums(
 
 
 def summarize_loss_metrics(sums: Mapping[str, float]) -> dict[str, float]:
-    """Means and rates from (reduced) metric sums of :func:`camopd_branch_loss` / :func:`topk_reverse_kl_loss`.
+    """Means and rates from (reduced) metric sums of :func:`camopd_branch_loss`.
 
     Returns whichever of these the sums allow: ``loss`` (mean over samples), ``gap_mean``, ``gap_std``,
     ``adv_mean``, ``adv_clip_rate``, ``is_weight_mean``, ``is_clip_rate``, ``is_low_rate``,
-    ``is_high_rate``, ``tokens``, ``kl`` (mean over samples), ``kl_token_mean``. Empty counts give NaN-free 0.
+    ``is_high_rate``, ``tokens``. Empty counts give NaN-free 0.
     """
     out: dict[str, float] = {}
 
@@ -297,7 +240,4 @@ def summarize_loss_metrics(sums: Mapping[str, float]) -> dict[str, float]:
         out["is_clip_rate"] = ratio("is_clipped_tokens", "tokens")
         out["is_low_rate"] = ratio("is_low_tokens", "tokens")
         out["is_high_rate"] = ratio("is_high_tokens", "tokens")
-    if "kl_sum" in sums:
-        out["kl"] = ratio("kl_sum", "kl_samples")
-        out["kl_token_mean"] = ratio("kl_token_sum", "kl_tokens")
     return out

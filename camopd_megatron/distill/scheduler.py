@@ -10,9 +10,12 @@ Two modes (``scheduler.mode``):
   ``prompts_per_step``. Rounding is largest remainder: floors first, the leftover prompts go to the
   largest fractional parts, ties to the branch listed first. The counts are the same every step.
 
-Steps are 0-based optimizer-step indices. :meth:`BranchScheduler.plan` is a pure function of the
-step; the object also keeps a cursor (:meth:`BranchScheduler.next_plan`) whose
-``state_dict``/``load_state_dict`` make resume explicit. Pure Python, no torch.
+Steps are 0-based schedule positions. :meth:`BranchScheduler.plan` is a pure function of the
+position; the object also keeps a cursor (:meth:`BranchScheduler.next_plan`) whose
+``state_dict``/``load_state_dict`` make resume explicit. The cursor equals the run's step index
+unless a step was skipped for non-finite teacher scores: :meth:`BranchScheduler.repeat_last` then
+re-issues the same position, so a skip never drops a branch's turn from the G,G,G,D pattern.
+Pure Python, no torch.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ class StepPlan:
     """The branches of one optimizer step and how many prompts each gets (global over DP)."""
 
     step: int
-    """0-based optimizer step."""
+    """0-based schedule position (the run's step index minus the steps skipped before it)."""
     phase: int
     """Position in the alternating pattern (``step % len(pattern)``); always 0 in mixed mode."""
     prompts: dict[str, int] = field(default_factory=dict)
@@ -211,6 +214,13 @@ class BranchScheduler:
         out = self.step_plan(self._next_step)
         self._next_step += 1
         return out
+
+    def repeat_last(self) -> None:
+        """Step the cursor back by one: the last plan's step was skipped (no update; non-finite teacher
+        log-probs), so the next :meth:`next_plan` re-issues the same branch(es) and phase."""
+        if self._next_step == 0:
+            raise ValueError("scheduler.repeat_last: no plan was issued yet")
+        self._next_step -= 1
 
     @property
     def next_step(self) -> int:

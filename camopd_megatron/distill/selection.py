@@ -27,6 +27,9 @@ the ρ-rule's statistics are added once the gaps are known (:meth:`SelectionResu
     r_i         = r_b if (rule_keep_i or not scale_only_selected) else 1.0
     −selection −scaling = enabled: false with loss.adv_scale all 1.0.
 
+With ``selection.scale_mode: lr`` every r_i is 1 and r_b multiplies the step's learning rate instead
+(:meth:`SelectionPolicy.lr_scale`; one r per step, which the config validation guarantees).
+
 The loss normaliser is the global kept count |S| (``SelectionResult.num_kept_global``).
 
 Shape legend: B = samples on this rank, N = samples over the DP group.
@@ -133,8 +136,14 @@ class SelectionPolicy:
     """Branch → r_b (``loss.adv_scale``)."""
     scale_only_selected: bool = True
     """r_b only on the samples the ρ-rule keeps (``selection.scale_only_selected``); else on all."""
+    scale_mode: str = "advantage"
+    """``advantage``: r_b scales the advantage (r_i); ``lr``: r_i = 1 and r_b scales the step's learning
+    rate (``selection.scale_mode``)."""
 
     def __post_init__(self) -> None:
+        if self.scale_mode not in ("advantage", "lr"):
+            raise ValueError(f"selection.scale_mode: got {self.scale_mode!r}; expected 'advantage' or 'lr'. "
+                             "Fix: use 'advantage' (the paper's formula)")
         for b, rho in self.rho.items():
             _check_rho(rho, f"selection.rho.{b}")
         for b, kind in self.score.items():
@@ -154,6 +163,7 @@ class SelectionPolicy:
             score=dict(getattr(selection_cfg, "score")),
             adv_scale={k: float(v) for k, v in getattr(loss_cfg, "adv_scale").items()},
             scale_only_selected=bool(getattr(selection_cfg, "scale_only_selected")),
+            scale_mode=str(getattr(selection_cfg, "scale_mode")),
         )
 
     @property
@@ -170,7 +180,26 @@ class SelectionPolicy:
     def gap_free(self) -> bool:
         """True when no sample's fate depends on the gaps: selection off and r_i = r_b on every sample
         (``scale_only_selected`` off, or every r_b = 1). Then the step needs no gap before training."""
-        return not self.enabled and (not self.scale_only_selected or all(r == 1.0 for r in self.adv_scale.values()))
+        return not self.enabled and (not self.scale_only_selected or self.scale_mode == "lr"
+                                     or all(r == 1.0 for r in self.adv_scale.values()))
+
+    def advantage_scale(self, branch: str) -> float:
+        """r_b as a factor of the advantage: r_b under ``scale_mode: advantage``, 1 under ``lr``."""
+        self._require(branch)
+        return float(self.adv_scale[branch]) if self.scale_mode == "advantage" else 1.0
+
+    def lr_scale(self, branches: Sequence[str]) -> float:
+        """The factor on the learning rate of a step over ``branches``: 1 under ``scale_mode: advantage``;
+        under ``lr`` their common r_b (ValueError when they differ: one step has one learning rate)."""
+        if self.scale_mode == "advantage" or not branches:
+            return 1.0
+        for b in branches:
+            self._require(b)
+        scales = {float(self.adv_scale[b]) for b in branches}
+        if len(scales) != 1:
+            raise ValueError(f"selection.scale_mode: lr needs one loss.adv_scale for the step's branches {list(branches)}, "
+                             f"got {sorted(scales)}. Fix: equal scales, or scale_mode: advantage")
+        return scales.pop()
 
     def score_kind(self, branch: str) -> str:
         """The score kind of ``branch`` (``abs`` or ``positive``)."""
@@ -193,7 +222,7 @@ class SelectionPolicy:
             counts_K[known.index(b)] += 1
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(counts_K, group=group)
-        scale_B = torch.tensor([float(self.adv_scale[b]) for b in branches_B], dtype=torch.float32)
+        scale_B = torch.tensor([self.advantage_scale(b) for b in branches_B], dtype=torch.float32)
         return SelectionResult.keep_all(scale_B, {b: int(c) for b, c in zip(known, counts_K.tolist()) if c > 0})
 
 
@@ -242,7 +271,7 @@ class SelectionResult:
         scale_N = torch.ones(rule_keep_N.numel(), dtype=torch.float32)
         for code in sorted(set(codes_N.tolist())):
             rows = (codes_N == code).nonzero().flatten()
-            r = float(policy.adv_scale[known[code]])
+            r = policy.advantage_scale(known[code])
             keep = rule_keep_N[rows]
             scale_N[rows] = torch.where(keep | (not policy.scale_only_selected), torch.tensor(r), torch.tensor(1.0))
         keep_N = rule_keep_N if policy.enabled else torch.ones_like(rule_keep_N)

@@ -63,8 +63,10 @@ logger = logging.getLogger(__name__)
 class TeacherScorer(Protocol):
     """What the step needs of the teachers (``teachers.TeacherClient``): log π_T per branch."""
 
-    def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
-        """float32 [B, T] log-probs of the branch teacher (collective over the student role)."""
+    def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *,
+              temperature: float = 1.0) -> torch.Tensor:
+        """float32 [B, T] log-probs of the branch teacher at softmax ``temperature`` (collective over
+        the student role)."""
         ...
 
 
@@ -148,6 +150,18 @@ class StepSettings:
     timeout_s: Optional[float] = None
     """Bound on the last pipeline stage → other stages broadcasts (``parallel.timeout_s``; None: the
     process group's own timeout)."""
+    clip_grad: float = 0.0
+    """``optim.clip_grad`` (0: off), for the ``grad_clipped`` metric."""
+    teacher_temperature_override: Optional[float] = None
+    """``loss.teacher_temperature``; None: :attr:`teacher_temperature` follows the student's."""
+
+    @property
+    def teacher_temperature(self) -> float:
+        """The softmax temperature the teachers score at: ``loss.teacher_temperature``, by default the
+        temperature of the student's log-probs π and μ (``SamplingParams.logprob_temperature``)."""
+        if self.teacher_temperature_override is not None:
+            return self.teacher_temperature_override
+        return self.sampling.logprob_temperature
 
     @property
     def gap_source(self) -> GapSource:
@@ -221,8 +235,8 @@ def sample_scores(gap_BT: torch.Tensor, mask_BT: torch.Tensor, branches: Sequenc
 
 
 def score_with_teachers(client: TeacherScorer, branch_order: Sequence[str], batch: RolloutBatch,
-                        branches: Sequence[str]) -> torch.Tensor:
-    """log π_T [B, T] from each sample's branch teacher. Every branch of ``branch_order`` (the step's
+                        branches: Sequence[str], temperature: float) -> torch.Tensor:
+    """log π_T [B, T] at softmax ``temperature`` from each sample's branch teacher. Every branch of ``branch_order`` (the step's
     branches, the same list on every rank) is requested in that order on every rank (possibly with
     zero rows), so the teacher protocol stays in step."""
     out = torch.zeros(batch.tokens_BT.shape, dtype=torch.float32)
@@ -232,7 +246,7 @@ def score_with_teachers(client: TeacherScorer, branch_order: Sequence[str], batc
         sub = batch.select(idx.tolist()) if idx.numel() else None
         tokens = sub.tokens_BT if sub is not None else torch.zeros((0, 1), dtype=torch.int64)
         mask = sub.loss_mask_BT if sub is not None else torch.zeros((0, 1), dtype=torch.float32)
-        logp = client.score(branch, tokens, mask)
+        logp = client.score(branch, tokens, mask, temperature=temperature)
         if idx.numel():
             out[idx, : logp.shape[1]] = logp.float()
     return out
@@ -258,7 +272,7 @@ def camopd_step(
         batch = rollout(student, prompts, sample_ids, settings, step=step, seed=settings.seed)
     mask_BT = batch.loss_mask_BT
     with timer("teacher"):
-        teacher_logp_BT = score_with_teachers(teachers, plan.branches, batch, branches)
+        teacher_logp_BT = score_with_teachers(teachers, plan.branches, batch, branches, settings.teacher_temperature)
     bad = ~torch.isfinite(teacher_logp_BT) & mask_BT.bool()
     n_bad = torch.tensor([float(bad.sum())])
     dist.all_reduce(n_bad, group=student.role_group)
@@ -284,11 +298,15 @@ def camopd_step(
         with timer("select"):  # the ρ-rule's statistics of the real gaps (metrics; the kept set is unchanged)
             sel = sel.with_rule(apply_rule(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B,
                                            branches, settings.policy, student.dp_group))
+    lr_scale = settings.policy.lr_scale(plan.branches)  # r_b under selection.scale_mode: lr, else 1
     with timer("optimizer"):
-        ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler)
+        ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler, lr_scale=lr_scale)
     metrics = _step_metrics(student, batch, branches, gap_BT, sel, loss_sums, timer, t_start)
-    metrics.update(grad_norm=float(grad_norm or 0.0), lr=float(student.lr_scheduler.get_lr()),
-                   update_skipped=float(not ok), phase=float(plan.phase))
+    lr = float(student.lr_scheduler.get_lr())
+    grad_norm = float(grad_norm or 0.0)
+    metrics.update(grad_norm=grad_norm, lr=lr, lr_effective=lr * lr_scale, update_skipped=float(not ok),
+                   phase=float(plan.phase),
+                   grad_clipped=float(settings.clip_grad > 0 and grad_norm > settings.clip_grad))
     return StepOutput(step, plan, metrics, skipped=not ok)
 
 
@@ -406,4 +424,6 @@ def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSett
         use_kv_cache=cfg.rollout.use_kv_cache,
         recompute_student=cfg.selection.student_logprobs == "recompute",
         timeout_s=cfg.parallel.timeout_s,
+        teacher_temperature_override=cfg.loss.teacher_temperature,
+        clip_grad=cfg.optim.clip_grad,
     )

@@ -313,15 +313,29 @@ def build_ddp_and_optimizer(
     return ddp_chunks, optimizer, lr_scheduler
 
 
-def optimizer_step(optimizer: MegatronOptimizer, lr_scheduler: LRScheduler) -> tuple[bool, Optional[float], Optional[int]]:
+def optimizer_step(optimizer: MegatronOptimizer, lr_scheduler: LRScheduler, *,
+                   lr_scale: float = 1.0) -> tuple[bool, Optional[float], Optional[int]]:
     """One update after the gradients are finalised (``finalize_model_grads_func`` ran).
+
+    ``lr_scale`` multiplies every parameter group's learning rate for this update only (r_b under
+    ``selection.scale_mode: lr``); the schedule's own value is restored afterwards, so the
+    schedule and the logged ``lr`` are unaffected. It acts after the gradient clip, which is why it
+    survives it (a factor on the loss is divided out again by the clip and by Adam).
 
     Returns ``(ok, grad_norm, num_zeros)``: ``ok`` is False when the update was skipped (inf/NaN
     gradients under a loss scaler); the schedule advances only on a successful update. ``grad_norm``
     is the global pre-clip norm over the role (None when not computed), ``num_zeros`` the number of
     zero gradient entries (None unless ``log_num_zeros_in_grad``).
     """
-    ok, grad_norm, num_zeros = optimizer.step()
+    groups = optimizer.param_groups if lr_scale != 1.0 else []
+    saved = [g["lr"] for g in groups]
+    for g in groups:  # megatron's scheduler may hold lr as a tensor: replace it, never scale it in place
+        g["lr"] = g["lr"] * lr_scale
+    try:
+        ok, grad_norm, num_zeros = optimizer.step()
+    finally:
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr
     if ok:
         lr_scheduler.step()
     return bool(ok), (None if grad_norm is None else float(grad_norm)), num_zeros

@@ -6,7 +6,6 @@ from camopd_megatron.ops.topk import vocab_parallel_topk
 from camopd_megatron.ops.vocab_parallel import (
     DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
-    logprobs_at_indices,
     sampled_token_logprobs,
 )
 
@@ -15,7 +14,6 @@ __all__ = [
     "GAP_SCORE_KINDS",
     "fused_output_logprobs",
     "IGNORE_INDEX",
-    "logprobs_at_indices",
     "sample_gap_scores",
     "sampled_token_logprobs",
     "token_gaps",

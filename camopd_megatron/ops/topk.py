@@ -1,4 +1,4 @@
-"""Global top-k over vocab-sharded logits (for the optional top-k KL of docs/algorithm.md §2).
+"""Global top-k over vocab-sharded logits (the rollout's top-k sampling, ``rollout.top_k``).
 
 Local top-k per shard (chunked over tokens) → all-gather of k·TP (value, global index) candidates →
 global top-k. Ties are broken towards the LOWER global vocab index everywhere: the result equals
@@ -7,8 +7,7 @@ sort of the gathered logits gives. ``torch.topk`` alone does not guarantee which
 values it keeps at the k-th boundary (bf16 logits tie often), so each shard repairs rows whose k-th
 value is tied: it keeps every value above the k-th and the lowest-indexed ones equal to it.
 
-No gradient flows through the selection (the teacher ships its top-k); score the student at the
-returned ids with :func:`camopd_megatron.ops.vocab_parallel.logprobs_at_indices`.
+No gradient flows through the selection.
 
 Shape legend: N = tokens (leading dims flattened), V = V_local, C = tokens of one chunk,
 k = requested top-k, L = min(k, V_local) local candidates, P = tp_size · L gathered candidates.

@@ -39,7 +39,7 @@ group must pass the same targets/mask. Invalid input raises ``ValueError`` on ev
 checks run first and one small all-reduce shares their outcome before any rank raises.
 
 Shape legend: N = tokens (leading dims flattened), V = V_local (vocab columns of this shard),
-K = target indices per token (1 for the sampled token, k for top-k), C = tokens in one chunk.
+K = target indices per token (1: the sampled token), C = tokens in one chunk.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _group_size_rank(tp_group: ProcessGroup) -> tuple[int, int]:
 
 
 def _local_errors(logits_shard, targets, mask, tp_group, vocab_start, vocab_size, temperature,
-                  chunk_tokens, ignore_index, k_top, n_index) -> tuple[int, str]:
+                  chunk_tokens, ignore_index, k_top) -> tuple[int, str]:
     """First local problem as (error code, message); (0, "") when the input is fine."""
     tp_size, tp_rank = _group_size_rank(tp_group)
     if not isinstance(logits_shard, torch.Tensor) or not logits_shard.is_floating_point() or logits_shard.dim() < 1:
@@ -95,9 +95,8 @@ def _local_errors(logits_shard, targets, mask, tp_group, vocab_start, vocab_size
     if targets is not None:
         if targets.dtype not in (torch.int64, torch.int32):
             return 2, f"targets: expected an int64/int32 tensor of global vocab ids, got dtype {targets.dtype}"
-        want = lead if n_index is None else lead + (n_index,)
-        if tuple(targets.shape) != want:
-            return 2, f"targets: shape {tuple(targets.shape)} must equal logits_shard's leading shape {want}"
+        if tuple(targets.shape) != lead:
+            return 2, f"targets: shape {tuple(targets.shape)} must equal logits_shard's leading shape {lead}"
         if targets.device != logits_shard.device:
             return 2, f"targets: device {targets.device} must equal logits_shard's device {logits_shard.device}"
     if mask is not None and tuple(mask.shape) != lead:
@@ -119,7 +118,7 @@ def _local_errors(logits_shard, targets, mask, tp_group, vocab_start, vocab_size
     if targets is not None and targets.numel():
         live = targets != ignore_index
         if mask is not None:
-            live = live & (mask.bool() if n_index is None else mask.bool().unsqueeze(-1))
+            live = live & mask.bool()
         vals = targets[live]
         if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= vocab_size):
             return 2, (f"targets: ids must lie in [0, vocab_size={vocab_size}) (or equal ignore_index="
@@ -128,10 +127,10 @@ def _local_errors(logits_shard, targets, mask, tp_group, vocab_start, vocab_size
 
 
 def _validate(logits_shard, targets, mask, tp_group, *, vocab_start, vocab_size, temperature, chunk_tokens,
-              ignore_index=IGNORE_INDEX, k_top=None, n_index=None) -> _Layout:
+              ignore_index=IGNORE_INDEX, k_top=None) -> _Layout:
     """Local checks, then (TP > 1) one int64 all-reduce MAX so that every rank raises together."""
     code, msg = _local_errors(logits_shard, targets, mask, tp_group, vocab_start, vocab_size, temperature,
-                              chunk_tokens, ignore_index, k_top, n_index)
+                              chunk_tokens, ignore_index, k_top)
     tp_size, _ = _group_size_rank(tp_group)
     if code == 0:
         v_local, n_tokens = logits_shard.shape[-1], logits_shard[..., 0].numel()
@@ -302,9 +301,9 @@ def _prepare_targets(targets, mask, layout, ignore_index, device):
 
 
 def _run(logits_shard, targets, mask, tp_group, *, vocab_start, vocab_size, chunk_tokens, temperature,
-         ignore_index, n_index):
+         ignore_index):
     layout = _validate(logits_shard, targets, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                       temperature=temperature, chunk_tokens=chunk_tokens, ignore_index=ignore_index, n_index=n_index)
+                       temperature=temperature, chunk_tokens=chunk_tokens, ignore_index=ignore_index)
     logits_NV = logits_shard.reshape(layout.n_tokens, layout.v_local)  # a view when contiguous
     tgt_local_NK, owned_NK = _prepare_targets(targets, mask, layout, ignore_index, logits_shard.device)
     if torch.is_grad_enabled() and logits_shard.requires_grad:
@@ -347,29 +346,5 @@ def sampled_token_logprobs(
     Autograd flows when grad is enabled and ``logits_shard.requires_grad``; otherwise nothing is saved.
     """
     logp_NK, layout = _run(logits_shard, targets, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                           chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=ignore_index,
-                           n_index=None)
+                           chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=ignore_index)
     return logp_NK.view(layout.lead_shape)
-
-
-def logprobs_at_indices(
-    logits_shard: torch.Tensor,
-    indices: torch.Tensor,
-    tp_group: ProcessGroup,
-    *,
-    vocab_start: int,
-    vocab_size: int,
-    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log p at K given global vocab ids per token: indices [..., K] → [..., K] (fp32, autograd).
-
-    For the top-k KL: score the student at the teacher's top-k ids. Masked tokens give 0.
-    """
-    if indices.dim() < 1:
-        raise ValueError(f"indices: expected [..., K], got shape {tuple(indices.shape)}")
-    logp_NK, layout = _run(logits_shard, indices, mask, tp_group, vocab_start=vocab_start, vocab_size=vocab_size,
-                           chunk_tokens=chunk_tokens, temperature=temperature, ignore_index=IGNORE_INDEX,
-                           n_index=indices.shape[-1])
-    return logp_NK.view(layout.lead_shape + (indices.shape[-1],))

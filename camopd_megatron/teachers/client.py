@@ -36,11 +36,11 @@ import torch
 
 from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_dcp_metadata, read_manifest
 from camopd_megatron.config.errors import ConfigError, problem
-from camopd_megatron.models.pipeline import last_stage_to_all, wire_device
+from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
 from camopd_megatron.teachers.protocol import (
-    TAG_HEADER, TAG_INDICES, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, TeacherServiceError, check_batch,
-    check_k, encode_message, group_broadcast, header, p2p_recv, p2p_send, teacher_ids,
+    TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, TeacherServiceError, check_batch,
+    encode_message, group_broadcast, header, p2p_recv, p2p_send, teacher_ids,
 )
 
 if TYPE_CHECKING:
@@ -125,33 +125,16 @@ class ColocatedTeacher:
         self.teacher = TeacherModel(t.name, index, cfg.model, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
                                     dtype=t.dtype, offload=t.offload, micro_batch_rows=micro_batch_rows)
 
-    def _share(self, out: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Last stage → earlier stages of this pipeline (same TP rank); every TP rank already agrees."""
-        buf = out if out is not None else torch.zeros(shape, dtype=dtype, device=wire_device())
-        return last_stage_to_all(buf, self.pgc, timeout_s=self.timeout_s, what=f"colocated teacher {self.name!r} result")
-
-    def score(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Teacher log-probs float32 [B, T] (``next_token_logprobs`` alignment, 0 where masked)."""
+    def score(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        """Teacher log-probs float32 [B, T] of softmax(logits / ``temperature``) (``next_token_logprobs``
+        alignment, 0 where masked)."""
         b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
                            what=f"colocated teacher {self.name!r}")
         if b * t == 0:
             return torch.zeros(b, t, dtype=torch.float32, device=tokens_BT.device)
         with self.teacher.in_use():
-            return self.teacher.logprobs(tokens_BT, (loss_mask_BT != 0).to(torch.uint8), to_all_stages=True,
-                                         timeout_s=self.timeout_s)
-
-    def score_topk(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's top-k log-probs and global ids [B, T, k] (see ``TeacherModel.topk``)."""
-        b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
-                           what=f"colocated teacher {self.name!r}")
-        check_k(k, self.vocab_size)
-        if b * t == 0:
-            return torch.zeros(b, t, k), torch.zeros(b, t, k, dtype=torch.int64)
-        with self.teacher.in_use():
-            out = self.teacher.topk(tokens_BT, (loss_mask_BT != 0).to(torch.uint8), k)
-        vals = self._share(None if out is None else out[0], (b, t, k), torch.float32)
-        ids = self._share(None if out is None else out[1], (b, t, k), torch.int64)
-        return vals, ids
+            return self.teacher.logprobs(tokens_BT, (loss_mask_BT != 0).to(torch.uint8), temperature=temperature,
+                                         to_all_stages=True, timeout_s=self.timeout_s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,45 +178,35 @@ class TeacherClient:
     def _peer(self, route: "Route", rank: int) -> str:
         return f"teacher {route.teacher!r} (role {self.group_of[route.teacher]!r} rank {rank})"
 
-    def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
+    def score(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *,
+              temperature: float = 1.0) -> torch.Tensor:
         """Teacher log-probs of the sampled tokens: float32 [B, T], ``out[b, t] = log π_T(tokens[b, t+1])``
-        (the ``next_token_logprobs`` alignment; 0 where ``loss_mask_BT`` is 0 and in the last column).
+        (the ``next_token_logprobs`` alignment; 0 where ``loss_mask_BT`` is 0 and in the last column),
+        π_T = softmax(teacher logits / ``temperature``) (``loss.teacher_temperature``; a separate
+        teacher gets it in the request header).
 
         Collective over every student rank; every rank of a DP replica passes the same batch and gets
         the result. ``B = 0`` is allowed (an empty result, still collective).
         """
         name = self.teacher_for(branch)
         if name in self.colocated:
-            return self.colocated[name].score(tokens_BT, loss_mask_BT)
-        (out,) = self._request(name, Command.SCORE, tokens_BT, loss_mask_BT, 0)
-        return out
+            return self.colocated[name].score(tokens_BT, loss_mask_BT, temperature=temperature)
+        return self._request(name, tokens_BT, loss_mask_BT, temperature)
 
-    def score_topk(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
-                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The branch teacher's top-k next-token log-probs (float32) and global ids (int64), [B, T, k],
-        aligned like :meth:`score`; 0 where masked and in the last column."""
-        name = self.teacher_for(branch)
-        check_k(k, self.vocab_size)
-        if name in self.colocated:
-            return self.colocated[name].score_topk(tokens_BT, loss_mask_BT, k)
-        vals, ids = self._request(name, Command.TOPK, tokens_BT, loss_mask_BT, k)
-        return vals, ids
-
-    def _request(self, name: str, cmd: int, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
-                 k: int) -> list[torch.Tensor]:
+    def _request(self, name: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
         if self.closed:
             raise TeacherServiceError("TeacherClient is closed; build a new one")
         route = self.routes[name]
         b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
                            what=f"score for teacher {name!r}")
-        shapes = [((b, t), torch.float32, TAG_VALUES)] if cmd == Command.SCORE else \
-            [((b, t, k), torch.float32, TAG_VALUES), ((b, t, k), torch.int64, TAG_INDICES)]
         dev = wire_device()
-        outs = [torch.zeros(s, dtype=d, device=dev) for s, d, _ in shapes]
+        out = torch.zeros((b, t), dtype=torch.float32, device=dev)
         if self.rank == route.student_rank:
             self.stats["requests"] += 1
-            p2p_send(header(cmd, self.ids[name], b, t, k), route.teacher_input_rank, tag=TAG_HEADER,
-                     timeout_s=self.timeout_s, peer=self._peer(route, route.teacher_input_rank), what="request header")
+            p2p_send(header(Command.SCORE, self.ids[name], b, t, temperature), route.teacher_input_rank,
+                     tag=TAG_HEADER, timeout_s=self.timeout_s, peer=self._peer(route, route.teacher_input_rank),
+                     what="request header")
             if b * t:
                 tok = tokens_BT.to(dev)
                 msk = (loss_mask_BT != 0).to(device=dev, dtype=torch.uint8)
@@ -241,20 +214,19 @@ class TeacherClient:
                     p2p_send(x, route.teacher_input_rank, tag=tag, timeout_s=self.timeout_s,
                              peer=self._peer(route, route.teacher_input_rank), what="request payload")
                     self.stats["bytes_sent"] += x.numel() * x.element_size()
-                for x, (_, _, tag) in zip(outs, shapes):
-                    p2p_recv(x, route.teacher_output_rank, tag=tag, timeout_s=self.timeout_s,
-                             peer=self._peer(route, route.teacher_output_rank), what="teacher reply")
-                    self.stats["bytes_received"] += x.numel() * x.element_size()
+                p2p_recv(out, route.teacher_output_rank, tag=TAG_VALUES, timeout_s=self.timeout_s,
+                         peer=self._peer(route, route.teacher_output_rank), what="teacher reply")
+                self.stats["bytes_received"] += out.numel() * out.element_size()
         if b * t:
-            for x in outs:  # leader → the replica's other TP/PP ranks (they wait here meanwhile)
-                group_broadcast(x, route.student_rank, self.pgc.mp, timeout_s=self.timeout_s,
-                                peer=f"role 'student' rank {route.student_rank} (this replica's leader)",
-                                what=f"teacher {name!r} result")
+            # leader → the replica's other TP/PP ranks (they wait here meanwhile)
+            group_broadcast(out, route.student_rank, self.pgc.mp, timeout_s=self.timeout_s,
+                            peer=f"role 'student' rank {route.student_rank} (this replica's leader)",
+                            what=f"teacher {name!r} result")
             # +inf is the teacher's failure signal (no log-prob can be > 0); NaN from a healthy teacher
             # passes through: the trainer skips that step and aborts after loss.max_bad_teacher_steps
-            if bool((outs[0] == float("inf")).any()):
+            if bool((out == float("inf")).any()):
                 self._fail(route, "failed while scoring (see its log)")
-        return [x.to(tokens_BT.device) for x in outs]
+        return out.to(tokens_BT.device)
 
     def _fail(self, route: "Route", why: str) -> None:
         raise TeacherServiceError(f"{self._peer(route, route.teacher_output_rank)} {why}")

@@ -13,21 +13,18 @@ import contextlib
 import logging
 from types import SimpleNamespace
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from camopd_megatron.checkpoint.dist import load_model, save_checkpoint
-from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, output_weight, stage_info
-from camopd_megatron.models.logprobs import vocab_start
-from camopd_megatron.models.pipeline import compute_device, make_microbatches, run_microbatches, wire_device
+from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, stage_info
+from camopd_megatron.models.pipeline import compute_device, wire_device
 from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs
 from camopd_megatron.models.scoring import score_logprobs
-from camopd_megatron.ops import vocab_parallel_topk
 from camopd_megatron.teachers.protocol import (
-    HEADER_LEN, TAG_HEADER, TAG_INDICES, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, StudentAborted,
-    TeacherServiceError, decode_message, group_broadcast, p2p_recv, p2p_send,
+    HEADER_LEN, TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, StudentAborted,
+    TeacherServiceError, decode_message, group_broadcast, header_temperature, p2p_recv, p2p_send,
 )
 
 if TYPE_CHECKING:
@@ -110,44 +107,15 @@ class TeacherModel:
                 self._move("cpu")
 
     # -------------------------------------------------------------- scoring
-    def logprobs(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, *,
+    def logprobs(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, *, temperature: float = 1.0,
                  to_all_stages: bool = False, timeout_s: Optional[float] = None) -> Optional[torch.Tensor]:
-        """Sampled-token log-probs fp32 [B, T] (``next_token_logprobs`` alignment, 0 where masked) on
-        the last pipeline stage (every TP rank of it), on the wire device; None on the other stages
-        (``to_all_stages``: on every stage, see :func:`~camopd_megatron.models.scoring.score_logprobs`)."""
+        """Sampled-token log-probs fp32 [B, T] of softmax(logits / ``temperature``)
+        (``next_token_logprobs`` alignment, 0 where masked) on the last pipeline stage (every TP rank
+        of it), on the wire device; None on the other stages (``to_all_stages``: on every stage, see
+        :func:`~camopd_megatron.models.scoring.score_logprobs`)."""
         return score_logprobs(self.model, self.pgc, tokens_BT, mask_BT, micro_batch=self.micro_batch_rows,
-                              vocab_size=self.model_cfg.vocab_size, device=self.device,
+                              vocab_size=self.model_cfg.vocab_size, temperature=temperature, device=self.device,
                               to_all_stages=to_all_stages, timeout_s=timeout_s)
-
-    @torch.no_grad()
-    def topk(self, tokens_BT: torch.Tensor, mask_BT: torch.Tensor, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The teacher's top-k next-token log-probs and global ids, fp32/int64 [B, T, k], aligned like
-        :meth:`logprobs` (position t describes the distribution of token t+1); 0 where masked and in
-        the last column. On the last stage only (None elsewhere)."""
-        tp, vocab = self.pgc.tp, self.model_cfg.vocab_size
-
-        weight = output_weight(self.model) if self.stage.is_last else None
-
-        def loss_fn(batch: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            lo, hi = batch["output_window"]
-            logits_BWV = F.linear(hidden_BWH, weight)  # this rank's vocab rows, the window's positions only
-            vals_BWK, ids_BWK = vocab_parallel_topk(logits_BWV, k, tp, vocab_start=vocab_start(logits_BWV, tp),
-                                                    vocab_size=vocab, return_logprobs=True)
-            b, t = batch["tokens"].shape
-            vals = vals_BWK.new_zeros(b, t, k)
-            ids = ids_BWK.new_zeros(b, t, k)
-            vals[:, lo:hi], ids[:, lo:hi] = vals_BWK, ids_BWK
-            keep_BT1 = batch["mask"].bool().clone().unsqueeze(-1)
-            keep_BT1[:, -1] = False
-            return vals.new_zeros(()), {"vals": vals * keep_BT1, "ids": ids * keep_BT1}
-
-        b = tokens_BT.shape[0]
-        batches = make_microbatches({"tokens": tokens_BT, "mask": mask_BT}, self.micro_batch_rows, device=self.device)
-        outs = run_microbatches(self.model, self.pgc, batches, loss_fn, forward_only=True)
-        if not self.stage.is_last:
-            return None
-        wire = wire_device()
-        return torch.cat([o["vals"] for o in outs])[:b].float().to(wire), torch.cat([o["ids"] for o in outs])[:b].to(wire)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +186,7 @@ class TeacherHost:
         while open_senders:
             for sender in list(open_senders):
                 header = self._next_header(sender)
-                cmd, tid, b, t, k, nmsg = (int(v) for v in header.tolist())
+                cmd, tid, b, t, temp_bits, nmsg = (int(v) for v in header.tolist())
                 if cmd == Command.SHUTDOWN:
                     open_senders.remove(sender)
                     stats.shutdowns += 1
@@ -234,11 +202,11 @@ class TeacherHost:
                         save_requests.clear()
                         stats.saves += 1
                     continue
-                if cmd not in (Command.SCORE, Command.TOPK) or tid not in self.models:
+                if cmd != Command.SCORE or tid not in self.models:
                     raise TeacherServiceError(
                         f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: "
                         f"command {cmd}, teacher id {tid} (this group hosts ids {sorted(self.models)})")
-                self._answer(sender, cmd, self.models[tid], b, t, k, stats)
+                self._answer(sender, self.models[tid], b, t, header_temperature(temp_bits), stats)
         logger.info("role %s rank %d: shutdown after %s", self.role.name, self.rank, stats.requests)
         return stats
 
@@ -265,7 +233,7 @@ class TeacherHost:
         raise StudentAborted(f"role {self.role.name!r} rank {self.rank}: the student aborted "
                              f"({self._peer(*sender)}): {text or 'no message'}")
 
-    def _answer(self, sender: tuple[int, int], cmd: int, teacher: TeacherModel, b: int, t: int, k: int,
+    def _answer(self, sender: tuple[int, int], teacher: TeacherModel, b: int, t: int, temperature: float,
                 stats: ServeStats) -> None:
         stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
         if b * t == 0:
@@ -281,19 +249,13 @@ class TeacherHost:
                             what=f"request {name}")
         stats.tokens += b * t
         try:
-            if cmd == Command.SCORE:
-                out = teacher.logprobs(tokens, mask)
-                payload = [] if out is None else [(out.contiguous(), TAG_VALUES)]
-            else:
-                out2 = teacher.topk(tokens, mask, k)
-                payload = [] if out2 is None else [(out2[0].contiguous(), TAG_VALUES), (out2[1].contiguous(), TAG_INDICES)]
+            out = teacher.logprobs(tokens, mask, temperature=temperature)
         except Exception:
             if self.rank == self.output_rank:  # tell the student now instead of letting it time out
                 # +inf: impossible as a log-prob, so the student can tell a failure from a NaN score
-                nan = torch.full((b, t) if cmd == Command.SCORE else (b, t, k), float("inf"), device=self.device)
+                nan = torch.full((b, t), float("inf"), device=self.device)
                 p2p_send(nan, sender[0], tag=TAG_VALUES, timeout_s=self.timeout_s, peer=peer, what="failure reply")
             raise
-        if self.rank == self.output_rank:
-            for x, tag in payload:
-                p2p_send(x, sender[0], tag=tag, timeout_s=self.timeout_s, peer=peer, what="reply")
-                stats.bytes_sent += x.numel() * x.element_size()
+        if self.rank == self.output_rank and out is not None:
+            p2p_send(out.contiguous(), sender[0], tag=TAG_VALUES, timeout_s=self.timeout_s, peer=peer, what="reply")
+            stats.bytes_sent += out.numel() * out.element_size()

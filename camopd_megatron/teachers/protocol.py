@@ -4,21 +4,23 @@ Protocol (point-to-point on the world group, one exchange per student DP replica
 The student replica's leader (``Route.student_rank``: TP 0 of its last pipeline stage) talks to
 the serving teacher replica's input rank (TP 0, first stage) and output rank (TP 0, last stage)::
 
-    student leader ──header int64[6] = (cmd, teacher id, B, T, k, message bytes)──▶ teacher input rank
+    student leader ──header int64[6] = (cmd, teacher id, B, T, temperature, message bytes)──▶ teacher input rank
                    ──tokens int64 [B, T], mask uint8 [B, T]──────────────────────▶ teacher input rank
     teacher input rank ── broadcast header/tokens/mask over the teacher replica (pg.mp: TP × PP ranks)
     teacher replica   ── forward-only pass (megatron's pipeline schedule when PP > 1), vocab-parallel
                          sampled-token log-probs on the last stage (three one-float TP reductions)
     teacher output rank ──logp float32 [B, T]───────────────────────────────────▶ student leader
 
-so teacher → student moves exactly ``4 * B * T`` bytes per request (the top-k variant: ``B*T*k``
-float32 values + int64 global ids). Nothing is sent when ``B * T == 0`` beyond the header.
+so teacher → student moves exactly ``4 * B * T`` bytes per request. Nothing is sent when ``B * T == 0``
+beyond the header. The header's temperature field carries the float64 bits of the softmax temperature
+the teacher scores at (``loss.teacher_temperature``, see :func:`header`), so one teacher serves
+requests at any temperature.
 
 Ordering. ``score`` is collective over every student rank, every student replica sending one request
 per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
 ``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
 
-Commands: ``score``, ``topk``, ``shutdown`` (the replica exits once every student replica routed to
+Commands: ``score``, ``shutdown`` (the replica exits once every student replica routed to
 it has sent one; :meth:`TeacherHost.serve` returns) and ``abort`` (carries the student's error text;
 every rank of the teacher replica raises :class:`StudentAborted`).
 
@@ -46,11 +48,11 @@ __all__ = [
     "TeacherServiceError",
     "StudentAborted",
     "check_batch",
-    "check_k",
     "decode_message",
     "encode_message",
     "group_broadcast",
     "header",
+    "header_temperature",
     "p2p_recv",
     "p2p_send",
     "teacher_ids",
@@ -61,7 +63,6 @@ class Command:
     """Request commands (first header field)."""
 
     SCORE = 1
-    TOPK = 2
     SHUTDOWN = 3
     ABORT = 4
     SAVE = 5
@@ -69,8 +70,9 @@ class Command:
 
 
 HEADER_LEN = 6
-"""Header fields: command, teacher id (index in ``teachers``), B, T, k (top-k only), message bytes (abort)."""
-TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_VALUES, TAG_INDICES, TAG_MESSAGE = 101, 102, 103, 104, 105, 106
+"""Header fields: command, teacher id (index in ``teachers``), B, T, temperature (score: float64 bits),
+message bytes (abort, save)."""
+TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_VALUES, TAG_MESSAGE = 101, 102, 103, 104, 106
 
 
 class TeacherServiceError(CollectiveError):
@@ -145,12 +147,6 @@ def check_batch(tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, vocab_si
     return shape
 
 
-def check_k(k: int, vocab_size: int) -> None:
-    """A top-k request's k: an int in [1, vocab_size]."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
-        raise ValueError(f"score_topk: k={k!r} must be an int in [1, model.vocab_size={vocab_size}] (loss.topk_kl)")
-
-
 # ------------------------------------------------------------------------------------------------
 # messages
 # ------------------------------------------------------------------------------------------------
@@ -165,9 +161,16 @@ def decode_message(data: torch.Tensor) -> str:
     return bytes(data.cpu().tolist()).decode("utf-8", errors="replace")
 
 
-def header(cmd: int, teacher_id: int = -1, b: int = 0, t: int = 0, k: int = 0, nmsg: int = 0) -> torch.Tensor:
-    """A request header (see :data:`HEADER_LEN`)."""
-    return torch.tensor([cmd, teacher_id, b, t, k, nmsg], dtype=torch.int64, device=wire_device())
+def header(cmd: int, teacher_id: int = -1, b: int = 0, t: int = 0, temperature: float = 1.0,
+           nmsg: int = 0) -> torch.Tensor:
+    """A request header (see :data:`HEADER_LEN`); ``temperature`` travels as its exact float64 bits."""
+    bits = int(torch.tensor([float(temperature)], dtype=torch.float64).view(torch.int64).item())
+    return torch.tensor([cmd, teacher_id, b, t, bits, nmsg], dtype=torch.int64, device=wire_device())
+
+
+def header_temperature(field: int) -> float:
+    """The temperature of a received header's field 4 (inverse of :func:`header`)."""
+    return float(torch.tensor([int(field)], dtype=torch.int64).view(torch.float64).item())
 
 
 def teacher_ids(teachers: Sequence["TeacherConfig"]) -> dict[str, int]:
