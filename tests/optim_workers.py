@@ -283,7 +283,7 @@ def _build_with_moments(tp: int, dp: int, distopt: bool, seed: int = 1234):
 
 
 def branch_moments_resume(rank: int, world_size: int, scenarios: list[tuple], ckpt_root: str,
-                          steps: int = 4, extra: int = 4) -> dict:
+                          steps: int = 4, extra: int = 5) -> dict:
     """For each scenario ``(name, save_layout, load_layouts)``, layouts ``(tp, dp, distopt)``: per-branch
     moments, G,G,G,D. Uninterrupted ``steps + extra`` steps at the save layout; separately ``steps``
     steps, save; then for each load layout a fresh build (other seed), load, ``extra`` steps.

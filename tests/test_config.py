@@ -411,6 +411,14 @@ def test_topk_kl_is_refused_until_the_trainer_uses_it():
     assert load_config(None, ["loss.topk_kl=0"]).loss.topk_kl == 0
 
 
+def test_per_branch_moments_need_single_branch_steps():
+    line = only(problems_of(None, ["optim.branch_state=per_branch", "scheduler.mode=mixed"]), "optim.branch_state")
+    assert "scheduler.mode='mixed'" in line and "set optim.branch_state: shared, or scheduler.mode: alternating" in line
+    assert "'shared'" in only(problems_of(None, ["optim.branch_state=per-branch"]), "optim.branch_state")
+    assert load_config(None, ["optim.branch_state=per_branch"]).optim.branch_state == "per_branch"
+    assert Config().optim.branch_state == "shared"
+
+
 def test_dict_api_rejects_like_yaml():
     problems = problems_of(data={"model": {"hidden_sise": 64}, "teachers": [{"name": "general"}]})
     assert "did you mean 'model.hidden_size'?" in only(problems, "model.hidden_sise")

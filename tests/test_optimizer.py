@@ -159,9 +159,10 @@ def test_per_branch_moments_match_a_hand_written_adamw_in_every_layout():
 
 
 def test_per_branch_moments_resume_exact_and_at_another_dp(tmp_path):
-    """Per-branch moments saved after G,G,G,D and resumed for G,G,G,D: exact at the same layout
-    (TP2 plain optimizer; DP2 distributed optimizer), and with the distributed optimizer saved at DP2
-    and resumed at DP1 (resharded) the same continued curve up to the DP summation order."""
+    """Per-branch moments saved after G,G,G,D and resumed for G,G,G,D,G (the last loss shows the
+    resumed domain moments at work): exact at the same layout (TP2 plain optimizer; DP2 distributed
+    optimizer), and with the distributed optimizer saved at DP2 and resumed at DP1 (resharded) the
+    same continued curve up to the DP summation order."""
     scenarios = [("tp2_plain", (2, 1, False), [(2, 1, False)]),
                  ("dp2_distopt", (1, 2, True), [(1, 2, True), (1, 1, True)])]
     res = run_on_ranks(W.branch_moments_resume, 2, args=(scenarios, _ckpt_dir(tmp_path)),
