@@ -121,7 +121,8 @@ def _hand_adamw_updates(trace: dict, per_branch: bool, *, beta1: float = 0.9, be
             m = state["m"][n] = beta1 * state["m"].get(n, torch.zeros_like(g)) + (1 - beta1) * g
             v = state["v"][n] = beta2 * state["v"].get(n, torch.zeros_like(g)) + (1 - beta2) * g * g
             p = p.double()
-            new = p * (1 - lr * trace["weight_decay"][n]) - lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+            m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+            new = p * (1 - lr * trace["weight_decay"][n]) - lr * m_hat / (v_hat.sqrt() + eps)
             step_updates[n] = new - p
         updates.append(step_updates)
     return updates
@@ -129,7 +130,8 @@ def _hand_adamw_updates(trace: dict, per_branch: bool, *, beta1: float = 0.9, be
 
 def _worst_update_error(trace: dict, expected: list[dict], step: int) -> float:
     """max over tensors of ‖ours − expected‖ / ‖expected‖ for one step's update."""
-    after = trace["steps"][step + 1] if step + 1 < len(trace["steps"]) else {n: (p, None) for n, p in trace["last"].items()}
+    last = step + 1 == len(trace["steps"])
+    after = {n: (p, None) for n, p in trace["last"].items()} if last else trace["steps"][step + 1]
     worst = 0.0
     for n, (before, _) in trace["steps"][step].items():
         ours = after[n][0].double() - before.double()

@@ -243,7 +243,8 @@ def test_per_branch_moments_resume_through_the_trainer(general_ckpt, tmp_path):
     shared state is refused with the key to fix."""
     per_branch = {"optim": {"branch_state": "per_branch"}}
     shared = tiny_cfg(str(tmp_path / "shared"), general_ckpt, steps=5, extra={"checkpoint": {"save_interval": 0}})
-    full = tiny_cfg(str(tmp_path / "full"), general_ckpt, steps=9, extra={**per_branch, "checkpoint": {"save_interval": 0}})
+    full = tiny_cfg(str(tmp_path / "full"), general_ckpt, steps=9,
+                    extra={**per_branch, "checkpoint": {"save_interval": 0}})
     first = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=5, extra=per_branch)
     second = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=9, extra=per_branch)
     wrong = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=10)
