@@ -49,7 +49,10 @@ from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, 
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
 from camopd_megatron.models.gpt import build_gpt_model, finish_param_gather, init_model_rng, recompute_kwargs, unwrap_model
-from camopd_megatron.models.optimizer import build_ddp_and_optimizer, optimizer_sharded_state_dict
+from camopd_megatron.models.optimizer import (
+    BranchMoments, branch_state_mismatch, branch_state_record, build_ddp_and_optimizer, load_optimizer_state,
+    optimizer_sharded_state_dict,
+)
 from camopd_megatron.models.precision import detect_device, precision_kwargs
 from camopd_megatron.deps import te_available
 from camopd_megatron.parallel import RankGroups, RoleLayout, build_process_groups
@@ -164,6 +167,8 @@ class _Trainer:
             ddp_model=ddp_chunks[0], ddp_chunks=ddp_chunks, optimizer=optimizer, lr_scheduler=lr_scheduler,
             pg_collection=self.pgc, role_group=groups.role_group, vocab_size=cfg.model.vocab_size,
             max_seq_len=cfg.model.seq_length,
+            moments=(BranchMoments(optimizer, cfg.scheduler.branches) if cfg.optim.branch_state == "per_branch"
+                     else None),
         )
         # no data.tokenizer: the built-in one (ASCII characters, or UTF-8 bytes when the vocabulary allows)
         byte_vocab = cfg.model.vocab_size if cfg.model.vocab_size >= 260 else 128
@@ -207,7 +212,7 @@ class _Trainer:
         # model checkpoint does (teachers, HF export); the optimizer maps its state by parameter identity
         msd = model_sharded_state_dict(unwrap_model(self.student.ddp_model), self.pgc)
         return {"model": msd, "optimizer": optimizer_sharded_state_dict(
-            self.student.optimizer, msd, is_loading=is_loading, pg_collection=self.pgc)}
+            self.student.optimizer, msd, is_loading=is_loading, pg_collection=self.pgc, moments=self.student.moments)}
 
     def save(self, step: int) -> str:
         """World-collective save of the state after ``step`` steps (atomic; keeps the last N)."""
@@ -221,6 +226,7 @@ class _Trainer:
             "data": {b: s.state_dict() for b, s in self.sources.items()},
             "bad_teacher_steps": self.bad_teacher_steps,
             "clip_counts": list(self.clip_counts),
+            "optim_branch_state": branch_state_record(self.student.moments),
         }
         save_checkpoint(path, self._state(False), model_cfg=self.cfg.model, step=step, common=common,
                         rank_state={"cpu_rng": torch.get_rng_state()}, overwrite=True,
@@ -238,11 +244,14 @@ class _Trainer:
                                            is_writer=self.is_logger)
         if path is None:
             return 0
+        common = manifest["common"]
+        mismatch = branch_state_mismatch(common.get("optim_branch_state"), self.student.moments)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {mismatch}")
         rs = load_rank_state(path, self.rank)  # checksummed by select_checkpoint; read before the expensive load
         loaded = load_sharded(path, self._state(True), process_group=self.pgc.intra_dist_opt, verify=False)
         unwrap_model(self.student.ddp_model).load_state_dict(loaded["model"], strict=False)
-        self.student.optimizer.load_state_dict(loaded["optimizer"])
-        common = manifest["common"]
+        load_optimizer_state(self.student.optimizer, loaded["optimizer"], self.student.moments)
         self.scheduler.load_state_dict(common["scheduler"])
         self.student.lr_scheduler.load_state_dict(common["lr_scheduler"])
         for b, s in self.sources.items():

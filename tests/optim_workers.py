@@ -7,7 +7,7 @@ not depend on TP), built with ``camopd_megatron.models.gpt.build_gpt_model`` whe
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,9 @@ import torch.distributed as dist
 from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig
 from camopd_megatron.models.groups import in_collection, pg_rank, pg_size, simple_pg_collection
 from camopd_megatron.models.optimizer import (
+    BranchMoments,
     build_ddp_and_optimizer,
+    load_optimizer_state,
     optimizer_sharded_state_dict,
     optimizer_step,
     shard_common_state,
@@ -100,11 +102,12 @@ def loss_mask(step: int) -> torch.Tensor:
     return m
 
 
-def train_steps(ddp_chunks, optimizer, sched, pgc, steps: range) -> tuple[list[float], list[float]]:
+def train_steps(ddp_chunks, optimizer, sched, pgc, steps: range,
+                before_update: Optional[Callable[[int], None]] = None) -> tuple[list[float], list[float]]:
     """Run optimizer steps with megatron's schedule. Returns (losses, pre-clip grad norms); the loss
     of a step is the global mean over kept tokens (each rank's loss is divided by the GLOBAL kept
     count and DP reduction sums, so the grad norm is DP-independent too: Adam alone would hide a
-    1/dp gradient scale)."""
+    1/dp gradient scale). ``before_update(step)`` runs after the backward, before the update."""
     dp, dp_rank = pg_size(pgc.dp), pg_rank(pgc.dp)
     pp = pg_size(pgc.pp)
     per_dp = GLOBAL_BATCH // dp
@@ -137,6 +140,8 @@ def train_steps(ddp_chunks, optimizer, sched, pgc, steps: range) -> tuple[list[f
         if pp > 1:
             kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pgc.pp, config=ddp_chunks[0].config)
         reports = fb(**kwargs)
+        if before_update is not None:
+            before_update(step)
         ok, grad_norm, _ = optimizer_step(optimizer, sched)
         assert ok
         norms.append(grad_norm)
@@ -184,24 +189,23 @@ def _model_sd(ddp, pgc) -> dict:
     return ddp[0].sharded_state_dict(metadata={"dp_cp_group": pgc.dp_cp})
 
 
-def _save(ddp, opt, sched, pgc, path: str) -> None:
+def _state(ddp, opt, sched, pgc, moments: Optional[BranchMoments], *, is_loading: bool) -> dict:
+    msd = _model_sd(ddp, pgc)
+    return {"model": msd, "optimizer": optimizer_sharded_state_dict(opt, msd, is_loading=is_loading, pg_collection=pgc,
+                                                                    moments=moments),
+            "sched": shard_common_state(sched.state_dict(), key_prefix="sched", group=pgc.intra_dist_opt)}
+
+
+def _save(ddp, opt, sched, pgc, path: str, moments: Optional[BranchMoments] = None) -> None:
     """Every rank of the world calls save; ranks outside the role pass {}."""
-    if ddp is None:
-        dist_checkpointing.save({}, path)
-        return
-    msd = _model_sd(ddp, pgc)
-    sd = {"model": msd, "optimizer": optimizer_sharded_state_dict(opt, msd, is_loading=False, pg_collection=pgc),
-          "sched": shard_common_state(sched.state_dict(), key_prefix="sched", group=pgc.intra_dist_opt)}
-    dist_checkpointing.save(sd, path)
+    dist_checkpointing.save({} if ddp is None else _state(ddp, opt, sched, pgc, moments, is_loading=False), path)
 
 
-def _load(ddp, opt, sched, pgc, path: str) -> None:
-    msd = _model_sd(ddp, pgc)
-    template = {"model": msd, "optimizer": optimizer_sharded_state_dict(opt, msd, is_loading=True, pg_collection=pgc),
-                "sched": shard_common_state(sched.state_dict(), key_prefix="sched", group=pgc.intra_dist_opt)}
+def _load(ddp, opt, sched, pgc, path: str, moments: Optional[BranchMoments] = None) -> None:
+    template = _state(ddp, opt, sched, pgc, moments, is_loading=True)
     loaded = dist_checkpointing.load(template, path, process_group=pgc.intra_dist_opt)
     ddp[0].module.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
-    opt.load_state_dict(loaded["optimizer"])
+    load_optimizer_state(opt, loaded["optimizer"], moments)
     sched.load_state_dict(loaded["sched"])
 
 
@@ -224,3 +228,88 @@ def resume_matches(rank: int, world_size: int, tp: int, dp: int, distopt: bool, 
     resumed = train_steps(ddp, opt, sched, pgc, range(steps, steps + extra))
     dist.barrier()
     return {"full": full, "first": first, "resumed": resumed, "opt": type(opt).__name__}
+
+
+# ------------------------------------------------------------------------------------------------
+# per-branch Adam moments (optim.branch_state: per_branch)
+# ------------------------------------------------------------------------------------------------
+PATTERN = ("general", "general", "general", "domain")
+
+
+def _use_pattern(moments: Optional[BranchMoments]) -> Optional[Callable[[int], None]]:
+    """The trainer's call before each update: the step's branch of G,G,G,D."""
+    return None if moments is None else (lambda step: moments.use(PATTERN[step % len(PATTERN)]))
+
+
+def branch_moments_curves(rank: int, world_size: int, layouts: list[tuple[int, int, bool]], steps: int) -> dict:
+    """Per-branch moments, G,G,G,D: each (tp, dp, distopt) layout's (losses, grad norms); the shared
+    state's curve on TP1×DP1; and, on TP1×DP1 plain, every step's parameters before the update and
+    its gradients (for the hand-written AdamW of the test), the last parameters and each one's weight
+    decay."""
+    out: dict[Any, Any] = {}
+    pgc, ddp, opt, sched = _setup(1, 1, False)
+    if ddp is not None:
+        out["shared"] = train_steps(ddp, opt, sched, pgc, range(steps))
+    dist.barrier()
+    for tp, dp, distopt in layouts:
+        pgc, ddp, opt, sched = _setup(tp, dp, distopt)
+        if ddp is None:
+            dist.barrier()
+            continue
+        moments = BranchMoments(opt, ["general", "domain"])
+        use = _use_pattern(moments)
+        record = (tp, dp, distopt) == (1, 1, False)
+        params = dict(ddp[0].module.named_parameters())
+        trace: list[dict] = []
+
+        def before_update(step: int) -> None:
+            use(step)
+            if record:
+                trace.append({n: (p.detach().clone(), p.main_grad.detach().clone()) for n, p in params.items()})
+
+        out[(tp, dp, distopt)] = train_steps(ddp, opt, sched, pgc, range(steps), before_update)
+        if record:
+            decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+            out["trace"] = {"steps": trace, "last": {n: p.detach().clone() for n, p in params.items()},
+                            "weight_decay": {n: decay[id(p)] for n, p in params.items()},
+                            "lr": opt.param_groups[0]["lr"]}
+        dist.barrier()
+    return out
+
+
+def _build_with_moments(tp: int, dp: int, distopt: bool, seed: int = 1234):
+    pgc, ddp, opt, sched = _setup(tp, dp, distopt, seed=seed)
+    return pgc, ddp, opt, sched, (BranchMoments(opt, ["general", "domain"]) if ddp is not None else None)
+
+
+def branch_moments_resume(rank: int, world_size: int, scenarios: list[tuple], ckpt_root: str,
+                          steps: int = 4, extra: int = 5) -> dict:
+    """For each scenario ``(name, save_layout, load_layouts)``, layouts ``(tp, dp, distopt)``: per-branch
+    moments, G,G,G,D. Uninterrupted ``steps + extra`` steps at the save layout; separately ``steps``
+    steps, save; then for each load layout a fresh build (other seed), load, ``extra`` steps.
+    Returns {name: {"full": curve, "first": curve, load_layout: curve}} on rank 0."""
+    import os
+
+    out: dict[str, dict] = {}
+    for name, save_layout, load_layouts in scenarios:
+        path = os.path.join(ckpt_root, name)
+        if rank == 0:
+            os.makedirs(path)
+        dist.barrier()
+        res: dict[Any, Any] = {}
+        pgc, ddp, opt, sched, moments = _build_with_moments(*save_layout)
+        if ddp is not None:
+            res["full"] = train_steps(ddp, opt, sched, pgc, range(steps + extra), _use_pattern(moments))
+        pgc, ddp, opt, sched, moments = _build_with_moments(*save_layout)
+        if ddp is not None:
+            res["first"] = train_steps(ddp, opt, sched, pgc, range(steps), _use_pattern(moments))
+        _save(ddp, opt, sched, pgc, path, moments)
+        dist.barrier()
+        for layout in load_layouts:
+            pgc, ddp, opt, sched, moments = _build_with_moments(*layout, seed=99)
+            if ddp is not None:
+                _load(ddp, opt, sched, pgc, path, moments)
+                res[layout] = train_steps(ddp, opt, sched, pgc, range(steps, steps + extra), _use_pattern(moments))
+            dist.barrier()
+        out[name] = res
+    return out if rank == 0 else {}

@@ -416,6 +416,14 @@ def test_coherence_samples_is_bounded():
     assert load_config(None, ["logging.coherence_samples=64"]).logging.coherence_samples == 64
 
 
+def test_per_branch_moments_need_single_branch_steps():
+    line = only(problems_of(None, ["optim.branch_state=per_branch", "scheduler.mode=mixed"]), "optim.branch_state")
+    assert "scheduler.mode='mixed'" in line and "set optim.branch_state: shared, or scheduler.mode: alternating" in line
+    assert "'shared'" in only(problems_of(None, ["optim.branch_state=per-branch"]), "optim.branch_state")
+    assert load_config(None, ["optim.branch_state=per_branch"]).optim.branch_state == "per_branch"
+    assert Config().optim.branch_state == "shared"
+
+
 def test_dict_api_rejects_like_yaml():
     problems = problems_of(data={"model": {"hidden_sise": 64}, "teachers": [{"name": "general"}]})
     assert "did you mean 'model.hidden_size'?" in only(problems, "model.hidden_sise")

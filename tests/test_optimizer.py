@@ -96,6 +96,109 @@ def test_resume_distributed_optimizer_tp2_dp2(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# per-branch Adam moments (optim.branch_state: per_branch)
+# ------------------------------------------------------------------------------------------------
+def _hand_adamw_updates(trace: dict, per_branch: bool, *, beta1: float = 0.9, beta2: float = 0.999,
+                        eps: float = 1e-8, clip: float = 1.0) -> list[dict]:
+    """AdamW written out (float64) over the recorded gradients: global-norm clip, then per tensor
+    p ← p(1 − lr·wd) − lr·m̂/(√v̂ + ε) with m̂ = m/(1 − β1^t), v̂ = v/(1 − β2^t); moments and t per
+    branch of G,G,G,D (``per_branch``) or one set for all steps. Each step starts from the recorded
+    parameters. Returns every step's expected update (after − before) per tensor."""
+    lr = trace["lr"]
+    moments: dict[str, dict] = {}
+    updates = []
+    for step, snap in enumerate(trace["steps"]):
+        state = moments.setdefault(W.PATTERN[step % len(W.PATTERN)] if per_branch else "shared",
+                                   {"t": 0, "m": {}, "v": {}})
+        grads = {n: g.double() for n, (_, g) in snap.items()}
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+        coeff = min(1.0, clip / (norm + 1e-6))
+        state["t"] += 1
+        t = state["t"]
+        step_updates = {}
+        for n, (p, _) in snap.items():
+            g = grads[n] * coeff
+            m = state["m"][n] = beta1 * state["m"].get(n, torch.zeros_like(g)) + (1 - beta1) * g
+            v = state["v"][n] = beta2 * state["v"].get(n, torch.zeros_like(g)) + (1 - beta2) * g * g
+            p = p.double()
+            m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+            new = p * (1 - lr * trace["weight_decay"][n]) - lr * m_hat / (v_hat.sqrt() + eps)
+            step_updates[n] = new - p
+        updates.append(step_updates)
+    return updates
+
+
+def _worst_update_error(trace: dict, expected: list[dict], step: int) -> float:
+    """max over tensors of ‖ours − expected‖ / ‖expected‖ for one step's update."""
+    last = step + 1 == len(trace["steps"])
+    after = {n: (p, None) for n, p in trace["last"].items()} if last else trace["steps"][step + 1]
+    worst = 0.0
+    for n, (before, _) in trace["steps"][step].items():
+        ours = after[n][0].double() - before.double()
+        worst = max(worst, float((ours - expected[step][n]).norm() / expected[step][n].norm()))
+    return worst
+
+
+def test_per_branch_moments_match_a_hand_written_adamw_in_every_layout():
+    """optim.branch_state=per_branch, G,G,G,D,G: every update equals AdamW by hand with one set of
+    moments (and step count) per branch; the first domain step is the update of a fresh Adam, far
+    from the shared state's. TP2, DP2 plain and DP2 distributed optimizer give the TP1×DP1 curve;
+    the first three (general) steps equal the shared state's, the step after the domain update not."""
+    layouts = [(1, 1, False), (2, 1, False), (1, 2, False), (1, 2, True)]
+    steps = 5
+    res = run_on_ranks(W.branch_moments_curves, 2, args=(layouts, steps), timeout_s=300, pg_timeout_s=60)[0]
+    ref = (1, 1, False)
+    _assert_same_curve({k: (res[k], None) for k in layouts}, ref)
+    trace = res["trace"]
+    per_branch, shared = _hand_adamw_updates(trace, True), _hand_adamw_updates(trace, False)
+    for step in range(steps):
+        assert _worst_update_error(trace, per_branch, step) <= 1e-5, step
+    # the shared state's AdamW fits the general steps before the first domain step only
+    assert _worst_update_error(trace, shared, 2) <= 1e-5
+    assert _worst_update_error(trace, shared, 3) > 0.1
+    assert res["shared"][0][:4] == res[ref][0][:4]
+    assert abs(res["shared"][0][4] - res[ref][0][4]) > 1e-6
+
+
+def test_per_branch_moments_resume_exact_and_at_another_dp(tmp_path):
+    """Per-branch moments saved after G,G,G,D and resumed for G,G,G,D,G (the last loss shows the
+    resumed domain moments at work): exact at the same layout (TP2 plain optimizer; DP2 distributed
+    optimizer), and with the distributed optimizer saved at DP2 and resumed at DP1 (resharded) the
+    same continued curve up to the DP summation order."""
+    scenarios = [("tp2_plain", (2, 1, False), [(2, 1, False)]),
+                 ("dp2_distopt", (1, 2, True), [(1, 2, True), (1, 1, True)])]
+    res = run_on_ranks(W.branch_moments_resume, 2, args=(scenarios, _ckpt_dir(tmp_path)),
+                       timeout_s=400, pg_timeout_s=60)[0]
+    for name, save_layout, load_layouts in scenarios:
+        (full_losses, full_norms), (first_losses, _) = res[name]["full"], res[name]["first"]
+        assert first_losses == full_losses[:4]
+        assert full_losses[-1] != full_losses[4]  # it trains on
+        for layout in load_layouts:
+            losses, norms = res[name][layout]
+            if layout == save_layout:
+                assert (losses, norms) == (full_losses[4:], full_norms[4:]), (name, layout)
+            else:  # another DP: the DP sum is taken in another order
+                assert losses == pytest.approx(full_losses[4:], abs=1e-5, rel=0), (name, layout)
+                assert norms == pytest.approx(full_norms[4:], rel=1e-4), (name, layout)
+
+
+def test_branch_state_record_and_mismatch():
+    """A checkpoint resumes only with the optimizer-state layout it was saved with."""
+    from camopd_megatron.models.optimizer import branch_state_mismatch, branch_state_record
+
+    class _Moments:
+        branches = ("general", "domain")
+
+    per_branch = branch_state_record(_Moments())  # type: ignore[arg-type]
+    assert branch_state_record(None) == {"mode": "shared"}
+    assert branch_state_mismatch(None, None) is None  # a checkpoint from before the record: shared
+    assert branch_state_mismatch(per_branch, _Moments()) is None  # type: ignore[arg-type]
+    for saved, now in ((per_branch, None), (None, _Moments()), ({**per_branch, "branches": ["general"]}, _Moments())):
+        msg = branch_state_mismatch(saved, now)  # type: ignore[arg-type]
+        assert msg and "optim.branch_state" in msg and "checkpoint.resume" in msg
+
+
+# ------------------------------------------------------------------------------------------------
 # lr schedule and argument checks (no process groups)
 # ------------------------------------------------------------------------------------------------
 def _sched(**kw):

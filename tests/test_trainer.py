@@ -235,14 +235,16 @@ def _write_nan_teacher(rank: int, world_size: int, path: str) -> None:
     save_checkpoint(path, model_sharded_state_dict(model, pgc), model_cfg=cfg)
 
 
-def _train_expect_failure(rank: int, world_size: int, cfg) -> dict:
+def _train_expect_failure(rank: int, world_size: int, cfg, before: tuple = ()) -> dict:
+    """Train the ``before`` configs (their histories), then ``cfg``, which must raise."""
     from camopd_megatron.trainer import train
 
+    histories = [train(c).history for c in before]
     try:
         train(cfg)
-    except RuntimeError as e:
-        return {"error": str(e)}
-    return {"error": None}
+    except (RuntimeError, ValueError) as e:
+        return {"error": str(e), "histories": histories}
+    return {"error": None, "histories": histories}
 
 
 def test_nan_teacher_steps_are_skipped_then_the_run_aborts(tmp_path):
@@ -312,6 +314,29 @@ def test_a_skipped_step_reissues_its_branch(tmp_path):
     assert len(history) == 3
     assert all(h.get("teacher_nonfinite_tokens", 0) > 0 for h in history), history
     assert not any("train/loss" in h for h in history)  # general never trained
+
+
+def test_per_branch_moments_resume_through_the_trainer(general_ckpt, tmp_path):
+    """optim.branch_state=per_branch through train(): the same losses as the shared state until the
+    first domain update, other ones after it; a 5-step run resumed to 9 reproduces the uninterrupted
+    run exactly (step 9 follows the resumed domain moments' update); resuming that checkpoint with the
+    shared state is refused with the key to fix."""
+    per_branch = {"optim": {"branch_state": "per_branch"}}
+    shared = tiny_cfg(str(tmp_path / "shared"), general_ckpt, steps=5, extra={"checkpoint": {"save_interval": 0}})
+    full = tiny_cfg(str(tmp_path / "full"), general_ckpt, steps=9,
+                    extra={**per_branch, "checkpoint": {"save_interval": 0}})
+    first = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=5, extra=per_branch)
+    second = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=9, extra=per_branch)
+    wrong = tiny_cfg(str(tmp_path / "resumed"), general_ckpt, steps=10)
+    (out,) = run_on_ranks(_train_expect_failure, 1, args=(wrong, (shared, full, first, second)), timeout_s=500)
+    shared_h, full_h, _, resumed_h = ([h for h in hist if "phase" in h] for hist in out["histories"])
+    assert [h["train/loss"] for h in shared_h[:4]] == [h["train/loss"] for h in full_h[:4]]
+    assert shared_h[4]["train/loss"] != full_h[4]["train/loss"]
+    assert [int(h["step"]) for h in resumed_h] == [6, 7, 8, 9]
+    for x, y in zip(full_h[5:], resumed_h):
+        for k in ("train/loss", "grad_norm", "select/kept_fraction"):
+            assert x[k] == y[k], (k, x["step"], x[k], y[k])
+    assert "optim.branch_state" in out["error"] and "step_00000009" in out["error"], out["error"]
 
 
 @pytest.mark.slow

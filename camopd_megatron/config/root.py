@@ -184,6 +184,13 @@ class Config:
                     sched_key, b, f"a branch of data.branches ({sorted(data)})",
                     f"add data.branches.{b}.paths, or drop {b!r} from {sched_key}" + _did_you_mean(b, data),
                 ))
+        if self.optim.branch_state == "per_branch" and self.scheduler.mode != "alternating":
+            problems.append(problem(
+                "optim.branch_state", self.optim.branch_state,
+                f"shared with scheduler.mode={self.scheduler.mode!r} (a mixed step holds several branches, "
+                "so it has no single branch's Adam moments to use)",
+                "set optim.branch_state: shared, or scheduler.mode: alternating",
+            ))
         known = set(sched) | set(served) | set(data)
         for key, mapping in (("selection.rho", self.selection.rho), ("selection.score", self.selection.score),
                              ("loss.adv_scale", self.loss.adv_scale)):

@@ -554,7 +554,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (one optimizer shared by all branches)."""
+    """AdamW and the learning-rate schedule (one optimizer and one schedule for all branches)."""
 
     lr: float = 2e-6
     """Peak learning rate."""
@@ -576,6 +576,14 @@ class OptimConfig:
     """Global gradient-norm clip; 0 = off."""
     micro_batch_size: int = 4
     """Sequences per training forward/backward on one data-parallel rank."""
+    branch_state: Literal["shared", "per_branch"] = "shared"
+    """Adam moments of the branches. ``shared``: one exp_avg / exp_avg_sq for every step, so a domain
+    step of G,G,G,D moves mostly along the general momentum (β1 = 0.9). ``per_branch``: one set of
+    moments per scheduled branch, each with its own step count for the bias correction (as if each
+    branch had an Adam of its own over the shared weights); a step uses and updates only its branch's
+    moments. The learning-rate schedule counts every step either way. Needs ``scheduler.mode:
+    alternating`` (a mixed step has no single branch). Saved in checkpoints (resharded across DP like
+    the shared state); a checkpoint resumes only with the ``branch_state`` and branches it was saved with."""
 
     def validate(self, prefix: str = "optim") -> list[str]:
         """In-section problems (empty when valid)."""

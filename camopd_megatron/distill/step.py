@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from camopd_megatron.config import Config
     from camopd_megatron.data import PromptSource
-    from camopd_megatron.models.optimizer import LRScheduler
+    from camopd_megatron.models.optimizer import BranchMoments, LRScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class StudentState:
     """All ranks of the student role (metric reduction)."""
     vocab_size: int
     max_seq_len: int
+    moments: Optional["BranchMoments"] = None
+    """Per-branch Adam moments (``optim.branch_state: per_branch``); None: one shared state."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -300,6 +302,8 @@ def camopd_step(
                                            branches, settings.policy, student.dp_group))
     lr_scale = settings.policy.lr_scale(plan.branches)  # r_b under selection.scale_mode: lr, else 1
     with timer("optimizer"):
+        if student.moments is not None:  # per-branch Adam: this branch's moments (swapped by pointer)
+            student.moments.use(plan.branch)
         ok, grad_norm, _ = optimizer_step(student.optimizer, student.lr_scheduler, lr_scale=lr_scale)
     metrics = _step_metrics(student, batch, branches, gap_BT, sel, loss_sums, timer, t_start)
     lr = float(student.lr_scheduler.get_lr())

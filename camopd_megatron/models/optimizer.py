@@ -25,14 +25,21 @@ WORLD (optimizer/__init__.py ``_get_param_groups``), which would hang when only 
 optimizer; :func:`build_ddp_and_optimizer` redirects that gather to the role's own ranks
 (:func:`camopd_megatron.compat.param_groups_aligned_over`).
 
-Optimizer state checkpointing goes through :func:`optimizer_sharded_state_dict`
-(dist_checkpointing; the DistributedOptimizer uses the ``fully_reshardable`` format); the
-torch-native-Adam fixes it relies on live in :mod:`camopd_megatron.compat.optim`.
+Optimizer state checkpointing goes through :func:`optimizer_sharded_state_dict` and
+:func:`load_optimizer_state` (dist_checkpointing; the DistributedOptimizer uses the
+``fully_reshardable`` format); the torch-native-Adam fixes it relies on live in
+:mod:`camopd_megatron.compat.optim`.
+
+Per-branch Adam moments (``optim.branch_state: per_branch``, :class:`BranchMoments`): one megatron
+optimizer, whose inner optimizer's state object (param → exp_avg, exp_avg_sq, step) is swapped by
+pointer before each step for the state of the step's branch. Parameters, fp32 main params, grads
+and param groups stay shared; nothing is copied.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from typing import Any, Optional, Sequence
 
 import torch
@@ -58,6 +65,10 @@ __all__ = [
     "optimizer_step",
     "zero_grad_buffers",
     "optimizer_sharded_state_dict",
+    "load_optimizer_state",
+    "BranchMoments",
+    "branch_state_record",
+    "branch_state_mismatch",
     "shard_common_state",
     "DISTOPT_SHARDING_TYPE",
 ]
@@ -349,26 +360,187 @@ def zero_grad_buffers(ddp_chunks: Sequence[DistributedDataParallel], optimizer: 
     optimizer.zero_grad()
 
 
+class BranchMoments:
+    """Adam moments per schedule branch (``optim.branch_state: per_branch``) for ONE megatron optimizer.
+
+    Each branch owns a complete inner-optimizer state (torch Adam: param → ``exp_avg``,
+    ``exp_avg_sq`` and its own 0-d ``step``, so the bias correction counts that branch's updates
+    only; a fused TE/apex Adam keeps ``step`` in the param groups, which are swapped along). Before
+    a step, :meth:`use` puts the step's branch state in place by pointer: the inner optimizer's
+    ``state`` object is exchanged (and the param groups' ``step`` entries, where present); the
+    parameters, fp32 main params, gradients and param groups (lr, weight decay) stay shared, and no
+    tensor is copied. With the distributed optimizer each branch's state holds this DP rank's
+    shards, exactly like the shared state.
+
+    Every branch's state is created up front, zeros with step 0, which is what torch Adam creates
+    lazily on a parameter's first update; so a branch that has not stepped yet is saved and loaded
+    like any other (one template for every checkpoint).
+    """
+
+    def __init__(self, optimizer: MegatronOptimizer, branches: Sequence[str]) -> None:
+        if not branches or len(set(branches)) != len(branches):
+            raise ValueError(f"BranchMoments: branches={list(branches)} must be a non-empty list of distinct names")
+        self.branches = tuple(branches)
+        # megatron wraps one torch optimizer per (dtype, expert) part, usually under a ChainedOptimizer;
+        # a stub (no params on this rank) has no inner optimizer
+        self._parts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                       if getattr(o, "optimizer", None) is not None]
+        self.active = self.branches[0]
+        self._parked: dict[str, list[tuple[Any, list[Any]]]] = {}
+        for part in self._parts:  # the live state becomes the first branch's
+            _init_adam_state(part)
+        for branch in self.branches[1:]:
+            self._parked[branch] = [self._fresh(part) for part in self._parts]
+
+    @staticmethod
+    def _fresh(part: Any) -> tuple[Any, list[Any]]:
+        """A new zero state for ``part`` (built in place of the live one, which is put back)."""
+        inner = part.optimizer
+        live, live_steps = inner.state, _group_steps(inner)
+        inner.state = defaultdict(dict)
+        try:
+            _set_group_steps(inner, [_NO_STEP] * len(inner.param_groups))
+            _init_adam_state(part)
+            return inner.state, _group_steps(inner)
+        finally:
+            inner.state = live
+            _set_group_steps(inner, live_steps)
+
+    def use(self, branch: Optional[str]) -> None:
+        """Make ``branch``'s moments the ones the next ``optimizer.step()`` reads and updates."""
+        if branch not in self.branches:
+            raise ValueError(f"optim.branch_state=per_branch: a step of branch {branch!r} has no Adam moments "
+                             f"(branches: {list(self.branches)}); per-branch moments need one branch per step")
+        if branch == self.active:
+            return
+        parked = self._parked.pop(branch)
+        out = []
+        for part, (state, steps) in zip(self._parts, parked):
+            inner = part.optimizer
+            out.append((inner.state, _group_steps(inner)))
+            inner.state = state
+            _set_group_steps(inner, steps)
+        self._parked[self.active] = out
+        self.active = branch
+
+
+_NO_STEP = object()
+"""A param group without a ``step`` entry (a fused Adam that has not stepped yet)."""
+
+
+def _group_steps(inner: Any) -> list[Any]:
+    return [g.get("step", _NO_STEP) for g in inner.param_groups]
+
+
+def _set_group_steps(inner: Any, steps: list[Any]) -> None:
+    for group, step in zip(inner.param_groups, steps):
+        if step is _NO_STEP:
+            group.pop("step", None)
+        else:
+            group["step"] = step
+
+
+def _init_adam_state(part: Any) -> None:
+    """Zero moments (megatron's ``init_state_fn``) and, for torch Adam, the per-param 0-d ``step``
+    that torch creates on a first update (float32, on the param's device when capturable/fused)."""
+    inner = part.optimizer
+    part.init_state_fn(inner, part.config)
+    if not isinstance(inner, torch.optim.Adam):  # a fused Adam counts steps in its param groups
+        return
+    for group in inner.param_groups:
+        fused = bool(group.get("fused"))
+        dtype = torch.float32 if fused or torch.get_default_dtype() != torch.float64 else torch.float64
+        device = None if group.get("capturable") or fused else torch.device("cpu")
+        for p in group["params"]:
+            state = inner.state[p]
+            if "step" not in state:  # torch/optim/adam.py _init_group, "special device hosting for step"
+                state["step"] = torch.zeros((), dtype=dtype, device=device or p.device)
+
+
+MOMENTS_PREFIX = "branch_moments."
+"""Checkpoint key prefix of a branch's optimizer state (``branch_moments.<branch>.``)."""
+
+
+def branch_state_record(moments: Optional[BranchMoments]) -> dict[str, Any]:
+    """What a checkpoint's manifest records about the optimizer state's layout."""
+    if moments is None:
+        return {"mode": "shared"}
+    return {"mode": "per_branch", "branches": list(moments.branches)}
+
+
+def branch_state_mismatch(saved: Optional[dict[str, Any]], moments: Optional[BranchMoments]) -> Optional[str]:
+    """Why a checkpoint's optimizer state (``saved``: its :func:`branch_state_record`; None for a
+    checkpoint from before the record = shared) cannot be loaded with ``moments``; None if it can."""
+    saved = saved or {"mode": "shared"}
+    now = branch_state_record(moments)
+    if saved == now:
+        return None
+    return (f"its optimizer state is {saved} but the config asks for {now} (optim.branch_state and the "
+            "scheduled branches); resume with the checkpoint's optim.branch_state and branches, or start a "
+            "new run (checkpoint.resume: never)")
+
+
 def optimizer_sharded_state_dict(
     optimizer: MegatronOptimizer,
     model_sharded_sd: dict,
     *,
     is_loading: bool,
     pg_collection: ProcessGroupCollection,
+    moments: Optional[BranchMoments] = None,
 ) -> dict:
     """The optimizer's dist_checkpointing sharded state dict (to save, or as the load template).
 
     ``model_sharded_sd`` must be the sharded state dict of the SAME (DDP-wrapped) model chunks,
     built with ``metadata={"dp_cp_group": pg_collection.dp_cp}``: the optimizer state tensors reuse
     its keys, shapes and replica ids. After ``dist_checkpointing.load`` pass the loaded dict to
-    ``optimizer.load_state_dict``. Works for the plain and the distributed optimizer (format
+    :func:`load_optimizer_state`. Works for the plain and the distributed optimizer (format
     :data:`DISTOPT_SHARDING_TYPE`); the role's dp_cp group is passed explicitly so nothing falls
     back to megatron's global data-parallel group.
+
+    With ``moments`` (per-branch Adam state): ``{branch: that branch's optimizer state dict}``, every
+    key prefixed ``branch_moments.<branch>.``, each built exactly like the shared one (so each
+    reshards like it). With the distributed optimizer every branch also carries the fp32 main params
+    (megatron's format has them next to the moments): identical copies.
     """
+    if moments is None:
+        return _sharded_optimizer_state(optimizer, model_sharded_sd, is_loading, pg_collection, "optimizer.common")
+    out: dict[str, Any] = {}
+    was = moments.active
+    try:
+        for branch in moments.branches:
+            moments.use(branch)
+            prefix = f"{MOMENTS_PREFIX}{branch}."
+            out[branch] = _sharded_optimizer_state(optimizer, model_sharded_sd, is_loading, pg_collection,
+                                                   f"{prefix}common", key_prefix=prefix)
+    finally:
+        moments.use(was)
+    return out
+
+
+def load_optimizer_state(optimizer: MegatronOptimizer, loaded: dict, moments: Optional[BranchMoments] = None) -> None:
+    """Load what ``dist_checkpointing.load`` returned for :func:`optimizer_sharded_state_dict`."""
+    if moments is None:
+        optimizer.load_state_dict(loaded)
+        return
+    was = moments.active
+    try:
+        for branch in moments.branches:
+            moments.use(branch)
+            optimizer.load_state_dict(loaded[branch])  # replaces the live state object: use() parks the new one
+    finally:
+        moments.use(was)
+
+
+def _sharded_optimizer_state(optimizer: MegatronOptimizer, model_sharded_sd: dict, is_loading: bool,
+                             pg_collection: ProcessGroupCollection, common_key: str, key_prefix: str = "") -> dict:
     metadata = {"distrib_optim_sharding_type": DISTOPT_SHARDING_TYPE, "dp_cp_group": pg_collection.dp_cp}
     sharded = optimizer.sharded_state_dict(model_sharded_sd, is_loading=is_loading, metadata=metadata)
     _always_common_step(sharded)
-    return shard_common_state(sharded, key_prefix="optimizer.common", group=_role_group(pg_collection))
+    if key_prefix:
+        from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+        add_prefix_for_sharding(sharded, key_prefix)
+    return shard_common_state(sharded, key_prefix=common_key, group=_role_group(pg_collection))
 
 
 def _always_common_step(sharded: Any) -> None:
