@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_checkpoint
+from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_checkpoint, read_manifest
 from camopd_megatron.config.errors import ConfigError, problem
 from camopd_megatron.models.pipeline import last_stage_to_all, wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
@@ -85,11 +85,12 @@ def check_teachers(cfg: "Config", layout: "RoleLayout") -> None:
 
 
 def check_teacher_checkpoint(path: str, model_cfg: "ModelConfig", key: str) -> None:
-    """One teacher checkpoint: intact (its manifest's checksum, every recorded file's size, the small
-    files' checksums, safe metadata: ``checkpoint.dist.check_checkpoint``), then the same vocabulary and
-    architecture. Every rank checks every small file, so all reach the same verdict without a collective."""
+    """One teacher checkpoint: readable manifest, same vocabulary and architecture, then intact: every
+    recorded file's size, the small files' checksums and safe metadata (``checkpoint.dist.check_checkpoint``,
+    the check a training resume runs). Every rank checks every small file, so all reach the same verdict
+    without a collective, before any model is built."""
     try:
-        manifest = check_checkpoint(path)
+        manifest = read_manifest(path)
     except CheckpointError as e:
         raise CheckpointError(f"{key}={path!r}: {e}", reason=e.reason) from e
     saved = manifest.get("model", {}) if isinstance(manifest.get("model"), dict) else {}
@@ -102,6 +103,11 @@ def check_teacher_checkpoint(path: str, model_cfg: "ModelConfig", key: str) -> N
         check_arch(manifest, model_cfg, str(path), key="model")
     except CheckpointError as e:
         raise CheckpointError(f"{key}: {e}") from e
+    try:
+        check_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}={path!r}: {e}; check it with tools/verify_checkpoint.py",
+                              reason=e.reason) from e
 
 
 # ------------------------------------------------------------------------------------------------
