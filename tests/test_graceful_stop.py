@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -124,7 +125,9 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     md = reader.read_metadata().state_dict_metadata
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items()
           if isinstance(m, TensorStorageMetadata)}
-    load(sd, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        load(sd, storage_reader=reader, no_dist=True)
     return sd
 
 
