@@ -15,10 +15,12 @@ per-rank RNG states go to ``ranks/<rank>.pt``. Resuming reproduces the uninterru
 CPU (rollout randomness is a function of (seed, step, sample id), not of process state).
 
 Stopping early. SIGTERM and SIGUSR1 only set a flag (a handler must not act in the middle of a
-collective); after every step the student ranks agree on it with one all-reduce over their group
-(together with ``run.exit_duration_min``), then finish that step, save, and each rank logs why it
-stopped. Separate teacher ranks ignore the signal and stop when the student shuts them down after
-that save.
+collective), on every rank. After every step (but the last) the whole world agrees on it with one
+all-reduce (max of the flags and of ``run.exit_duration_min`` being reached): the student ranks call it
+right after telling each separate teacher replica that the step ended (``step``, point-to-point), and
+each teacher replica calls it once every student replica routed to it said so. On a stop the student
+saves that step's checkpoint (the teachers join the save), shuts the teachers down, and every rank
+logs why it stopped, so a signal that reaches any one rank, a teacher's included, stops the run.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from camopd_megatron.checkpoint.dist import (
-    load_model, load_rank_state, load_sharded, model_sharded_state_dict, save_checkpoint,
+    CheckpointError, load_model, load_rank_state, load_sharded, model_sharded_state_dict, save_checkpoint,
 )
 from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.checkpoint.resume import select_checkpoint
@@ -53,6 +55,7 @@ from camopd_megatron.models.optimizer import (
     BranchMoments, branch_state_mismatch, branch_state_record, build_ddp_and_optimizer, load_optimizer_state,
     optimizer_sharded_state_dict,
 )
+from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.models.precision import detect_device, precision_kwargs
 from camopd_megatron.deps import te_available
 from camopd_megatron.parallel import RankGroups, RoleLayout, build_process_groups
@@ -87,8 +90,9 @@ class _StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, exit_duration_min: Optional[float] = None) -> None:
         self.signum = 0
+        self.exit_duration_min = exit_duration_min
         self.started = time.monotonic()
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
@@ -97,6 +101,17 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+
+    def agree(self) -> Optional[str]:
+        """Whether to stop now: one all-reduce (max) over the whole world, so every rank of every role
+        agrees. Every rank calls it once per step (teacher ranks through ``TeacherHost.serve``'s ``on_step``)."""
+        limit = self.exit_duration_min
+        late = limit is not None and time.monotonic() - self.started >= 60.0 * limit
+        flags = torch.tensor([float(self.signum), float(late)], device=wire_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the world group
+        if flags[0] > 0:
+            return signal.Signals(int(flags[0])).name
+        return "run.exit_duration_min" if flags[1] > 0 else None
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -108,7 +123,7 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
     """Run CaMOPD training for ``cfg`` on this process (under torchrun, or alone as a world of 1)."""
     owns_world = not dist.is_initialized()  # a caller that set up the world keeps it afterwards
     env = init_distributed(backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
-    stop = _StopRequest()
+    stop = _StopRequest(cfg.run.exit_duration_min)
     try:
         setup_logging(env.rank, cfg.run.log_level.upper())
         layout = RoleLayout.from_config(cfg, env.world_size)
@@ -132,15 +147,13 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
 
 
 def _serve_teacher(host: TeacherHost, stop: _StopRequest) -> TrainResult:
-    """Teacher ranks: serve log-prob requests (and join checkpoint saves) until the student is done."""
-    # TODO(teachers): a signal that reaches only teacher ranks is not seen by the student; the per-step
-    # stop agreement should include the teacher ranks (after the teachers/ refactor).
-    host.serve()
-    reason = signal.Signals(stop.signum).name if stop.signum else None
-    if reason:
-        logger.warning("role %s rank %d: %s received; stopped after the student's last save", host.role.name,
-                       dist.get_rank(), reason)
-    return TrainResult(role=host.role.name, stopped=reason)
+    """Teacher ranks: serve log-prob requests (and join checkpoint saves and the per-step stop
+    agreement) until the student is done."""
+    stats = host.serve(on_step=lambda step: stop.agree())
+    if stats.stopped:
+        logger.warning("role %s rank %d: stopping after step %d (%s); the student saved that step, exiting",
+                       host.role.name, dist.get_rank(), stats.last_step, stats.stopped)
+    return TrainResult(role=host.role.name, steps_done=stats.last_step, stopped=stats.stopped)
 
 
 class _Trainer:
@@ -314,7 +327,7 @@ class _Trainer:
                 bar.update(1)
                 bar.set_postfix(branch=plan.branch or "mixed", loss=f"{metrics.get('train/loss', 0.0):.4f}")
             interval = cfg.checkpoint.save_interval
-            stop = self._stop_reason() if done < cfg.run.steps else None  # the last step ends the run anyway
+            stop = self._stop_reason(done) if done < cfg.run.steps else None  # the last step ends the run anyway
             if (interval and done % interval == 0) or done == cfg.run.steps or stop:
                 result.last_checkpoint = self.save(done)
             result.steps_done = done
@@ -328,15 +341,12 @@ class _Trainer:
         self.writer.close()
         return result
 
-    def _stop_reason(self) -> Optional[str]:
-        """Whether to stop after this step: one all-reduce (max) over the student ranks, so all agree."""
-        limit = self.cfg.run.exit_duration_min
-        late = limit is not None and time.monotonic() - self.stop.started >= 60.0 * limit
-        flags = torch.tensor([float(self.stop.signum), float(late)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.role_group)
-        if flags[0] > 0:
-            return signal.Signals(int(flags[0])).name
-        return "run.exit_duration_min" if flags[1] > 0 else None
+    def _stop_reason(self, done: int) -> Optional[str]:
+        """Whether to stop after this step (``done`` steps): the separate teachers are told the step
+        ended, then the world-wide agreement (:meth:`_StopRequest.agree`)."""
+        if self.teachers.has_separate:
+            self.teachers.step_end(done)
+        return self.stop.agree()
 
     def _probe(self, step: int, plan: StepPlan) -> dict[str, float]:
         """The general/domain gradient-conflict probe and the gradient-coherence probe of the step's

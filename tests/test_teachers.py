@@ -392,6 +392,23 @@ def test_bad_teacher_setups_name_the_key(tmp_path):
                                              "model": {**arch_dict(cfg.model), "num_layers": 4}}))
     with pytest.raises(CheckpointError, match="num_layers: checkpoint 4 vs config 2"):
         check_teachers(cfg, layout)
+    # the integrity check of a training resume (sizes, small files' checksums) runs before any model build
+    from camopd_megatron.checkpoint.integrity import FILES_KEY, MANIFEST_SUM_KEY, manifest_digest, record_files
+
+    (half / "ranks").mkdir()
+    (half / "ranks" / "0.pt").write_bytes(b"rng state" * 10)
+    (half / "__0_0.distcp").write_bytes(b"tensor bytes" * 10)
+    manifest = {"format_version": FORMAT_VERSION, "model": arch_dict(cfg.model),
+                FILES_KEY: record_files(half, ["ranks/0.pt", "__0_0.distcp"])}
+    (half / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_SUM_KEY: manifest_digest(manifest)}))
+    (half / "ranks" / "0.pt").write_bytes(b"rng statE" * 10)  # same size, other content
+    with pytest.raises(CheckpointError, match=r"teachers\[0\]\.checkpoint=.*half.*is damaged: ranks/0.pt does not "
+                                              r"match its checksum"):
+        check_teachers(cfg, layout)
+    (half / "ranks" / "0.pt").write_bytes(b"rng state" * 10)
+    (half / "__0_0.distcp").write_bytes(b"tensor")
+    with pytest.raises(CheckpointError, match=r"is damaged: __0_0.distcp has 6 bytes, 120 were written"):
+        check_teachers(cfg, layout)
 
 
 def test_world_size_mismatch_and_client_input_errors():

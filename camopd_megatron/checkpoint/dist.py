@@ -42,7 +42,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -333,6 +333,25 @@ def _agree(problem: Optional[tuple[str, str]], group: Any) -> Optional[tuple[str
     return next((p for p in everyone if p is not None), None)
 
 
+def check_checkpoint(
+    path: str | os.PathLike,
+    *,
+    rank_files: Optional[Iterable[int]] = None,
+    full: bool = False,
+) -> dict[str, Any]:
+    """This process's part of :func:`verify_checkpoint`, no collective: the manifest (its own checksum),
+    every recorded file's size, the small files' checksums (of ``ranks/<r>.pt`` those with ``r`` in
+    ``rank_files``; None = all), the DCP ``.metadata``; ``full`` = every checksum. Returns the manifest,
+    or raises CheckpointError naming the checkpoint and the damaged files."""
+    manifest = read_manifest(path)
+    found = check_files(path, manifest, full=full, hash_rank_files=rank_files)
+    if found:
+        d = summarize(found)
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {d.detail}", reason=d.reason)
+    check_dcp_metadata(path)
+    return manifest
+
+
 def verify_checkpoint(
     path: str | os.PathLike,
     *,
@@ -353,12 +372,7 @@ def verify_checkpoint(
     manifest: Optional[dict[str, Any]] = None
     problem: Optional[tuple[str, str]] = None
     try:
-        manifest = read_manifest(path)
-        found = check_files(path, manifest, full=full, hash_rank_files=None if full else (rank,))
-        if found:
-            d = summarize(found)
-            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {d.detail}", reason=d.reason)
-        check_dcp_metadata(path)
+        manifest = check_checkpoint(path, rank_files=None if full else (rank,), full=full)
     except CheckpointError as e:
         problem = (e.reason, str(e))
     problem = _agree(problem, group)

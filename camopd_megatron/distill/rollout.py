@@ -58,7 +58,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_dcp_metadata, read_manifest
+from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_checkpoint, read_manifest
 from camopd_megatron.config.errors import ConfigError, problem
 from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
@@ -85,11 +85,14 @@ def check_teachers(cfg: "Config", layout: "RoleLayout") -> None:
 
 
 def check_teacher_checkpoint(path: str, model_cfg: "ModelConfig", key: str) -> None:
-    """One teacher checkpoint: readable manifest, same vocabulary and architecture, safe metadata."""
+    """One teacher checkpoint: readable manifest, same vocabulary and architecture, then intact: every
+    recorded file's size, the small files' checksums and safe metadata (``checkpoint.dist.check_checkpoint``,
+    the check a training resume runs). Every rank checks every small file, so all reach the same verdict
+    without a collective, before any model is built."""
     try:
         manifest = read_manifest(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{key}={path!r}: {e}") from e
+        raise CheckpointError(f"{key}={path!r}: {e}", reason=e.reason) from e
     saved = manifest.get("model", {}) if isinstance(manifest.get("model"), dict) else {}
     if saved.get("vocab_size") != model_cfg.vocab_size:
         raise CheckpointError(
@@ -98,9 +101,13 @@ def check_teacher_checkpoint(path: str, model_cfg: "ModelConfig", key: str) -> N
             f"(convert the teacher with the student's tokenizer, or fix model.vocab_size)")
     try:
         check_arch(manifest, model_cfg, str(path), key="model")
-        check_dcp_metadata(path)
     except CheckpointError as e:
         raise CheckpointError(f"{key}: {e}") from e
+    try:
+        check_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}={path!r}: {e}; check it with tools/verify_checkpoint.py",
+                              reason=e.reason) from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,11 +273,24 @@ class TeacherClient:
             p2p_send(msg, route.teacher_input_rank, tag=TAG_MESSAGE, timeout_s=self.timeout_s, peer=peer,
                      what="save path")
 
+    def step_end(self, step: int) -> None:
+        """Tell every separate teacher replica that a student step ended (``step`` steps done).
+
+        Call on every student rank right before the world-wide stop agreement (only replica leaders
+        send): each teacher replica joins that collective once every student replica routed to it
+        has sent this, so the teachers take part in it once per step without a collective of their own.
+        """
+        if self.closed:
+            raise TeacherServiceError("TeacherClient is closed; build a new one")
+        for name, route in self._leader_targets():
+            p2p_send(header(Command.STEP, b=int(step)), route.teacher_input_rank, tag=TAG_HEADER,
+                     timeout_s=self.timeout_s, peer=self._peer(route, route.teacher_input_rank), what="step end")
+
     def close(self, error: BaseException | str | None = None) -> None:
         """Tell every separate teacher group to stop: ``shutdown``, or ``abort`` carrying ``error``.
 
         Call it on every student rank in a ``finally`` (only replica leaders send; idempotent).
-        Never raises: a teacher that is already gone is logged.
+        Never raises: a teacher that is already gone (or any other failure to reach it) is logged.
         """
         if self.closed:
             return
@@ -294,7 +314,7 @@ class TeacherClient:
                     if msg.numel():
                         p2p_send(msg, route.teacher_input_rank, tag=TAG_MESSAGE, timeout_s=self.timeout_s,
                                  peer=peer, what="abort message")
-            except TeacherServiceError as e:
+            except Exception as e:  # noqa: BLE001 - close runs while the caller handles its own error
                 logger.warning("could not stop %s: %s", peer, e)
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from types import SimpleNamespace
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Optional
 
 import torch
 
@@ -132,6 +132,10 @@ class ServeStats:
     """Payload bytes this rank sent to students (output rank only)."""
     shutdowns: int = 0
     saves: int = 0
+    last_step: int = 0
+    """Steps done at the student's last ``step`` or ``save`` command."""
+    stopped: Optional[str] = None
+    """Why the world agreed to stop early (what ``on_step`` returned), else None."""
 
 
 class TeacherHost:
@@ -176,13 +180,27 @@ class TeacherHost:
     def _me(self) -> str:
         return f"role {self.role.name!r} rank {self.input_rank} (this teacher replica's input rank)"
 
-    def serve(self) -> ServeStats:
-        """Answer requests until every routed student replica sent ``shutdown``; raise on ``abort``."""
+    ABORT_GRACE_S = 30.0
+    """After one student replica's ``abort``: the longest wait for each other routed replica's (they
+    usually fail at the same point); without it a second abort would be sent to a teacher that exited."""
+
+    def serve(self, on_step: Optional[Callable[[int], Optional[str]]] = None) -> ServeStats:
+        """Answer requests until every routed student replica sent ``shutdown``.
+
+        ``step``: once every routed student replica sent it, ``on_step(steps done)`` runs on every rank
+        of this replica (the trainer's world-wide stop agreement, a collective the student ranks join
+        at the same point); what it returns is kept in ``ServeStats.stopped``. ``abort``: the aborts of
+        the other routed student replicas are taken too (bounded by :attr:`ABORT_GRACE_S`), then
+        :class:`StudentAborted` on every rank of the replica.
+        """
         stats = ServeStats()
         open_senders = list(self.senders)
         logger.info("role %s rank %d serving %s for student replica(s) %s", self.role.name, self.rank,
                     [m.name for m in self.models.values()], [d for _, d in open_senders])
+        # SAVE and STEP are world-collective: every routed replica asks at the same point of its step
+        # sequence, and this replica joins once all of them did
         save_requests: set[tuple[int, int]] = set()
+        step_requests: set[tuple[int, int]] = set()
         while open_senders:
             for sender in list(open_senders):
                 header = self._next_header(sender)
@@ -192,15 +210,24 @@ class TeacherHost:
                     stats.shutdowns += 1
                     continue
                 if cmd == Command.ABORT:
-                    self._abort(sender, nmsg)
+                    open_senders.remove(sender)
+                    self._abort(sender, nmsg, open_senders)
                 if cmd == Command.SAVE:
-                    # every routed replica asks at the same point of its step sequence; join once all did
                     path = self._message(sender, nmsg, "save path")
                     save_requests.add(sender)
                     if save_requests >= set(open_senders):
                         save_checkpoint(path, None, model_cfg=self.model_cfg, step=b, overwrite=True)
                         save_requests.clear()
                         stats.saves += 1
+                        stats.last_step = b
+                    continue
+                if cmd == Command.STEP:
+                    step_requests.add(sender)
+                    if step_requests >= set(open_senders):
+                        step_requests.clear()
+                        stats.last_step = b
+                        reason = on_step(b) if on_step is not None else None
+                        stats.stopped = stats.stopped or reason
                     continue
                 if cmd != Command.SCORE or tid not in self.models:
                     raise TeacherServiceError(
@@ -210,12 +237,23 @@ class TeacherHost:
         logger.info("role %s rank %d: shutdown after %s", self.role.name, self.rank, stats.requests)
         return stats
 
-    def _next_header(self, sender: tuple[int, int]) -> torch.Tensor:
+    def _next_header(self, sender: tuple[int, int], grace_s: Optional[float] = None) -> torch.Tensor:
+        """The sender's next header on every rank of the replica. With ``grace_s``: wait at most that
+        long and give an all-zero header (no command) instead of raising when nothing came."""
         header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+        wait_s = self.idle_timeout_s if grace_s is None else grace_s
         if self.rank == self.input_rank:
-            p2p_recv(header, sender[0], tag=TAG_HEADER, timeout_s=self.idle_timeout_s, peer=self._peer(*sender),
-                     what=f"teacher role {self.role.name!r} rank {self.rank} waiting for the next request")
-        return group_broadcast(header, self.input_rank, self.pgc.mp, timeout_s=self.idle_timeout_s, peer=self._me(),
+            try:
+                p2p_recv(header, sender[0], tag=TAG_HEADER, timeout_s=wait_s, peer=self._peer(*sender),
+                         what=f"teacher role {self.role.name!r} rank {self.rank} waiting for the next request")
+            except TeacherServiceError:
+                if grace_s is None:
+                    raise
+                header.zero_()
+        # the other ranks wait out the input rank's grace too
+        bcast_s = self.idle_timeout_s if grace_s is None else grace_s + self.timeout_s
+        return group_broadcast(header, self.input_rank, self.pgc.mp, timeout_s=bcast_s,
+                               peer=self._me(),
                                what=f"teacher role {self.role.name!r} rank {self.rank} waiting for a request header")
 
     def _message(self, sender: tuple[int, int], nmsg: int, what: str) -> str:
@@ -228,8 +266,18 @@ class TeacherHost:
             group_broadcast(msg, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(), what=what)
         return decode_message(msg[:nmsg])
 
-    def _abort(self, sender: tuple[int, int], nmsg: int) -> None:
+    def _abort(self, sender: tuple[int, int], nmsg: int, others: list[tuple[int, int]]) -> NoReturn:
+        """Raise StudentAborted with ``sender``'s message, after taking the abort (or shutdown) of each
+        replica in ``others``; one that sends anything else, or nothing within the grace, is left to its
+        own timeout."""
         text = self._message(sender, nmsg, "abort message")
+        grace = min(self.ABORT_GRACE_S, self.idle_timeout_s)
+        for other in others:
+            cmd, *_, other_nmsg = (int(v) for v in self._next_header(other, grace_s=grace).tolist())
+            if cmd == Command.ABORT:
+                self._message(other, other_nmsg, "abort message")
+            elif cmd != Command.SHUTDOWN:
+                break
         raise StudentAborted(f"role {self.role.name!r} rank {self.rank}: the student aborted "
                              f"({self._peer(*sender)}): {text or 'no message'}")
 

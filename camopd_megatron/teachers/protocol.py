@@ -21,8 +21,11 @@ per call, so a teacher replica serves its student replicas (those ``Route`` maps
 ``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
 
 Commands: ``score``, ``shutdown`` (the replica exits once every student replica routed to
-it has sent one; :meth:`TeacherHost.serve` returns) and ``abort`` (carries the student's error text;
-every rank of the teacher replica raises :class:`StudentAborted`).
+it has sent one; :meth:`TeacherHost.serve` returns), ``abort`` (carries the student's error text; the
+replica waits a bounded time for the abort of each other student replica routed to it, then every
+rank of it raises :class:`StudentAborted`), ``save`` (join a world-collective checkpoint save) and
+``step`` (the end of a student step: once every routed student replica sent it, every teacher rank
+joins the world-wide stop agreement, the one collective per step that the student ranks run too).
 
 Failure. Every wait is bounded (``parallel.timeout_s``; the teacher's wait for the *next* request by
 ``idle_timeout_s``, default the same) and a dead peer surfaces as gloo's "connection closed"; both are
@@ -31,7 +34,7 @@ forward fails sends NaNs before raising, so the student fails at once instead of
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,6 +70,8 @@ class Command:
     ABORT = 4
     SAVE = 5
     """Join a world-collective checkpoint save (header B = step, message = path); see ``join_save``."""
+    STEP = 6
+    """A student step ended (header B = steps done): join the world's stop agreement; see ``step_end``."""
 
 
 HEADER_LEN = 6
@@ -89,16 +94,25 @@ class StudentAborted(TeacherServiceError):
 _HINT = "it died, hung, or is not running the scoring service"
 
 
+def _post(op: Callable[[], dist.Work], what: str, peer: str) -> dist.Work:
+    """Post an isend/irecv; gloo raises at once (a bare RuntimeError) when the peer's connection is gone."""
+    try:
+        return op()
+    except RuntimeError as e:
+        raise TeacherServiceError(f"{what} with {peer} failed: {e}. Check that rank's log: {_HINT}") from e
+
+
 def p2p_send(t: torch.Tensor, dst: int, *, tag: int, timeout_s: float, peer: str, what: str) -> None:
     """Send ``t`` to global rank ``dst``; TeacherServiceError naming ``peer`` on timeout/death."""
-    wait_bounded(dist.isend(t.contiguous(), dst=dst, tag=tag), timeout_s, f"{what} (send)", peer,
-                 error=TeacherServiceError, hint=_HINT)
+    t = t.contiguous()
+    work = _post(lambda: dist.isend(t, dst=dst, tag=tag), f"{what} (send)", peer)
+    wait_bounded(work, timeout_s, f"{what} (send)", peer, error=TeacherServiceError, hint=_HINT)
 
 
 def p2p_recv(t: torch.Tensor, src: int, *, tag: int, timeout_s: float, peer: str, what: str) -> torch.Tensor:
     """Receive into ``t`` from global rank ``src``; TeacherServiceError naming ``peer`` on timeout/death."""
-    wait_bounded(dist.irecv(t, src=src, tag=tag), timeout_s, f"{what} (receive)", peer,
-                 error=TeacherServiceError, hint=_HINT)
+    work = _post(lambda: dist.irecv(t, src=src, tag=tag), f"{what} (receive)", peer)
+    wait_bounded(work, timeout_s, f"{what} (receive)", peer, error=TeacherServiceError, hint=_HINT)
     return t
 
 
