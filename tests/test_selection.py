@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from camopd_megatron.config import config_from_dict
+from camopd_megatron.testing.configs import random_init
 from camopd_megatron.distill.selection import (
     SelectionPolicy, SelectionResult, apply_rule, plan_selection, select_by_gap_mass,
 )
@@ -142,8 +143,8 @@ def test_plan_errors_and_from_config():
         policy(r_g=0.0)
     with pytest.raises(ValueError, match="selection.rho.domain"):
         policy(rho_d=1.2)
-    cfg = config_from_dict({"selection": {"enabled": False, "rho": {"general": 0.7, "domain": 0.9}},
-                            "loss": {"adv_scale": {"general": 3, "domain": 1}}})
+    cfg = config_from_dict(random_init({"selection": {"enabled": False, "rho": {"general": 0.7, "domain": 0.9}},
+                            "loss": {"adv_scale": {"general": 3, "domain": 1}}}))
     p = SelectionPolicy.from_config(cfg.selection, cfg.loss)
     assert (p.enabled, p.rho["general"], p.adv_scale["general"], p.scale_only_selected) == (False, 0.7, 3.0, True)
     assert p.score_kind("domain") == "positive" and p.branches == ["domain", "general"]

@@ -15,7 +15,7 @@ import torch
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
+MODEL = {"init": "random", "checkpoint": None, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
          "vocab_size": 128, "seq_length": 96}
 
 

@@ -51,10 +51,14 @@ def _resolve_role(model_cfg: ModelConfig, key: str, ckpt_key: str) -> tuple[Mode
     path = model_cfg.checkpoint
     try:
         manifest = read_manifest(path)
-        check_dcp_metadata(path)
     except CheckpointError as e:
         return model_cfg, [f"{ckpt_key}={path!r}: {e}"]
-    return model_cfg.from_saved(saved_arch(manifest), key=key, path=path)
+    resolved, problems = model_cfg.from_saved(saved_arch(manifest), key=key, path=path)
+    try:
+        check_dcp_metadata(path)
+    except CheckpointError as e:
+        problems.append(f"{ckpt_key}={path!r}: {e}")
+    return resolved, problems
 
 
 def resolve_models(cfg: Config) -> tuple[Config, list[str]]:
