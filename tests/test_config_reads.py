@@ -1,0 +1,154 @@
+"""A config key that is set but has no effect is a bug: record which keys a short run of every preset
+(and of the CPU demo's stage-3 config) reads, and require every key to be read or listed below with why.
+
+The recorder patches ``__getattribute__`` of every config section class for the run and records the
+reads made from outside the config package (validation, dumping and ``dataclasses`` helpers copying
+a section are not an effect). Keys are named by section and field (``model.num_layers``,
+``teachers[].init``, ``data.branches.*.paths``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from camopd_megatron.testing.multiproc import run_on_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = ("camopd", "vanilla_mopd", "no_selection", "no_selection_no_scaling", "no_decoupling")
+
+NOT_READ_BY_DESIGN = {
+    # read only when the feature they belong to is on; set to a non-default value while it is off, the
+    # config validation refuses them (tests/test_config.py::test_a_key_the_mode_ignores_is_refused)
+    "scheduler.pattern": "mixed mode (refused when set non-default there)",
+    "scheduler.mixed_shares": "alternating mode (refused when set non-default there)",
+    # keys whose effect lives in code that does not read them through the config object
+    "model.init_method_std": "random init only: megatron reads it from the TransformerConfig built from it",
+}
+"""Key → why a short run may leave it unread (checked against every run below)."""
+
+CONDITIONAL = {
+    "eval.num_prompts": "eval.interval > 0 with teacher_scored (the demo evaluates with its own hook)",
+    "eval.max_new_tokens": "eval.interval > 0",
+    "eval.teacher_scored": "eval.interval > 0",
+    "logging.diagnostics_prompts": "logging.diagnostics_interval > 0",
+    "logging.dir": "logging.tensorboard: true",
+    "checkpoint.load": "resume from an explicit checkpoint only",
+    "precision.fp8_recipe": "precision.fp8 set (GPU with Transformer Engine)",
+    "precision.fp8_param": "precision.fp8 set",
+    "teachers[].model": "left out: the architecture is read from the checkpoint",
+}
+"""Keys read only under a setting these short CPU runs do not use, with that setting."""
+
+
+def _section_classes():
+    from camopd_megatron.config import sections
+    from camopd_megatron.config.root import Config
+
+    names = {"RunConfig": "run", "ModelConfig": "model", "ParallelConfig": "parallel", "TeacherConfig": "teachers[]",
+             "BranchDataConfig": "data.branches.*", "DataConfig": "data", "RolloutConfig": "rollout",
+             "SchedulerConfig": "scheduler", "SelectionConfig": "selection", "LossConfig": "loss",
+             "OptimConfig": "optim", "PrecisionConfig": "precision", "CheckpointConfig": "checkpoint",
+             "EvalConfig": "eval", "LoggingConfig": "logging"}
+    classes = {getattr(sections, n): key for n, key in names.items()}
+    classes[Config] = ""
+    return classes
+
+
+def all_keys() -> set[str]:
+    """Every leaf key of the config tree, named as the recorder names them."""
+    out = set()
+    for cls, key in _section_classes().items():
+        if key:
+            out |= {f"{key}.{f.name}" for f in dataclasses.fields(cls)}
+    return out
+
+
+def _record_worker(rank: int, world_size: int, cfgs: list) -> list:
+    import sys
+
+    import camopd_megatron.config as config_pkg
+    from camopd_megatron.trainer import train
+
+    skip = (str(Path(config_pkg.__file__).parent), dataclasses.__file__, "copy.py")
+    runs = []
+    for cfg in cfgs:
+        reads: set[str] = set()
+        saved = {}
+        for cls, key in _section_classes().items():
+            fields = {f.name for f in dataclasses.fields(cls)}
+            prefix = key + "." if key else ""
+
+            def getattribute(self, name, _fields=fields, _prefix=prefix, _orig=object.__getattribute__):
+                if name in _fields:
+                    caller = sys._getframe(1).f_code.co_filename
+                    if not caller.startswith(skip[0]) and not caller.endswith((skip[1], skip[2])):
+                        reads.add(_prefix + name)
+                return _orig(self, name)
+
+            saved[cls] = cls.__dict__.get("__getattribute__")
+            cls.__getattribute__ = getattribute
+        try:
+            train(cfg)
+        finally:
+            for cls, orig in saved.items():
+                if orig is None:
+                    del cls.__getattribute__
+                else:
+                    cls.__getattribute__ = orig
+        runs.append(sorted(reads))
+    return runs
+
+
+def _tiny(ckpts: dict[str, str], out: Path, preset: str):
+    from camopd_megatron.config import config_from_dict, load_config
+    from camopd_megatron.config.api import config_to_dict
+    from camopd_megatron.config.loader import deep_merge
+
+    base = config_to_dict(load_config(str(REPO / "examples/configs" / f"{preset}.yaml")))
+    over = {"run": {"steps": 1, "output_dir": str(out), "log_level": "WARNING"},
+            "model": {"checkpoint": ckpts["domain"], "seq_length": 24},
+            "teachers": [{"name": "general", "branches": ["general"], "checkpoint": ckpts["general"]},
+                         {"name": "domain", "branches": ["domain"], "checkpoint": ckpts["domain"]}],
+            "rollout": {"prompts_per_step": 2, "max_new_tokens": 2, "micro_batch_size": 2},
+            "data": {"max_prompt_tokens": 20}, "optim": {"micro_batch_size": 2},
+            "checkpoint": {"save_interval": 0, "resume": "never"}, "logging": {"progress_bar": False}}
+    return config_from_dict(deep_merge(base, over))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, str]:
+    from tests.test_inputs import _write_checkpoints
+
+    root = tmp_path_factory.mktemp("ckpt")
+    run_on_ranks(_write_checkpoints, 1, args=(str(root),), timeout_s=300)
+    return {name: str(root / name) for name in ("general", "domain")}
+
+
+def test_every_key_is_read_or_excused(ckpts, tmp_path):
+    from camopd_megatron.demo.study import StudySettings, stage3_config
+    from camopd_megatron.demo.teachers import TeacherArtifacts
+
+    cfgs = [_tiny(ckpts, tmp_path / p, p) for p in PRESETS]
+    art = TeacherArtifacts(general_ckpt=ckpts["general"], domain_ckpt=ckpts["domain"], metrics={},
+                           model={"seq_length": 24, "transformer_impl": "local"})
+    demo = stage3_config("camopd", 0, art, StudySettings(steps=1, eval_interval=1, overrides={
+        "rollout": {"prompts_per_step": 2, "micro_batch_size": 2}, "optim": {"micro_batch_size": 2}}),
+        tmp_path / "demo", {b: str(_prompts(tmp_path, b)) for b in ("general", "domain")})
+    names = [*PRESETS, "demo"]
+    (runs,) = run_on_ranks(_record_worker, 1, args=([*cfgs, demo],), timeout_s=900)
+    excused = set(NOT_READ_BY_DESIGN) | set(CONDITIONAL)
+    assert excused <= all_keys(), excused - all_keys()
+    for name, reads in zip(names, runs):
+        unread = all_keys() - set(reads) - excused
+        assert not unread, (name, sorted(unread))
+    # every excuse is needed by some run (a stale entry would hide a key that later loses its effect)
+    stale = [k for k in sorted(excused) if all(k in r for r in runs)]
+    assert not stale, stale
+
+
+def _prompts(tmp_path: Path, branch: str) -> Path:
+    p = tmp_path / f"{branch}.jsonl"
+    p.write_text("".join(f'{{"prompt": "{branch} {i}"}}\n' for i in range(8)))
+    return p
