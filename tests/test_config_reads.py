@@ -111,8 +111,8 @@ def _tiny(ckpts: dict[str, str], out: Path, preset: str):
             "model": {"checkpoint": ckpts["domain"], "seq_length": 24},
             "teachers": [{"name": "general", "branches": ["general"], "checkpoint": ckpts["general"]},
                          {"name": "domain", "branches": ["domain"], "checkpoint": ckpts["domain"]}],
-            "rollout": {"prompts_per_step": 2, "max_new_tokens": 2, "micro_batch_size": 2},
-            "data": {"max_prompt_tokens": 20}, "optim": {"micro_batch_size": 2},
+            "rollout": {"prompts_per_step": 4, "max_new_tokens": 2, "micro_batch_size": 4},
+            "data": {"max_prompt_tokens": 20}, "optim": {"micro_batch_size": 4},
             "checkpoint": {"save_interval": 0, "resume": "never"}, "logging": {"progress_bar": False}}
     return config_from_dict(deep_merge(base, over))
 
@@ -134,7 +134,7 @@ def test_every_key_is_read_or_excused(ckpts, tmp_path):
     art = TeacherArtifacts(general_ckpt=ckpts["general"], domain_ckpt=ckpts["domain"], metrics={},
                            model={"seq_length": 24, "transformer_impl": "local"})
     demo = stage3_config("camopd", 0, art, StudySettings(steps=1, eval_interval=1, overrides={
-        "rollout": {"prompts_per_step": 2, "micro_batch_size": 2}, "optim": {"micro_batch_size": 2}}),
+        "rollout": {"prompts_per_step": 4, "micro_batch_size": 4}, "optim": {"micro_batch_size": 4}}),
         tmp_path / "demo", {b: str(_prompts(tmp_path, b)) for b in ("general", "domain")})
     names = [*PRESETS, "demo"]
     (runs,) = run_on_ranks(_record_worker, 1, args=([*cfgs, demo],), timeout_s=900)
