@@ -79,7 +79,7 @@ def resolve_models(cfg: Config) -> tuple[Config, list[str]]:
         problems += found
         teachers.append(replace(t, model=resolved))
         mine, theirs = resolved.vocab_size, student.vocab_size
-        if not found and mine is not None and theirs is not None and mine != theirs:
+        if mine is not None and theirs is not None and mine != theirs:
             where = f"teachers[{i}].checkpoint={t.checkpoint!r}: " if t.init == "checkpoint" else f"{key}.vocab_size: "
             problems.append(
                 f"{where}the teacher's vocabulary has {mine!r} tokens but the student's model.vocab_size={theirs}; "
