@@ -10,7 +10,8 @@
   (status 1). Under torchrun the failing rank's status is what torchrun reports as the root cause.
 * A teacher rank whose student stopped (:class:`~camopd_megatron.teachers.StudentAborted`) exits 0
   quietly: the failure is the student rank's, and only that rank reports it.
-* ``--dry-run`` validates the layout for ``--world-size`` ranks and prints the rank map and the
+* ``--dry-run`` checks the config against the checkpoints' manifests, the tokenizer and the prompt
+  files, validates the layout for ``--world-size`` ranks and prints the rank map and the
   per-rank memory estimate (:mod:`camopd_megatron.planner`), then exits 0. It needs no GPU and
   never starts torch.distributed, so a 64-node run can be planned from a laptop.
 * Otherwise it calls ``camopd_megatron.trainer.train(cfg)`` (imported lazily) under torchrun and
@@ -99,12 +100,14 @@ def _setup_logging(level: str) -> None:
 
 
 def _dry_run(cfg: Config, args: argparse.Namespace) -> int:
+    from camopd_megatron.checkpoint.inputs import resolve_inputs
     from camopd_megatron.planner import plan
 
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
         print(f"camopd-train: --world-size {world}: expected a positive number of ranks", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    cfg = resolve_inputs(cfg)  # the checkpoints' manifests, the tokenizer, the prompt files; every role's architecture
     if cfg.precision.fp8 is not None:
         # what can be checked without the GPU: device, recipe, layer implementation (TE assumed installed)
         from camopd_megatron.models.precision import fp8_problems

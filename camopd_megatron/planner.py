@@ -266,21 +266,22 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
         MemoryItem("logits", s * b * m.padded_vocab_size / st.tp * pbytes, "[s, b, V/tp] of one micro-batch"),
         MemoryItem("kv cache", kv, f"rollout mb {cfg.rollout.micro_batch_size} x {s} tokens"),
     ]
-    for t in cfg.teachers:
+    for i, t in enumerate(cfg.teachers):
         if t.placement == "colocated":
             tb = _dtype_bytes(t.dtype, device_type)
-            w = 0.0 if t.offload else max(stage_params(m, st.tp, st.pp)) * tb
+            w = 0.0 if t.offload else max(stage_params(cfg.teacher_model(i)[0], st.tp, st.pp)) * tb
             rows.append(MemoryItem(f"teacher {t.name}", w, "offloaded to host" if t.offload else f"colocated, {tb} B/param"))
     return rows
 
 
 def _teacher_rows(cfg: Config, layout: RoleLayout, role_name: str, device_type: str) -> list[MemoryItem]:
-    m, role = cfg.model, layout.role(role_name)
-    by_name = {t.name: t for t in cfg.teachers}
+    role = layout.role(role_name)
+    by_name = {t.name: i for i, t in enumerate(cfg.teachers)}
     rows = []
     biggest = 0
     for name in role.teachers:
-        tb = _dtype_bytes(by_name[name].dtype, device_type)
+        m = cfg.teacher_model(by_name[name])[0]  # each teacher's own architecture
+        tb = _dtype_bytes(cfg.teachers[by_name[name]].dtype, device_type)
         n = max(stage_params(m, role.tp, role.pp))
         rows.append(MemoryItem(f"weights {name}", n * tb, f"{_count(n)} params x {tb} B, no fp8"))
         biggest = max(biggest, tb)
@@ -299,7 +300,8 @@ def plan(
     """Validate the role layout of ``cfg`` for ``world_size`` ranks and estimate per-rank memory.
 
     Args:
-        cfg: the root config.
+        cfg: the root config, every role's architecture known (``init: random``, or read from the
+            checkpoints by :func:`camopd_megatron.checkpoint.inputs.resolve_inputs`, as ``--dry-run`` does).
         world_size: ranks of the planned launch (nodes × GPUs per node).
         device_type: ``cuda`` (default; ``auto`` dtypes become bf16) or ``cpu``.
         gpu_memory_gib: warn in the report when a role's total exceeds this.

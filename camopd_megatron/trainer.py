@@ -40,10 +40,11 @@ import torch.distributed as dist
 from camopd_megatron.checkpoint.dist import (
     CheckpointError, load_model, load_rank_state, load_sharded, model_sharded_state_dict, save_checkpoint,
 )
+from camopd_megatron.checkpoint.inputs import resolve_inputs
 from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.checkpoint.resume import select_checkpoint
 from camopd_megatron.config import Config, dump_config
-from camopd_megatron.data import build_prompt_sources, check_vocab, load_tokenizer
+from camopd_megatron.data import build_prompt_sources, model_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
 from camopd_megatron.distill.probe import probe_branch_conflict, probe_coherence
 from camopd_megatron.distill.scheduler import BranchScheduler, StepPlan
@@ -126,6 +127,7 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
     stop = _StopRequest(cfg.run.exit_duration_min)
     try:
         setup_logging(env.rank, cfg.run.log_level.upper())
+        cfg = resolve_inputs(cfg)  # every rank, before any model: paths, manifests, tokenizer; architectures
         layout = RoleLayout.from_config(cfg, env.world_size)
         if env.rank == 0:
             logger.info("rank map:\n%s", layout.rank_map())
@@ -183,10 +185,7 @@ class _Trainer:
             moments=(BranchMoments(optimizer, cfg.scheduler.branches) if cfg.optim.branch_state == "per_branch"
                      else None),
         )
-        # no data.tokenizer: the built-in one (ASCII characters, or UTF-8 bytes when the vocabulary allows)
-        byte_vocab = cfg.model.vocab_size if cfg.model.vocab_size >= 260 else 128
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, byte_vocab_size=byte_vocab)
-        check_vocab(self.tokenizer, cfg.model.vocab_size, cfg.data.tokenizer)
+        self.tokenizer = model_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
         self.scheduler = BranchScheduler.from_config(cfg)
         self.sources = build_prompt_sources(cfg.data, cfg.scheduler.branches, self.tokenizer, cfg.run.seed)
         self.settings = settings_from_config(cfg, self.tokenizer.eos_id)

@@ -39,7 +39,7 @@ MICRO_BATCH = 1
 
 def tiny_model_cfg(tie: bool = False) -> ModelConfig:
     """The tiny student (vocab 128 = one pad multiple)."""
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+    return ModelConfig(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
                        vocab_size=VOCAB, seq_length=SEQ, tie_embeddings=tie)
 
 

@@ -11,12 +11,12 @@ from camopd_megatron import cli
 
 CONFIG_8B = textwrap.dedent(
     """
-    model: {num_layers: 32, hidden_size: 4096, num_attention_heads: 32, num_query_groups: 8,
+    model: {init: random, num_layers: 32, hidden_size: 4096, num_attention_heads: 32, num_query_groups: 8,
             ffn_hidden_size: 14336, vocab_size: 128256, seq_length: 4096}
     parallel: {tp: 4, use_distributed_optimizer: true}
     teachers:
-      - {name: general, branches: [general], placement: separate, tp: 2}
-      - {name: domain, branches: [domain], placement: separate, tp: 2}
+      - {name: general, init: random, branches: [general], placement: separate, tp: 2}
+      - {name: domain, init: random, branches: [domain], placement: separate, tp: 2}
     data: {max_prompt_tokens: 1024}
     rollout: {max_new_tokens: 3072, micro_batch_size: 8}
     optim: {micro_batch_size: 1}
@@ -89,7 +89,9 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 
 def test_missing_trainer_is_a_clear_message(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_TRAINER_MODULE", "camopd_megatron._no_such_trainer")
-    assert cli.main([]) == cli.EXIT_MISSING_TRAINER
+    random = ["model.init=random", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+              "model.ffn_hidden_size=256", "model.vocab_size=128", "teachers[0].init=random", "teachers[1].init=random"]
+    assert cli.main(random) == cli.EXIT_MISSING_TRAINER
     assert "camopd_megatron._no_such_trainer" in capsys.readouterr().err
 
 

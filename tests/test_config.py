@@ -21,6 +21,16 @@ from camopd_megatron.config import (
 )
 
 
+RANDOM = ["model.init=random", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+          "model.ffn_hidden_size=256", "model.vocab_size=128", "teachers[0].init=random", "teachers[1].init=random"]
+"""Overrides that make the built-in defaults trainable: random weights chosen explicitly, a tiny student."""
+
+
+def without_init(problems: list[str]) -> list[str]:
+    """The problems other than "no checkpoint and no ``init: random``" (files that leave the models out)."""
+    return [p for p in problems if "a converted checkpoint directory" not in p]
+
+
 def write(tmp_path: Path, name: str, text: str) -> str:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -33,7 +43,7 @@ def problems_of(path: str | None = None, overrides: Sequence[str] = (), data: di
         if data is not None:
             config_from_dict(data)
         else:
-            load_config(path, overrides)
+            load_config(path, [*RANDOM, *overrides] if path is None else overrides)
     err = info.value
     assert isinstance(err, ValueError)
     assert err.problems and all(p in str(err) for p in err.problems)
@@ -49,8 +59,11 @@ def only(problems: list[str], key: str) -> str:
 
 # ------------------------------------------------------------------ defaults and round trip
 def test_defaults_load_and_validate():
-    cfg = load_config(None)
-    assert cfg == Config()
+    # random weights are a choice, never a default: each role without a checkpoint says how to get one
+    problems = Config().validate()
+    assert [p.split(":")[0] for p in problems] == ["model.checkpoint", "teachers[0].checkpoint", "teachers[1].checkpoint"]
+    assert all("tools/convert_hf_to_megatron.py" in p and "init: random" in p for p in problems)
+    cfg = load_config(None, RANDOM)
     assert cfg.validate() == []
     assert [t.name for t in cfg.teachers] == ["general", "domain"]
     assert cfg.scheduler.branches == ["general", "domain"]
@@ -88,7 +101,7 @@ model:
 parallel: {tp: 2, pp: 2, dp: 1, sequence_parallel: true, use_distributed_optimizer: true, backend: gloo, timeout_s: 60}
 teachers:
   - {name: gen, checkpoint: ckpt/g, branches: [general, code], placement: separate, tp: 2, pp: 1, dp: 1, group: pool, dtype: fp32}
-  - {name: dom, branches: [domain], placement: separate, tp: 2, group: pool, offload: true}
+  - {name: dom, init: random, branches: [domain], placement: separate, tp: 2, group: pool, offload: true}
 data:
   branches:
     general: {paths: [g1.jsonl, g2.jsonl], weights: [1, 3]}
@@ -102,7 +115,7 @@ data:
   on_bad_line: skip
 rollout: {prompts_per_step: 16, max_new_tokens: 32, temperature: 0.7, top_k: 5, top_p: 0.9, greedy: true,
           stop_token_ids: [2, 3], use_kv_cache: false, micro_batch_size: 4}
-scheduler: {mode: mixed, pattern: [general], mixed_shares: {general: 3, code: 1, domain: 1}}
+scheduler: {mode: mixed, mixed_shares: {general: 3, code: 1, domain: 1}}
 selection:
   enabled: false
   rho: {general: 0.5, code: 1, domain: 0.7}
@@ -133,7 +146,7 @@ def test_full_yaml_round_trips(tmp_path):
     assert load_config(str(out)) == cfg
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert config_to_dict(cfg)["teachers"][1] == {
-        "name": "dom", "checkpoint": None, "branches": ["domain"], "placement": "separate", "tp": 2,
+        "name": "dom", "init": "random", "checkpoint": None, "model": None, "branches": ["domain"], "placement": "separate", "tp": 2,
         "pp": None, "dp": None, "group": "pool", "dtype": "auto", "offload": True,
     }
 
@@ -146,7 +159,7 @@ def test_unknown_key_did_you_mean(tmp_path):
         modle: {}
         rollout: {zzz_unrelated: 1}
     """))
-    assert len(problems) == 4
+    assert len(without_init(problems)) == 4
     assert "did you mean 'optim.lr'?" in only(problems, "optim.lrr")
     assert "did you mean 'optim.lr'?" in only(problems, "lr")  # the field exists in another section
     assert "did you mean 'model'?" in only(problems, "modle")
@@ -240,12 +253,13 @@ def test_bad_yaml_syntax_names_file_and_line(tmp_path):
 def test_top_level_must_be_mapping_and_missing_file(tmp_path):
     assert "expected a mapping of sections" in problems_of(write(tmp_path, "l.yaml", "- 1\n- 2\n"))[0]
     assert "cannot read" in problems_of(str(tmp_path / "nope.yaml"))[0]
-    assert load_config(write(tmp_path, "empty.yaml", "")) == Config()
+    assert load_config(write(tmp_path, "empty.yaml", ""), RANDOM) == load_config(None, RANDOM)
 
 
 # ------------------------------------------------------------------ overrides
 def test_overrides_scalars_lists_indices_bool_null():
     cfg = load_config(None, [
+        *RANDOM,
         "optim.lr=1e-5",
         "scheduler.pattern=[general,domain]",
         "teachers.0.tp=2",
@@ -276,7 +290,7 @@ def test_overrides_scalars_lists_indices_bool_null():
 
 def test_overrides_apply_on_top_of_file(tmp_path):
     path = write(tmp_path, "c.yaml", "optim: {lr: 1e-4, warmup_steps: 3}\nteachers: [{name: a, branches: [general]}, {name: b, branches: [domain]}]\n")
-    cfg = load_config(path, ["optim.lr=3e-6", "teachers[1].name=bb"])
+    cfg = load_config(path, [*RANDOM, "optim.lr=3e-6", "teachers[1].name=bb"])
     assert cfg.optim.lr == 3e-6 and cfg.optim.warmup_steps == 3
     assert [t.name for t in cfg.teachers] == ["a", "bb"]
 
@@ -308,12 +322,12 @@ def test_base_include_deep_merges(tmp_path):
     write(tmp_path, "camopd.yaml", "optim: {lr: 1e-5, warmup_steps: 4}\nscheduler: {pattern: [general, domain, domain]}\nrun: {steps: 9}\n")
     (tmp_path / "exp").mkdir()
     path = write(tmp_path, "exp/child.yaml", "base: ../camopd.yaml\noptim: {lr: 2e-5}\nscheduler: {pattern: [domain, general]}\n")
-    cfg = load_config(path, ["run.seed=5"])
+    cfg = load_config(path, [*RANDOM, "run.seed=5"])
     assert cfg.optim.lr == 2e-5 and cfg.optim.warmup_steps == 4  # mapping merged
     assert cfg.scheduler.pattern == ["domain", "general"]  # list replaced, not concatenated
     assert cfg.run.steps == 9 and cfg.run.seed == 5
     grandchild = write(tmp_path, "exp/gc.yaml", "base: child.yaml\nrun: {steps: 1}\n")
-    assert load_config(grandchild).optim.lr == 2e-5 and load_config(grandchild).run.steps == 1
+    assert load_config(grandchild, RANDOM).optim.lr == 2e-5 and load_config(grandchild, RANDOM).run.steps == 1
 
 
 def test_base_cycle_and_missing_base(tmp_path):
@@ -341,7 +355,39 @@ def test_section_checks():
         assert "Fix:" in only(problems, key)
     # data.branches is non-empty and lacks 'domain' → also a cross-section error naming the fix
     assert "add data.branches.domain.paths" in only(problems, "scheduler.pattern")
-    assert len(problems) == 11
+    # mixed_shares set while the mode is alternating: a key with no effect is refused too
+    assert "scheduler.mode=alternating ignores it" in only(problems, "scheduler.mixed_shares")
+    assert len(problems) == 12
+
+
+def test_a_key_the_mode_ignores_is_refused():
+    """Set to a non-default value, the other scheduler mode's key would do nothing: refused, naming the mode."""
+    line = only(problems_of(None, ["scheduler.mixed_shares={general: 3, domain: 1}"]), "scheduler.mixed_shares")
+    assert "scheduler.mode=alternating ignores it" in line and "set scheduler.mode: mixed" in line
+    line = only(problems_of(None, ["scheduler.mode=mixed", "scheduler.pattern=[general, domain]"]), "scheduler.pattern")
+    assert "scheduler.mode=mixed ignores it" in line
+    # at their defaults they are fine (every config carries both keys)
+    assert load_config(None, [*RANDOM, "scheduler.mode=mixed"]).scheduler.pattern == Config().scheduler.pattern
+
+
+def test_init_and_architecture_keys():
+    """``init: random`` needs the sizes and refuses a checkpoint; a teacher's ``model`` section takes its init."""
+    problems = problems_of(data={"model": {"init": "random"}, "teachers": [
+        {"name": "general", "init": "random", "branches": ["general"], "checkpoint": "ckpt/g"},
+        {"name": "domain", "init": "random", "branches": ["domain"], "model": {"num_layers": 4, "seq_length": 64}}]})
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+        assert "init is random" in only(problems, f"model.{key}")
+    assert "teachers[0].init is random" in only(problems, "teachers[0].checkpoint")
+    assert "the student's model.seq_length=256" in only(problems, "teachers[1].model.seq_length")
+    for key in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+        assert "init is random" in only(problems, f"teachers[1].model.{key}")
+    assert len(problems) == 5 + 1 + 1 + 4
+    # with a checkpoint, every architecture field may be left out (read from the checkpoint's manifest)
+    cfg = config_from_dict({"model": {"checkpoint": "ckpt/d"}, "teachers": [
+        {"name": "general", "branches": ["general"], "checkpoint": "ckpt/g"},
+        {"name": "domain", "branches": ["domain"], "checkpoint": "ckpt/d", "model": {"num_layers": 4}}]})
+    assert cfg.model.num_layers is None and cfg.teacher_model(1)[0].num_layers == 4
+    assert cfg.teachers[1].model.checkpoint == "ckpt/d" and cfg.teachers[1].model.init == "checkpoint"
 
 
 def test_branch_without_teacher_and_branch_maps():
@@ -402,25 +448,25 @@ def test_tp_must_divide_heads_groups_and_vocab():
     assert "model.num_query_groups=2, model.ffn_hidden_size=250" in line and "divides them" in line
     assert len(problems) == 1
     # a separate teacher at TP 4 (divides 4 heads and 128) is fine
-    assert load_config(None, ["teachers[0].placement=separate", "teachers[0].tp=4"]).teachers[0].tp == 4
+    assert load_config(None, [*RANDOM, "teachers[0].placement=separate", "teachers[0].tp=4"]).teachers[0].tp == 4
 
 
 def test_topk_kl_is_not_a_key():
     # the top-k reverse-KL variant is not offered (docs/algorithm.md §2): its old key is an unknown key
     assert "loss.topk_kl: unknown key" in only(problems_of(None, ["loss.topk_kl=0"]), "loss.topk_kl")
-    assert load_config(None, []).loss.teacher_temperature is None
+    assert load_config(None, RANDOM).loss.teacher_temperature is None
 
 
 def test_coherence_samples_is_bounded():
     assert "at most 64" in only(problems_of(None, ["logging.coherence_samples=65"]), "logging.coherence_samples")
-    assert load_config(None, ["logging.coherence_samples=64"]).logging.coherence_samples == 64
+    assert load_config(None, [*RANDOM, "logging.coherence_samples=64"]).logging.coherence_samples == 64
 
 
 def test_per_branch_moments_need_single_branch_steps():
     line = only(problems_of(None, ["optim.branch_state=per_branch", "scheduler.mode=mixed"]), "optim.branch_state")
     assert "scheduler.mode='mixed'" in line and "set optim.branch_state: shared, or scheduler.mode: alternating" in line
     assert "'shared'" in only(problems_of(None, ["optim.branch_state=per-branch"]), "optim.branch_state")
-    assert load_config(None, ["optim.branch_state=per_branch"]).optim.branch_state == "per_branch"
+    assert load_config(None, [*RANDOM, "optim.branch_state=per_branch"]).optim.branch_state == "per_branch"
     assert Config().optim.branch_state == "shared"
 
 

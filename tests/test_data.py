@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from camopd_megatron.config import config_from_dict
+from camopd_megatron.testing.configs import random_init
 from camopd_megatron.data import (
     BranchDataset,
     ByteTokenizer,
@@ -229,7 +230,7 @@ def test_length_filter_truncate_or_drop(tmp_path: Path) -> None:
 
 
 def test_synthetic_source_and_factory(tmp_path: Path) -> None:
-    cfg = config_from_dict({})
+    cfg = config_from_dict(random_init({}))
     srcs = build_prompt_sources(cfg.data, ["general", "domain"], TOK, seed=3)
     assert all(isinstance(s, SyntheticPromptSource) for s in srcs.values())
     g = srcs["general"].next_batch(6)
@@ -240,8 +241,8 @@ def test_synthetic_source_and_factory(tmp_path: Path) -> None:
     fresh = build_prompt_sources(cfg.data, ["general"], TOK, seed=3)["general"]
     assert [x.text for x in again.next_batch(3)] == [x.text for x in fresh.next_batch(9)][6:]
     p = prompts_file(tmp_path, 10)
-    cfg = config_from_dict({"data": {"branches": {"general": {"paths": [p]}, "domain": {"paths": [p]}},
-                                     "too_long": "drop", "chat_template": "chatml"}})
+    cfg = config_from_dict(random_init({"data": {"branches": {"general": {"paths": [p]}, "domain": {"paths": [p]}},
+                                     "too_long": "drop", "chat_template": "chatml"}}))
     srcs = build_prompt_sources(cfg.data, ["general", "domain"], TOK, seed=3)
     first = srcs["general"].next_batch(1)[0]
     assert first.text.startswith("<|im_start|>user\nprompt number") and first.ids[0] == ord("<")

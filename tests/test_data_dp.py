@@ -8,13 +8,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from camopd_megatron.config import config_from_dict
+from camopd_megatron.testing.configs import random_init
 from camopd_megatron.data import ByteTokenizer, build_prompt_sources, rank_slice
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 
 def _draw(rank: int, world_size: int, path: str) -> dict:
-    cfg = config_from_dict({"data": {"branches": {"general": {"paths": [path]}, "domain": {"paths": [path]}},
-                                     "heldout_fraction": 0.1}})
+    cfg = config_from_dict(random_init({"data": {"branches": {"general": {"paths": [path]}, "domain": {"paths": [path]}},
+                                     "heldout_fraction": 0.1}}))
     tok = ByteTokenizer()
     glob = build_prompt_sources(cfg.data, ["general"], tok, seed=5)["general"]
     batches = [glob.next_batch(8) for _ in range(3)]

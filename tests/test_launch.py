@@ -48,7 +48,11 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def config(tmp_path: Path) -> str:
     path = tmp_path / "launch.yaml"
-    path.write_text("run:\n  steps: 1\n")
+    path.write_text("run:\n  steps: 1\n"  # no models are built: random init keeps it free of checkpoint files
+                    "model: {init: random, num_layers: 2, hidden_size: 64, num_attention_heads: 4, ffn_hidden_size: 256,"
+                    " vocab_size: 128}\n"
+                    "teachers: [{name: general, init: random, branches: [general]},"
+                    " {name: domain, init: random, branches: [domain]}]\n")
     return str(path)
 
 
@@ -119,17 +123,27 @@ def test_multi_node_two_nodes_on_localhost(config):
     assert "node 0/2" in outs[0] and "node 1/2" in outs[1]
 
 
+def _tiny_checkpoints(rank: int, world_size: int, out: str) -> None:
+    from camopd_megatron.demo.tiny_checkpoints import write_tiny_checkpoints
+
+    write_tiny_checkpoints(out)
+
+
 @pytest.mark.slow
 def test_single_node_four_procs_demo_config(tmp_path):
     """The CPU demo configuration trains through torchrun --standalone --nproc_per_node 4
     (student TP=2 + two teachers on their own ranks), checkpoint and TensorBoard included."""
+    from camopd_megatron.testing.multiproc import run_on_ranks
+
     out = tmp_path / "run"
+    # the documented first command (python -m camopd_megatron.demo.tiny_checkpoints ckpt), run from tmp_path
+    run_on_ranks(_tiny_checkpoints, 1, args=(str(tmp_path / "ckpt"),), timeout_s=300)
     env = _env(NPROC_PER_NODE="4")
     env.pop("CAMOPD_ENTRY")  # the real entry point: camopd_megatron.cli
     r = subprocess.run(
         [str(LAUNCH / "single_node.sh"), str(ROOT / "examples" / "configs" / "demo_cpu_4rank.yaml"),
          "run.steps=2", f"run.output_dir={out}", "eval.interval=0", "logging.progress_bar=false"],
-        env=env, capture_output=True, text=True, timeout=400,
+        env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert (out / "checkpoints" / "step_00000002" / "camopd.json").is_file()

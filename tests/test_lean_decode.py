@@ -22,7 +22,7 @@ def _compare(rank: int, world_size: int) -> list[dict]:
     pgc = simple_pg_collection(1, 1, 1)
     out = []
     for kw in VARIANTS:
-        cfg = ModelConfig(**{**dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        cfg = ModelConfig(**{**dict(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                                     vocab_size=120, seq_length=96), **kw})
         init_model_rng(3, pgc)
         model = build_gpt_model(cfg, pgc).eval()

@@ -16,7 +16,7 @@ import torch
 from camopd_megatron.config import ConfigError, ModelConfig, load_config
 from camopd_megatron.testing.multiproc import run_on_ranks
 
-CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
+CFG = dict(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
            vocab_size=100, vocab_pad_multiple=128, seq_length=32)
 SEED = 1234
 B, T = 3, 12
@@ -209,7 +209,8 @@ def test_bad_model_configs_name_the_key():
 
     # a TP size that does not divide the padded vocabulary (102): refused by config validation
     with pytest.raises(ConfigError, match=r"parallel.tp: got 4; .*model.padded_vocab_size=102.*vocab_pad_multiple to a multiple of 12"):
-        load_config(None, ["model.vocab_size=100", "model.vocab_pad_multiple=6", "parallel.tp=4"])
+        load_config(None, ["model.init=random", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                           "model.ffn_hidden_size=256", "model.vocab_size=100", "model.vocab_pad_multiple=6", "parallel.tp=4"])
     if not te_available():
         with pytest.raises(ImportError, match="model.transformer_impl"):
             resolve_transformer_impl("te")

@@ -16,13 +16,14 @@ from camopd_megatron.config import (
 )
 from camopd_megatron.parallel import LayoutError, RoleLayout
 
-TINY = dict(num_layers=2, num_attention_heads=4, num_query_groups=2, vocab_size=128, ffn_hidden_size=256)
+TINY = dict(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=128,
+            ffn_hidden_size=256)
 """The tiny model's sizes (padded vocabulary 128)."""
 
 
 def teacher(name: str, placement: str = "separate", **kw) -> TeacherConfig:
     """A teacher scoring the branch named after it."""
-    return TeacherConfig(name=name, branches=[name], placement=placement, **kw)  # type: ignore[arg-type]
+    return TeacherConfig(name=name, init="random", branches=[name], placement=placement, **kw)  # type: ignore[arg-type]
 
 
 def config(*teachers: TeacherConfig, model: dict = TINY, **parallel) -> Config:
@@ -101,11 +102,11 @@ def test_pipeline_routes_use_first_and_last_stage():
 def test_from_config_reads_sections():
     cfg = Config(
         parallel=ParallelConfig(tp=2, sequence_parallel=True),
-        model=ModelConfig(vocab_size=100),  # padded to 128
+        model=ModelConfig(**{**TINY, "vocab_size": 100}),  # padded to 128
         teachers=[
-            TeacherConfig(name="general", branches=["general"], placement="separate"),
-            TeacherConfig(name="domain", branches=["domain"], placement="separate"),
-            TeacherConfig(name="tiny", branches=["x"]),  # config default: colocated
+            TeacherConfig(name="general", init="random", branches=["general"], placement="separate"),
+            TeacherConfig(name="domain", init="random", branches=["domain"], placement="separate"),
+            TeacherConfig(name="tiny", init="random", branches=["x"]),  # config default: colocated
         ],
     )
     lay = RoleLayout.from_config(cfg, 4)
@@ -123,7 +124,7 @@ def test_all_config_errors_reported_together():
     teachers = [
         teacher("a", tp=2, group="g"),
         teacher("b", tp=1, group="g"),
-        TeacherConfig(name="a", branches=["a2"], placement="separate"),
+        TeacherConfig(name="a", init="random", branches=["a2"], placement="separate"),
         teacher("d", placement="colocated", tp=4, group="x"),
         teacher("e", tp=0),
         teacher("student"),
@@ -170,7 +171,7 @@ def test_world_size_mismatch_lists_sizes():
 
 
 def test_512_rank_summary_and_map_are_compact():
-    big = dict(num_layers=32, num_attention_heads=32, num_query_groups=8, vocab_size=152064, ffn_hidden_size=14336)
+    big = dict(init="random", hidden_size=64, num_layers=32, num_attention_heads=32, num_query_groups=8, vocab_size=152064, ffn_hidden_size=14336)
     teachers = [teacher("general", tp=8, pp=2, dp=8, group="g"), teacher("domain", tp=8, pp=2, dp=8, group="g")]
     lay = RoleLayout.from_config(config(*teachers, model=big, tp=8, pp=4), 512)
     assert lay.student.dp == 12 and list(lay.ranks_of("g")) == list(range(384, 512))
@@ -201,7 +202,7 @@ def _tiny_model(pgc, tp: int, seed: int):
     from camopd_megatron.config import ModelConfig
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
 
-    cfg = ModelConfig(**TINY, hidden_size=64, seq_length=SEQ)
+    cfg = ModelConfig(**TINY, seq_length=SEQ)
     init_model_rng(seed, pgc)
     return build_gpt_model(cfg, pgc).eval()
 

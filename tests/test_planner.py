@@ -12,7 +12,7 @@ from camopd_megatron.parallel import LayoutError
 from camopd_megatron.planner import count_params, plan, stage_params
 
 LLAMA_8B = {
-    "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_query_groups": 8,
+    "init": "random", "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_query_groups": 8,
     "ffn_hidden_size": 14336, "vocab_size": 128256, "seq_length": 4096,
 }
 
@@ -22,8 +22,8 @@ def _cfg(**over):
         "model": dict(LLAMA_8B),
         "parallel": {"tp": 4, "use_distributed_optimizer": True},
         "teachers": [
-            {"name": "general", "branches": ["general"], "placement": "separate", "tp": 2},
-            {"name": "domain", "branches": ["domain"], "placement": "separate", "tp": 2},
+            {"name": "general", "init": "random", "branches": ["general"], "placement": "separate", "tp": 2},
+            {"name": "domain", "init": "random", "branches": ["domain"], "placement": "separate", "tp": 2},
         ],
         "data": {"max_prompt_tokens": 1024},
         "rollout": {"max_new_tokens": 3072, "micro_batch_size": 8},

@@ -156,7 +156,7 @@ def test_fp8_student_logprobs_close_to_bf16(recipe):
     try:
         pgc = simple_pg_collection(1, 1, 1)
         model_cfg = ModelConfig(
-            num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=512,
+            init="random", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=512,
             vocab_size=1024, seq_length=128, transformer_impl="te", init_method_std=0.05,
         )
         cc_now = torch.cuda.get_device_capability()

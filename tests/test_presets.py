@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from camopd_megatron.config import load_config
+from camopd_megatron.config import Config, load_config
 from camopd_megatron.distill.scheduler import BranchScheduler
 from camopd_megatron.distill.selection import SelectionPolicy, plan_selection
 
@@ -59,6 +59,6 @@ def test_preset_semantics(name):
 
 def test_camopd_is_the_default_algorithm():
     """camopd.yaml restates the built-in defaults of the algorithm sections (no hidden divergence)."""
-    preset, default = load_config(path("camopd")), load_config(None)
+    preset, default = load_config(path("camopd")), Config()
     for section in ("scheduler", "selection", "loss"):
         assert getattr(preset, section) == getattr(default, section), section

@@ -18,7 +18,7 @@ from camopd_megatron.distill.sampling import (
 )
 from camopd_megatron.testing.multiproc import run_on_ranks
 
-CFG = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+CFG = dict(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
            vocab_size=100, vocab_pad_multiple=128, seq_length=64)
 SEED = 4321
 V = CFG["vocab_size"]

@@ -4,6 +4,7 @@ import logging
 import pytest
 
 from camopd_megatron.config import ConfigError, config_from_dict
+from camopd_megatron.testing.configs import random_init
 from camopd_megatron.distill.scheduler import BranchScheduler, largest_remainder_counts
 
 TEACHERS = {"general": ["general"], "domain": ["domain"]}
@@ -122,12 +123,12 @@ def test_repeat_last_reissues_the_skipped_position():
 
 
 def test_from_config():
-    cfg = config_from_dict({"rollout": {"prompts_per_step": 12}})
+    cfg = config_from_dict(random_init({"rollout": {"prompts_per_step": 12}}))
     s = BranchScheduler.from_config(cfg)
     assert s.plan(3) == {"domain": 12} and s.plan(0) == {"general": 12}
-    cfg = config_from_dict({"scheduler": {"mode": "mixed", "mixed_shares": {"general": 3, "domain": 1}}})
+    cfg = config_from_dict(random_init({"scheduler": {"mode": "mixed", "mixed_shares": {"general": 3, "domain": 1}}}))
     assert BranchScheduler.from_config(cfg).plan(0) == {"general": 6, "domain": 2}
     # n_g = 0 while the general teacher exists: the root config does not catch it, the scheduler does
-    cfg = config_from_dict({"scheduler": {"pattern": ["domain"]}})
+    cfg = config_from_dict(random_init({"scheduler": {"pattern": ["domain"]}}))
     p = problems(lambda: BranchScheduler.from_config(cfg))
     assert p[0].startswith("teachers[0].branches")

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 
 from camopd_megatron.config import ConfigError, config_from_dict, load_config
+from camopd_megatron.testing.configs import random_init
+from tests.test_config import RANDOM
 from camopd_megatron.distill.selection import (
     SelectionPolicy, SelectionResult, apply_rule, plan_selection, select_by_gap_mass,
 )
@@ -143,11 +145,11 @@ def test_scale_mode_lr_moves_r_b_to_the_learning_rate():
         dataclasses.replace(adv, scale_mode="gradient")
     # config validation: one r per step
     with pytest.raises(ConfigError, match="selection.scale_mode: got 'lr'.*different loss.adv_scale"):
-        load_config(None, ["selection.scale_mode=lr", "scheduler.mode=mixed"])
+        load_config(None, [*RANDOM, "selection.scale_mode=lr", "scheduler.mode=mixed"])
     with pytest.raises(ConfigError, match="scale_only_selected: false"):
-        load_config(None, ["selection.scale_mode=lr", "selection.enabled=false"])
-    assert load_config(None, ["selection.scale_mode=lr"]).selection.scale_mode == "lr"
-    assert load_config(None, ["selection.scale_mode=lr", "scheduler.mode=mixed", "loss.adv_scale.general=1"])
+        load_config(None, [*RANDOM, "selection.scale_mode=lr", "selection.enabled=false"])
+    assert load_config(None, [*RANDOM, "selection.scale_mode=lr"]).selection.scale_mode == "lr"
+    assert load_config(None, [*RANDOM, "selection.scale_mode=lr", "scheduler.mode=mixed", "loss.adv_scale.general=1"])
 
 
 def test_keep_all():
@@ -166,8 +168,8 @@ def test_plan_errors_and_from_config():
         policy(r_g=0.0)
     with pytest.raises(ValueError, match="selection.rho.domain"):
         policy(rho_d=1.2)
-    cfg = config_from_dict({"selection": {"enabled": False, "rho": {"general": 0.7, "domain": 0.9}},
-                            "loss": {"adv_scale": {"general": 3, "domain": 1}}})
+    cfg = config_from_dict(random_init({"selection": {"enabled": False, "rho": {"general": 0.7, "domain": 0.9}},
+                            "loss": {"adv_scale": {"general": 3, "domain": 1}}}))
     p = SelectionPolicy.from_config(cfg.selection, cfg.loss)
     assert (p.enabled, p.rho["general"], p.adv_scale["general"], p.scale_only_selected) == (False, 0.7, 3.0, True)
     assert p.score_kind("domain") == "positive" and p.branches == ["domain", "general"]

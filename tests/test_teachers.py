@@ -25,7 +25,7 @@ from camopd_megatron.checkpoint.dist import CheckpointError
 from camopd_megatron.config import ConfigError, config_from_dict
 from camopd_megatron.testing.multiproc import run_on_ranks
 
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
+MODEL = dict(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
              vocab_size=100, vocab_pad_multiple=128, seq_length=32)
 SEEDS = {"general": 11, "domain": 22, "extra": 33}
 TOL = 1e-5
@@ -358,8 +358,10 @@ def _layout(cfg: Any, world: int = 4) -> Any:
 def test_bad_teacher_setups_name_the_key(tmp_path):
     from camopd_megatron.teachers import check_teachers
 
-    base = [dict(name="general", branches=["general"], placement="separate"),
-            dict(name="domain", branches=["domain"], placement="separate")]
+    from camopd_megatron.config import ModelConfig
+
+    base = [dict(name="general", init="random", branches=["general"], placement="separate"),
+            dict(name="domain", init="random", branches=["domain"], placement="separate")]
     cfg = _cfg(base, tp=2)
     layout = _layout(cfg)
     check_teachers(cfg, layout)  # fine as is
@@ -373,7 +375,7 @@ def test_bad_teacher_setups_name_the_key(tmp_path):
         _layout(cfg)
     cfg.teachers[1].branches = ["domain"]
 
-    cfg.teachers[0].checkpoint = str(tmp_path / "missing")
+    cfg.teachers[0].init, cfg.teachers[0].checkpoint = "checkpoint", str(tmp_path / "missing")
     with pytest.raises(CheckpointError, match=r"teachers\[0\]\.checkpoint.*does not exist"):
         check_teachers(cfg, layout)
     half = tmp_path / "half"
@@ -390,7 +392,9 @@ def test_bad_teacher_setups_name_the_key(tmp_path):
         check_teachers(cfg, layout)
     (half / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION,
                                              "model": {**arch_dict(cfg.model), "num_layers": 4}}))
-    with pytest.raises(CheckpointError, match="num_layers: checkpoint 4 vs config 2"):
+    # an architecture field set in the config that the checkpoint contradicts: both values named
+    cfg.teachers[0].model = ModelConfig(**{**MODEL, "init": "checkpoint", "checkpoint": str(half)})
+    with pytest.raises(CheckpointError, match=r"teachers\[0\]\.model\.num_layers: got 2; expected the checkpoint's value 4"):
         check_teachers(cfg, layout)
     # the integrity check of a training resume (sizes, small files' checksums) runs before any model build
     from camopd_megatron.checkpoint.integrity import FILES_KEY, MANIFEST_SUM_KEY, manifest_digest, record_files
@@ -415,8 +419,8 @@ def test_world_size_mismatch_and_client_input_errors():
     from camopd_megatron.teachers import check_batch
     from camopd_megatron.parallel import LayoutError
 
-    base = [dict(name="general", branches=["general"], placement="separate"),
-            dict(name="domain", branches=["domain"], placement="separate")]
+    base = [dict(name="general", init="random", branches=["general"], placement="separate"),
+            dict(name="domain", init="random", branches=["domain"], placement="separate")]
     with pytest.raises(LayoutError, match="world size 5"):
         _layout(_cfg(base, tp=2, dp=1), world=5)
     tokens = torch.zeros(2, 3, dtype=torch.int64)

@@ -15,7 +15,7 @@ import torch
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
+MODEL = {"init": "random", "checkpoint": None, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
          "vocab_size": 128, "seq_length": 96}
 
 
@@ -31,7 +31,7 @@ def tiny_cfg(out: str, general_ckpt: str, *, steps: int = 8, preset: str = "camo
         "model": MODEL,
         "teachers": [
             {"name": "general", "branches": ["general"], "checkpoint": general_ckpt},
-            {"name": "domain", "branches": ["domain"]},
+            {"name": "domain", "init": "random", "branches": ["domain"]},
         ],
         "rollout": {"prompts_per_step": 8, "max_new_tokens": 8, "micro_batch_size": 8},
         "optim": {"lr": 3e-3, "micro_batch_size": 3},
@@ -204,7 +204,7 @@ def test_fused_recompute_equals_the_separate_recompute(general_ckpt, tmp_path):
 def test_four_ranks_student_tp2_and_two_separate_teachers(general_ckpt, tmp_path):
     extra = {"parallel": {"tp": 2}, "teachers": [
         {"name": "general", "branches": ["general"], "checkpoint": general_ckpt, "placement": "separate"},
-        {"name": "domain", "branches": ["domain"], "placement": "separate"},
+        {"name": "domain", "init": "random", "branches": ["domain"], "placement": "separate"},
     ], "eval": {"interval": 0}}
     cfg = tiny_cfg(str(tmp_path / "sep"), general_ckpt, steps=8, extra=extra)
     res = _run(4, [cfg])
@@ -361,7 +361,7 @@ def test_student_pipeline_parallel_matches_pp1(general_ckpt, tmp_path):
     same starting weights (a checkpoint: stage-local init draws the RNG in another order)."""
     other = str(tmp_path / "other")
     run_on_ranks(_write_general_teacher, 1, args=(other, 31), timeout_s=240)
-    extra = {"model": {"checkpoint": other}, "checkpoint": {"save_interval": 0},
+    extra = {"model": {"init": "checkpoint", "checkpoint": other}, "checkpoint": {"save_interval": 0},
              "teachers": [{"name": "general", "branches": ["general"], "checkpoint": general_ckpt},
                           {"name": "domain", "branches": ["domain"], "checkpoint": other}]}
     # camopd (recompute, then selection) and vanilla_mopd (Δ from the training forward, broadcast from the last stage)

@@ -25,7 +25,7 @@ def _bench_worker(rank: int, world_size: int, args: dict) -> list[dict]:
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
     from camopd_megatron.models.groups import simple_pg_collection
 
-    cfg = ModelConfig(num_layers=args["layers"], hidden_size=args["hidden"], num_attention_heads=args["heads"],
+    cfg = ModelConfig(init="random", num_layers=args["layers"], hidden_size=args["hidden"], num_attention_heads=args["heads"],
                       ffn_hidden_size=4 * args["hidden"], vocab_size=args["vocab"],
                       seq_length=args["prompt_len"] + max(args["new_tokens"]))
     pgc = simple_pg_collection(1, world_size, 1)

@@ -22,7 +22,7 @@ Responses are FIXED length, like the peer's ``min_new_tokens = max_new_tokens``:
 Settings. ``--teachers 1`` is the head-to-head with TRL: the ``vanilla_mopd`` preset reduced to one
 branch (``scheduler.mode: mixed`` with only ``general``, selection off, r = 1) and one teacher.
 ``--teachers 2`` is the ``camopd`` preset (3:1 alternating general/domain, ρ-selection on), two
-teachers. Teachers are the student's own random initialisation (no checkpoint): their weights do
+teachers. Teachers are the student's own random initialisation (``init: random``): their weights do
 not change the work done per step. ``--layout single`` is one process (world 1, teachers
 ``placement: colocated``); ``sep4`` launches ``torch.distributed.run --nproc_per_node 4`` with the
 student at TP = 2 on ranks 0-1 and each teacher on its own rank (``placement: separate``).
@@ -124,12 +124,12 @@ def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, step
     base = config_to_dict(load_config(str(REPO / "examples" / "configs" / f"{preset}.yaml")))
     over: dict[str, Any] = {
         "run": {"steps": steps, "seed": seed, "output_dir": str(work / "run"), "log_level": "WARNING"},
-        "model": {"arch": "llama", "num_layers": d["layers"], "hidden_size": d["hidden"],
+        "model": {"init": "random", "checkpoint": None, "arch": "llama", "num_layers": d["layers"], "hidden_size": d["hidden"],
                   "num_attention_heads": d["heads"], "num_query_groups": d["kv_heads"], "ffn_hidden_size": d["ffn"],
                   "vocab_size": d["vocab"], "seq_length": prompt_len + new, "tie_embeddings": False,
                   "transformer_impl": "local"},
         "parallel": {"tp": 1 if layout == "single" else 2, "pp": 1, "backend": "gloo"},
-        "teachers": [{"name": b, "branches": [b], "placement": placement} for b in branches],
+        "teachers": [{"name": b, "init": "random", "branches": [b], "placement": placement} for b in branches],
         "data": {"branches": data, "tokenizer": str(tok), "max_prompt_tokens": prompt_len, "shuffle": True},
         # one micro-batch of the whole step (the peer: batch 8, no accumulation), fixed-length responses
         "rollout": {"prompts_per_step": batch, "max_new_tokens": new, "temperature": 1.0, "top_k": 0, "top_p": 1.0,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from camopd_megatron.config.errors import closest, problem
 from camopd_megatron.config.sections import (
+    CONVERT_HINT,
     CheckpointConfig,
     DataConfig,
     EvalConfig,
@@ -41,7 +42,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Seed, length, output directory, log level."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The student's (and teachers') architecture."""
+    """The student's architecture and initial weights (each teacher's: ``teachers[i]``)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """The student's TP x PP x DP layout and backend."""
     teachers: list[TeacherConfig] = field(default_factory=default_teachers)
@@ -75,6 +76,7 @@ class Config:
             problems += getattr(self, name).validate(name)
         for i, teacher in enumerate(self.teachers):
             problems += teacher.validate(f"teachers[{i}]")
+        problems += self._check_init()
         problems += self._check_teachers()
         problems += self._check_branches()
         problems += self._check_scale_mode()
@@ -102,6 +104,51 @@ class Config:
                 "the samples the rho-rule would keep",
                 "set selection.scale_only_selected: false, or use scale_mode: advantage",
             ))
+        return problems
+
+    # ------------------------------------------------------------------ roles' models
+    def teacher_model(self, index: int) -> tuple[ModelConfig, str]:
+        """Teacher ``index``'s model config and the key its architecture is set under.
+
+        ``teachers[i].model`` when given; a random-init teacher without one has the student's
+        architecture (``model``); a checkpoint teacher without one has every architecture field
+        unset until :func:`camopd_megatron.checkpoint.inputs.resolve_inputs` reads its manifest.
+        The run settings (``seq_length``, ``transformer_impl``) are always the student's.
+        """
+        t = self.teachers[index]
+        run = {"seq_length": self.model.seq_length, "transformer_impl": self.model.transformer_impl}
+        if t.model is not None:
+            return replace(t.model, **run), f"teachers[{index}].model"
+        if t.init == "random":
+            return replace(self.model, init="random", checkpoint=None), "model"
+        return ModelConfig(init="checkpoint", checkpoint=t.checkpoint, **run), f"teachers[{index}].model"
+
+    def _check_init(self) -> list[str]:
+        """``init: checkpoint`` needs a checkpoint and ``init: random`` takes none: random weights are a choice."""
+        problems: list[str] = []
+        roles = [("model", self.model.init, self.model.checkpoint)]
+        roles += [(f"teachers[{i}]", t.init, t.checkpoint) for i, t in enumerate(self.teachers)]
+        for key, init, checkpoint in roles:
+            if init == "checkpoint" and not checkpoint:
+                problems.append(problem(
+                    f"{key}.checkpoint", checkpoint, f"a converted checkpoint directory ({key}.init: checkpoint)",
+                    CONVERT_HINT.format(key=f"{key}.checkpoint") + f"; or set {key}.init: random to train from random weights",
+                ))
+            elif init == "random" and checkpoint:
+                problems.append(problem(
+                    f"{key}.checkpoint", checkpoint, f"no checkpoint: {key}.init is random",
+                    f"drop {key}.checkpoint, or set {key}.init: checkpoint",
+                ))
+        for i, t in enumerate(self.teachers):
+            if t.model is None:
+                continue
+            for name in ("seq_length", "transformer_impl"):
+                mine, student = getattr(t.model, name), getattr(self.model, name)
+                if mine != student and mine != getattr(ModelConfig(), name):
+                    problems.append(problem(
+                        f"teachers[{i}].model.{name}", mine, f"the student's model.{name}={student!r} (a run setting every role shares)",
+                        f"drop teachers[{i}].model.{name}",
+                    ))
         return problems
 
     # ------------------------------------------------------------------ teachers
@@ -220,8 +267,11 @@ class Config:
                 "set parallel.use_distributed_optimizer: true or parallel.overlap_param_gather: false",
             ))
         for i, t in enumerate(self.teachers):
+            tm, prefix = self.teacher_model(i)
             if t.placement == "colocated":
-                # runs on the student's ranks with the student's layout (checked above)
+                # runs on the student's ranks with the student's layout: its own architecture must split there too
+                if prefix != "model":
+                    problems += tm.layout_problems(par.tp, par.pp, tp_key="parallel.tp", pp_key="parallel.pp", prefix=prefix)
                 for dim in ("tp", "pp", "dp"):
                     mine, student = getattr(t, dim), getattr(par, dim)
                     if mine is not None and student is not None and mine != student:
@@ -232,7 +282,7 @@ class Config:
                         ))
                 continue
             tp, pp, _ = t.separate_layout
-            problems += m.layout_problems(tp, pp, tp_key=f"teachers[{i}].tp", pp_key=f"teachers[{i}].pp")
+            problems += tm.layout_problems(tp, pp, tp_key=f"teachers[{i}].tp", pp_key=f"teachers[{i}].pp", prefix=prefix)
         return problems
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from camopd_megatron.config.errors import problem
@@ -33,7 +33,11 @@ __all__ = [
     "EvalConfig",
     "LoggingConfig",
     "DTypeName",
+    "InitName",
     "STUDENT_ROLE",
+    "ARCH_FIELDS",
+    "REQUIRED_FOR_RANDOM",
+    "CONVERT_HINT",
 ]
 
 DTypeName = Literal["auto", "fp32", "bf16", "fp16"]
@@ -106,48 +110,78 @@ MCORE_LLAMA3_ROPE: dict[str, float] = {"low_freq_factor": 1.0, "high_freq_factor
 a model with other values is refused at conversion (``checkpoint/hf.py``) and at model build (``models/gpt.py``)."""
 
 
+InitName = Literal["checkpoint", "random"]
+"""Where a role's initial weights come from: a converted checkpoint, or random weights (an explicit choice)."""
+
+ARCH_FIELDS: dict[str, Any] = {
+    "arch": "llama", "num_layers": None, "hidden_size": None, "num_attention_heads": None, "num_query_groups": None,
+    "ffn_hidden_size": None, "head_dim": None, "vocab_size": None, "vocab_pad_multiple": 128, "rotary_base": 10000.0,
+    "rope_scaling": None, "norm_epsilon": 1e-6, "add_qkv_bias": False, "qk_layernorm": False, "tie_embeddings": False,
+}
+"""The architecture fields of :class:`ModelConfig` → their value with ``init: random`` when left out (None: no
+default). With ``init: checkpoint`` each one left out is read from the checkpoint's manifest, and one that is set
+must agree with it."""
+
+REQUIRED_FOR_RANDOM = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size")
+"""Architecture fields that have no default: ``init: random`` needs them set."""
+
+CONVERT_HINT = ("convert a Hugging Face model with `python tools/convert_hf_to_megatron.py HF_DIR OUT_DIR` and point "
+                "{key} at OUT_DIR")
+"""How to get a checkpoint (formatted with the key to set)."""
+
+
 @dataclass
 class ModelConfig:
-    """The student's architecture (teachers share it: same lineage, same tokenizer)."""
+    """A role's architecture and initial weights (the student's ``model``, a teacher's ``teachers[i].model``).
 
-    arch: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
-    """Architecture family (RMSNorm + SwiGLU + RoPE for all; qwen2 adds QKV bias, qwen3 q/k-norm)."""
-    num_layers: int = 2
+    The architecture fields (:data:`ARCH_FIELDS`) are optional: with ``init: checkpoint`` (the default)
+    they are read from the checkpoint's manifest before any model is built
+    (:func:`camopd_megatron.checkpoint.inputs.resolve_inputs`), and a value set here that disagrees is an
+    error naming both; with ``init: random`` the size fields (:data:`REQUIRED_FOR_RANDOM`) are required
+    and the others take their documented defaults.
+    """
+
+    init: InitName = "checkpoint"
+    """Initial weights: ``checkpoint`` (from :attr:`checkpoint`, a converted model) or ``random`` (run.seed)."""
+    checkpoint: Optional[str] = None
+    """The initial weights (``init: checkpoint``): a directory in our distributed checkpoint format
+    (``tools/convert_hf_to_megatron.py`` writes one)."""
+    arch: Optional[Literal["llama", "qwen2", "qwen3", "mistral"]] = None
+    """Architecture family (RMSNorm + SwiGLU + RoPE for all; qwen2 adds QKV bias, qwen3 q/k-norm); random default llama."""
+    num_layers: Optional[int] = None
     """Number of transformer layers."""
-    hidden_size: int = 64
+    hidden_size: Optional[int] = None
     """Model width."""
-    num_attention_heads: int = 4
+    num_attention_heads: Optional[int] = None
     """Number of query heads."""
     num_query_groups: Optional[int] = None
     """Key/value heads for grouped-query attention; None = multi-head attention (= num_attention_heads)."""
-    ffn_hidden_size: int = 256
+    ffn_hidden_size: Optional[int] = None
     """SwiGLU intermediate size."""
     head_dim: Optional[int] = None
     """Per-head width (megatron ``kv_channels``); None = hidden_size / num_attention_heads (Qwen3 sets it)."""
-    vocab_size: int = 128
-    """The tokenizer's vocabulary size, unpadded (padding is :attr:`padded_vocab_size`)."""
-    vocab_pad_multiple: int = 128
-    """Pad the vocabulary up to a multiple of this, independent of the TP size (every TP must divide it)."""
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary size, unpadded (padding is :attr:`padded_vocab_size`); every role's must agree."""
+    vocab_pad_multiple: Optional[int] = None
+    """Pad the vocabulary up to a multiple of this, independent of the TP size (every TP must divide it); random default 128."""
     seq_length: int = 256
-    """Maximum context length (prompt + response) in tokens."""
-    rotary_base: float = 10000.0
-    """RoPE base (theta)."""
+    """Maximum context length (prompt + response) in tokens (a run setting, not read from the checkpoint)."""
+    rotary_base: Optional[float] = None
+    """RoPE base (theta); random default 10000."""
     rope_scaling: Optional[dict[str, Any]] = None
     """Optional RoPE scaling settings as in the Hugging Face config (e.g. llama3 ``factor``...); None = off."""
-    norm_epsilon: float = 1e-6
-    """RMSNorm epsilon."""
-    add_qkv_bias: bool = False
-    """Bias on the QKV projection (Qwen2 style)."""
-    qk_layernorm: bool = False
-    """RMSNorm on queries and keys per head (Qwen3 style)."""
-    tie_embeddings: bool = False
-    """Share the input embedding and the output projection."""
+    norm_epsilon: Optional[float] = None
+    """RMSNorm epsilon; random default 1e-6."""
+    add_qkv_bias: Optional[bool] = None
+    """Bias on the QKV projection (Qwen2 style); random default false."""
+    qk_layernorm: Optional[bool] = None
+    """RMSNorm on queries and keys per head (Qwen3 style); random default false."""
+    tie_embeddings: Optional[bool] = None
+    """Share the input embedding and the output projection; random default false."""
     init_method_std: float = 0.02
     """Std of the normal weight initialisation (random init only)."""
     transformer_impl: Literal["auto", "local", "te"] = "auto"
     """Layer implementation: ``te`` (Transformer Engine, error if missing), ``local``, or ``auto`` (te if installed)."""
-    checkpoint: Optional[str] = None
-    """The student's initial weights: a directory in our distributed checkpoint format; None = random init."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute in the student's training backward (megatron ``recompute_granularity``):
     ``none`` keeps every activation; ``selective`` recomputes the core attention (the [s, s] scores,
@@ -163,6 +197,36 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With ``recompute: full``: layers per recompute group (``uniform``) or recomputed layers per
     pipeline stage (``block``); 1 to the layers of one stage (num_layers / parallel.pp)."""
+
+    def __post_init__(self) -> None:
+        if self.init == "random":  # the documented defaults of the fields left out (sizes have none)
+            for name, default in ARCH_FIELDS.items():
+                if getattr(self, name) is None and default is not None:
+                    setattr(self, name, default)
+
+    @property
+    def arch_unset(self) -> list[str]:
+        """Architecture fields still unknown (left out, to be read from the checkpoint)."""
+        return [n for n, d in ARCH_FIELDS.items() if getattr(self, n) is None and (d is not None or n in REQUIRED_FOR_RANDOM)]
+
+    def from_saved(self, saved: dict[str, Any], *, key: str, path: str) -> tuple["ModelConfig", list[str]]:
+        """This config with every architecture field left out read from a checkpoint's ``saved`` model
+        fields; a field set here that disagrees with the checkpoint is a problem naming both values."""
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        for name in ARCH_FIELDS:
+            mine = getattr(self, name)
+            if name not in saved:
+                continue  # an older manifest without the field: keep ours (None = the documented meaning)
+            theirs = saved[name]
+            if mine is None:
+                values[name] = theirs
+            elif mine != theirs:
+                problems.append(problem(
+                    f"{key}.{name}", mine, f"the checkpoint's value {theirs!r} ({path})",
+                    f"drop {key}.{name} (it is read from the checkpoint) or set it to {theirs!r}",
+                ))
+        return replace(self, **values), problems
 
     @property
     def padded_vocab_size(self) -> int:
@@ -193,7 +257,16 @@ class ModelConfig:
                  "one of none, selective, full", f"set {prefix}.recompute to none, selective or full")
         _require(self.recompute_method in ("uniform", "block"), problems, f"{prefix}.recompute_method",
                  self.recompute_method, "uniform or block", f"set {prefix}.recompute_method to uniform or block")
+        if self.init == "random":
+            for name in REQUIRED_FOR_RANDOM:
+                if getattr(self, name) is None:
+                    problems.append(problem(
+                        f"{prefix}.{name}", None, f"a value: {prefix}.init is random, so there is no checkpoint to read it from",
+                        f"set {prefix}.{name}, or use init: checkpoint with a converted checkpoint",
+                    ))
         heads, groups = self.num_attention_heads, self.num_query_groups
+        if heads is None or self.hidden_size is None:
+            return problems
         if heads > 0 and groups is not None and groups > 0 and heads % groups:
             problems.append(problem(
                 f"{prefix}.num_query_groups", groups, f"a divisor of {prefix}.num_attention_heads={heads}",
@@ -216,6 +289,8 @@ class ModelConfig:
         not positive are skipped: :meth:`validate` reports them.
         """
         problems: list[str] = []
+        if self.arch_unset:  # not known yet: checked again once read from the checkpoint
+            return problems
         if tp > 0:
             sizes = [("num_attention_heads", self.num_attention_heads)]
             if self.num_query_groups is not None:
@@ -300,8 +375,13 @@ class TeacherConfig:
 
     name: str
     """Unique teacher name (also the default name of its rank group)."""
+    init: InitName = "checkpoint"
+    """Initial weights: ``checkpoint`` (from :attr:`checkpoint`, a converted model) or ``random`` (run.seed)."""
     checkpoint: Optional[str] = None
-    """The teacher's weights (our distributed checkpoint dir); None = random init (tests, demo)."""
+    """The teacher's weights (``init: checkpoint``): our distributed checkpoint dir (``tools/convert_hf_to_megatron.py``)."""
+    model: Optional[ModelConfig] = None
+    """The teacher's architecture: read from its checkpoint (fields set here must agree); with ``init: random``
+    these fields, or the student's architecture when left out. Its ``init`` and ``checkpoint`` are the teacher's."""
     branches: list[str] = field(default_factory=list)
     """The prompt branches this teacher scores (each scheduled branch has exactly one teacher)."""
     placement: Literal["separate", "colocated"] = "colocated"
@@ -319,10 +399,21 @@ class TeacherConfig:
     offload: bool = False
     """Keep the weights in host memory between uses (colocated teachers)."""
 
+    def __post_init__(self) -> None:
+        if self.model is not None and self.model.checkpoint in (None, self.checkpoint):
+            self.model = replace(self.model, init=self.init, checkpoint=self.checkpoint)  # one source: the teacher's keys
+
     def validate(self, prefix: str = "teacher") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _require(bool(self.name), problems, f"{prefix}.name", self.name, "a non-empty name", "name the teacher")
+        if self.model is not None:
+            if self.model.checkpoint not in (None, self.checkpoint):
+                problems.append(problem(
+                    f"{prefix}.model.checkpoint", self.model.checkpoint, f"unset (the teacher's weights are {prefix}.checkpoint)",
+                    f"move it to {prefix}.checkpoint",
+                ))
+            problems += self.model.validate(f"{prefix}.model")
         _positive(problems, prefix, self, "tp", "pp", "dp")
         _require(
             len(set(self.branches)) == len(self.branches), problems, f"{prefix}.branches", self.branches,
@@ -476,6 +567,14 @@ class SchedulerConfig:
                 len(self.mixed_shares) > 0, problems, f"{prefix}.mixed_shares", self.mixed_shares,
                 "at least one branch", "e.g. {general: 1.0, domain: 1.0}",
             )
+        # the other mode's key has no effect: set to a non-default value it is a mistake, not a no-op
+        ignored, default = (("mixed_shares", SchedulerConfig().mixed_shares) if self.mode == "alternating"
+                            else ("pattern", SchedulerConfig().pattern))
+        if getattr(self, ignored) != default:
+            problems.append(problem(
+                f"{prefix}.{ignored}", getattr(self, ignored), f"its default ({default}): {prefix}.mode={self.mode} ignores it",
+                f"drop {prefix}.{ignored}, or set {prefix}.mode: {'mixed' if self.mode == 'alternating' else 'alternating'}",
+            ))
         for name, share in self.mixed_shares.items():
             _require(share > 0, problems, f"{prefix}.mixed_shares.{name}", share, "a share > 0", "remove the branch or give it a positive share")
         return problems

@@ -1,7 +1,7 @@
 """Prompt data and tokenizers.
 
 - :mod:`~camopd_megatron.data.tokenizers`: sentencepiece / ``tokenizer.json`` / synthetic byte tokenizers,
-  :func:`load_tokenizer`, :func:`check_vocab`;
+  :func:`load_tokenizer`, :func:`check_vocab`, :func:`model_tokenizer` (both at once);
 - :mod:`~camopd_megatron.data.templates`: record validation and the plain / chatml / llama3 templates;
 - :mod:`~camopd_megatron.data.files`: streaming random access to JSONL (line-offset index) and Parquet;
 - :mod:`~camopd_megatron.data.dataset`: one branch's files, weights, held-out split, epoch order;
@@ -32,6 +32,7 @@ from camopd_megatron.data.tokenizers import (
     Tokenizer,
     check_vocab,
     load_tokenizer,
+    model_tokenizer,
 )
 
 __all__ = [
@@ -56,4 +57,5 @@ __all__ = [
     "Tokenizer",
     "check_vocab",
     "load_tokenizer",
+    "model_tokenizer",
 ]

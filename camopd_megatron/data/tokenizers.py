@@ -31,6 +31,7 @@ __all__ = [
     "HFTokenizer",
     "load_tokenizer",
     "check_vocab",
+    "model_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,3 +313,15 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, path: Optional[str 
             f"data.tokenizer: {where} has {tokenizer.vocab_size} tokens but model.vocab_size is {model_vocab_size}; "
             f"set model.vocab_size >= {tokenizer.vocab_size} or use the model's own tokenizer"
         )
+
+
+def model_tokenizer(path: Optional[str | Path], model_vocab_size: int) -> Tokenizer:
+    """The run's tokenizer (``data.tokenizer``) checked against the model's vocabulary.
+
+    Without ``data.tokenizer`` the built-in byte tokenizer: ASCII characters, or UTF-8 bytes when the
+    vocabulary has room (>= 260 ids). Raises ValueError naming ``data.tokenizer`` (see :func:`load_tokenizer`,
+    :func:`check_vocab`).
+    """
+    tokenizer = load_tokenizer(path, byte_vocab_size=model_vocab_size if model_vocab_size >= 260 else 128)
+    check_vocab(tokenizer, model_vocab_size, path)
+    return tokenizer

@@ -87,8 +87,9 @@ def stage3_config(method: str, seed: int, teachers: TeacherArtifacts, settings: 
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; use one of {', '.join(METHODS)}")
     raw = deep_merge(read_yaml(str(PRESET_DIR / METHODS[method])), read_yaml(str(DEMO_YAML)))
-    model = dict(teachers.model)
-    model["checkpoint"] = teachers.domain_ckpt
+    # the student starts from the domain teacher; its architecture is read from that checkpoint
+    model = {"init": "checkpoint", "checkpoint": teachers.domain_ckpt, "seq_length": teachers.model["seq_length"],
+             "transformer_impl": teachers.model.get("transformer_impl", "local")}
     run_specific = {
         "run": {"seed": int(seed), "steps": settings.steps, "output_dir": str(run_dir)},
         "model": model,

@@ -93,12 +93,12 @@ class TeacherArtifacts:
     seconds: float = 0.0
 
 
-def demo_model_config(s: StageSettings, checkpoint: Optional[str] = None) -> ModelConfig:
-    """The demo architecture (char-level vocabulary of 128)."""
+def demo_model_config(s: StageSettings) -> ModelConfig:
+    """The demo architecture (char-level vocabulary of 128), random init: stages 1-2 train it from scratch."""
     return ModelConfig(
-        num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+        init="random", num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
         ffn_hidden_size=s.ffn_hidden_size, vocab_size=128, vocab_pad_multiple=128, seq_length=s.seq_length,
-        transformer_impl="local", checkpoint=checkpoint,
+        transformer_impl="local",
     )
 
 

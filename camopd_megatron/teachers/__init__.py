@@ -11,7 +11,6 @@ from camopd_megatron.teachers.client import (
     ColocatedTeacher,
     TeacherClient,
     build_teachers,
-    check_teacher_checkpoint,
     check_teachers,
 )
 from camopd_megatron.teachers.host import ServeStats, TeacherHost, TeacherModel
@@ -28,6 +27,5 @@ __all__ = [
     "TeacherServiceError",
     "build_teachers",
     "check_batch",
-    "check_teacher_checkpoint",
     "check_teachers",
 ]

@@ -23,9 +23,9 @@ One factory, :func:`build_teachers`, called on every rank of the world after
 
 Before any collective, :func:`check_teachers` runs on every rank (pure config + local file reads),
 so a bad setup fails everywhere with the same message naming the config key: a teacher the layout
-does not place, a missing/corrupt checkpoint, or a checkpoint whose architecture or vocabulary
-differs from ``model.*`` (both vocab sizes named). The config's own teacher rules are checked when
-it is validated.
+does not place, a missing/corrupt checkpoint, an architecture field the checkpoint contradicts, or a
+vocabulary that differs from the student's (both sizes named); each teacher's architecture is read from
+its own checkpoint. The config's own teacher rules are checked when it is validated.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from camopd_megatron.checkpoint.dist import CheckpointError, check_arch, check_checkpoint, read_manifest
+from camopd_megatron.checkpoint.dist import CheckpointError
+from camopd_megatron.checkpoint.inputs import resolve_models
 from camopd_megatron.config.errors import ConfigError, problem
 from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
@@ -44,27 +45,29 @@ from camopd_megatron.teachers.protocol import (
 )
 
 if TYPE_CHECKING:
-    from camopd_megatron.config import Config, ModelConfig
+    from camopd_megatron.config import Config
     from camopd_megatron.parallel import RankGroups, RoleLayout, Route
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_teachers", "check_teachers", "check_teacher_checkpoint", "TeacherClient", "ColocatedTeacher"]
+__all__ = ["build_teachers", "check_teachers", "TeacherClient", "ColocatedTeacher"]
 
 
 # ------------------------------------------------------------------------------------------------
 # checks that run on every rank before any collective
 # ------------------------------------------------------------------------------------------------
-def check_teachers(cfg: "Config", layout: "RoleLayout") -> None:
-    """Refuse a bad teacher setup on every rank, before any process group is used.
+def check_teachers(cfg: "Config", layout: "RoleLayout") -> "Config":
+    """Refuse a bad teacher setup on every rank, before any process group is used; return ``cfg`` with
+    every teacher's architecture read from its checkpoint (:func:`~camopd_megatron.checkpoint.inputs.resolve_models`).
 
     The config's own rules (a teacher with no branch, a branch with two teachers, ...) are checked
     when it is validated (``Config.validate``; ``RoleLayout.from_config`` refuses a config that fails).
 
     Raises:
         ConfigError: a teacher the layout does not place.
-        CheckpointError: a missing, incomplete or corrupt ``teachers[i].checkpoint``, or one whose
-            architecture / vocabulary differs from ``model.*`` (every problem, one per line).
+        CheckpointError: a missing, incomplete or corrupt checkpoint, an architecture field set in the
+            config that the checkpoint contradicts, or a teacher whose vocabulary differs from the
+            student's (every problem, one per line).
     """
     problems: list[str] = []
     for i, t in enumerate(cfg.teachers):
@@ -73,41 +76,10 @@ def check_teachers(cfg: "Config", layout: "RoleLayout") -> None:
                                     "plan the layout from this config (RoleLayout.from_config)"))
     if problems:
         raise ConfigError(problems)
-    bad: list[str] = []
-    for i, t in enumerate(cfg.teachers):
-        if t.checkpoint is not None:
-            try:
-                check_teacher_checkpoint(t.checkpoint, cfg.model, f"teachers[{i}].checkpoint")
-            except CheckpointError as e:
-                bad.append(str(e))
+    resolved, bad = resolve_models(cfg)
     if bad:
         raise CheckpointError("\n".join(bad))
-
-
-def check_teacher_checkpoint(path: str, model_cfg: "ModelConfig", key: str) -> None:
-    """One teacher checkpoint: readable manifest, same vocabulary and architecture, then intact: every
-    recorded file's size, the small files' checksums and safe metadata (``checkpoint.dist.check_checkpoint``,
-    the check a training resume runs). Every rank checks every small file, so all reach the same verdict
-    without a collective, before any model is built."""
-    try:
-        manifest = read_manifest(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{key}={path!r}: {e}", reason=e.reason) from e
-    saved = manifest.get("model", {}) if isinstance(manifest.get("model"), dict) else {}
-    if saved.get("vocab_size") != model_cfg.vocab_size:
-        raise CheckpointError(
-            f"{key}={path!r}: the teacher's vocabulary has {saved.get('vocab_size')!r} tokens but the student's "
-            f"model.vocab_size={model_cfg.vocab_size}; teachers and student must share one tokenizer "
-            f"(convert the teacher with the student's tokenizer, or fix model.vocab_size)")
-    try:
-        check_arch(manifest, model_cfg, str(path), key="model")
-    except CheckpointError as e:
-        raise CheckpointError(f"{key}: {e}") from e
-    try:
-        check_checkpoint(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{key}={path!r}: {e}; check it with tools/verify_checkpoint.py",
-                              reason=e.reason) from e
+    return resolved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +101,8 @@ class ColocatedTeacher:
         self.pgc = groups.student_pg_collection
         self.vocab_size = cfg.model.vocab_size
         self.timeout_s = float(timeout_s if timeout_s is not None else cfg.parallel.timeout_s)
-        self.teacher = TeacherModel(t.name, index, cfg.model, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
+        # its own architecture on the student's layout (Config.validate checked that it splits there)
+        self.teacher = TeacherModel(t.name, index, cfg.teacher_model(index)[0], self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
                                     dtype=t.dtype, offload=t.offload, micro_batch_rows=micro_batch_rows)
 
     def score(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -330,7 +303,7 @@ def build_teachers(cfg: "Config", layout: "RoleLayout", groups: "RankGroups", *,
     and loading models is collective over each role (checkpoint loading over the role's ranks);
     colocated teachers are built on the student's ranks in config order.
     """
-    check_teachers(cfg, layout)
+    cfg = check_teachers(cfg, layout)
     if groups.is_student:
         ids = teacher_ids(cfg.teachers)
         colocated = {n: ColocatedTeacher(cfg, ids[n], groups, timeout_s=timeout_s, micro_batch_rows=micro_batch_rows)

@@ -163,7 +163,7 @@ class TeacherHost:
         for name in self.role.teachers:  # time-shared group: one model per hosted teacher
             t = cfg.teachers[index[name]]
             self.models[index[name]] = TeacherModel(
-                name, index[name], cfg.model, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
+                name, index[name], cfg.teacher_model(index[name])[0], self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
                 dtype=t.dtype, offload=False, micro_batch_rows=micro_batch_rows)
         dp = groups.dp_rank
         self.input_rank = self.role.rank_at(0, 0, dp)
