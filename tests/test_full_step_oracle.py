@@ -22,6 +22,8 @@ treats a ratio within ``_ON_BOUND`` of a bound as on it; no other ratio comes ne
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from pathlib import Path
 
@@ -187,12 +189,18 @@ def _rho_keep(scores: dict[int, float], rho: float) -> set[int]:
     return kept
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_float64(hf_dir: Path):
+    """A HF model directory loaded once per test process, in float64 (copy it before training it)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
+    return model.to(torch.float64).eval()
+
+
 class Reference:
     """The student as a float64 ``transformers`` model, trained per docs/algorithm.md §2-§5 + AdamW."""
 
     def __init__(self, hf_dir: Path, cfg) -> None:
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
-        self.model = self.model.to(torch.float64).train()
+        self.model = copy.deepcopy(_hf_float64(hf_dir)).train()
         self.cfg, self.o = cfg, {k: float(v) if not isinstance(v, str) else v for k, v in OPTIM.items()}
         self.params = dict(self.model.named_parameters())
         # megatron's default rule (megatron/core/optimizer get_standard_config_overrides): no weight decay
@@ -262,7 +270,7 @@ class Reference:
             for g in grads.values():
                 g.mul_(self.o["clip_grad"] / (norm + 1e-6))
         self.adamw(grads, _lr_at(self.k, self.o, STEPS) * lr_factor)
-        return {"loss": float(loss), "kept": kept, "grad_norm": norm, "ratios": torch.cat(ratios) if ratios else None}
+        return {"loss": float(loss.detach()), "kept": kept, "grad_norm": norm, "ratios": torch.cat(ratios) if ratios else None}
 
     @torch.no_grad()
     def adamw(self, grads: dict[str, torch.Tensor], lr: float) -> None:
@@ -315,8 +323,7 @@ def _merge_rows(rank_runs: list[dict], step: int) -> list[dict]:
 
 def _check_run(models: Path, tmp: Path, cfg, rank_runs: list[dict], label: str) -> None:
     ref = Reference(models / "hf_student", cfg)
-    teachers = {b: transformers.AutoModelForCausalLM.from_pretrained(models / f"hf_{b}").to(torch.float64).eval()
-                for b in ("general", "domain")}
+    teachers = {b: _hf_float64(models / f"hf_{b}") for b in ("general", "domain")}
     ours0 = rank_runs[0]
     set_ratios = {(s, sid, col): ratio for s, sid, col, ratio in (x for run in rank_runs for x in run["placed"])}
     on_bound = [x for x in set_ratios.values() if x in (0.5, 2.0)]
@@ -345,9 +352,9 @@ def _check_run(models: Path, tmp: Path, cfg, rank_runs: list[dict], label: str) 
         assert round(m["train/is_low_rate"] * m["train/tokens"]) == kept_set.count(0.25), (label, s)
         assert round(m["train/is_high_rate"] * m["train/tokens"]) == kept_set.count(4.0), (label, s)
     # the parameters after the period, ours exported to HF: each tensor's update against the reference's
-    hf_out = convert_megatron_to_hf(ours0["ckpt"], tmp / f"hf_after_{label}", progress=False)
+    hf_out = convert_megatron_to_hf(ours0["ckpt"], tmp / f"hf_after_{label.replace('/', '_')}", progress=False)
     after = dict(transformers.AutoModelForCausalLM.from_pretrained(hf_out).named_parameters())
-    before = dict(transformers.AutoModelForCausalLM.from_pretrained(models / "hf_student").named_parameters())
+    before = dict(_hf_float64(models / "hf_student").named_parameters())
     assert set(after) == set(ref.params)
     for name, p_ref in ref.params.items():
         d_ours = after[name].detach().double() - before[name].detach().double()
