@@ -366,7 +366,7 @@ def _check_run(models: Path, tmp: Path, cfg, rank_runs: list[dict], label: str) 
 
 def _run_layout(checkpoints: Path, tmp: Path, parallel: dict, tag: str) -> None:
     cfgs = [_cfg(checkpoints, tmp / f"{tag}_{p}", p, parallel) for p in PRESETS]
-    res = run_on_ranks(_train_and_record, 2, args=(cfgs,), timeout_s=500, pg_timeout_s=120)
+    res = run_on_ranks(_train_and_record, 2, args=(cfgs,), timeout_s=900, pg_timeout_s=300)
     for i, preset in enumerate(PRESETS):
         _check_run(checkpoints, tmp, cfgs[i], [r[i] for r in res], f"{tag}/{preset}")
 
