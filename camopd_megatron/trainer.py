@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 
 EvalFn = Callable[[int, Any, Any], dict[str, float]]
 """``eval_fn(step, model, pg_collection) -> metrics``: called on every student rank (collectively)."""
+StepFn = Callable[[StepOutput], None]
+"""``on_step(out)``: called on every student rank after each step, with its metrics and
+``out.record`` (the rows, μ, teacher log-probs and selection this rank trained on)."""
 
 
 @dataclass
@@ -120,7 +123,7 @@ class _StopRequest:
         self._previous.clear()
 
 
-def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
+def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None, on_step: Optional[StepFn] = None) -> TrainResult:
     """Run CaMOPD training for ``cfg`` on this process (under torchrun, or alone as a world of 1)."""
     owns_world = not dist.is_initialized()  # a caller that set up the world keeps it afterwards
     env = init_distributed(backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
@@ -136,7 +139,7 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None) -> TrainResult:
         if host is not None:
             return _serve_teacher(host, stop)
         try:
-            result = _Trainer(cfg, groups, client, eval_fn, stop).run()
+            result = _Trainer(cfg, groups, client, eval_fn, stop, on_step).run()
         except BaseException as e:
             client.close(error=e)  # teachers stop with the student's error instead of waiting
             raise
@@ -162,8 +165,9 @@ class _Trainer:
     """Student-side state and loop (built on every student rank)."""
 
     def __init__(self, cfg: Config, groups: RankGroups, teachers: TeacherClient, eval_fn: Optional[EvalFn],
-                 stop: _StopRequest) -> None:
+                 stop: _StopRequest, on_step: Optional[StepFn] = None) -> None:
         self.cfg, self.groups, self.teachers, self.eval_fn, self.stop = cfg, groups, teachers, eval_fn, stop
+        self.on_step = on_step
         self.pgc = groups.pg_collection
         self.rank = dist.get_rank()
         self.is_logger = self.rank == 0
@@ -308,6 +312,8 @@ class _Trainer:
             probe = self._probe(step, plan)
             out = camopd_step(step, plan, self.student, self.teachers, self.sources, self.settings)
             self._handle_skip(out)
+            if self.on_step is not None:
+                self.on_step(out)
             metrics = {"step": float(step + 1), **out.metrics, **probe}
             if "grad_clipped" in metrics:  # the running fraction of updates whose gradient was clipped
                 self.clip_counts = [self.clip_counts[0] + int(metrics["grad_clipped"]), self.clip_counts[1] + 1]

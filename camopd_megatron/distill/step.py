@@ -171,6 +171,24 @@ class StepSettings:
 
 
 @dataclass
+class StepRecord:
+    """What one step trained on, as this rank saw it (its DP replica's rows; the same on the replica's
+    TP/PP ranks): the inputs of the loss, for a ``train(..., on_step=...)`` callback (an independent
+    check of the update, a custom log). References to the step's own tensors, nothing is copied."""
+
+    sample_ids: list[int]
+    """Global sample index of each row (the step batch is 0..N-1 over the DP group)."""
+    branches: list[str]
+    """Branch of each row."""
+    batch: RolloutBatch
+    """Tokens, response mask and μ (``rollout_logp_BT``) of the rows."""
+    teacher_logp_BT: torch.Tensor
+    """log π_T of each row from its branch teacher."""
+    selection: SelectionResult
+    """Kept rows (``keep_B``), r_i (``adv_scale_B``) and |S| (``num_kept_global``)."""
+
+
+@dataclass
 class StepOutput:
     """What one step produced (metrics are identical on every rank of the student role)."""
 
@@ -178,6 +196,8 @@ class StepOutput:
     plan: StepPlan
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    record: Optional[StepRecord] = None
+    """The step's loss inputs (None for a step skipped before selection)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +331,8 @@ def camopd_step(
     metrics.update(grad_norm=grad_norm, lr=lr, lr_effective=lr * lr_scale, update_skipped=float(not ok),
                    phase=float(plan.phase),
                    grad_clipped=float(settings.clip_grad > 0 and grad_norm > settings.clip_grad))
-    return StepOutput(step, plan, metrics, skipped=not ok)
+    return StepOutput(step, plan, metrics, skipped=not ok,
+                      record=StepRecord(sample_ids, branches, batch, teacher_logp_BT, sel))
 
 
 def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: torch.Tensor,
