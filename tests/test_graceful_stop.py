@@ -43,7 +43,7 @@ TEACHERS = {2: "general", 3: "domain"}
 class _Run:
     """One ``single_node.sh`` launch whose output is read as it comes."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, ckpt: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                  "MASTER_PORT")}
         env.update(NPROC_PER_NODE="4", TORCHRUN=f"{sys.executable} -m torch.distributed.run", OMP_NUM_THREADS="1",
@@ -51,7 +51,8 @@ class _Run:
         cmd = [str(ROOT / "examples/launch/single_node.sh"), str(ROOT / "examples/configs/demo_cpu_4rank.yaml"),
                f"run.output_dir={out}", *OVERRIDES]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)  # the script execs torchrun: this pid is the agent
+                                     start_new_session=True,  # the script execs torchrun: this pid is the agent
+                                     cwd=ckpt.parent)  # the config names ckpt/domain and ckpt/general
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self._reader.start()
@@ -132,16 +133,26 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+def _tiny_checkpoints(rank: int, world_size: int, out: str) -> None:
+    from camopd_megatron.demo.tiny_checkpoints import write_tiny_checkpoints
+
+    write_tiny_checkpoints(out)
+
+
 def test_signals_stop_every_rank_after_the_step_and_the_resume_matches(tmp_path):
+    from camopd_megatron.testing.multiproc import run_on_ranks
+
+    ckpt = tmp_path / "ckpt"  # the documented first command (python -m camopd_megatron.demo.tiny_checkpoints ckpt)
+    run_on_ranks(_tiny_checkpoints, 1, args=(str(ckpt),), timeout_s=300)
     base = tmp_path / "base"
-    _Run(base).finish()
+    _Run(base, ckpt).finish()
     assert (base / "checkpoints" / f"step_{STEPS:08d}" / "camopd.json").is_file()
 
     out = tmp_path / "chain"
     ckpts = out / "checkpoints"
     start = 0
     for how, reason in (("agent", "SIGTERM"), ("teacher", "SIGUSR1"), ("agent", "SIGUSR1")):
-        run = _Run(out)
+        run = _Run(out, ckpt)
         run.wait_for(rf"\[r0\] INFO \S+: step {start + 1} \[")  # mid-run, the step-end agreement still to come
         if how == "agent":
             run.proc.send_signal(getattr(signal, reason))
@@ -159,7 +170,7 @@ def test_signals_stop_every_rank_after_the_step_and_the_resume_matches(tmp_path)
         if how == "teacher":  # the agent saw nothing: every worker returned normally
             assert run.proc.returncode == 0, text[-4000:]
         start = step
-    text = _Run(out).finish()
+    text = _Run(out, ckpt).finish()
     assert f"resumed from {ckpts / f'step_{start:08d}'} (step {start})" in text, text[-4000:]
 
     assert _losses(out / "tensorboard") == _losses(base / "tensorboard")

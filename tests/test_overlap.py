@@ -60,7 +60,7 @@ def _overlap_worker(rank: int, world_size: int) -> dict:
     from camopd_megatron.models.pipeline import make_microbatches, run_microbatches
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
-                      vocab_size=VOCAB, seq_length=SEQ)
+                      vocab_size=VOCAB, seq_length=SEQ, init="random")
     # no clipping: the global norm sums per-shard squares in a bucket-dependent order (last-bit differences)
     optim = OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.01, clip_grad=0.0, lr_schedule="constant")
     out: dict = {}
@@ -134,8 +134,15 @@ def test_overlap_param_gather_needs_distributed_optimizer():
     import pytest
 
     with pytest.raises(ConfigError, match="parallel.overlap_param_gather.*use_distributed_optimizer"):
-        config_from_dict({"parallel": {"overlap_param_gather": True}})
-    config_from_dict({"parallel": {"overlap_param_gather": True, "use_distributed_optimizer": True,
+        _config({"parallel": {"overlap_param_gather": True}})
+    _config({"parallel": {"overlap_param_gather": True, "use_distributed_optimizer": True,
                                    "overlap_grad_reduce": True, "bucket_size": 1000}})
     with pytest.raises(ConfigError, match="parallel.bucket_size"):
-        config_from_dict({"parallel": {"bucket_size": 0}})
+        _config({"parallel": {"bucket_size": 0}})
+
+
+def _config(d: dict):
+    """A config from ``d`` on top of a random-init tiny student and teachers (random weights chosen explicitly)."""
+    from camopd_megatron.testing.configs import random_init
+
+    return config_from_dict(random_init(d))

@@ -39,7 +39,7 @@ def _worker(rank: int, world_size: int) -> dict:
         pgc = simple_pg_collection(tp, pp, world_size // (tp * pp))
         for mode, extra in MODES:
             cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-                              vocab_size=VOCAB, seq_length=SEQ, recompute=mode, **extra)
+                              vocab_size=VOCAB, seq_length=SEQ, recompute=mode, init="random", **extra)
             init_model_rng(99, pgc)
             model = build_gpt_model(cfg, pgc, config_extra=recompute_kwargs(cfg))
             model.train()
@@ -81,15 +81,22 @@ def test_recompute_same_loss_and_grads_tp2_pp2():
 
 
 def test_recompute_config_rules():
-    cfg = config_from_dict({"model": {"num_layers": 4, "recompute": "full", "recompute_num_layers": 2},
+    cfg = _config({"model": {"num_layers": 4, "recompute": "full", "recompute_num_layers": 2},
                             "parallel": {"pp": 2}})
     assert cfg.model.recompute == "full"
     with pytest.raises(ConfigError, match=r"model.recompute_num_layers: got 3; expected 1 to 2 with model.recompute=full"):
-        config_from_dict({"model": {"num_layers": 4, "recompute": "full", "recompute_num_layers": 3},
+        _config({"model": {"num_layers": 4, "recompute": "full", "recompute_num_layers": 3},
                           "parallel": {"pp": 2}})
     with pytest.raises(ConfigError, match="model.recompute"):
-        config_from_dict({"model": {"recompute": "partial"}})
+        _config({"model": {"recompute": "partial"}})
     with pytest.raises(ConfigError, match="model.recompute_method"):
-        config_from_dict({"model": {"recompute": "full", "recompute_method": "every"}})
+        _config({"model": {"recompute": "full", "recompute_method": "every"}})
     # the layer count only matters for full recompute
-    config_from_dict({"model": {"num_layers": 4, "recompute": "selective", "recompute_num_layers": 9}})
+    _config({"model": {"num_layers": 4, "recompute": "selective", "recompute_num_layers": 9}})
+
+
+def _config(d: dict):
+    """A config from ``d`` on top of a random-init tiny student and teachers (random weights chosen explicitly)."""
+    from camopd_megatron.testing.configs import random_init
+
+    return config_from_dict(random_init(d))

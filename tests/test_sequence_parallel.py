@@ -16,7 +16,7 @@ import torch
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 CFG = dict(arch="qwen3", qk_layernorm=True, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-           ffn_hidden_size=128, vocab_size=100, vocab_pad_multiple=128, seq_length=64)
+           ffn_hidden_size=128, vocab_size=100, vocab_pad_multiple=128, seq_length=64, init="random")
 SEED = 2024
 V = CFG["vocab_size"]
 B, T = 3, 13  # T odd: TP = 2 does not divide it

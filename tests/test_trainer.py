@@ -306,7 +306,7 @@ def test_a_skipped_step_reissues_its_branch(tmp_path):
     nan_ckpt = str(tmp_path / "nan_teacher")
     run_on_ranks(_write_nan_teacher, 1, args=(nan_ckpt,), timeout_s=240)
     cfg = tiny_cfg(str(tmp_path / "run"), "", steps=3, extra={
-        "teachers": [{"name": "general", "branches": ["general"], "checkpoint": None},
+        "teachers": [{"name": "general", "init": "random", "branches": ["general"], "checkpoint": None},
                      {"name": "domain", "branches": ["domain"], "checkpoint": nan_ckpt}],
         "scheduler": {"pattern": ["domain", "general"]},
         "loss": {"max_bad_teacher_steps": 3}, "checkpoint": {"save_interval": 0}, "eval": {"interval": 0}})
