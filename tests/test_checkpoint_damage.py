@@ -33,7 +33,7 @@ from tests.test_trainer import _write_general_teacher, tiny_cfg
 
 def _separate(general: str) -> dict:
     return {"teachers": [{"name": "general", "branches": ["general"], "placement": "separate", "checkpoint": general},
-                         {"name": "domain", "branches": ["domain"], "placement": "separate"}],
+                         {"name": "domain", "init": "random", "branches": ["domain"], "placement": "separate"}],
             "checkpoint": {"save_interval": 1, "keep_last": 0}, "eval": {"interval": 0}}
 DAMAGE = {
     "fallback": [("step_00000003/camopd.json", "delete"), ("step_00000002/__0_0.distcp", "truncate")],

@@ -34,7 +34,9 @@ CONDITIONAL = {
     "data.on_bad_line": "prompt files, as data.branches.*.paths",
     "data.shuffle": "prompt files, as data.branches.*.paths",
     "loss.max_bad_teacher_steps": "a teacher returns non-finite log-probs (tests/test_trainer.py, the NaN teacher)",
-    "loss.topk_kl": "validation accepts only 0 until the trainer has a top-k path",
+    "logging.coherence_samples": "logging.diagnostics_interval > 0 (tests/test_trainer.py, the coherence probe)",
+    "model.recompute_method": "model.recompute: full (tests/test_recompute.py)",
+    "model.recompute_num_layers": "model.recompute: full (tests/test_recompute.py)",
 }
 """Keys read only under a setting these short CPU runs do not use, with that setting. (A key read in
 every run is not listed: the test refuses a stale entry. A key that one mode reads but another ignores,
