@@ -142,7 +142,12 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
     if rank == 0:
         bad.mkdir()
         manifest = json.loads((Path(paths["domain"]) / "camopd.json").read_text())
-        manifest["model"]["vocab_size"] = 200
+        from camopd_megatron.checkpoint.integrity import MANIFEST_SUM_KEY, manifest_digest
+
+        for section in ("model", "model_config"):
+            if isinstance(manifest.get(section), dict):
+                manifest[section]["vocab_size"] = 200
+        manifest[MANIFEST_SUM_KEY] = manifest_digest(manifest)  # a consistent manifest of another vocabulary
         (bad / "camopd.json").write_text(json.dumps(manifest))
     dist.barrier()
     cfg_bad = _cfg([teachers[0], {**teachers[1], "checkpoint": str(bad)}], tp=2)
