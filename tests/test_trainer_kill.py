@@ -21,7 +21,9 @@ import pytest
 from camopd_megatron.checkpoint.manager import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = [
+OVERRIDES = [  # random weights chosen explicitly (the preset names converted checkpoints)
+    "model.init=random", "model.checkpoint=null", "model.vocab_size=128", "teachers[0].init=random",
+    "teachers[0].checkpoint=null", "teachers[1].init=random", "teachers[1].checkpoint=null",
     "run.seed=5", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
     "model.ffn_hidden_size=128", "model.seq_length=96", "rollout.prompts_per_step=4", "rollout.max_new_tokens=6",
     "data.max_prompt_tokens=40", "optim.lr=1e-3", "checkpoint.save_interval=2", "checkpoint.keep_last=0",
