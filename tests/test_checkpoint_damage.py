@@ -9,7 +9,7 @@ The launch trains 3 steps saving after each, then damages copies of the checkpoi
   shard file, a same-size corruption of ``.metadata`` -> the run stops naming each, nothing moved;
 * an explicit ``checkpoint.load`` whose manifest was changed in place (same size), through
   ``camopd-train``'s entry point: one ``camopd-train: CheckpointError: ...`` line on each student
-  rank (exit 4, a CheckpointError), teacher ranks exit 0 quietly, no traceback, nothing moved. Both student
+  rank (exit 2: the input check before any model build finds it), every rank (teachers too) says so the same way, no traceback, nothing moved. Both student
   replicas abort the teachers: each teacher takes both aborts before it exits, so neither student
   rank warns that its abort did not arrive.
 
@@ -172,17 +172,19 @@ def test_explicit_damaged_load_stops_with_one_line(damaged):
     root, res = damaged
     for rank in (0, 1):
         r = res[rank]["explicit"]
-        assert r["code"] == cli.EXIT_CHECKPOINT_ERROR, r
+        # caught by the input check before any model is built (checkpoint/inputs.py): one headline, one problem
+        assert r["code"] == cli.EXIT_CONFIG_ERROR, r
         lines = r["stderr"].strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in r["stderr"], r["stderr"]
-        line = lines[0]
-        assert re.match(r"camopd-train: (rank \d+/\d+: )?CheckpointError: checkpoint\.load=", line), line
-        assert "step_00000003" in line and "camopd.json does not match the checksum" in line
+        assert len(lines) == 2 and "Traceback" not in r["stderr"], r["stderr"]
+        assert re.match(r"camopd-train: (rank \d+/\d+: )?1 config problem in the run's inputs", lines[0]), lines[0]
+        line = lines[1]
+        assert "checkpoint.load=" in line and "step_00000003" in line and "camopd.json does not match the checksum" in line
         assert "tools/verify_checkpoint.py" in line
     for rank in (2, 3):
         r = res[rank]["explicit"]
-        # a teacher stopped by its student exits 0 quietly: torchrun's root cause is the student rank
-        assert r["code"] == 0 and "Traceback" not in r["stderr"], r
+        # the input check runs on every rank, teachers included: each reports it the same way
+        assert r["code"] == cli.EXIT_CONFIG_ERROR and "Traceback" not in r["stderr"], r
+        assert "checkpoint.load=" in r["stderr"] and "step_00000003" in r["stderr"], r
     assert _listing(root / "explicit" / "checkpoints") == ["latest", "step_00000001", "step_00000002",
                                                            "step_00000003"]
 

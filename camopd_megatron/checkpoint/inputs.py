@@ -101,7 +101,8 @@ def path_problems(cfg: Config) -> list[str]:
         try:
             read_manifest(cfg.checkpoint.load)
         except CheckpointError as e:
-            problems.append(f"checkpoint.load={cfg.checkpoint.load!r}: {e}")
+            problems.append(f"checkpoint.load={cfg.checkpoint.load!r}: {e}; check it with tools/verify_checkpoint.py, "
+                            "or point checkpoint.load at another checkpoint")
     return problems
 
 
