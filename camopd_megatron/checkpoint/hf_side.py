@@ -3,7 +3,7 @@ chat template of the model they came from.
 
 COPIES under ``hf/`` (never a path, which would break on another machine): the import writes them
 (:mod:`.hf_io`), every training checkpoint carries them over from the checkpoint its run started from
-(:func:`carry_hf_files`, called by the trainer's save), and the export writes them back with
+(:func:`carry_hf_files`, called inside `checkpoint.dist.save_checkpoint` so they are listed and verified), and the export writes them back with
 :func:`generation_config`. Pure file handling: no transformers, no megatron.
 """
 from __future__ import annotations
