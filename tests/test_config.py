@@ -485,3 +485,15 @@ def test_every_problem_names_a_key():
         assert head in {"model.arch", "parallel.tp", "rollout.top_p", "optim.min_lr", "eval.num_prompts"}, p
         assert "Fix:" in p
     assert yaml.safe_load(yaml.safe_dump(config_to_dict(Config()))) == config_to_dict(Config())
+
+
+def test_long_path_in_a_problem_keeps_its_file_name():
+    """A long path is shortened in the middle, so the file name at its end stays in the message."""
+    from camopd_megatron.config.errors import problem
+
+    path = "/data/" + "nested/" * 60 + "step_000010/camopd.json"
+    line = problem("checkpoint.load", path, "a readable checkpoint", "point it at a saved step")
+    assert "step_000010/camopd.json'" in line and "'/data/" in line and "..." in line
+    assert len(line) < len(path) + 120
+    short = problem("data.tokenizer", "tok/dir", "a directory", "convert one")
+    assert "'tok/dir'" in short and "..." not in short

@@ -27,8 +27,19 @@ class ConfigError(ValueError):
 
 
 def show(value: Any, limit: int = 80) -> str:
-    """Short ``repr`` of a user value for an error message."""
+    """Short ``repr`` of a user value for an error message.
+
+    Strings (paths, names) are shown whole up to ``3 * limit`` characters; a longer one keeps its
+    start and its end, where a path's file name is, and drops the middle. Other values are cut
+    at ``limit``.
+    """
     text = repr(value)
+    if isinstance(value, str):
+        room = 3 * limit
+        if len(text) <= room:
+            return text
+        head = room // 3
+        return text[:head] + "..." + text[len(text) - (room - head - 3):]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
