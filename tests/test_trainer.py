@@ -160,8 +160,8 @@ def test_dp2_equals_dp1_on_the_same_global_batch(general_ckpt, tmp_path):
 
 
 def test_coherence_probe_sharded_equals_one_process(general_ckpt, tmp_path):
-    """The gradient-coherence probe (4 per-sample gradients of the general step) at DP=2 and at TP=2
-    gives the one-process values: each g_i is the whole-model gradient of sample i alone, whichever
+    """The gradient-coherence probe (4 per-sample gradients of the general step) and the branch-conflict
+    probe at DP=2 (with and without the distributed optimizer) and at TP=2 give the one-process values: each g_i is the whole-model gradient of sample i alone, whichever
     rank holds the sample and however the parameters are split."""
     def cfg(name, parallel):
         return tiny_cfg(str(tmp_path / name), general_ckpt, steps=1, extra={
@@ -169,10 +169,12 @@ def test_coherence_probe_sharded_equals_one_process(general_ckpt, tmp_path):
             "logging": {"diagnostics_interval": 1, "coherence_samples": 4}})
 
     (one,) = _run(1, [cfg("one", {})])
-    sharded = _run(2, [cfg("dp2", {}), cfg("tp2", {"tp": 2})])[0]
+    # the distributed optimizer reduce-scatters gradients: the probes must still read whole ones
+    sharded = _run(2, [cfg("dp2", {}), cfg("tp2", {"tp": 2}), cfg("dp2_distopt", {"use_distributed_optimizer": True})])[0]
     ref = one[0]["history"][-1]
     keys = [f"diag/general/{k}" for k in ("coherence_all", "coherence_selected", "coherence_ratio", "coherence_gain",
                                           "coherence_selected_samples")]
+    keys += ["diag/grad_cosine", "diag/grad_dot", "diag/grad_norm_general", "diag/grad_norm_domain"]
     assert 0.0 < ref[keys[0]] <= 1.0 and 0.0 < ref[keys[1]] <= 1.0 and 1 <= ref[keys[4]] <= 4
     assert ref[keys[2]] == pytest.approx(ref[keys[1]] / ref[keys[0]]) and ref[keys[3]] == pytest.approx(ref[keys[2]] - 1)
     for run in sharded:

@@ -5,7 +5,9 @@ probe batch per branch from separate probe prompt streams (so probing never chan
 data order), scores it with the branch's teacher, and back-propagates the vanilla MOPD loss of all
 samples with r = 1 (no selection). The full-model gradients g_a and g_b (after megatron's DP
 reduction) give ⟨g_a, g_b⟩ and cos(g_a, g_b) — the "recovery–preservation counteraction" the paper
-measures. The optimizer is not stepped; the gradient buffers are zeroed afterwards.
+measures. The optimizer is not stepped; the gradient buffers are zeroed afterwards. Probe backwards
+all-reduce (``models.optimizer.whole_gradients``), so every rank reads whole gradients even where the
+distributed optimizer would reduce-scatter them.
 
 Gradient coherence (``logging.coherence_samples`` = n): on the same interval, per branch of the
 step, n fresh probe samples (global over DP) are scored, the ρ-rule of the step's policy marks the
@@ -29,7 +31,7 @@ from camopd_megatron.distill.step import (
     student_logprobs, train_on_selection,
 )
 from camopd_megatron.models.gpt import stage_info
-from camopd_megatron.models.optimizer import zero_grad_buffers
+from camopd_megatron.models.optimizer import whole_gradients, zero_grad_buffers
 from camopd_megatron.ops.gaps import token_gaps
 
 if TYPE_CHECKING:
@@ -53,7 +55,8 @@ def _branch_gradient(step: int, branch: str, n_prompts: int, student: StudentSta
     student_logp = student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
     gap = token_gaps(teacher_logp, student_logp, batch.loss_mask_BT)
     everything = SelectionResult.keep_all(torch.ones(len(batch)), {branch: n_prompts})
-    train_on_selection(student, batch, teacher_logp, everything, settings, GapSource.RECOMPUTE, gap)
+    with whole_gradients(student.ddp_chunks):
+        train_on_selection(student, batch, teacher_logp, everything, settings, GapSource.RECOMPUTE, gap)
     return _grads(student)
 
 
@@ -101,7 +104,8 @@ def probe_coherence(step: int, branches: Sequence[str], n_samples: int, student:
         acc_sel = CoherenceAccumulator(tp_group=pgc.tp, pp_group=pgc.pp)
         for k in range(n_samples):  # one backward per sample; only its owner has a row
             only_k = dataclasses.replace(every, keep_B=ids_B == k, num_kept_global=1)
-            train_on_selection(student, batch, teacher_logp, only_k, settings, GapSource.RECOMPUTE, gap)
+            with whole_gradients(student.ddp_chunks):
+                train_on_selection(student, batch, teacher_logp, only_k, settings, GapSource.RECOMPUTE, gap)
             grads = _grads(student)
             acc_all.add(grads)
             if bool(selected_N[k]):

@@ -37,10 +37,11 @@ and param groups stay shared; nothing is copied.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,7 @@ __all__ = [
     "build_ddp_and_optimizer",
     "optimizer_step",
     "zero_grad_buffers",
+    "whole_gradients",
     "optimizer_sharded_state_dict",
     "load_optimizer_state",
     "BranchMoments",
@@ -174,6 +176,8 @@ class FinalizeGradsSum:
 
     def __init__(self, pg_collection: ProcessGroupCollection) -> None:
         self.pg_collection = pg_collection
+        self.force_all_reduce = False
+        """Set by :func:`whole_gradients`: all-reduce even under the distributed optimizer."""
 
     def __call__(
         self,
@@ -184,7 +188,38 @@ class FinalizeGradsSum:
     ) -> None:
         # num_tokens (and the schedule's pg_collection, which may be a global-state fallback) are
         # ignored on purpose: the role's own groups and a plain sum.
-        finalize_model_grads(model, None, pg_collection=self.pg_collection, force_all_reduce=force_all_reduce)
+        finalize_model_grads(model, None, pg_collection=self.pg_collection,
+                             force_all_reduce=bool(force_all_reduce or self.force_all_reduce))
+
+
+@contextlib.contextmanager
+def whole_gradients(ddp_chunks: Sequence[DistributedDataParallel]) -> Iterator[None]:
+    """Backward passes inside leave every rank the whole DP-reduced gradient in ``main_grad``.
+
+    The distributed optimizer reduce-scatters: after a backward, each DP rank's grad buffer holds only
+    its own shard reduced, the rest is that rank's local part. Readers of whole gradients (the
+    branch-conflict and coherence probes) need megatron's ``force_all_reduce`` instead, both in the
+    overlapped bucket hooks (``DistributedDataParallel.force_all_reduce``) and in the final sync
+    (:class:`FinalizeGradsSum`). Without the distributed optimizer this changes nothing.
+    """
+    finalize = ddp_chunks[0].config.finalize_model_grads_func if ddp_chunks else None
+    if not isinstance(finalize, FinalizeGradsSum):
+        raise ValueError("whole_gradients: the chunks were not built by build_ddp_and_optimizer "
+                         "(config.finalize_model_grads_func is not FinalizeGradsSum)")
+    # megatron logs one INFO line per bucket group and reduction when all-reduce is forced
+    buffer_log = logging.getLogger("megatron.core.distributed.param_and_grad_buffer")
+    level = buffer_log.level
+    buffer_log.setLevel(max(level, logging.WARNING))
+    finalize.force_all_reduce = True
+    for chunk in ddp_chunks:
+        chunk.force_all_reduce = True
+    try:
+        yield
+    finally:
+        finalize.force_all_reduce = False
+        for chunk in ddp_chunks:
+            chunk.force_all_reduce = False
+        buffer_log.setLevel(level)
 
 
 def _role_group(pg_collection: ProcessGroupCollection) -> Any:
