@@ -1,8 +1,9 @@
-"""Dry-run planner: validate a layout for a world size and estimate per-rank GPU memory, no GPUs needed.
+"""Dry-run planner, the memory part: validate a layout for a world size and estimate per-rank GPU memory.
 
 ``camopd-train --config X.yaml --dry-run --world-size 512`` calls :func:`plan` and prints
-:meth:`Plan.render`: the rank map (rank ranges per role with TP/PP/DP) and one memory table per
-role. Nothing here touches torch.distributed or imports torch, so it runs on a laptop.
+:meth:`Plan.render`: the rank map (rank ranges per role with TP/PP/DP), one memory table per
+role and, with a device profile, the stage-time estimate (:mod:`camopd_megatron.planner.stages`).
+Nothing here touches torch.distributed or imports torch, so it runs on a laptop.
 
 The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes):
 
@@ -56,15 +57,17 @@ from typing import Optional
 
 from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.parallel import RoleLayout
+from camopd_megatron.planner.counts import dtype_bytes, stage_params
+from camopd_megatron.planner.profiles import DeviceProfile
+from camopd_megatron.planner.stages import StageEstimate, estimate
 
-__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "count_params", "stage_params", "activation_bytes", "GIB"]
+__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "activation_bytes", "GIB"]
 
 logger = logging.getLogger(__name__)
 
 GIB = float(2**30)
 """Bytes per GiB."""
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _FP32_GRAD_BYTES = 4
 _ADAM_STATE_BYTES = 8  # m and v in FP32
 _MASTER_BYTES = 4  # FP32 master copy of 16-bit parameters
@@ -120,6 +123,8 @@ class Plan:
     roles: tuple[RoleMemory, ...]
     assumptions: tuple[str, ...] = field(default_factory=tuple)
     gpu_memory_gib: Optional[float] = None
+    stages: Optional[StageEstimate] = None
+    """The stage-time estimate (with a device profile; :mod:`camopd_megatron.planner.stages`)."""
 
     def role(self, name: str) -> RoleMemory:
         """The estimate of role ``name`` (``"student"`` or a teacher group)."""
@@ -143,6 +148,10 @@ class Plan:
             out.append(f"  {'total':<{w}}  {r.total_bytes / scale:8.2f}")
             if self.gpu_memory_gib is not None and r.total_gib > self.gpu_memory_gib:
                 out.append(f"  WARNING: {r.total_gib:.1f} GiB exceeds the {self.gpu_memory_gib:.0f} GiB per GPU")
+        out.append("")
+        out.append(self.stages.render() if self.stages is not None else
+                   "stage times: pass --device-profile (h100, h200, a100, b200, or a profile JSON written by "
+                   "python -m camopd_megatron.bench.calibrate) for per-stage time estimates and teacher sizing")
         return "\n".join(out)
 
 
@@ -154,42 +163,7 @@ def _span(ranks: range) -> str:
     return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
 
 
-# ------------------------------------------------------------------------------------ counting
-def _layer_params(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank."""
-    h, a, kv, f = m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn_hidden_size
-    d = h // a
-    qkv_out = (a + 2 * kv) * d
-    sharded = h * qkv_out + a * d * h + h * 2 * f + f * h  # fused QKV, output proj, SwiGLU fc1 (gate+up), fc2
-    if m.add_qkv_bias:
-        sharded += qkv_out
-    replicated = 2 * h  # input_layernorm + pre_mlp_layernorm (RMSNorm weights)
-    if m.qk_layernorm:
-        replicated += 2 * d
-    return sharded // tp + replicated
-
-
-def stage_params(m: ModelConfig, tp: int, pp: int) -> list[int]:
-    """Parameters on one TP rank of each pipeline stage (embedding on the first, head + final norm on the last)."""
-    vh = m.padded_vocab_size * m.hidden_size // tp
-    per_stage = [m.num_layers // pp * _layer_params(m, tp) for _ in range(pp)]
-    per_stage[0] += vh
-    per_stage[-1] += m.hidden_size  # final norm
-    if not m.tie_embeddings or pp > 1:  # tied + PP>1: the last stage keeps its own copy (megatron)
-        per_stage[-1] += vh
-    return per_stage
-
-
-def count_params(m: ModelConfig) -> int:
-    """Total parameters of the model (TP=PP=1)."""
-    return stage_params(m, 1, 1)[0]
-
-
 # ------------------------------------------------------------------------------------ estimate
-def _dtype_bytes(name: str, device_type: str) -> int:
-    return _BYTES["bf16" if device_type == "cuda" else "fp32"] if name == "auto" else _BYTES[name]
-
-
 def _flash_attention(cfg: Config, device_type: str) -> bool:
     """TE's fused attention stores no [s, s] scores; the local layers (and every CPU run) do."""
     return device_type == "cuda" and cfg.model.transformer_impl != "local"
@@ -236,7 +210,7 @@ def _recompute_label(m: ModelConfig) -> str:
 
 def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[MemoryItem]:
     m, par, st = cfg.model, cfg.parallel, layout.student
-    pbytes = _dtype_bytes(cfg.precision.params_dtype, device_type)
+    pbytes = dtype_bytes(cfg.precision.params_dtype, device_type)
     n = max(stage_params(m, st.tp, st.pp))
     opt_per_param = _ADAM_STATE_BYTES + (_MASTER_BYTES if pbytes < 4 else 0)
     opt_full, opt_dist = n * opt_per_param, n * opt_per_param / st.dp
@@ -268,7 +242,7 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
     ]
     for i, t in enumerate(cfg.teachers):
         if t.placement == "colocated":
-            tb = _dtype_bytes(t.dtype, device_type)
+            tb = dtype_bytes(t.dtype, device_type)
             w = 0.0 if t.offload else max(stage_params(cfg.teacher_model(i)[0], st.tp, st.pp)) * tb
             rows.append(MemoryItem(f"teacher {t.name}", w, "offloaded to host" if t.offload else f"colocated, {tb} B/param"))
     return rows
@@ -281,7 +255,7 @@ def _teacher_rows(cfg: Config, layout: RoleLayout, role_name: str, device_type: 
     biggest = 0
     for name in role.teachers:
         m = cfg.teacher_model(by_name[name])[0]  # each teacher's own architecture
-        tb = _dtype_bytes(cfg.teachers[by_name[name]].dtype, device_type)
+        tb = dtype_bytes(cfg.teachers[by_name[name]].dtype, device_type)
         n = max(stage_params(m, role.tp, role.pp))
         rows.append(MemoryItem(f"weights {name}", n * tb, f"{_count(n)} params x {tb} B, no fp8"))
         biggest = max(biggest, tb)
@@ -294,8 +268,9 @@ def plan(
     cfg: Config,
     world_size: int,
     *,
-    device_type: str = "cuda",
+    device_type: Optional[str] = None,
     gpu_memory_gib: Optional[float] = None,
+    profile: Optional[DeviceProfile] = None,
 ) -> Plan:
     """Validate the role layout of ``cfg`` for ``world_size`` ranks and estimate per-rank memory.
 
@@ -303,25 +278,36 @@ def plan(
         cfg: the root config, every role's architecture known (``init: random``, or read from the
             checkpoints by :func:`camopd_megatron.checkpoint.inputs.resolve_inputs`, as ``--dry-run`` does).
         world_size: ranks of the planned launch (nodes × GPUs per node).
-        device_type: ``cuda`` (default; ``auto`` dtypes become bf16) or ``cpu``.
-        gpu_memory_gib: warn in the report when a role's total exceeds this.
+        device_type: ``cuda`` (``auto`` dtypes become bf16) or ``cpu``; default: the profile's, else cuda.
+        gpu_memory_gib: warn in the report when a role's total exceeds this (default: the profile's memory).
+        profile: a device profile (:mod:`camopd_megatron.planner.profiles`): adds the stage-time
+            estimate and the teacher-rank suggestion (:mod:`camopd_megatron.planner.stages`).
 
     Raises ConfigError with every problem of the config, or LayoutError (a ConfigError) when
     its roles do not fill ``world_size``; creates no process group.
     """
     layout = RoleLayout.from_config(cfg, world_size)
+    device_type = device_type or (profile.device_type if profile is not None else "cuda")
+    if gpu_memory_gib is None and profile is not None:
+        gpu_memory_gib = profile.memory_gib
     roles = [RoleMemory("student", "student", layout.student.ranks, layout.student.layout_str,
                         tuple(_student_rows(cfg, layout, device_type)))]
     for r in layout.roles[1:]:
         roles.append(RoleMemory(r.name, "teacher", r.ranks, r.layout_str, tuple(_teacher_rows(cfg, layout, r.name, device_type))))
     assumptions = (
         f"device {device_type}",
-        f"params {cfg.precision.params_dtype} ({_dtype_bytes(cfg.precision.params_dtype, device_type)} B)" + (f" (fp8 {cfg.precision.fp8}/{cfg.precision.fp8_recipe} GEMMs)" if cfg.precision.fp8 else ""),
+        f"params {cfg.precision.params_dtype} ({dtype_bytes(cfg.precision.params_dtype, device_type)} B)" + (f" (fp8 {cfg.precision.fp8}/{cfg.precision.fp8_recipe} GEMMs)" if cfg.precision.fp8 else ""),
         f"sequence {_seq_lengths(cfg)} tokens",
         "activations per Korthikanti et al. 2022" + (" with flash attention" if _flash_attention(cfg, device_type) else "")
         + f", {_recompute_label(cfg.model)} (model.recompute)",
         "CUDA context / NCCL buffers not counted",
     )
-    result = Plan(layout, tuple(roles), assumptions, gpu_memory_gib)
+    stages = None
+    if profile is not None:
+        if profile.device_type != device_type:
+            raise ValueError(f"device profile {profile.name!r} is for {profile.device_type}, the plan for {device_type}; "
+                             f"drop --device or pass a {device_type} profile")
+        stages = estimate(cfg, layout, profile)
+    result = Plan(layout, tuple(roles), assumptions, gpu_memory_gib, stages)
     logger.debug("planned %d roles for world size %d", len(roles), world_size)
     return result
