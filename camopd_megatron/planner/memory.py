@@ -57,7 +57,7 @@ from typing import Optional
 
 from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.parallel import RoleLayout
-from camopd_megatron.planner.counts import dtype_bytes, stage_params
+from camopd_megatron.planner.counts import active_params, count_params, dtype_bytes, expert_params, moe_layers, stage_params
 from camopd_megatron.planner.profiles import DeviceProfile
 from camopd_megatron.planner.stages import StageEstimate, estimate
 
@@ -177,18 +177,34 @@ def activation_bytes(
     m: ModelConfig, *, s: int, b: int, tp: int, pp: int, act_bytes: int, sequence_parallel: bool,
     recompute: str, flash_attention: bool, method: str = "uniform", num_layers: int = 1,
 ) -> float:
-    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring).
+    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring;
+    MoE layers: the MLP share of ``model.moe``'s routed and shared experts and router, see the code).
 
     ``recompute``: none / selective / full; ``method`` and ``num_layers`` (N) choose the layers of
     ``full`` (megatron ``recompute_method`` / ``recompute_num_layers``)."""
     h, a = m.hidden_size, m.num_attention_heads
     sbh = s * b * h
     scores = 0.0 if flash_attention or recompute == "selective" else 5.0 * a * s / h
-    if sequence_parallel:
-        full_layer = sbh * (34.0 + scores) / tp
-    else:
-        full_layer = sbh * (10.0 + 24.0 / tp + scores / tp)
+
+    def layer(replicated: float, mlp: float) -> float:
+        # Korthikanti, in units of s·b·h bytes: 10 replicated over TP (norm and block inputs, dropout
+        # masks), 8/t attention (Q, K, V, projection input), ``mlp``/t MLP (16: the GPT 4h fc1 output and
+        # GeLU output), 5as/h scores; with SP everything is split over TP
+        if sequence_parallel:
+            return sbh * (replicated + 8.0 + mlp + scores) / tp
+        return sbh * (replicated + (8.0 + mlp) / tp + scores / tp)
+
+    full_layer = layer(10.0, 16.0)
     layers = m.num_layers // pp
+    sparse = sum(moe_layers(m)[:layers])  # MoE layers of the first stage
+    moe = getattr(m, "moe", None)
+    if sparse and moe is not None:
+        # an MoE layer's MLP share: k routed copies of each token, each keeping its dispatched input (2h B)
+        # and its SwiGLU fc1 output (2 f_e) and activation (f_e) at 2 B: k(2 + 6 f_e/h); a shared expert
+        # 6 f_s/h; the router's fp32 logits and probabilities, 8E/h, replicated like the block inputs
+        mlp = moe.router_topk * (2.0 + 6.0 * moe.ffn_hidden_size / h) + 6.0 * (moe.shared_expert_ffn_hidden_size or 0) / h
+        moe_layer = layer(10.0 + 8.0 * moe.num_experts / h, mlp)
+        full_layer = (sparse * moe_layer + (layers - sparse) * full_layer) / layers  # the stage's mean layer
     in_flight = pp  # 1F1B: stage 0 holds PP micro-batches
     if recompute == "full":
         stored = 2.0 * sbh / (tp if sequence_parallel else 1)  # one recompute group's input
@@ -208,12 +224,46 @@ def _recompute_label(m: ModelConfig) -> str:
     return "selective recompute" if m.recompute == "selective" else "no recompute"
 
 
+def dispatcher_bytes(m: ModelConfig, *, tokens: int, ep: int, act_bytes: int) -> float:
+    """The token dispatcher's buffers of one MoE layer's forward on one rank (transient: freed after the
+    layer; the copies kept for backward are in the activations). ``tokens``: the rank's tokens entering
+    the layer. ``alltoall``: the k permuted copies, the all-to-all's receive buffer, the experts' output and
+    the combine's receive buffer, each tokens·k·h; ``allgather``: the hidden states and fp32 routing
+    probabilities of the whole EP group gathered and scattered back (2·ep·tokens·h + ep·tokens·E·4 B)
+    plus the local experts' k-fold permuted input and output (2·tokens·k·h). 0 for a dense model."""
+    moe = getattr(m, "moe", None)
+    if moe is None:
+        return 0.0
+    h, k = m.hidden_size, moe.router_topk
+    if moe.token_dispatcher == "alltoall":
+        return 4.0 * tokens * k * h * act_bytes
+    return (2.0 * ep * tokens * h + 2.0 * tokens * k * h) * act_bytes + ep * tokens * moe.num_experts * 4.0
+
+
+def _params_note(m: ModelConfig, n: int, nbytes: int, *, tp: int, pp: int, ep: int, etp: int) -> str:
+    """``params`` row note: the rank's count, and for MoE the model's total / active and the expert sharding."""
+    note = f"{_count(n)} params x {nbytes} B"
+    if getattr(m, "moe", None) is None:
+        return note
+    stage = max(range(pp), key=lambda i: stage_params(m, tp, pp, ep, etp)[i])
+    exp = expert_params(m, tp, pp, ep, etp)[stage]
+    return (note + f" (experts {_count(exp)} = /ep {ep} x etp {etp}, dense {_count(n - exp)} = /tp {tp}); "
+            f"model {_count(count_params(m))} total, {_count(active_params(m))} active per token")
+
+
 def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[MemoryItem]:
     m, par, st = cfg.model, cfg.parallel, layout.student
+    ep = getattr(par, "ep", 1) or 1
+    etp = getattr(par, "etp", None) or st.tp
     pbytes = dtype_bytes(cfg.precision.params_dtype, device_type)
-    n = max(stage_params(m, st.tp, st.pp))
+    per_stage = stage_params(m, st.tp, st.pp, ep, etp)
+    stage = max(range(st.pp), key=lambda i: per_stage[i])
+    n = per_stage[stage]
+    n_exp = expert_params(m, st.tp, st.pp, ep, etp)[stage]
+    edp = max(1, st.tp * st.dp // (ep * etp))  # expert data parallel: the rank's expert shard's replicas
     opt_per_param = _ADAM_STATE_BYTES + (_MASTER_BYTES if pbytes < 4 else 0)
-    opt_full, opt_dist = n * opt_per_param, n * opt_per_param / st.dp
+    # the distributed optimizer shards dense params over DP and expert params over expert-DP
+    opt_full, opt_dist = n * opt_per_param, ((n - n_exp) / st.dp + n_exp / edp) * opt_per_param
     dist_opt = par.use_distributed_optimizer
     s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
     flash = _flash_attention(cfg, device_type)
@@ -221,14 +271,14 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
     act = activation_bytes(m, recompute=m.recompute, method=m.recompute_method, num_layers=m.recompute_num_layers,
                            **act_kw)
     act_alt = activation_bytes(m, recompute="full" if m.recompute == "none" else "none", **act_kw)
-    d = m.hidden_size // m.num_attention_heads
-    kv = 2 * (m.num_layers // st.pp) * (m.kv_heads // st.tp) * d * s * cfg.rollout.micro_batch_size * pbytes
+    kv = 2 * (m.num_layers // st.pp) * (m.kv_heads // st.tp) * m.kv_channels * s * cfg.rollout.micro_batch_size * pbytes
+    dp_note = f" / dp {st.dp}" + (f" (experts / expert-dp {edp})" if n_exp else "")
     rows = [
-        MemoryItem("params", n * pbytes, f"{_count(n)} params x {pbytes} B"),
+        MemoryItem("params", n * pbytes, _params_note(m, n, pbytes, tp=st.tp, pp=st.pp, ep=ep, etp=etp)),
         MemoryItem("grads", n * _FP32_GRAD_BYTES, "fp32 main grads (grad_reduce_in_fp32)"),
         MemoryItem(
             "optimizer", opt_dist if dist_opt else opt_full,
-            f"Adam m,v{' + fp32 master' if pbytes < 4 else ''} = {opt_per_param} B/param" + (f" / dp {st.dp}" if dist_opt else ""),
+            f"Adam m,v{' + fp32 master' if pbytes < 4 else ''} = {opt_per_param} B/param" + (dp_note if dist_opt else ""),
             alt_bytes=opt_full if dist_opt else opt_dist,
             alt_label="without distributed optimizer" if dist_opt else f"with distributed optimizer (dp {st.dp})",
         ),
@@ -240,10 +290,14 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
         MemoryItem("logits", s * b * m.padded_vocab_size / st.tp * pbytes, "[s, b, V/tp] of one micro-batch"),
         MemoryItem("kv cache", kv, f"rollout mb {cfg.rollout.micro_batch_size} x {s} tokens"),
     ]
+    if getattr(m, "moe", None) is not None:
+        tokens = s * b // (st.tp if par.sequence_parallel else 1)
+        rows.append(MemoryItem("dispatcher", dispatcher_bytes(m, tokens=tokens, ep=ep, act_bytes=pbytes),
+                               f"{m.moe.token_dispatcher} buffers of one MoE layer, {tokens} tokens x top-{m.moe.router_topk}"))
     for i, t in enumerate(cfg.teachers):
         if t.placement == "colocated":
             tb = dtype_bytes(t.dtype, device_type)
-            w = 0.0 if t.offload else max(stage_params(cfg.teacher_model(i)[0], st.tp, st.pp)) * tb
+            w = 0.0 if t.offload else max(stage_params(cfg.teacher_model(i)[0], st.tp, st.pp, ep, etp)) * tb
             rows.append(MemoryItem(f"teacher {t.name}", w, "offloaded to host" if t.offload else f"colocated, {tb} B/param"))
     return rows
 
@@ -255,9 +309,16 @@ def _teacher_rows(cfg: Config, layout: RoleLayout, role_name: str, device_type: 
     biggest = 0
     for name in role.teachers:
         m = cfg.teacher_model(by_name[name])[0]  # each teacher's own architecture
-        tb = dtype_bytes(cfg.teachers[by_name[name]].dtype, device_type)
-        n = max(stage_params(m, role.tp, role.pp))
-        rows.append(MemoryItem(f"weights {name}", n * tb, f"{_count(n)} params x {tb} B, no fp8"))
+        t = cfg.teachers[by_name[name]]
+        ep, etp = getattr(t, "ep", None) or 1, getattr(t, "etp", None) or role.tp
+        tb = dtype_bytes(t.dtype, device_type)
+        n = max(stage_params(m, role.tp, role.pp, ep, etp))
+        rows.append(MemoryItem(f"weights {name}", n * tb,
+                               _params_note(m, n, tb, tp=role.tp, pp=role.pp, ep=ep, etp=etp) + ", no fp8"))
+        if getattr(m, "moe", None) is not None:
+            tokens = _seq_lengths(cfg) * cfg.optim.micro_batch_size
+            rows.append(MemoryItem(f"dispatcher {name}", dispatcher_bytes(m, tokens=tokens, ep=ep, act_bytes=tb),
+                                   f"{m.moe.token_dispatcher} buffers of one MoE layer (scoring)"))
         biggest = max(biggest, tb)
     s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
     rows.append(MemoryItem("logits", s * b * m.padded_vocab_size / role.tp * biggest, "one scoring micro-batch"))
