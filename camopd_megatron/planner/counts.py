@@ -62,7 +62,7 @@ class LayerParams:
 
 def moe_layers(m: ModelConfig) -> list[bool]:
     """Per layer: True where the layer is an MoE layer (``model.moe.layer_pattern``; all when None)."""
-    moe = getattr(m, "moe", None)
+    moe = m.moe
     if moe is None:
         return [False] * m.num_layers
     if moe.layer_pattern is None:
@@ -82,7 +82,7 @@ def layer_params(m: ModelConfig, sparse: bool) -> LayerParams:
     if m.add_qkv_bias:
         tp += qkv_out
         elementwise += qkv_out
-    moe = getattr(m, "moe", None)
+    moe = m.moe
     if not sparse or moe is None:
         return LayerParams(tp + 3 * h * m.ffn_hidden_size, replicated, elementwise=elementwise)
     expert = 3 * h * moe.ffn_hidden_size  # SwiGLU: fc1 (gate + up) h x 2f, fc2 f x h

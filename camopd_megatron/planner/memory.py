@@ -197,7 +197,7 @@ def activation_bytes(
     full_layer = layer(10.0, 16.0)
     layers = m.num_layers // pp
     sparse = sum(moe_layers(m)[:layers])  # MoE layers of the first stage
-    moe = getattr(m, "moe", None)
+    moe = m.moe
     if sparse and moe is not None:
         # an MoE layer's MLP share: k routed copies of each token, each keeping its dispatched input (2h B)
         # and its SwiGLU fc1 output (2 f_e) and activation (f_e) at 2 B: k(2 + 6 f_e/h); a shared expert
@@ -231,7 +231,7 @@ def dispatcher_bytes(m: ModelConfig, *, tokens: int, ep: int, act_bytes: int) ->
     the combine's receive buffer, each tokens·k·h; ``allgather``: the hidden states and fp32 routing
     probabilities of the whole EP group gathered and scattered back (2·ep·tokens·h + ep·tokens·E·4 B)
     plus the local experts' k-fold permuted input and output (2·tokens·k·h). 0 for a dense model."""
-    moe = getattr(m, "moe", None)
+    moe = m.moe
     if moe is None:
         return 0.0
     h, k = m.hidden_size, moe.router_topk
@@ -243,7 +243,7 @@ def dispatcher_bytes(m: ModelConfig, *, tokens: int, ep: int, act_bytes: int) ->
 def _params_note(m: ModelConfig, n: int, nbytes: int, *, tp: int, pp: int, ep: int, etp: int) -> str:
     """``params`` row note: the rank's count, and for MoE the model's total / active and the expert sharding."""
     note = f"{_count(n)} params x {nbytes} B"
-    if getattr(m, "moe", None) is None:
+    if m.moe is None:
         return note
     stage = max(range(pp), key=lambda i: stage_params(m, tp, pp, ep, etp)[i])
     exp = expert_params(m, tp, pp, ep, etp)[stage]
@@ -253,8 +253,7 @@ def _params_note(m: ModelConfig, n: int, nbytes: int, *, tp: int, pp: int, ep: i
 
 def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[MemoryItem]:
     m, par, st = cfg.model, cfg.parallel, layout.student
-    ep = getattr(par, "ep", 1) or 1
-    etp = getattr(par, "etp", None) or st.tp
+    ep, etp = st.ep, st.expert_tp
     pbytes = dtype_bytes(cfg.precision.params_dtype, device_type)
     per_stage = stage_params(m, st.tp, st.pp, ep, etp)
     stage = max(range(st.pp), key=lambda i: per_stage[i])
@@ -290,7 +289,7 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
         MemoryItem("logits", s * b * m.padded_vocab_size / st.tp * pbytes, "[s, b, V/tp] of one micro-batch"),
         MemoryItem("kv cache", kv, f"rollout mb {cfg.rollout.micro_batch_size} x {s} tokens"),
     ]
-    if getattr(m, "moe", None) is not None:
+    if m.moe is not None:
         tokens = s * b // (st.tp if par.sequence_parallel else 1)
         rows.append(MemoryItem("dispatcher", dispatcher_bytes(m, tokens=tokens, ep=ep, act_bytes=pbytes),
                                f"{m.moe.token_dispatcher} buffers of one MoE layer, {tokens} tokens x top-{m.moe.router_topk}"))
@@ -310,12 +309,12 @@ def _teacher_rows(cfg: Config, layout: RoleLayout, role_name: str, device_type: 
     for name in role.teachers:
         m = cfg.teacher_model(by_name[name])[0]  # each teacher's own architecture
         t = cfg.teachers[by_name[name]]
-        ep, etp = getattr(t, "ep", None) or 1, getattr(t, "etp", None) or role.tp
+        ep, etp = role.ep, role.expert_tp
         tb = dtype_bytes(t.dtype, device_type)
         n = max(stage_params(m, role.tp, role.pp, ep, etp))
         rows.append(MemoryItem(f"weights {name}", n * tb,
                                _params_note(m, n, tb, tp=role.tp, pp=role.pp, ep=ep, etp=etp) + ", no fp8"))
-        if getattr(m, "moe", None) is not None:
+        if m.moe is not None:
             tokens = _seq_lengths(cfg) * cfg.optim.micro_batch_size
             rows.append(MemoryItem(f"dispatcher {name}", dispatcher_bytes(m, tokens=tokens, ep=ep, act_bytes=tb),
                                    f"{m.moe.token_dispatcher} buffers of one MoE layer (scoring)"))

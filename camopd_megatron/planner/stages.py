@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from camopd_megatron.config import Config, ModelConfig
+from camopd_megatron.config.moe import expert_layout_problems
 from camopd_megatron.planner.counts import dtype_bytes, expert_params, forward_flops, stage_params
 from camopd_megatron.planner.profiles import DeviceProfile
 
@@ -117,7 +118,7 @@ def _time(name: str, flops: float, nbytes: float, prof: DeviceProfile, note: str
 
 def _hit_fraction(m: ModelConfig, tokens: int) -> float:
     """Expected fraction of experts that ``tokens`` tokens routed top-k of E reach."""
-    moe = getattr(m, "moe", None)
+    moe = m.moe
     if moe is None:
         return 1.0
     return 1.0 - (1.0 - moe.router_topk / moe.num_experts) ** max(tokens, 1)
@@ -153,7 +154,7 @@ def estimate_stages(cfg: Config, layout, prof: DeviceProfile, *, teacher_dp: Opt
     pbytes = dtype_bytes(cfg.precision.params_dtype, dev)
     dp = student_dp or st.dp
     tp, pp = st.tp, st.pp
-    ep, etp = getattr(par, "ep", 1) or 1, getattr(par, "etp", None)
+    ep, etp = st.ep, st.expert_tp
     prompt = cfg.data.max_prompt_tokens
     new = cfg.rollout.max_new_tokens
     seq = min(m.seq_length, prompt + new)
@@ -183,7 +184,7 @@ def estimate_stages(cfg: Config, layout, prof: DeviceProfile, *, teacher_dp: Opt
             r = layout.role(t.role_name)
             t_dp = (teacher_dp or {}).get(r.name, r.dp)
             t_tp, t_pp, t_rows, where = r.tp, r.pp, -(-global_rows // t_dp), f"group {r.name} dp {t_dp}"
-            t_ep, t_etp = getattr(t, "ep", None) or 1, getattr(t, "etp", None)
+            t_ep, t_etp = r.ep, r.expert_tp
         tb = dtype_bytes(t.dtype, dev)
         f = _forward(mt, seq, new, t_rows) / (t_tp * t_pp)
         # the weights are read once per scoring micro-batch (optim.micro_batch_size rows)
@@ -216,31 +217,59 @@ def estimate_stages(cfg: Config, layout, prof: DeviceProfile, *, teacher_dp: Opt
     return stages
 
 
-def suggest_teacher_dp(cfg: Config, layout, prof: DeviceProfile) -> tuple[dict[str, int], int, list[StageTime]] | None:
+_KEYS = {k: k for k in ("tp", "dp", "ep", "etp", "sp")}
+
+
+def _dp_fits(models: list[ModelConfig], tp: int, dp: int, ep: int, etp: Optional[int]) -> bool:
+    """The expert layout rules (``config.moe.expert_layout_problems``, the one place they are written)
+    accept ``dp`` for every model of a role."""
+    return not any(expert_layout_problems(m.moe, tp=tp, dp=dp, ep=ep, etp=etp, keys=_KEYS, moe_key="moe")
+                   for m in models if m.moe is not None)
+
+
+def suggest_teacher_dp(cfg: Config, layout, prof: DeviceProfile) -> Optional[tuple[dict[str, int], int, list[StageTime]]]:
     """For the same world size: the smallest DP of each separate teacher group whose scoring takes no
-    longer than the rollout (the student keeping the remaining ranks). None when no such split exists."""
+    longer than the rollout, the student keeping the largest DP the remaining ranks allow (DP sizes
+    that break the expert layout rules are skipped). Returns (teacher DPs, student DP, stages), or None
+    when no split of this world size does it."""
     st = layout.student
-    groups = [r for r in layout.roles[1:]]
+    groups = list(layout.roles[1:])
     if not groups:
         return None
-    dps = {r.name: 1 for r in groups}
-    members = {r.name: r.teachers for r in groups}
-    while True:
-        used = sum(r.tp * r.pp * dps[r.name] for r in groups)
-        left = layout.world_size - used
-        if left < st.tp * st.pp:
+    by_name = {t.name: i for i, t in enumerate(cfg.teachers)}
+    models = {r.name: [cfg.teacher_model(by_name[n])[0] for n in r.teachers] for r in groups}
+    student_models = [cfg.model] + [cfg.teacher_model(i)[0] for i, t in enumerate(cfg.teachers)
+                                    if t.placement == "colocated"]
+
+    def next_dp(r, dp: int) -> Optional[int]:
+        for cand in range(dp, cfg.rollout.prompts_per_step + 1):
+            if _dp_fits(models[r.name], r.tp, cand, r.ep, r.expert_tp):
+                return cand
+        return None
+
+    dps: dict[str, int] = {}
+    for r in groups:
+        first = next_dp(r, 1)
+        if first is None:
             return None
-        s_dp = left // (st.tp * st.pp)
+        dps[r.name] = first
+    while True:
+        left = layout.world_size - sum(r.tp * r.pp * dps[r.name] for r in groups)
+        s_dp = next((d for d in range(left // (st.tp * st.pp), 0, -1)
+                     if _dp_fits(student_models, st.tp, d, st.ep, st.expert_tp)), None)
+        if s_dp is None:
+            return None
         stages = estimate_stages(cfg, layout, prof, teacher_dp=dps, student_dp=s_dp)
         roll = stages[0].seconds
-        slow = [g for g in dps if max(s.seconds for s in stages if s.name in {f"teacher {n}" for n in members[g]})
-                > roll]
+        slow = [r for r in groups
+                if max(s.seconds for s in stages if s.name in {f"teacher {n}" for n in r.teachers}) > roll]
         if not slow:
             return dps, s_dp, stages
-        for g in slow:
-            dps[g] += 1
-        if any(dps[g] > cfg.rollout.prompts_per_step for g in slow):
-            return None
+        for r in slow:
+            nxt = next_dp(r, dps[r.name] + 1)
+            if nxt is None:
+                return None
+            dps[r.name] = nxt
 
 
 def estimate(cfg: Config, layout, prof: DeviceProfile) -> StageEstimate:
@@ -253,11 +282,13 @@ def estimate(cfg: Config, layout, prof: DeviceProfile) -> StageEstimate:
         state = "off the critical path with chunked overlap" if s.seconds <= roll else "ON the critical path"
         lines.append(f"{s.name}: {s.seconds:.4g} s vs rollout {roll:.4g} s — {state}")
     sug = suggest_teacher_dp(cfg, layout, prof)
+    st_ranks = layout.student.tp * layout.student.pp
     if sug is not None:
         dps, s_dp, _ = sug
         parts = [f"{r.name} dp {dps[r.name]} ({r.tp * r.pp * dps[r.name]} ranks)" for r in layout.roles[1:]]
+        idle = layout.world_size - sum(r.tp * r.pp * dps[r.name] for r in layout.roles[1:]) - s_dp * st_ranks
         lines.append("suggested teacher ranks (scoring <= rollout, same world size): " + ", ".join(parts)
-                     + f", student dp {s_dp}")
+                     + f", student dp {s_dp}" + (f" ({idle} rank(s) left idle by the expert layout)" if idle else ""))
     elif len(layout.roles) > 1:
         lines.append("suggested teacher ranks: none of the splits of this world size keeps every teacher's "
                      "scoring under the rollout; add ranks or shorten the teachers' sequences")
