@@ -10,14 +10,15 @@ Per step, per student data-parallel replica (B = ceil(rollout.prompts_per_step /
 P = data.max_prompt_tokens, R = rollout.max_new_tokens, T = P + R capped at model.seq_length, the
 output layer at the R response positions; every sample assumed to run to R tokens and to be kept):
 
-* **rollout** — the prefill, ``B · forward(P)`` FLOPs, then R decode steps per rollout micro-batch
-  (rollout.micro_batch_size rows). A decode step is memory-bandwidth bound: it reads every weight
+* **rollout** — the prefill, ``B · forward(P)`` FLOPs over TP (the pipeline stages take turns), then
+  R decode steps per rollout micro-batch (rollout.micro_batch_size rows). A decode step is memory-bandwidth bound: it reads every weight
   of the replica once (for MoE: the dense weights and the experts its tokens are routed to; with r
   tokens routed top-k of E, a given expert is hit with probability ``1 - (1 - k/E)^r``, counting the
   tokens of the whole expert group in lock-step) and the KV cache at its mean length P + R/2;
   its FLOPs are ``2 · active parameters`` per row plus attention over the cache.
 * **teacher** — a forward over the step's samples, ``forward(T)`` each, spread over the teacher's
-  ranks (a separate teacher group: its TP × PP × DP ranks; colocated: the student's replica). Worst
+  ranks (a separate teacher group: its TP × PP × DP ranks; colocated: the student's replica); the
+  weights are read once per scoring micro-batch (optim.micro_batch_size rows). Worst
   case assumed: the whole global batch is of the teacher's branch (an alternating step).
 * **recompute** — one no-grad student forward over the replica's samples, when the gaps need
   log π_θ before the update (``selection.student_logprobs: recompute`` and a selection that depends
@@ -42,6 +43,7 @@ from typing import Optional
 
 from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.config.moe import expert_layout_problems
+from camopd_megatron.parallel import RoleLayout
 from camopd_megatron.planner.counts import dtype_bytes, expert_params, forward_flops, stage_params
 from camopd_megatron.planner.profiles import DeviceProfile
 
@@ -145,7 +147,7 @@ def _decode(m: ModelConfig, *, prompt: int, new: int, rows: int, tp: int, pp: in
     return new * per_step, new * step_flops, new * step_bytes
 
 
-def estimate_stages(cfg: Config, layout, prof: DeviceProfile, *, teacher_dp: Optional[dict[str, int]] = None,
+def estimate_stages(cfg: Config, layout: RoleLayout, prof: DeviceProfile, *, teacher_dp: Optional[dict[str, int]] = None,
                     student_dp: Optional[int] = None) -> list[StageTime]:
     """The stage times of one step for ``layout`` (a :class:`~camopd_megatron.parallel.RoleLayout`);
     ``teacher_dp`` / ``student_dp`` replace the layout's DP sizes (the suggestion's search)."""
@@ -165,7 +167,7 @@ def estimate_stages(cfg: Config, layout, prof: DeviceProfile, *, teacher_dp: Opt
     # rollout: prefill (compute) + decode (bandwidth), per rollout micro-batch
     rmb = min(cfg.rollout.micro_batch_size, rows)
     passes = -(-rows // rmb)
-    pre = _forward(m, prompt, 1, rows) / ranks
+    pre = _forward(m, prompt, 1, rows) / tp  # one micro-batch: the pipeline stages run one after another
     dec_s, dec_f, dec_b = _decode(m, prompt=prompt, new=new, rows=rmb, tp=tp, pp=pp, ep=ep, etp=etp, wbytes=pbytes,
                                   prof=prof)
     roll_s = pre / prof.peak_flops + passes * dec_s
@@ -227,7 +229,7 @@ def _dp_fits(models: list[ModelConfig], tp: int, dp: int, ep: int, etp: Optional
                    for m in models if m.moe is not None)
 
 
-def suggest_teacher_dp(cfg: Config, layout, prof: DeviceProfile) -> Optional[tuple[dict[str, int], int, list[StageTime]]]:
+def suggest_teacher_dp(cfg: Config, layout: RoleLayout, prof: DeviceProfile) -> Optional[tuple[dict[str, int], int, list[StageTime]]]:
     """For the same world size: the smallest DP of each separate teacher group whose scoring takes no
     longer than the rollout, the student keeping the largest DP the remaining ranks allow (DP sizes
     that break the expert layout rules are skipped). Returns (teacher DPs, student DP, stages), or None
@@ -272,7 +274,7 @@ def suggest_teacher_dp(cfg: Config, layout, prof: DeviceProfile) -> Optional[tup
             dps[r.name] = nxt
 
 
-def estimate(cfg: Config, layout, prof: DeviceProfile) -> StageEstimate:
+def estimate(cfg: Config, layout: RoleLayout, prof: DeviceProfile) -> StageEstimate:
     """The stage estimate of the layout as configured, with the teacher-rank suggestion."""
     stages = estimate_stages(cfg, layout, prof)
     roll = stages[0].seconds
