@@ -160,3 +160,16 @@ def test_cli_dry_run_with_profile(tmp_path, capsys):
     assert "neither a built-in profile" in capsys.readouterr().err
     assert cli.main(["--config", str(cfg), "--dry-run", "--world-size", "1", "--device", "cpu",
                      "--device-profile", "h100"]) == 2
+
+
+def test_calibrate_writes_a_loadable_profile(tmp_path):
+    """bench.calibrate measures only a matmul and a memory read; its JSON is what --device-profile takes."""
+    from camopd_megatron.bench import calibrate
+
+    rec = calibrate.measure(1, sizes=(64, 128), mib=4, reps=2)
+    assert rec["peak_flops"] == max(rec["raw"]["matmul_flops"].values()) > 0 and rec["mem_bandwidth"] > 0
+    f = tmp_path / "cpu.json"
+    calibrate.main(["--threads", "1", "--sizes", "64", "--mib", "4", "--reps", "1", "--out", str(f)])
+    prof = load_profile(str(f))
+    assert prof.device_type == "cpu" and prof.dtype == "fp32" and prof.peak_flops > 0
+    assert plan(_cfg(), 1, profile=prof).stages.stage("train").seconds > 0

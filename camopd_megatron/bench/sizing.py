@@ -9,7 +9,8 @@ the CPU profile is calibrated from the matmul and memory-read micro-benchmarks
 (``bench.calibrate``: n = 1024 matmul, 256 MiB read, median of 3). Each steady step's stages are
 compared with the planner's estimate (``planner.plan`` with the profile, the same config) at the
 mean of the calibrations just before and after it; the report gives the median and the range of
-estimated / measured per stage. The profile never sees a stage timing.
+estimated / measured per stage, and the estimate at the median of all calibrations over the median
+measured stage. The profile never sees a stage timing.
 """
 from __future__ import annotations
 
@@ -83,6 +84,12 @@ def run(sizes: list[str], threads: int, steps: int, teachers: int) -> list[dict[
                          "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None}
         flops = [c["peak_flops"] for c in calibs]
         bw = [c["mem_bandwidth"] for c in calibs]
+        # the same at the median of all the run's calibrations against the median measured stage (less noisy)
+        est_med = estimate_for(cfg_dict, {**calibs[0], "peak_flops": statistics.median(flops),
+                                          "mem_bandwidth": statistics.median(bw)})
+        for k, v in stages.items():
+            v["ratio_median_calibration"] = round(est_med[k] / v["measured_s"], 3) if v["measured_s"] and k in est_med \
+                else None
         rows.append({"size": size, "teachers": teachers, "threads": threads, "steps": len(hist),
                      "calibration": {"peak_flops": [min(flops), statistics.median(flops), max(flops)],
                                      "mem_bandwidth": [min(bw), statistics.median(bw), max(bw)]},
@@ -97,8 +104,9 @@ def format_row(r: dict[str, Any]) -> str:
              f"{b[0] / 1e9:.2f}/{b[1] / 1e9:.2f}/{b[2] / 1e9:.2f} GB/s"]
     for k, v in r["stages"].items():
         ratio = f"{v['ratio']:.2f} [{v['ratio_range'][0]:.2f}-{v['ratio_range'][1]:.2f}]" if v["ratio"] else "-"
+        med = v.get("ratio_median_calibration")
         lines.append(f"  {k:<10} estimate {v['estimate_s']:8.4f} s  measured {v['measured_s']:8.4f} s  "
-                     f"est/meas {ratio}")
+                     f"est/meas per step {ratio}" + (f", at the median calibration {med:.2f}" if med else ""))
     return "\n".join(lines)
 
 

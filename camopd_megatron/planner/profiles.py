@@ -67,9 +67,11 @@ def load_profile(spec: str) -> DeviceProfile:
         raise ValueError(f"device profile {path.name}: not valid JSON ({e}); rewrite it with "
                          "`python -m camopd_megatron.bench.calibrate`") from e
     known = {f.name for f in fields(DeviceProfile)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"device profile {path.name}: expected a JSON object with keys {sorted(known)}")
     missing = [k for k in ("name", "peak_flops", "mem_bandwidth") if k not in raw]
     unknown = sorted(set(raw) - known)
-    if missing or unknown or not isinstance(raw, dict):
+    if missing or unknown:
         raise ValueError(f"device profile {path.name}: " + "; ".join(
             ([f"missing key(s) {missing}"] if missing else []) + ([f"unknown key(s) {unknown}"] if unknown else []))
             + f"; expected keys {sorted(known)}")
