@@ -9,12 +9,16 @@ The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes
 
 * **parameters** — counted exactly for the Llama/Qwen/Mistral-style GPTModel we build (fused QKV
   with GQA, SwiGLU fc1 = gate+up, RMSNorm weights replicated over TP, untied output layer on
-  the last stage), times the bytes of ``precision.params_dtype`` (``auto`` = bf16 on GPU).
+  the last stage; :mod:`camopd_megatron.planner.counts`), times the bytes of
+  ``precision.params_dtype`` (``auto`` = bf16 on GPU). MoE (``model.moe``): routed experts divided
+  by EP × ETP, the rest by TP, the router whole on every rank; the row prints the model's total
+  and active (per token) parameters.
 * **gradients** — 4 bytes/param: megatron DDP accumulates and reduces FP32 main grads
   (``grad_reduce_in_fp32``); the grad buffer is full size even with the distributed optimizer.
 * **optimizer** — Adam m and v in FP32 (8 bytes/param) plus FP32 master weights when the
   parameters are 16-bit (4 bytes/param); divided by the student's DP size with
-  ``parallel.use_distributed_optimizer`` (both variants are printed).
+  ``parallel.use_distributed_optimizer`` (both variants are printed); routed experts by the
+  expert-DP size TP·DP/(EP·ETP) instead (the replicas of one expert shard).
 * **activations** — Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", Table 2, per layer, 16-bit activations, sequence s, micro-batch b,
   hidden h, heads a, TP t:
@@ -43,6 +47,9 @@ The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes
 * **teacher weights** — the teacher group's TP × PP shard of each hosted teacher, in its dtype
   (bf16 on GPU for ``auto``; teachers never use FP8), plus one scoring micro-batch's logits.
   Colocated teachers are added to the student's ranks unless ``offload``.
+* **dispatcher** (MoE roles) — the token dispatcher's buffers of one MoE layer's forward
+  (:func:`dispatcher_bytes`); MoE layers' activations replace the MLP share of the formula above
+  by the routed copies' SwiGLU intermediates (see :func:`activation_bytes`).
 * **KV cache** (student ranks; they generate the rollouts):
   ``2 · L/PP · kv_heads/t · head_dim · (prompt + response) · rollout.micro_batch_size · bytes``.
 
@@ -61,7 +68,7 @@ from camopd_megatron.planner.counts import active_params, count_params, dtype_by
 from camopd_megatron.planner.profiles import DeviceProfile
 from camopd_megatron.planner.stages import StageEstimate, estimate
 
-__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "activation_bytes", "GIB"]
+__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "activation_bytes", "dispatcher_bytes", "GIB"]
 
 logger = logging.getLogger(__name__)
 
