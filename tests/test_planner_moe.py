@@ -145,3 +145,17 @@ def test_teacher_suggestion_respects_the_expert_layout():
     assert 4 * dps["general"] + dps["domain"] + 2 * s_dp <= 64
     roll = stages[0].seconds
     assert all(s.seconds <= roll for s in stages if s.name.startswith("teacher "))
+
+
+def test_dispatcher_buffers():
+    """10 tokens, h 64, top-2 of 4 experts, 2 B: all-to-all 4 buffers of 10·2·64; all-gather: the EP group's
+    2·10 hidden states gathered and scattered back, their fp32 routing probabilities, the local k-fold copies."""
+    from camopd_megatron.planner import dispatcher_bytes
+
+    m = _tiny()
+    assert dispatcher_bytes(m, tokens=10, ep=2, act_bytes=2) == 4 * 10 * 2 * 64 * 2 == 10_240
+    ag = _tiny(token_dispatcher="allgather")
+    assert dispatcher_bytes(ag, tokens=10, ep=2, act_bytes=2) == (2 * 2 * 10 * 64 + 2 * 10 * 2 * 64) * 2 + 2 * 10 * 4 * 4
+    dense = config_from_dict({"model": {k: v for k, v in TINY_MOE.items() if k != "moe"},
+                              "teachers": [{"name": "t", "init": "random", "branches": ["general", "domain"]}]}).model
+    assert dispatcher_bytes(dense, tokens=10, ep=1, act_bytes=2) == 0.0
