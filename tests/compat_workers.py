@@ -209,6 +209,7 @@ def _role_local_param_groups(rank: int, world_size: int) -> dict:
 def _moe_dispatchers(world_size: int) -> dict:
     """An MoE layer at EP = 2 through both token dispatchers: the router's device moves
     (``router.py``) and the all-to-all dispatcher's streams and split sizes (``token_dispatcher.py``)."""
+    from camopd_megatron.config import ModelConfig
     from camopd_megatron.config.moe import MoEConfig
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
     from camopd_megatron.testing.configs import TINY_MOE
