@@ -18,6 +18,7 @@ import torch.distributed as dist
 from camopd_megatron.config.moe import MoEConfig
 from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig
 from camopd_megatron.models.groups import pg_rank, pg_size, simple_pg_collection
+from camopd_megatron.models.moe import RoutingStats
 from camopd_megatron.testing.configs import TINY_MOE
 
 SEED = 4321
@@ -68,7 +69,7 @@ def _loss_fn(pgc: Any, n_tokens: int, main: bool = True):
 
 def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Optional[dict[str, torch.Tensor]] = None,
                rank_offset: int = 0, tokens: Optional[torch.Tensor] = None, repeat: int = 1, main: bool = True,
-               seed: int = SEED, keep: bool = False) -> Optional[dict]:
+               seed: int = SEED, keep: bool = False, stats: bool = False) -> Optional[dict]:
     """Build the layout (collective over the world), copy ``src`` in by global name, one forward/backward of
     this DP rank's rows (``repeat`` copies of each micro-batch). Returns loss (this rank's share), the
     finalised gradients and the weights by (global name, TP rank); None on ranks outside the layout."""
@@ -94,12 +95,15 @@ def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Opt
     mine = tokens[pg_rank(pgc.dp) * rows:(pg_rank(pgc.dp) + 1) * rows]
     batches = [b for b in make_microbatches({"tokens": mine}, MICRO) for _ in range(repeat)]
     zero_grad_buffers(ddp, opt)
+    routing = RoutingStats.of(model) if stats else None
     outs = run_microbatches(ddp[0], pgc, batches, _loss_fn(pgc, tokens.shape[0] * (SEQ - 1) * repeat, main),
                             forward_only=False)
     loss = sum(o["loss"] for o in outs) if tp_rank == 0 else 0.0
     named = global_names(model, pgc)
     out = {"loss": loss, "grads": {(n, tp_rank): p.main_grad.detach().clone() for n, p in named.items()},
            "params": {(n, tp_rank): p.detach().clone() for n, p in named.items()}}
+    if routing is not None:
+        out["moe_metrics"] = routing.metrics(pgc.intra_dist_opt, pgc.tp)
     if keep:
         out.update(model=model, ddp=ddp, opt=opt, sched=sched, pgc=pgc)
     return out
@@ -162,6 +166,9 @@ def aux_loss_scale(rank: int, world_size: int) -> dict:
         parts = [run_layout(1, 1, 1, 1, rank_offset=r, **kw) for r in range(world_size)]
         return {k: v for k, v in parts[rank]["grads"].items() if "router" in k[0]}
 
+    stats_dp1 = [run_layout(1, 1, 1, 1, rank_offset=r, cfg=aux, tokens=tokens, stats=True) for r in range(world_size)]
+    stats_dp2 = run_layout(1, 1, 2, 1, cfg=aux, tokens=both, repeat=2, stats=True)
+
     out = {
         "dp1_mb1": solo(cfg=aux, tokens=tokens, main=False),
         "dp1_mb2": solo(cfg=aux, tokens=tokens, repeat=2, main=False),
@@ -170,6 +177,8 @@ def aux_loss_scale(rank: int, world_size: int) -> dict:
         "coeff0": solo(cfg=no_aux, tokens=tokens, main=False),
         "main_aux": router_grads(run_layout(1, 1, 2, 1, cfg=aux, tokens=both)),
         "main": router_grads(run_layout(1, 1, 2, 1, cfg=no_aux, tokens=both)),
+        "metrics_dp1_mb1": stats_dp1[rank]["moe_metrics"],
+        "metrics_dp2_mb2": stats_dp2["moe_metrics"],
     }
     dist.barrier()
     return out
@@ -191,9 +200,12 @@ def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
     def moments(part: dict) -> dict:
         names = {id(p): n for n, p in global_names(part["model"], part["pgc"]).items()}
         tp_rank = pg_rank(part["pgc"].tp)
-        inner = part["opt"].optimizer
-        return {(names[id(p)], tp_rank): inner.state[p]["exp_avg"].clone() for g in inner.param_groups
-                for p in g["params"] if p in inner.state}
+        out = {}
+        for opt in getattr(part["opt"], "chained_optimizers", [part["opt"]]):  # dense + expert optimizers
+            inner = opt.optimizer
+            out.update({(names[id(p)], tp_rank): inner.state[p]["exp_avg"].clone() for g in inner.param_groups
+                        for p in g["params"] if p in inner.state})
+        return out
 
     saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True)
     optimizer_step(saved["opt"], saved["sched"])

@@ -38,6 +38,7 @@ def test_moe_config_loads_and_validates():
     (_moe(layer_pattern=[0, 2]), "model.moe.layer_pattern", "one 0 (dense) or 1 (MoE)"),
     (_moe(shared_expert_gate=True), "model.moe.shared_expert_gate", "shared_expert_ffn_hidden_size"),
     (_moe(aux_loss_coeff=-1.0), "model.moe.aux_loss_coeff", ">= 0"),
+    (_moe(routing_replay=True), "model.moe.routing_replay", "not supported yet"),
     ({**_moe(), "parallel": {"ep": 3, "dp": 3}}, "parallel.ep", "a divisor of model.moe.num_experts=4"),
     ({**_moe(), "parallel": {"ep": 4, "dp": 2}}, "parallel.ep", "must divide parallel.dp=2"),
     ({**_moe(), "parallel": {"tp": 2, "ep": 2, "dp": 2, "sequence_parallel": False}}, "parallel.sequence_parallel",
@@ -151,6 +152,13 @@ def test_aux_loss_gradient_is_independent_of_micro_batches_and_dp():
     assert all(float(v.abs().sum()) == 0.0 for v in out["coeff0"].values())
     for k in ref:  # added once: (main + aux) - main is the aux gradient alone
         torch.testing.assert_close(out["main_aux"][k] - out["main"][k], out["dp2_mb1"][k], rtol=1e-4, atol=1e-7)
+    # logged: the same micro-batch twice on each of 2 replicas has the statistics of one micro-batch, doubled counts
+    one, four = out["metrics_dp1_mb1"], out["metrics_dp2_mb2"]
+    assert one["moe/aux_loss"] > 0 and four["moe/aux_loss"] == pytest.approx(one["moe/aux_loss"], rel=1e-6)
+    assert one["moe/tokens_per_expert_mean"] == pytest.approx(2 * 12 * 2 / 4)  # rows x seq x top-2 / 4 experts
+    assert four["moe/tokens_per_expert_mean"] == pytest.approx(4 * one["moe/tokens_per_expert_mean"])
+    assert four["moe/load_imbalance"] == pytest.approx(one["moe/load_imbalance"]) and one["moe/load_imbalance"] >= 1.0
+    assert one["moe/tokens_per_expert_max"] >= one["moe/tokens_per_expert_mean"]
 
 
 def test_checkpoint_saved_at_ep2_resumes_at_ep1(tmp_path):
