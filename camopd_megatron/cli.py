@@ -82,8 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks to plan for with --dry-run (default: $WORLD_SIZE, else 1)",
     )
     p.add_argument(
-        "--device", choices=("cuda", "cpu"), default="cuda",
-        help="device the --dry-run estimate assumes (auto dtypes: bf16 on cuda, fp32 on cpu); default cuda",
+        "--device", choices=("cuda", "cpu"), default=None,
+        help="device the --dry-run estimate assumes (auto dtypes: bf16 on cuda, fp32 on cpu); "
+        "default: the --device-profile's, else cuda",
+    )
+    p.add_argument(
+        "--device-profile", metavar="NAME|JSON",
+        help="with --dry-run: estimate each stage's time and suggest teacher rank counts for this device: "
+        "h100, h200, a100, b200 (data-sheet peaks) or a JSON from python -m camopd_megatron.bench.calibrate",
     )
     p.add_argument("--gpu-memory-gib", type=float, metavar="G", help="with --dry-run: warn when a rank needs more than this")
     p.add_argument(
@@ -101,21 +107,31 @@ def _setup_logging(level: str) -> None:
 
 def _dry_run(cfg: Config, args: argparse.Namespace) -> int:
     from camopd_megatron.checkpoint.inputs import resolve_inputs
-    from camopd_megatron.planner import plan
+    from camopd_megatron.planner import load_profile, plan
 
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
         print(f"camopd-train: --world-size {world}: expected a positive number of ranks", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        profile = load_profile(args.device_profile) if args.device_profile else None
+    except ValueError as e:
+        print(f"camopd-train: --device-profile: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    device = args.device or (profile.device_type if profile is not None else "cuda")
+    if profile is not None and device != profile.device_type:
+        print(f"camopd-train: --device {device} with --device-profile {args.device_profile} (a {profile.device_type} "
+              f"profile): drop --device or pass a {device} profile", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     cfg = resolve_inputs(cfg)  # the checkpoints' manifests, the tokenizer, the prompt files; every role's architecture
     if cfg.precision.fp8 is not None:
         # what can be checked without the GPU: device, recipe, layer implementation (TE assumed installed)
         from camopd_megatron.models.precision import fp8_problems
 
-        problems = fp8_problems(cfg.precision, cfg.model, device_type=args.device, te_available=True, compute_capability=None)
+        problems = fp8_problems(cfg.precision, cfg.model, device_type=device, te_available=True, compute_capability=None)
         if problems:
             raise ConfigError(problems, source="precision settings for the planned device")
-    result = plan(cfg, world, device_type=args.device, gpu_memory_gib=args.gpu_memory_gib)
+    result = plan(cfg, world, device_type=device, gpu_memory_gib=args.gpu_memory_gib, profile=profile)
     print(result.render())
     return 0
 

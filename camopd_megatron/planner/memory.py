@@ -1,19 +1,24 @@
-"""Dry-run planner: validate a layout for a world size and estimate per-rank GPU memory, no GPUs needed.
+"""Dry-run planner, the memory part: validate a layout for a world size and estimate per-rank GPU memory.
 
 ``camopd-train --config X.yaml --dry-run --world-size 512`` calls :func:`plan` and prints
-:meth:`Plan.render`: the rank map (rank ranges per role with TP/PP/DP) and one memory table per
-role. Nothing here touches torch.distributed or imports torch, so it runs on a laptop.
+:meth:`Plan.render`: the rank map (rank ranges per role with TP/PP/DP), one memory table per
+role and, with a device profile, the stage-time estimate (:mod:`camopd_megatron.planner.stages`).
+Nothing here touches torch.distributed or imports torch, so it runs on a laptop.
 
 The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes):
 
 * **parameters** — counted exactly for the Llama/Qwen/Mistral-style GPTModel we build (fused QKV
   with GQA, SwiGLU fc1 = gate+up, RMSNorm weights replicated over TP, untied output layer on
-  the last stage), times the bytes of ``precision.params_dtype`` (``auto`` = bf16 on GPU).
+  the last stage; :mod:`camopd_megatron.planner.counts`), times the bytes of
+  ``precision.params_dtype`` (``auto`` = bf16 on GPU). MoE (``model.moe``): routed experts divided
+  by EP × ETP, the rest by TP, the router whole on every rank; the row prints the model's total
+  and active (per token) parameters.
 * **gradients** — 4 bytes/param: megatron DDP accumulates and reduces FP32 main grads
   (``grad_reduce_in_fp32``); the grad buffer is full size even with the distributed optimizer.
 * **optimizer** — Adam m and v in FP32 (8 bytes/param) plus FP32 master weights when the
   parameters are 16-bit (4 bytes/param); divided by the student's DP size with
-  ``parallel.use_distributed_optimizer`` (both variants are printed).
+  ``parallel.use_distributed_optimizer`` (both variants are printed); routed experts by the
+  expert-DP size TP·DP/(EP·ETP) instead (the replicas of one expert shard).
 * **activations** — Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", Table 2, per layer, 16-bit activations, sequence s, micro-batch b,
   hidden h, heads a, TP t:
@@ -42,6 +47,9 @@ The estimate is for one rank of the heaviest pipeline stage, in GiB (2**30 bytes
 * **teacher weights** — the teacher group's TP × PP shard of each hosted teacher, in its dtype
   (bf16 on GPU for ``auto``; teachers never use FP8), plus one scoring micro-batch's logits.
   Colocated teachers are added to the student's ranks unless ``offload``.
+* **dispatcher** (MoE roles) — the token dispatcher's buffers of one MoE layer's forward
+  (:func:`dispatcher_bytes`); MoE layers' activations replace the MLP share of the formula above
+  by the routed copies' SwiGLU intermediates (see :func:`activation_bytes`).
 * **KV cache** (student ranks; they generate the rollouts):
   ``2 · L/PP · kv_heads/t · head_dim · (prompt + response) · rollout.micro_batch_size · bytes``.
 
@@ -56,15 +64,17 @@ from typing import Optional
 
 from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.parallel import RoleLayout
+from camopd_megatron.planner.counts import active_params, count_params, dtype_bytes, expert_params, moe_layers, stage_params
+from camopd_megatron.planner.profiles import DeviceProfile
+from camopd_megatron.planner.stages import StageEstimate, estimate
 
-__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "count_params", "stage_params", "activation_bytes", "GIB"]
+__all__ = ["Plan", "RoleMemory", "MemoryItem", "plan", "activation_bytes", "dispatcher_bytes", "GIB"]
 
 logger = logging.getLogger(__name__)
 
 GIB = float(2**30)
 """Bytes per GiB."""
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _FP32_GRAD_BYTES = 4
 _ADAM_STATE_BYTES = 8  # m and v in FP32
 _MASTER_BYTES = 4  # FP32 master copy of 16-bit parameters
@@ -120,6 +130,8 @@ class Plan:
     roles: tuple[RoleMemory, ...]
     assumptions: tuple[str, ...] = field(default_factory=tuple)
     gpu_memory_gib: Optional[float] = None
+    stages: Optional[StageEstimate] = None
+    """The stage-time estimate (with a device profile; :mod:`camopd_megatron.planner.stages`)."""
 
     def role(self, name: str) -> RoleMemory:
         """The estimate of role ``name`` (``"student"`` or a teacher group)."""
@@ -143,6 +155,10 @@ class Plan:
             out.append(f"  {'total':<{w}}  {r.total_bytes / scale:8.2f}")
             if self.gpu_memory_gib is not None and r.total_gib > self.gpu_memory_gib:
                 out.append(f"  WARNING: {r.total_gib:.1f} GiB exceeds the {self.gpu_memory_gib:.0f} GiB per GPU")
+        out.append("")
+        out.append(self.stages.render() if self.stages is not None else
+                   "stage times: pass --device-profile (h100, h200, a100, b200, or a profile JSON written by "
+                   "python -m camopd_megatron.bench.calibrate) for per-stage time estimates and teacher sizing")
         return "\n".join(out)
 
 
@@ -154,42 +170,7 @@ def _span(ranks: range) -> str:
     return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
 
 
-# ------------------------------------------------------------------------------------ counting
-def _layer_params(m: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank."""
-    h, a, kv, f = m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn_hidden_size
-    d = h // a
-    qkv_out = (a + 2 * kv) * d
-    sharded = h * qkv_out + a * d * h + h * 2 * f + f * h  # fused QKV, output proj, SwiGLU fc1 (gate+up), fc2
-    if m.add_qkv_bias:
-        sharded += qkv_out
-    replicated = 2 * h  # input_layernorm + pre_mlp_layernorm (RMSNorm weights)
-    if m.qk_layernorm:
-        replicated += 2 * d
-    return sharded // tp + replicated
-
-
-def stage_params(m: ModelConfig, tp: int, pp: int) -> list[int]:
-    """Parameters on one TP rank of each pipeline stage (embedding on the first, head + final norm on the last)."""
-    vh = m.padded_vocab_size * m.hidden_size // tp
-    per_stage = [m.num_layers // pp * _layer_params(m, tp) for _ in range(pp)]
-    per_stage[0] += vh
-    per_stage[-1] += m.hidden_size  # final norm
-    if not m.tie_embeddings or pp > 1:  # tied + PP>1: the last stage keeps its own copy (megatron)
-        per_stage[-1] += vh
-    return per_stage
-
-
-def count_params(m: ModelConfig) -> int:
-    """Total parameters of the model (TP=PP=1)."""
-    return stage_params(m, 1, 1)[0]
-
-
 # ------------------------------------------------------------------------------------ estimate
-def _dtype_bytes(name: str, device_type: str) -> int:
-    return _BYTES["bf16" if device_type == "cuda" else "fp32"] if name == "auto" else _BYTES[name]
-
-
 def _flash_attention(cfg: Config, device_type: str) -> bool:
     """TE's fused attention stores no [s, s] scores; the local layers (and every CPU run) do."""
     return device_type == "cuda" and cfg.model.transformer_impl != "local"
@@ -203,18 +184,34 @@ def activation_bytes(
     m: ModelConfig, *, s: int, b: int, tp: int, pp: int, act_bytes: int, sequence_parallel: bool,
     recompute: str, flash_attention: bool, method: str = "uniform", num_layers: int = 1,
 ) -> float:
-    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring).
+    """Stored activations of one rank of the first pipeline stage (Korthikanti et al. 2022, module docstring;
+    MoE layers: the MLP share of ``model.moe``'s routed and shared experts and router, see the code).
 
     ``recompute``: none / selective / full; ``method`` and ``num_layers`` (N) choose the layers of
     ``full`` (megatron ``recompute_method`` / ``recompute_num_layers``)."""
     h, a = m.hidden_size, m.num_attention_heads
     sbh = s * b * h
     scores = 0.0 if flash_attention or recompute == "selective" else 5.0 * a * s / h
-    if sequence_parallel:
-        full_layer = sbh * (34.0 + scores) / tp
-    else:
-        full_layer = sbh * (10.0 + 24.0 / tp + scores / tp)
+
+    def layer(replicated: float, mlp: float) -> float:
+        # Korthikanti, in units of s·b·h bytes: 10 replicated over TP (norm and block inputs, dropout
+        # masks), 8/t attention (Q, K, V, projection input), ``mlp``/t MLP (16: the GPT 4h fc1 output and
+        # GeLU output), 5as/h scores; with SP everything is split over TP
+        if sequence_parallel:
+            return sbh * (replicated + 8.0 + mlp + scores) / tp
+        return sbh * (replicated + (8.0 + mlp) / tp + scores / tp)
+
+    full_layer = layer(10.0, 16.0)
     layers = m.num_layers // pp
+    sparse = sum(moe_layers(m)[:layers])  # MoE layers of the first stage
+    moe = m.moe
+    if sparse and moe is not None:
+        # an MoE layer's MLP share: k routed copies of each token, each keeping its dispatched input (2h B)
+        # and its SwiGLU fc1 output (2 f_e) and activation (f_e) at 2 B: k(2 + 6 f_e/h); a shared expert
+        # 6 f_s/h; the router's fp32 logits and probabilities, 8E/h, replicated like the block inputs
+        mlp = moe.router_topk * (2.0 + 6.0 * moe.ffn_hidden_size / h) + 6.0 * (moe.shared_expert_ffn_hidden_size or 0) / h
+        moe_layer = layer(10.0 + 8.0 * moe.num_experts / h, mlp)
+        full_layer = (sparse * moe_layer + (layers - sparse) * full_layer) / layers  # the stage's mean layer
     in_flight = pp  # 1F1B: stage 0 holds PP micro-batches
     if recompute == "full":
         stored = 2.0 * sbh / (tp if sequence_parallel else 1)  # one recompute group's input
@@ -234,12 +231,45 @@ def _recompute_label(m: ModelConfig) -> str:
     return "selective recompute" if m.recompute == "selective" else "no recompute"
 
 
+def dispatcher_bytes(m: ModelConfig, *, tokens: int, ep: int, act_bytes: int) -> float:
+    """The token dispatcher's buffers of one MoE layer's forward on one rank (transient: freed after the
+    layer; the copies kept for backward are in the activations). ``tokens``: the rank's tokens entering
+    the layer. ``alltoall``: the k permuted copies, the all-to-all's receive buffer, the experts' output and
+    the combine's receive buffer, each tokens·k·h; ``allgather``: the hidden states and fp32 routing
+    probabilities of the whole EP group gathered and scattered back (2·ep·tokens·h + ep·tokens·E·4 B)
+    plus the local experts' k-fold permuted input and output (2·tokens·k·h). 0 for a dense model."""
+    moe = m.moe
+    if moe is None:
+        return 0.0
+    h, k = m.hidden_size, moe.router_topk
+    if moe.token_dispatcher == "alltoall":
+        return 4.0 * tokens * k * h * act_bytes
+    return (2.0 * ep * tokens * h + 2.0 * tokens * k * h) * act_bytes + ep * tokens * moe.num_experts * 4.0
+
+
+def _params_note(m: ModelConfig, n: int, nbytes: int, *, tp: int, pp: int, ep: int, etp: int) -> str:
+    """``params`` row note: the rank's count, and for MoE the model's total / active and the expert sharding."""
+    note = f"{_count(n)} params x {nbytes} B"
+    if m.moe is None:
+        return note
+    stage = max(range(pp), key=lambda i: stage_params(m, tp, pp, ep, etp)[i])
+    exp = expert_params(m, tp, pp, ep, etp)[stage]
+    return (note + f" (experts {_count(exp)} = /ep {ep} x etp {etp}, dense {_count(n - exp)} = /tp {tp}); "
+            f"model {_count(count_params(m))} total, {_count(active_params(m))} active per token")
+
+
 def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[MemoryItem]:
     m, par, st = cfg.model, cfg.parallel, layout.student
-    pbytes = _dtype_bytes(cfg.precision.params_dtype, device_type)
-    n = max(stage_params(m, st.tp, st.pp))
+    ep, etp = st.ep, st.expert_tp
+    pbytes = dtype_bytes(cfg.precision.params_dtype, device_type)
+    per_stage = stage_params(m, st.tp, st.pp, ep, etp)
+    stage = max(range(st.pp), key=lambda i: per_stage[i])
+    n = per_stage[stage]
+    n_exp = expert_params(m, st.tp, st.pp, ep, etp)[stage]
+    edp = max(1, st.tp * st.dp // (ep * etp))  # expert data parallel: the rank's expert shard's replicas
     opt_per_param = _ADAM_STATE_BYTES + (_MASTER_BYTES if pbytes < 4 else 0)
-    opt_full, opt_dist = n * opt_per_param, n * opt_per_param / st.dp
+    # the distributed optimizer shards dense params over DP and expert params over expert-DP
+    opt_full, opt_dist = n * opt_per_param, ((n - n_exp) / st.dp + n_exp / edp) * opt_per_param
     dist_opt = par.use_distributed_optimizer
     s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
     flash = _flash_attention(cfg, device_type)
@@ -247,14 +277,14 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
     act = activation_bytes(m, recompute=m.recompute, method=m.recompute_method, num_layers=m.recompute_num_layers,
                            **act_kw)
     act_alt = activation_bytes(m, recompute="full" if m.recompute == "none" else "none", **act_kw)
-    d = m.hidden_size // m.num_attention_heads
-    kv = 2 * (m.num_layers // st.pp) * (m.kv_heads // st.tp) * d * s * cfg.rollout.micro_batch_size * pbytes
+    kv = 2 * (m.num_layers // st.pp) * (m.kv_heads // st.tp) * m.kv_channels * s * cfg.rollout.micro_batch_size * pbytes
+    dp_note = f" / dp {st.dp}" + (f" (experts / expert-dp {edp})" if n_exp else "")
     rows = [
-        MemoryItem("params", n * pbytes, f"{_count(n)} params x {pbytes} B"),
+        MemoryItem("params", n * pbytes, _params_note(m, n, pbytes, tp=st.tp, pp=st.pp, ep=ep, etp=etp)),
         MemoryItem("grads", n * _FP32_GRAD_BYTES, "fp32 main grads (grad_reduce_in_fp32)"),
         MemoryItem(
             "optimizer", opt_dist if dist_opt else opt_full,
-            f"Adam m,v{' + fp32 master' if pbytes < 4 else ''} = {opt_per_param} B/param" + (f" / dp {st.dp}" if dist_opt else ""),
+            f"Adam m,v{' + fp32 master' if pbytes < 4 else ''} = {opt_per_param} B/param" + (dp_note if dist_opt else ""),
             alt_bytes=opt_full if dist_opt else opt_dist,
             alt_label="without distributed optimizer" if dist_opt else f"with distributed optimizer (dp {st.dp})",
         ),
@@ -266,10 +296,14 @@ def _student_rows(cfg: Config, layout: RoleLayout, device_type: str) -> list[Mem
         MemoryItem("logits", s * b * m.padded_vocab_size / st.tp * pbytes, "[s, b, V/tp] of one micro-batch"),
         MemoryItem("kv cache", kv, f"rollout mb {cfg.rollout.micro_batch_size} x {s} tokens"),
     ]
+    if m.moe is not None:
+        tokens = s * b // (st.tp if par.sequence_parallel else 1)
+        rows.append(MemoryItem("dispatcher", dispatcher_bytes(m, tokens=tokens, ep=ep, act_bytes=pbytes),
+                               f"{m.moe.token_dispatcher} buffers of one MoE layer, {tokens} tokens x top-{m.moe.router_topk}"))
     for i, t in enumerate(cfg.teachers):
         if t.placement == "colocated":
-            tb = _dtype_bytes(t.dtype, device_type)
-            w = 0.0 if t.offload else max(stage_params(cfg.teacher_model(i)[0], st.tp, st.pp)) * tb
+            tb = dtype_bytes(t.dtype, device_type)
+            w = 0.0 if t.offload else max(stage_params(cfg.teacher_model(i)[0], st.tp, st.pp, ep, etp)) * tb
             rows.append(MemoryItem(f"teacher {t.name}", w, "offloaded to host" if t.offload else f"colocated, {tb} B/param"))
     return rows
 
@@ -281,9 +315,16 @@ def _teacher_rows(cfg: Config, layout: RoleLayout, role_name: str, device_type: 
     biggest = 0
     for name in role.teachers:
         m = cfg.teacher_model(by_name[name])[0]  # each teacher's own architecture
-        tb = _dtype_bytes(cfg.teachers[by_name[name]].dtype, device_type)
-        n = max(stage_params(m, role.tp, role.pp))
-        rows.append(MemoryItem(f"weights {name}", n * tb, f"{_count(n)} params x {tb} B, no fp8"))
+        t = cfg.teachers[by_name[name]]
+        ep, etp = role.ep, role.expert_tp
+        tb = dtype_bytes(t.dtype, device_type)
+        n = max(stage_params(m, role.tp, role.pp, ep, etp))
+        rows.append(MemoryItem(f"weights {name}", n * tb,
+                               _params_note(m, n, tb, tp=role.tp, pp=role.pp, ep=ep, etp=etp) + ", no fp8"))
+        if m.moe is not None:
+            tokens = _seq_lengths(cfg) * cfg.optim.micro_batch_size
+            rows.append(MemoryItem(f"dispatcher {name}", dispatcher_bytes(m, tokens=tokens, ep=ep, act_bytes=tb),
+                                   f"{m.moe.token_dispatcher} buffers of one MoE layer (scoring)"))
         biggest = max(biggest, tb)
     s, b = _seq_lengths(cfg), cfg.optim.micro_batch_size
     rows.append(MemoryItem("logits", s * b * m.padded_vocab_size / role.tp * biggest, "one scoring micro-batch"))
@@ -294,8 +335,9 @@ def plan(
     cfg: Config,
     world_size: int,
     *,
-    device_type: str = "cuda",
+    device_type: Optional[str] = None,
     gpu_memory_gib: Optional[float] = None,
+    profile: Optional[DeviceProfile] = None,
 ) -> Plan:
     """Validate the role layout of ``cfg`` for ``world_size`` ranks and estimate per-rank memory.
 
@@ -303,25 +345,36 @@ def plan(
         cfg: the root config, every role's architecture known (``init: random``, or read from the
             checkpoints by :func:`camopd_megatron.checkpoint.inputs.resolve_inputs`, as ``--dry-run`` does).
         world_size: ranks of the planned launch (nodes × GPUs per node).
-        device_type: ``cuda`` (default; ``auto`` dtypes become bf16) or ``cpu``.
-        gpu_memory_gib: warn in the report when a role's total exceeds this.
+        device_type: ``cuda`` (``auto`` dtypes become bf16) or ``cpu``; default: the profile's, else cuda.
+        gpu_memory_gib: warn in the report when a role's total exceeds this (default: the profile's memory).
+        profile: a device profile (:mod:`camopd_megatron.planner.profiles`): adds the stage-time
+            estimate and the teacher-rank suggestion (:mod:`camopd_megatron.planner.stages`).
 
     Raises ConfigError with every problem of the config, or LayoutError (a ConfigError) when
     its roles do not fill ``world_size``; creates no process group.
     """
     layout = RoleLayout.from_config(cfg, world_size)
+    device_type = device_type or (profile.device_type if profile is not None else "cuda")
+    if gpu_memory_gib is None and profile is not None:
+        gpu_memory_gib = profile.memory_gib
     roles = [RoleMemory("student", "student", layout.student.ranks, layout.student.layout_str,
                         tuple(_student_rows(cfg, layout, device_type)))]
     for r in layout.roles[1:]:
         roles.append(RoleMemory(r.name, "teacher", r.ranks, r.layout_str, tuple(_teacher_rows(cfg, layout, r.name, device_type))))
     assumptions = (
         f"device {device_type}",
-        f"params {cfg.precision.params_dtype} ({_dtype_bytes(cfg.precision.params_dtype, device_type)} B)" + (f" (fp8 {cfg.precision.fp8}/{cfg.precision.fp8_recipe} GEMMs)" if cfg.precision.fp8 else ""),
+        f"params {cfg.precision.params_dtype} ({dtype_bytes(cfg.precision.params_dtype, device_type)} B)" + (f" (fp8 {cfg.precision.fp8}/{cfg.precision.fp8_recipe} GEMMs)" if cfg.precision.fp8 else ""),
         f"sequence {_seq_lengths(cfg)} tokens",
         "activations per Korthikanti et al. 2022" + (" with flash attention" if _flash_attention(cfg, device_type) else "")
         + f", {_recompute_label(cfg.model)} (model.recompute)",
         "CUDA context / NCCL buffers not counted",
     )
-    result = Plan(layout, tuple(roles), assumptions, gpu_memory_gib)
+    stages = None
+    if profile is not None:
+        if profile.device_type != device_type:
+            raise ValueError(f"device profile {profile.name!r} is for {profile.device_type}, the plan for {device_type}; "
+                             f"drop --device or pass a {device_type} profile")
+        stages = estimate(cfg, layout, profile)
+    result = Plan(layout, tuple(roles), assumptions, gpu_memory_gib, stages)
     logger.debug("planned %d roles for world size %d", len(roles), world_size)
     return result
