@@ -117,7 +117,6 @@ def moe_parity_worker(rank: int, world_size: int, cases: dict, resave: dict) -> 
     mask = torch.ones(prompt.shape)
     for name, m in cases.items():
         cfg = model_config_from_hf(read_hf_config(m["hf"]))
-        cfg.moe.token_dispatcher = "allgather"  # TEMP
         ref = m["logits"].log_softmax(-1)[:, :-1].gather(-1, prompt[:, 1:, None])[..., 0]
         for tp, pp, ep, etp in MOE_LAYOUTS:
             pgc = simple_pg_collection(tp, pp, world_size // (tp * pp), ep=ep, etp=etp)
