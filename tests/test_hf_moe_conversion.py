@@ -171,3 +171,21 @@ def test_fused_layout_is_what_transformers_holds(models):
     assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.gate.weight" in names
     published = set(_hf_tensors(models["mixtral"]["hf"]))
     assert "model.layers.0.block_sparse_moe.experts.3.w3.weight" in published
+
+
+def test_expert_layout_is_checked_and_training_settings_do_not_block_export(models, tmp_path):
+    """--ep is validated like --tp; a run that trained with other MoE settings (dispatcher, aux loss, replay)
+    exports against the imported config.json, a different expert structure does not."""
+    from camopd_megatron.checkpoint.hf_io import _export_config
+
+    with pytest.raises(ValueError, match=r"--ep: got 3; expected a divisor of model.moe.num_experts=4"):
+        convert_hf_to_megatron(models["mixtral"]["hf"], tmp_path / "out", ep=3, progress=False)
+    assert not (tmp_path / "out").exists()
+    ckpt = Path(models["qwen2_moe"]["ckpt"])
+    manifest = json.loads((ckpt / "camopd.json").read_text())
+    trained = dict(manifest["model"]["moe"], token_dispatcher="allgather", aux_loss_coeff=0.0, routing_replay=True)
+    cfg, base, _ = _export_config(ckpt, dict(manifest, model=dict(manifest["model"], moe=trained)), None)
+    assert cfg.moe.num_experts == 4 and base["architectures"] == ["Qwen2MoeForCausalLM"]
+    other = dict(manifest, model=dict(manifest["model"], moe=dict(trained, num_experts=8)))
+    with pytest.raises(ValueError, match=r"moe: checkpoint .*'num_experts': 8"):
+        _export_config(ckpt, other, None)

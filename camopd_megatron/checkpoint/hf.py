@@ -47,6 +47,7 @@ from camopd_megatron.checkpoint.hf_moe import (
     MOE_HF_ARCHITECTURES, MOE_HF_NAMES, MoeFamily, moe_family, moe_from_hf, moe_hf_architecture, moe_hf_fields,
 )
 from camopd_megatron.config import ModelConfig
+from camopd_megatron.config.moe import expert_layout_problems
 from camopd_megatron.config.sections import MCORE_LLAMA3_ROPE
 
 logger = logging.getLogger(__name__)
@@ -545,12 +546,15 @@ def hf_config_from_model(cfg: ModelConfig, *, base: Optional[dict[str, Any]] = N
     return out
 
 
-def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
-    """Refuse a TP/PP layout the model cannot be split into (our checkpoint itself is layout-free)."""
-    for name, value in (("tp", tp), ("pp", pp)):
+def check_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> None:
+    """Refuse a TP/PP (and EP / expert-TP) layout the model cannot be split into (our checkpoint itself is
+    layout-free)."""
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", 1 if etp is None else etp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name}={value!r}: must be a positive integer")
     problems = cfg.layout_problems(tp, pp, tp_key="--tp", pp_key="--pp")
+    problems += expert_layout_problems(cfg.moe, tp=tp, dp=None, ep=ep, etp=etp, moe_key="model.moe",
+                                       keys={"tp": "--tp", "dp": "dp", "ep": "--ep", "etp": "--etp", "sp": "sp"})
     if problems:
         raise ValueError(
             "the model cannot run at this layout: " + "; ".join(problems)

@@ -48,6 +48,7 @@ from camopd_megatron.checkpoint.hf import (
     fused_expert_sources, hf_config_from_model, hf_names, hf_shapes, iter_tensors, mcore_shape, model_config_from_hf,
     placement, rule_applies, to_hf, to_mcore,
 )
+from camopd_megatron.checkpoint.hf_moe import moe_structure
 from camopd_megatron.checkpoint.hf_side import (
     HF_SIDE_FILES, HF_SUBDIR, TOKENIZER_FILES, TOKENIZER_MODELS, copy_side_files, generation_config,
 )
@@ -370,6 +371,8 @@ def convert_hf_to_megatron(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
     dtype: Optional[str] = None,
     vocab_pad_multiple: int = 128,
     overwrite: bool = False,
@@ -381,6 +384,7 @@ def convert_hf_to_megatron(
         hf_dir: directory with config.json and the weights.
         out_dir: the checkpoint directory to create.
         tp / pp: only validated (heads, kv heads, FFN, padded vocab / layers divisible).
+        ep / etp: only validated (an MoE model's experts / expert FFN divisible; etp None = tp).
         dtype: ``auto``/None keeps the source dtype, else ``float32|bfloat16|float16``.
         vocab_pad_multiple: padded vocabulary multiple (must equal ``model.vocab_pad_multiple`` in training).
         overwrite: replace an existing ``out_dir``.
@@ -392,7 +396,7 @@ def convert_hf_to_megatron(
     src, final = Path(hf_dir), Path(out_dir).absolute()
     hf_cfg = read_hf_config(src)
     cfg = model_config_from_hf(hf_cfg, vocab_pad_multiple=vocab_pad_multiple)
-    check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp, ep, etp)
     target = parse_dtype(dtype)
     weights = HFWeights(src)
     try:
@@ -435,6 +439,9 @@ def _export_config(ckpt: Path, manifest: dict[str, Any], hf_config_from: Optiona
     from camopd_megatron.checkpoint.dist import ARCH_KEYS, arch_dict
 
     want = arch_dict(cfg)
+    # a run may train with other MoE settings (dispatcher, loss coefficients) than config.json implies
+    saved = dict(saved, moe=moe_structure(saved.get("moe")))
+    want["moe"] = moe_structure(want["moe"])
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config.json {want[k]!r}" for k in ARCH_KEYS if saved.get(k) != want[k]]
     if diffs:
         raise ValueError(f"the HF config does not match checkpoint {str(ckpt)!r}: " + "; ".join(diffs)

@@ -31,8 +31,8 @@ from typing import Any, Literal, Optional
 from camopd_megatron.config import ModelConfig
 from camopd_megatron.config.moe import MoEConfig
 
-__all__ = ["MoeFamily", "MOE_HF_ARCHITECTURES", "MOE_HF_NAMES", "moe_family", "moe_from_hf", "moe_hf_architecture",
-           "moe_hf_fields"]
+__all__ = ["MoeFamily", "MOE_HF_ARCHITECTURES", "MOE_HF_NAMES", "MOE_STRUCTURE", "moe_structure", "moe_family",
+           "moe_from_hf", "moe_hf_architecture", "moe_hf_fields"]
 
 MoeFamily = Literal["qwen", "mixtral"]
 
@@ -50,6 +50,20 @@ MOE_HF_NAMES: dict[MoeFamily, dict[str, str]] = {
                     up="w3.weight", down="w2.weight"),
 }
 """Published (per-expert) names inside ``model.layers.{i}.``: router, expert prefix, SwiGLU gate / up / down."""
+
+
+MOE_STRUCTURE = ("num_experts", "router_topk", "ffn_hidden_size", "shared_expert_ffn_hidden_size", "shared_expert_gate",
+                 "layer_pattern", "router_pre_softmax")
+"""The ``model.moe`` fields a HF config.json describes (the weights' structure and routing); the others
+(dispatcher, capacity, loss coefficients, routing replay) are training settings a run may change."""
+
+
+def moe_structure(moe: Any) -> Optional[dict[str, Any]]:
+    """The :data:`MOE_STRUCTURE` fields of a ``model.moe`` (a :class:`MoEConfig` or a manifest's dict; None: dense)."""
+    if moe is None:
+        return None
+    get = moe.get if isinstance(moe, dict) else lambda k: getattr(moe, k)
+    return {k: get(k) for k in MOE_STRUCTURE}
 
 
 def moe_family(cfg: ModelConfig) -> MoeFamily:
