@@ -18,6 +18,18 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(11))
 
 
+def hf_tensors(d) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files of HF model directory ``d``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 def save_tiny_tokenizer(d, vocab_size: int) -> None:
     """A byte-level BPE fast tokenizer (no merges: one token per character): ``<|end|>`` (id 0, eos),
     ``<pad>`` (id 1, pad), then byte-level characters (``Ġ`` is the space). Byte-level, so that the model

@@ -17,12 +17,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from camopd_megatron.checkpoint.hf import hf_config_from_model, model_config_from_hf  # noqa: E402
-from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron, convert_megatron_to_hf, read_hf_config  # noqa: E402
+from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron, read_hf_config  # noqa: E402
 from camopd_megatron.testing.multiproc import run_on_ranks  # noqa: E402
-from tests.hf_conversion_workers import MOE_LAYOUTS, export_worker, moe_parity_worker, tokens  # noqa: E402
+from tests.hf_conversion_workers import MOE_LAYOUTS, export_worker, hf_tensors, moe_parity_worker, tokens  # noqa: E402
 
 SHAPE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
              vocab_size=100, max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False)
@@ -61,13 +61,6 @@ def models(tmp_path_factory) -> dict:
     out = {name: _build_hf(name, root) for name in CASES}
     for m in out.values():
         convert_hf_to_megatron(m["hf"], m["ckpt"], tp=2, progress=False)
-    return out
-
-
-def _hf_tensors(d: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
     return out
 
 
@@ -157,7 +150,7 @@ def exported(models, parity, tmp_path_factory) -> dict:
                                   "mixtral_from_fused"])
 def test_moe_export_is_bit_equal_and_loads_in_transformers(models, exported, name):
     src = models[name.split("_from_")[0]]["hf"]
-    a, b = _hf_tensors(src), _hf_tensors(exported[name])
+    a, b = hf_tensors(src), hf_tensors(exported[name])
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -167,9 +160,9 @@ def test_moe_export_is_bit_equal_and_loads_in_transformers(models, exported, nam
 
 
 def test_fused_layout_is_what_transformers_holds(models):
-    names = set(_hf_tensors(models["mixtral"]["fused"]))
+    names = set(hf_tensors(models["mixtral"]["fused"]))
     assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.gate.weight" in names
-    published = set(_hf_tensors(models["mixtral"]["hf"]))
+    published = set(hf_tensors(models["mixtral"]["hf"]))
     assert "model.layers.0.block_sparse_moe.experts.3.w3.weight" in published
 
 
