@@ -209,6 +209,7 @@ def _role_local_param_groups(rank: int, world_size: int) -> dict:
 def _moe_dispatchers(world_size: int) -> dict:
     """An MoE layer at EP = 2 through both token dispatchers: the router's device moves
     (``router.py``) and the all-to-all dispatcher's streams and split sizes (``token_dispatcher.py``)."""
+    from camopd_megatron.config import ModelConfig
     from camopd_megatron.config.moe import MoEConfig
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
     from camopd_megatron.testing.configs import TINY_MOE
@@ -228,6 +229,29 @@ def _moe_dispatchers(world_size: int) -> dict:
         out[dispatcher] = {"finite": bool(torch.isfinite(logits).all()), "router_grad": bool(router.grad.abs().sum() > 0),
                            "device": str(router.device)}
     return out
+
+
+def _moe_expert_tp(tp2: Any) -> dict:
+    """An MoE layer at TP = expert TP = 2 with SP and the all-to-all dispatcher: the expert-TP group gathers
+    and reduce-scatters uneven token counts (``mappings.py``), which gloo refuses without the patch."""
+    from camopd_megatron.config import ModelConfig
+    from camopd_megatron.config.moe import MoEConfig
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.testing.configs import TINY_MOE
+
+    cfg = ModelConfig(init="random", num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
+                      vocab_size=W.VOCAB, seq_length=W.SEQ, moe=MoEConfig(**TINY_MOE))
+    tok = W.global_batch(0)[:2, :-1]
+    pos = torch.arange(W.SEQ).unsqueeze(0).expand_as(tok)
+    init_model_rng(5, tp2)
+    model = build_gpt_model(cfg, tp2, sequence_parallel=True)
+    logits = model(tok, pos, None)
+    logits.float().pow(2).mean().backward()
+    full = [torch.empty_like(logits) for _ in range(2)]
+    dist.all_gather(full, logits.detach().contiguous(), group=tp2.tp)
+    return {"finite": bool(torch.isfinite(logits).all()),
+            "router_grad": bool(model.decoder.layers[0].mlp.router.weight.grad.abs().sum() > 0),
+            "logits_sum": float(torch.cat(full, dim=-1).double().sum())}
 
 
 def cpu_compat_paths(rank: int, world_size: int, ckpt_dir: str) -> dict:
@@ -253,5 +277,6 @@ def cpu_compat_paths(rank: int, world_size: int, ckpt_dir: str) -> dict:
     out["gpt_model_deprecation_logged_once"] = _deprecation_once(dp2)
     out["param_groups_aligned_over"] = _role_local_param_groups(rank, world_size)
     out["moe_cuda_devices"] = _moe_dispatchers(world_size)
+    out["gloo_uneven_first_dim_collectives"] = _moe_expert_tp(tp2)
     dist.barrier()
     return out

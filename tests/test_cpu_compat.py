@@ -128,3 +128,10 @@ def test_moe_cuda_devices(paths):
         for dispatcher in ("alltoall", "allgather"):
             obs = r["moe_cuda_devices"][dispatcher]
             assert obs == {"finite": True, "router_grad": True, "device": "cpu"}, (dispatcher, obs)
+
+
+def test_gloo_uneven_first_dim_collectives(paths):
+    for r in paths:
+        obs = r["gloo_uneven_first_dim_collectives"]
+        assert obs["finite"] and obs["router_grad"]
+    assert paths[0]["gloo_uneven_first_dim_collectives"]["logits_sum"] == paths[1]["gloo_uneven_first_dim_collectives"]["logits_sum"]

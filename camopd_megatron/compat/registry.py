@@ -6,7 +6,8 @@ Each :class:`Patch` names the upstream ``targets`` it replaces ("module:attribut
 * ``NO_CUDA``: CUDA calls in megatron code that has no CPU path (:mod:`.cuda`);
 * ``NO_FUSED_ADAM``: bugs of megatron's torch-native-Adam fallback, taken when neither
   transformer-engine nor apex provides a fused Adam (:mod:`.optim`), with CUDA or without;
-* ``ALWAYS``: behaviour we change on every machine (:mod:`.logs`).
+* ``ALWAYS``: behaviour we change on every machine (:mod:`.logs`), or a gloo limit the patch checks for
+  at call time (:mod:`.gloo`: the backend is chosen per process group, not per machine).
 
 :func:`install` is called by :func:`camopd_megatron.distributed.init_distributed` (and by anything
 that uses megatron without it, e.g. single-process tests). It applies each patch whose condition
@@ -28,7 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from camopd_megatron.compat import cuda, logs, optim
+from camopd_megatron.compat import cuda, gloo, logs, optim
 from camopd_megatron.compat.imports import prepare_megatron_import
 
 __all__ = ["Condition", "Facts", "Patch", "applied_patches", "detect_facts", "install", "patch_registry", "patches_for"]
@@ -111,6 +112,9 @@ _PATCHES: tuple[Patch, ...] = (
     Patch("distopt_torch_adam_checkpoint", Condition.NO_FUSED_ADAM,
           (f"{_DISTOPT}.state_dict", f"{_DISTOPT}._set_main_param_and_optimizer_states", f"{_DISTOPT}.load_state_dict"),
           optim.patch_distopt_torch_adam),
+    Patch("gloo_uneven_first_dim_collectives", Condition.ALWAYS,
+          (f"{gloo.MAPPINGS_MODULE}:_gather_along_first_dim", f"{gloo.MAPPINGS_MODULE}:_reduce_scatter_along_first_dim"),
+          gloo.patch_uneven_first_dim_collectives),
     Patch("gpt_model_deprecation_logged_once", Condition.ALWAYS, (f"logging:{logs.GPT_MODEL_LOGGER}",),
           logs.log_gpt_deprecation_once),
 )

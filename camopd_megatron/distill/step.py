@@ -43,6 +43,7 @@ from camopd_megatron.distill.scheduler import StepPlan
 from camopd_megatron.distill.selection import SelectionPolicy, SelectionResult, apply_rule, plan_selection
 from camopd_megatron.models.gpt import finish_param_gather, output_weight, stage_info, unwrap_model
 from camopd_megatron.models.logprobs import next_token_logprobs
+from camopd_megatron.models.moe import RoutingStats
 from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
 from camopd_megatron.models.pipeline import last_stage_to_all, make_microbatches, run_microbatches
 from camopd_megatron.models.scoring import score_logprobs
@@ -384,6 +385,7 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
         return loss, ({"gap": gap} if from_forward else {})
 
     zero_grad_buffers(student.ddp_chunks, student.optimizer)
+    RoutingStats.of(student.model)  # an MoE student: count the update's routing (metrics moe/*)
     student.ddp_model.train()
     outs = run_microbatches(student.ddp_model, student.pg_collection,
                             make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False)
@@ -429,6 +431,9 @@ def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence
         out[f"gap/{b}/mean"] = mean
         out[f"gap/{b}/std"] = math.sqrt(max(red[f"gap/{b}/sq_sum"] / t - mean * mean, 0.0))
     out.update({f"select/{k}": v for k, v in sel.metrics().items()})
+    routing = RoutingStats.of(student.model)
+    if routing is not None:  # collective over the role, like the sums above
+        out.update(routing.metrics(student.role_group, student.pg_collection.tp))
     elapsed = time.perf_counter() - t_start
     out.update({f"time/{k}": v for k, v in timer.seconds.items()})
     out["time/step"] = elapsed
