@@ -245,17 +245,19 @@ def placement(rule: TensorRule, cfg: ModelConfig, layer: Optional[int], expert: 
     all experts of the layer), as ``GPTModel.sharded_state_dict()`` lays it out: a leading layer axis when
     :func:`stacked_layers` (else the layer in the key), then an expert axis for the routed experts."""
     shape = mcore_shape(rule, cfg)
-    key, lead_shape, lead_off, lead_size = rule.mcore, [], [], []
+    key = rule.mcore
+    lead: list[tuple[int, int, int]] = []  # (global size, offset, chunk size) of the leading axes
     if rule.per_layer:
         assert layer is not None
         if stacked_layers(cfg):
-            lead_shape.append(cfg.num_layers), lead_off.append(layer), lead_size.append(1)
+            lead.append((cfg.num_layers, layer, 1))
         else:
             key = key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
     if rule.per_expert:
         n = cfg.moe.num_experts
-        lead_shape.append(n), lead_off.append(expert or 0), lead_size.append(n if expert is None else 1)
-    return Placement(key, (*lead_shape, *shape), (*lead_off, *(0,) * len(shape)), (*lead_size, *shape))
+        lead.append((n, 0, n) if expert is None else (n, expert, 1))
+    return Placement(key, (*(g for g, _, _ in lead), *shape), (*(o for _, o, _ in lead), *(0,) * len(shape)),
+                     (*(c for _, _, c in lead), *shape))
 
 
 def extra_state_objects(cfg: ModelConfig, layer: int) -> list[str]:

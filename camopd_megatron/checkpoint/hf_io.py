@@ -594,10 +594,6 @@ def _load_group(ckpt: Path, rules: list[TensorRule], layer: Optional[int], cfg: 
     planner = _RegionLoadPlanner()
     planner.items, planner.dest = items, dest
     dcp_load({}, storage_reader=FileSystemReader(str(ckpt)), planner=planner, no_dist=True)
-    # drop the stacked layer axis (the layer's experts stay: [E, ...])
-    out = {}
-    for rule in rules:
-        at = placement(rule, cfg, layer)
-        t = dest[at.key]
-        out[rule] = t.reshape(at.sizes[len(at.sizes) - len(mcore_shape(rule, cfg)) - rule.per_expert:])
-    return out
+    # without the stacked layer axis: [...], or the layer's experts [E, ...]
+    return {rule: dest[placement(rule, cfg, layer).key].reshape(
+        ((cfg.moe.num_experts,) if rule.per_expert else ()) + mcore_shape(rule, cfg)) for rule in rules}
