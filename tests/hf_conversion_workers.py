@@ -18,6 +18,18 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(11))
 
 
+def hf_tensors(d) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files of HF model directory ``d``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 def save_tiny_tokenizer(d, vocab_size: int) -> None:
     """A byte-level BPE fast tokenizer (no merges: one token per character): ``<|end|>`` (id 0, eos),
     ``<pad>`` (id 1, pad), then byte-level characters (``Ġ`` is the space). Byte-level, so that the model
@@ -93,3 +105,46 @@ def export_worker(rank: int, world_size: int, jobs: list) -> None:
 
     for src, dst, kw in jobs:
         convert_megatron_to_hf(src, dst, progress=False, **kw)
+
+
+MOE_LAYOUTS = ((1, 1, 1, None), (2, 1, 1, None), (1, 1, 2, None), (2, 1, 2, 1), (1, 2, 1, None))
+"""(tp, pp, ep, etp) the MoE parity test loads each converted checkpoint at, on 2 ranks (TP > 1 with sequence
+parallelism, as megatron-core runs MoE layers; TP = 2 x EP = 2 with expert-TP 1)."""
+
+
+def moe_parity_worker(rank: int, world_size: int, cases: dict, resave: dict) -> dict:
+    """Per case and layout of :data:`MOE_LAYOUTS`: max |logits - transformers'| (PP = 1) and max |next-token
+    log-prob - transformers'| (every layout, PP = 2 included); ``resave`` names the cases also saved at
+    TP = 1 x EP = 2 (a training-style save, exported again by the test)."""
+    import torch.distributed as dist
+
+    from camopd_megatron.checkpoint.dist import load_model, model_sharded_state_dict, save_checkpoint
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+    from camopd_megatron.models.pipeline import model_forward
+    from camopd_megatron.models.scoring import score_logprobs
+
+    out: dict = {}
+    prompt = tokens()
+    mask = torch.ones(prompt.shape)
+    for name, m in cases.items():
+        cfg = model_config_from_hf(read_hf_config(m["hf"]))
+        ref = m["logits"].log_softmax(-1)[:, :-1].gather(-1, prompt[:, 1:, None])[..., 0]
+        for tp, pp, ep, etp in MOE_LAYOUTS:
+            pgc = simple_pg_collection(tp, pp, world_size // (tp * pp), ep=ep, etp=etp)
+            init_model_rng(99, pgc)
+            model = build_gpt_model(cfg, pgc, sequence_parallel=tp > 1)
+            load_model(model, m["ckpt"], model_cfg=cfg, pg_collection=pgc)
+            model.eval()
+            if pp == 1:
+                with torch.no_grad():
+                    lg = model_forward(model, prompt)
+                parts = [torch.empty_like(lg) for _ in range(tp)]
+                dist.all_gather(parts, lg.contiguous(), group=pgc.tp)
+                full = torch.cat(parts, -1)[..., :cfg.vocab_size]
+                out[(name, tp, pp, ep, "logits")] = (full - m["logits"]).abs().max().item()
+            logp = score_logprobs(model, pgc, prompt, mask, micro_batch=None, vocab_size=cfg.vocab_size)
+            out[(name, tp, pp, ep, "logp")] = (logp[:, :-1] - ref).abs().max().item()
+            if name in resave and (tp, pp, ep) == (1, 1, 2):
+                save_checkpoint(resave[name], model_sharded_state_dict(model, pgc), model_cfg=cfg)
+    return out

@@ -26,7 +26,7 @@ from camopd_megatron.checkpoint.hf import model_config_from_hf  # noqa: E402
 from camopd_megatron.checkpoint.hf_io import HFWeights, convert_hf_to_megatron, read_hf_config  # noqa: E402
 from camopd_megatron.testing.multiproc import run_on_ranks  # noqa: E402
 from tests.hf_conversion_workers import (  # noqa: E402
-    NEW, T, export_worker, parity_worker, save_tiny_tokenizer, tokens as _tokens,
+    NEW, T, export_worker, hf_tensors, parity_worker, save_tiny_tokenizer, tokens as _tokens,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,13 +110,6 @@ def test_greedy_tokens_match_generate(parity, models, name):
 # ------------------------------------------------------------------------------------------------
 # ours -> HF
 # ------------------------------------------------------------------------------------------------
-def _hf_tensors(d: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported(models, parity, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("export")
@@ -131,7 +124,7 @@ def exported(models, parity, tmp_path_factory) -> dict:
 def test_export_is_bit_equal_and_loads_in_transformers(models, exported, name):
     src = models[name.removesuffix("_from_tp2")]["hf"]
     out = exported[name]
-    a, b = _hf_tensors(src), _hf_tensors(out)
+    a, b = hf_tensors(src), hf_tensors(out)
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -175,7 +168,7 @@ def test_pytorch_bin_weights(models, tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
     (d / "config.json").write_text((src / "config.json").read_text())
-    torch.save(_hf_tensors(str(src)), d / "pytorch_model.bin")
+    torch.save(hf_tensors(str(src)), d / "pytorch_model.bin")
     w = HFWeights(d)
     assert not w.safetensors and "lm_head.weight" in w.names()
     convert_hf_to_megatron(d, tmp_path / "out", progress=False)

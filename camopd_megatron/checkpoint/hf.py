@@ -4,7 +4,9 @@ Pure functions over dicts and tensors (no megatron import, no I/O); :mod:`.hf_io
 streaming reads and writes on top of them.
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (QKV bias),
-``Qwen3ForCausalLM`` (per-head q/k RMSNorm). All are pre-norm RMSNorm + SwiGLU + RoPE decoders.
+``Qwen3ForCausalLM`` (per-head q/k RMSNorm), and the mixture-of-experts ``Qwen3MoeForCausalLM``,
+``Qwen2MoeForCausalLM`` (shared expert with a sigmoid gate) and ``MixtralForCausalLM`` (:mod:`.hf_moe`:
+their config fields and tensor names). All are pre-norm RMSNorm + SwiGLU + RoPE decoders.
 
 Layouts (legend: L layers, H hidden, d head dim, n query heads, g kv heads, F ffn, V vocab,
 Vp padded vocab):
@@ -19,7 +21,16 @@ Vp padded vocab):
 * **Vocab** — megatron's embedding and output layer have ``Vp`` rows (``model.padded_vocab_size``):
   zero rows are appended on import and cut on export.
 * **Layers** — megatron's checkpoint stacks the per-layer tensors of one name into one global tensor
-  with a leading layer axis: ``decoder.layers.<name>`` of shape ``[L, ...]``.
+  with a leading layer axis: ``decoder.layers.<name>`` of shape ``[L, ...]``; a model whose layers differ
+  (an MoE ``layer_pattern`` with dense layers) has per-layer keys ``decoder.layers.<i>.<name>`` instead
+  (:func:`placement`).
+* **Experts** — each routed expert is a SwiGLU MLP (``experts.{j}.gate_proj/up_proj/down_proj``; Mixtral
+  ``block_sparse_moe.experts.{j}.w1/w3/w2``) -> ``mlp.experts.experts.linear_fc1/linear_fc2`` with an expert
+  axis after the layer axis (``[L, E, 2I, H]``), which expert parallelism splits; the router
+  (``mlp.gate`` / ``block_sparse_moe.gate``, ``[E, H]``) -> ``mlp.router.weight``; Qwen2-MoE's shared expert
+  -> ``mlp.shared_experts.linear_fc1/linear_fc2`` and its gate ``[1, H]`` -> ``shared_experts.gate_weight``.
+  transformers 5.x's fused in-memory layout is read too (:func:`fused_expert_sources`); the export writes the
+  published per-expert one.
 
 Config dialects: transformers 4.x (``rope_theta`` + ``rope_scaling``) and 5.x (``rope_parameters``)
 are both read; export keeps the dialect of the imported ``config.json``.
@@ -28,11 +39,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 
+from camopd_megatron.checkpoint.hf_moe import (
+    MOE_HF_ARCHITECTURES, MOE_HF_NAMES, MoeFamily, moe_family, moe_from_hf, moe_hf_architecture, moe_hf_fields,
+)
 from camopd_megatron.config import ModelConfig
+from camopd_megatron.config.moe import expert_layout_problems
 from camopd_megatron.config.sections import MCORE_LLAMA3_ROPE
 
 logger = logging.getLogger(__name__)
@@ -42,6 +57,15 @@ __all__ = [
     "TensorRule",
     "KEY_MAP",
     "active_rules",
+    "rule_applies",
+    "is_moe_layer",
+    "stacked_layers",
+    "Placement",
+    "placement",
+    "extra_state_objects",
+    "iter_tensors",
+    "hf_names",
+    "fused_expert_sources",
     "head_dim",
     "mcore_shape",
     "hf_shapes",
@@ -58,15 +82,21 @@ HF_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    **{name: arch for name, (arch, _) in MOE_HF_ARCHITECTURES.items()},
 }
-"""HF ``architectures[0]`` -> our ``model.arch``."""
+"""HF ``architectures[0]`` -> our ``model.arch`` (an MoE model: the attention it shares with a dense one, plus
+``model.moe``)."""
 
-_ARCH_TO_HF = {v: k for k, v in HF_ARCHITECTURES.items()}
+_ARCH_TO_HF = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+"""A dense ``model.arch`` -> its HF architecture (MoE: :func:`.hf_moe.moe_hf_architecture`)."""
 
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 """Non-parameter buffers some older checkpoints carry; recomputed from the config, never converted."""
 
 Reshape = Literal["copy", "qkv", "gate_up", "vocab"]
+Needs = Literal["qkv_bias", "qk_norm", "untied", "dense_mlp", "moe", "shared_expert", "shared_gate"]
+Ffn = Literal["dense", "expert", "shared"]
 
 
 @dataclass(frozen=True)
@@ -74,18 +104,26 @@ class TensorRule:
     """One megatron tensor and the HF tensor(s) it is made of."""
 
     mcore: str
-    """Megatron sharded-tensor key (``decoder.layers.*`` keys are stacked over layers)."""
+    """Megatron sharded-tensor key in its stacked form (``decoder.layers.<name>``; see :func:`placement`)."""
     hf: tuple[str, ...]
-    """HF names; ``{i}`` is the layer index."""
+    """HF names; ``{i}`` is the layer index, ``{j}`` the expert index."""
     reshape: Reshape
     """How the HF tensors become the megatron one (see the module docstring)."""
-    needs: Optional[str] = None
-    """Only present when this holds: ``qkv_bias``, ``qk_norm`` or ``untied``."""
+    needs: Optional[Needs] = None
+    """Only present when this holds: ``qkv_bias``, ``qk_norm``, ``untied`` (whole model); ``dense_mlp`` /
+    ``moe`` (the layer is dense / an MoE layer), ``shared_expert`` / ``shared_gate`` (MoE layers with them)."""
+    ffn: Optional[Ffn] = None
+    """Whose SwiGLU width a ``gate_up`` / ``linear_fc2`` tensor has: the dense MLP's, one expert's, the shared expert's."""
 
     @property
     def per_layer(self) -> bool:
         """Stacked over layers (one chunk per layer)."""
         return self.mcore.startswith("decoder.layers.")
+
+    @property
+    def per_expert(self) -> bool:
+        """One tensor per routed expert (the HF names carry ``{j}``)."""
+        return "{j}" in self.hf[0]
 
 
 _L = "model.layers.{i}."
@@ -104,18 +142,46 @@ KEY_MAP: tuple[TensorRule, ...] = (
     TensorRule("decoder.layers.self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), "copy", needs="qk_norm"),
     TensorRule("decoder.layers.self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), "copy"),
     TensorRule("decoder.layers.mlp.linear_fc1.layer_norm_weight", (_L + "post_attention_layernorm.weight",), "copy"),
-    TensorRule("decoder.layers.mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "gate_up"),
-    TensorRule("decoder.layers.mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), "copy"),
+    TensorRule("decoder.layers.mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "gate_up",
+               needs="dense_mlp", ffn="dense"),
+    TensorRule("decoder.layers.mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), "copy", needs="dense_mlp", ffn="dense"),
     TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"),
     TensorRule("output_layer.weight", ("lm_head.weight",), "vocab", needs="untied"),
 )
-"""The whole mapping, in HF file order (embedding, layer tensors, final norm, head)."""
+"""The dense mapping, in HF file order (embedding, layer tensors, final norm, head)."""
 
-EXTRA_STATE_KEYS: tuple[str, ...] = tuple(
-    f"decoder.layers.{m}._extra_state"
-    for m in ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
-)
-"""Per-layer ``_extra_state`` objects megatron's local-spec linears checkpoint (their value is None)."""
+
+def _moe_rules(family: MoeFamily) -> tuple[TensorRule, ...]:
+    """The MoE layer's tensors (published per-expert HF names): router, experts, shared expert and its gate."""
+    n = MOE_HF_NAMES[family]
+    e = _L + n["expert"]
+    rules = [
+        TensorRule("decoder.layers.mlp.router.weight", (_L + n["router"],), "copy", needs="moe"),
+        TensorRule("decoder.layers.mlp.experts.experts.linear_fc1.weight", (e + n["gate"], e + n["up"]), "gate_up",
+                   needs="moe", ffn="expert"),
+        TensorRule("decoder.layers.mlp.experts.experts.linear_fc2.weight", (e + n["down"],), "copy", needs="moe", ffn="expert"),
+    ]
+    if family == "qwen":
+        s = _L + "mlp.shared_expert."
+        rules += [
+            TensorRule("decoder.layers.mlp.shared_experts.linear_fc1.weight", (s + "gate_proj.weight", s + "up_proj.weight"),
+                       "gate_up", needs="shared_expert", ffn="shared"),
+            TensorRule("decoder.layers.mlp.shared_experts.linear_fc2.weight", (s + "down_proj.weight",), "copy",
+                       needs="shared_expert", ffn="shared"),
+            TensorRule("decoder.layers.mlp.shared_experts.gate_weight", (_L + "mlp.shared_expert_gate.weight",), "copy",
+                       needs="shared_gate"),
+        ]
+    return tuple(rules)
+
+
+_LAYER_OBJECTS: dict[Optional[str], tuple[str, ...]] = {
+    None: ("self_attention.linear_proj", "self_attention.linear_qkv"),
+    "dense_mlp": ("mlp.linear_fc1", "mlp.linear_fc2"),
+    "moe": ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2"),
+    "shared_expert": ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"),
+}
+"""Per layer, the local-spec linears whose ``_extra_state`` megatron checkpoints as a ShardedObject (its value
+is None), by the condition they exist under; the routed experts' ones are one object per expert."""
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -123,42 +189,198 @@ def head_dim(cfg: ModelConfig) -> int:
     return cfg.kv_channels
 
 
+def _whole_model_flags(cfg: ModelConfig) -> dict[str, bool]:
+    moe = cfg.moe
+    return {"qkv_bias": bool(cfg.add_qkv_bias), "qk_norm": bool(cfg.qk_layernorm), "untied": not cfg.tie_embeddings,
+            "shared_expert": moe is not None and moe.shared_expert_ffn_hidden_size is not None,
+            "shared_gate": moe is not None and moe.shared_expert_gate}
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Layer ``layer`` is an MoE layer (``model.moe.layer_pattern``; every layer when None)."""
+    moe = cfg.moe
+    return moe is not None and (moe.layer_pattern is None or bool(moe.layer_pattern[layer]))
+
+
+def rule_applies(rule: TensorRule, cfg: ModelConfig, layer: Optional[int]) -> bool:
+    """``rule`` has a tensor in layer ``layer`` (None: a whole-model tensor) of ``cfg``."""
+    if rule.needs is None:
+        return True
+    if rule.needs in ("dense_mlp", "moe"):
+        return layer is not None and is_moe_layer(cfg, layer) == (rule.needs == "moe")
+    flag = _whole_model_flags(cfg)[rule.needs]
+    return flag and (rule.needs not in ("shared_expert", "shared_gate") or (layer is not None and is_moe_layer(cfg, layer)))
+
+
 def active_rules(cfg: ModelConfig) -> list[TensorRule]:
-    """The rules that apply to ``cfg`` (bias / q-k norm / untied head only when present)."""
-    flags = {"qkv_bias": cfg.add_qkv_bias, "qk_norm": cfg.qk_layernorm, "untied": not cfg.tie_embeddings}
-    return [r for r in KEY_MAP if r.needs is None or flags[r.needs]]
+    """The rules with a tensor somewhere in ``cfg`` (bias / q-k norm / untied head / MoE parts only when present)."""
+    rules = list(KEY_MAP)
+    if cfg.moe is not None:
+        at = rules.index(next(r for r in rules if r.mcore == "decoder.layers.mlp.linear_fc2.weight")) + 1
+        rules[at:at] = _moe_rules(moe_family(cfg))
+    layers = range(cfg.num_layers)
+    return [r for r in rules if any(rule_applies(r, cfg, i) for i in (layers if r.per_layer else [None]))]
+
+
+def stacked_layers(cfg: ModelConfig) -> bool:
+    """megatron's checkpoint stacks the layers' tensors into one ``[L, ...]`` tensor per name only when all layers
+    are alike: with an MoE ``layer_pattern`` (megatron ``moe_layer_freq`` as a list, ``models.gpt.moe_kwargs``) its
+    ``TransformerBlock.sharded_state_dict`` writes per-layer keys ``decoder.layers.<i>.<name>`` instead."""
+    return cfg.moe is None or cfg.moe.layer_pattern is None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one layer's (one expert's, or all experts') piece of a tensor sits in the checkpoint."""
+
+    key: str
+    """Sharded key (fqn)."""
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def placement(rule: TensorRule, cfg: ModelConfig, layer: Optional[int], expert: Optional[int] = None) -> Placement:
+    """The checkpoint key, global shape and chunk of ``rule``'s tensor in ``layer`` (for expert ``expert``; None:
+    all experts of the layer), as ``GPTModel.sharded_state_dict()`` lays it out: a leading layer axis when
+    :func:`stacked_layers` (else the layer in the key), then an expert axis for the routed experts."""
+    shape = mcore_shape(rule, cfg)
+    key = rule.mcore
+    lead: list[tuple[int, int, int]] = []  # (global size, offset, chunk size) of the leading axes
+    if rule.per_layer:
+        assert layer is not None
+        if stacked_layers(cfg):
+            lead.append((cfg.num_layers, layer, 1))
+        else:
+            key = key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
+    if rule.per_expert:
+        n = cfg.moe.num_experts
+        lead.append((n, 0, n) if expert is None else (n, expert, 1))
+    return Placement(key, (*(g for g, _, _ in lead), *shape), (*(o for _, o, _ in lead), *(0,) * len(shape)),
+                     (*(c for _, _, c in lead), *shape))
+
+
+def extra_state_objects(cfg: ModelConfig, layer: int) -> list[str]:
+    """Unique keys of the per-layer ``_extra_state`` ShardedObjects of ``layer`` (megatron's
+    ``ShardedObject.unique_key``: ``<key>/shard_<offsets>_<shape>``, dot-joined)."""
+    kinds: list[Optional[str]] = [None, "moe" if is_moe_layer(cfg, layer) else "dense_mlp"]
+    if is_moe_layer(cfg, layer) and _whole_model_flags(cfg)["shared_expert"]:
+        kinds.append("shared_expert")
+    stacked = stacked_layers(cfg)
+    out = []
+    for kind in kinds:
+        for module in _LAYER_OBJECTS[kind]:
+            key = (f"decoder.layers.{module}._extra_state" if stacked
+                   else f"decoder.layers.{layer}.{module}._extra_state")
+            offs, shape = ([layer], [cfg.num_layers]) if stacked else ([0], [1])
+            if kind == "moe":
+                n = cfg.moe.num_experts
+                offs, shape = (offs if stacked else []), (shape if stacked else [])
+                for j in range(n):
+                    out.append(f"{key}/shard_{'.'.join(map(str, offs + [j]))}_{'.'.join(map(str, shape + [n]))}")
+            else:
+                out.append(f"{key}/shard_{'.'.join(map(str, offs))}_{'.'.join(map(str, shape))}")
+    return out
+
+
+def iter_tensors(cfg: ModelConfig) -> Iterator[tuple[TensorRule, Optional[int], Optional[int]]]:
+    """Every (rule, layer, expert) of the model in HF file order: the embedding, each layer's tensors (experts
+    one by one), the final norm and the head. Layer / expert are None where the tensor has none."""
+    rules = active_rules(cfg)
+    for rule in rules:
+        if not rule.per_layer and "embedding" in rule.mcore:
+            yield rule, None, None
+    for i in range(cfg.num_layers):
+        for rule in rules:
+            if rule.per_layer and rule_applies(rule, cfg, i):
+                for j in (range(cfg.moe.num_experts) if rule.per_expert else [None]):
+                    yield rule, i, j
+    for rule in rules:
+        if not rule.per_layer and "embedding" not in rule.mcore:
+            yield rule, None, None
+
+
+def hf_names(rule: TensorRule, layer: Optional[int], expert: Optional[int]) -> list[str]:
+    """The HF tensor names of ``rule`` in ``layer`` / for ``expert``."""
+    return [n.format(i=layer, j=expert) for n in rule.hf]
+
+
+def _ffn(rule: TensorRule, cfg: ModelConfig) -> int:
+    if rule.ffn == "expert":
+        return cfg.moe.ffn_hidden_size
+    if rule.ffn == "shared":
+        return cfg.moe.shared_expert_ffn_hidden_size
+    return cfg.ffn_hidden_size
 
 
 def mcore_shape(rule: TensorRule, cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of ONE layer's megatron tensor (without the stacked layer axis)."""
-    h, d, n, g, f = cfg.hidden_size, head_dim(cfg), cfg.num_attention_heads, cfg.kv_heads, cfg.ffn_hidden_size
+    """Shape of ONE layer's (one expert's) megatron tensor (without the stacked layer / expert axes)."""
+    h, d, n, g = cfg.hidden_size, head_dim(cfg), cfg.num_attention_heads, cfg.kv_heads
     name = rule.mcore
     if rule.reshape == "vocab":
         return (cfg.padded_vocab_size, h)
     if rule.reshape == "qkv":
         return ((n + 2 * g) * d, h) if name.endswith("weight") else ((n + 2 * g) * d,)
     if rule.reshape == "gate_up":
-        return (2 * f, h)
+        return (2 * _ffn(rule, cfg), h)
     if "q_layernorm" in name or "k_layernorm" in name:
         return (d,)
     if name.endswith("linear_proj.weight"):
         return (h, n * d)
     if name.endswith("linear_fc2.weight"):
-        return (h, f)
+        return (h, _ffn(rule, cfg))
+    if name.endswith("router.weight"):
+        return (cfg.moe.num_experts, h)
+    if name.endswith("gate_weight"):
+        return (1, h)
     return (h,)  # norms
 
 
 def hf_shapes(rule: TensorRule, cfg: ModelConfig) -> list[tuple[int, ...]]:
-    """Shapes of the HF tensors of ``rule`` (one layer)."""
-    d, n, g, f, h = head_dim(cfg), cfg.num_attention_heads, cfg.kv_heads, cfg.ffn_hidden_size, cfg.hidden_size
+    """Shapes of the HF tensors of ``rule`` (one layer, one expert)."""
+    d, n, g, h = head_dim(cfg), cfg.num_attention_heads, cfg.kv_heads, cfg.hidden_size
     if rule.reshape == "vocab":
         return [(cfg.vocab_size, h)]
     if rule.reshape == "qkv":
         tail = (h,) if rule.mcore.endswith("weight") else ()
         return [(n * d, *tail), (g * d, *tail), (g * d, *tail)]
     if rule.reshape == "gate_up":
+        f = _ffn(rule, cfg)
         return [(f, h), (f, h)]
     return [mcore_shape(rule, cfg)]
+
+
+FusedSource = tuple[str, Optional[int], Optional[tuple[int, int]]]
+"""(fused HF name, expert index or None for the whole tensor, row range or None)."""
+
+
+def fused_expert_sources(cfg: ModelConfig, names: set[str]) -> dict[str, FusedSource]:
+    """The transformers 5.x in-memory expert layout, read as the published one.
+
+    transformers >= 5 holds an MoE layer's routed experts fused, ``model.layers.{i}.mlp.experts.gate_up_proj``
+    ``[E, 2I, H]`` (gate rows first, then up) and ``...experts.down_proj`` ``[E, H, I]``, with the router at
+    ``mlp.gate.weight`` for every family (Mixtral included), while published checkpoints (and its own
+    ``save_pretrained``) store one tensor per expert. For each fused tensor present in ``names`` this gives the
+    published names it stands for (published name -> :data:`FusedSource`)."""
+    if cfg.moe is None:
+        return {}
+    family, n_exp, f = moe_family(cfg), cfg.moe.num_experts, cfg.moe.ffn_hidden_size
+    pub = MOE_HF_NAMES[family]
+    out: dict[str, FusedSource] = {}
+    for i in range(cfg.num_layers):
+        base = _L.format(i=i)
+        exp = base + pub["expert"]
+        gate_up, down, router = base + "mlp.experts.gate_up_proj", base + "mlp.experts.down_proj", base + "mlp.gate.weight"
+        for j in range(n_exp):
+            e = exp.format(j=j)
+            if gate_up in names:
+                out[e + pub["gate"]] = (gate_up, j, (0, f))
+                out[e + pub["up"]] = (gate_up, j, (f, 2 * f))
+            if down in names:
+                out[e + pub["down"]] = (down, j, None)
+        if router in names and base + pub["router"] != router:
+            out[base + pub["router"]] = (router, None, None)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,10 +495,12 @@ def model_config_from_hf(hf: dict[str, Any], *, vocab_pad_multiple: int = 128) -
         rotary_base=theta,
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        add_qkv_bias=arch == "qwen2",
+        # Qwen2-MoE spells its QKV bias out (qkv_bias, default true); Qwen2 always has it
+        add_qkv_bias=arch == "qwen2" and bool(hf.get("qkv_bias", True)),
         qk_layernorm=arch == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=head_dim_field,
+        moe=moe_from_hf(hf, arch_name, int(hf["num_hidden_layers"])),
     )
     problems = cfg.validate("model")
     if problems:
@@ -303,12 +527,16 @@ def hf_config_from_model(cfg: ModelConfig, *, base: Optional[dict[str, Any]] = N
     )
     if cfg.head_dim is not None:
         values["head_dim"] = cfg.head_dim
+    if cfg.moe is not None:
+        values.update(moe_hf_fields(cfg, base))
     if base is not None:
         out = dict(base)
         out.update(values)
     else:
+        name = moe_hf_architecture(cfg) if cfg.moe is not None else _ARCH_TO_HF[cfg.arch]
         out = dict(
-            architectures=[_ARCH_TO_HF[cfg.arch]], model_type=cfg.arch, hidden_act="silu",
+            architectures=[name], model_type=MOE_HF_ARCHITECTURES[name][1] if cfg.moe is not None else cfg.arch,
+            hidden_act="silu",
             max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rotary_base,
             rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None, head_dim=head_dim(cfg),
             attention_dropout=0.0, **values,
@@ -320,12 +548,15 @@ def hf_config_from_model(cfg: ModelConfig, *, base: Optional[dict[str, Any]] = N
     return out
 
 
-def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
-    """Refuse a TP/PP layout the model cannot be split into (our checkpoint itself is layout-free)."""
-    for name, value in (("tp", tp), ("pp", pp)):
+def check_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> None:
+    """Refuse a TP/PP (and EP / expert-TP) layout the model cannot be split into (our checkpoint itself is
+    layout-free)."""
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", 1 if etp is None else etp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name}={value!r}: must be a positive integer")
     problems = cfg.layout_problems(tp, pp, tp_key="--tp", pp_key="--pp")
+    problems += expert_layout_problems(cfg.moe, tp=tp, dp=None, ep=ep, etp=etp, moe_key="model.moe",
+                                       keys={"tp": "--tp", "dp": "dp", "ep": "--ep", "etp": "--etp", "sp": "sp"})
     if problems:
         raise ValueError(
             "the model cannot run at this layout: " + "; ".join(problems)

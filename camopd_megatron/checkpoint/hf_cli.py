@@ -1,6 +1,6 @@
 """Command lines of the HF <-> megatron converters (``tools/convert_*.py`` and the console scripts).
 
-    camopd-convert-hf-to-megatron HF_DIR OUT [--tp N --pp M] [--dtype bfloat16] [--overwrite]
+    camopd-convert-hf-to-megatron HF_DIR OUT [--tp N --pp M --ep E] [--dtype bfloat16] [--overwrite]
     camopd-convert-megatron-to-hf CKPT OUT [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
 
 Errors in the input (unsupported architecture, missing shards, bad layout, existing OUT, ...) are
@@ -42,12 +42,15 @@ def _run(fn, args: argparse.Namespace) -> int:
 
 def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
     """``convert_hf_to_megatron.py``: a HF model directory -> our distributed checkpoint."""
-    p = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2/Qwen3 model into a camopd "
-                                            "distributed checkpoint (loadable at any TP/PP).")
+    p = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2/Qwen3 model, or a Qwen3-MoE/"
+                                            "Qwen2-MoE/Mixtral mixture of experts, into a camopd distributed "
+                                            "checkpoint (loadable at any TP/PP/EP).")
     p.add_argument("hf_dir", help="HF model directory (config.json + *.safetensors or pytorch_model*.bin)")
     p.add_argument("out", help="checkpoint directory to create")
     p.add_argument("--tp", type=int, default=1, help="TP size you will train at (validated only; the output is layout-free)")
     p.add_argument("--pp", type=int, default=1, help="PP size you will train at (validated only)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size of an MoE model (validated only)")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (validated only; default: --tp)")
     p.add_argument("--dtype", default="auto", help="auto (keep) | float32 | bfloat16 | float16")
     p.add_argument("--vocab-pad-multiple", type=int, default=128, help="pad the vocabulary to a multiple of this (= model.vocab_pad_multiple)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -57,7 +60,7 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
     def go(a: argparse.Namespace) -> str:
         from camopd_megatron.checkpoint.hf_io import convert_hf_to_megatron
 
-        return str(convert_hf_to_megatron(a.hf_dir, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype,
+        return str(convert_hf_to_megatron(a.hf_dir, a.out, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, dtype=a.dtype,
                                           vocab_pad_multiple=a.vocab_pad_multiple, overwrite=a.overwrite,
                                           progress=not a.quiet))
 

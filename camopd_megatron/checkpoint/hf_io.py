@@ -4,14 +4,17 @@ HF -> ours (:func:`convert_hf_to_megatron`). The output is our distributed check
 (:mod:`.dist`: torch_dist shards + ``camopd.json``), layout-free, so one conversion serves every
 TP/PP. No megatron model is built: the torch DCP save is driven by a planner whose write items carry
 exactly the keys, global shapes and chunk offsets that ``GPTModel.sharded_state_dict()`` produces at
-TP = PP = 1 (one chunk per layer of each ``decoder.layers.*`` key, plus the per-layer ``_extra_state``
-objects and megatron's ``common_state``), and whose ``resolve_data`` reads and reshapes the HF tensors
-of one item only when the writer asks for it. With one file per item the writer holds one item at a
-time, so peak memory is about one (fused) tensor plus its HF sources.
+TP = PP = EP = 1 (one chunk per layer — and per expert — of each ``decoder.layers.*`` key, plus the
+per-layer ``_extra_state`` objects and megatron's ``common_state``), and whose ``resolve_data`` reads and
+reshapes the HF tensors of one item only when the writer asks for it. The writer keeps a file's tensors
+until the file is written, so each file holds one tensor, or one layer's experts of one weight: peak
+memory is about one (fused) tensor plus its HF sources, or one layer's experts of one weight (the size
+of transformers' own fused expert tensor). A checkpoint whose experts transformers 5.x saved fused
+is read expert by expert from the fused tensors.
 
 ours -> HF (:func:`convert_megatron_to_hf`). Reads one layer at a time (a torch DCP read of that
-region of each stacked tensor: any saved layout, no process group needed) and appends the HF
-tensors to the current output shard,
+region of each stacked tensor: any saved TP/PP/EP layout, no process group needed) and appends the HF
+tensors (experts in the published per-expert layout) to the current output shard,
 which is written as soon as it is complete: peak ≈ one output shard + one layer.
 
 Both directions write into ``<OUT>.tmp`` and rename at the end; a failure removes the tmp directory,
@@ -35,14 +38,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from queue import Queue
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from camopd_megatron.checkpoint.hf import (
-    EXTRA_STATE_KEYS, IGNORED_HF_SUFFIXES, TensorRule, active_rules, check_layout, hf_config_from_model,
-    hf_shapes, mcore_shape, model_config_from_hf, to_hf, to_mcore,
+    IGNORED_HF_SUFFIXES, FusedSource, TensorRule, active_rules, check_layout, extra_state_objects,
+    fused_expert_sources, hf_config_from_model, hf_names, hf_shapes, iter_tensors, mcore_shape, model_config_from_hf,
+    placement, rule_applies, to_hf, to_mcore,
 )
+from camopd_megatron.checkpoint.hf_moe import moe_structure
 from camopd_megatron.checkpoint.hf_side import (
     HF_SIDE_FILES, HF_SUBDIR, TOKENIZER_FILES, TOKENIZER_MODELS, copy_side_files, generation_config,
 )
@@ -116,6 +122,13 @@ class HFWeights:
                 "pytorch_model.bin[.index.json])"
             )
         self.safetensors = next(iter(self.files.values())).suffix == ".safetensors"
+        self.aliases: dict[str, FusedSource] = {}
+        """published name -> where it lies in a fused tensor (:meth:`read_fused`)"""
+
+    def read_fused(self, aliases: dict[str, FusedSource]) -> None:
+        """Serve the published per-expert names ``aliases`` maps from the fused tensors it names
+        (:func:`.hf.fused_expert_sources`); :meth:`names` then lists those instead of the fused ones."""
+        self.aliases = dict(aliases)
 
     def _names_in(self, path: Path) -> list[str]:
         return list(self._handle(path).keys())
@@ -132,11 +145,19 @@ class HFWeights:
         return self._open[path]
 
     def names(self) -> set[str]:
-        """Every tensor name in the checkpoint."""
-        return set(self.files)
+        """Every tensor name in the checkpoint (fused tensors read as published ones: their published names)."""
+        return (set(self.files) - {src for src, _, _ in self.aliases.values()}) | set(self.aliases)
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) without reading the data (safetensors) / from the mmap (bin)."""
+        if name in self.aliases:
+            src, expert, rows = self.aliases[name]
+            shape, dt = self.meta(src)
+            if expert is not None:
+                shape = shape[1:]
+            if rows is not None:
+                shape = (rows[1] - rows[0], *shape[1:])
+            return shape, dt
         h = self._handle(self.files[name])
         if self.safetensors:
             sl = h.get_slice(name)
@@ -151,8 +172,21 @@ class HFWeights:
         """One tensor (a fresh CPU copy).
 
         safetensors files are opened per tensor: a long-lived handle keeps the mmap'd pages it
-        touched resident, which would add up to the whole checkpoint over a conversion.
+        touched resident, which would add up to the whole checkpoint over a conversion. A published expert
+        name served from a fused tensor reads only that expert's rows.
         """
+        if name in self.aliases:
+            src, expert, rows = self.aliases[name]
+            if expert is None:
+                return self.get(src)
+            lo, hi = rows if rows is not None else (0, None)
+            if self.safetensors:
+                from safetensors import safe_open
+
+                with safe_open(str(self.files[src]), framework="pt") as f:
+                    part = f.get_slice(src)[expert: expert + 1]
+                return part[0, lo:hi].contiguous()
+            return self._handle(self.files[src])[src][expert, lo:hi].clone()
         if self.safetensors:
             from safetensors import safe_open
 
@@ -165,14 +199,11 @@ class HFWeights:
         self._open.clear()
 
 
-def _check_hf_tensors(weights: HFWeights, cfg: ModelConfig, rules: list[TensorRule],
-                      dtype: Optional[torch.dtype]) -> torch.dtype:
+def _check_hf_tensors(weights: HFWeights, cfg: ModelConfig, dtype: Optional[torch.dtype]) -> torch.dtype:
     """Key set, shapes and dtypes of the HF checkpoint against ``cfg``; returns the source dtype."""
     expected: dict[str, tuple[int, ...]] = {}
-    for rule in rules:
-        for i in range(cfg.num_layers if rule.per_layer else 1):
-            for name, shape in zip(rule.hf, hf_shapes(rule, cfg)):
-                expected[name.format(i=i)] = shape
+    for rule, layer, expert in iter_tensors(cfg):
+        expected.update(zip(hf_names(rule, layer, expert), hf_shapes(rule, cfg)))
     have = weights.names()
     missing = sorted(set(expected) - have)
     if missing:
@@ -258,50 +289,60 @@ def _write_dcp(out: Path, weights: HFWeights, cfg: ModelConfig, dtype: torch.dty
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
     from tqdm import tqdm
 
-    L = cfg.num_layers
     items: list[Any] = []
     resolvers: dict[tuple[str, tuple[int, ...]], Callable[[], Any]] = {}
+    files: dict[tuple[str, tuple[int, ...]], tuple[str, Optional[int]]] = {}
+    """item -> the file it goes to: one per (key, layer), so a file holds one tensor, or one layer's experts of one
+    weight (the writer keeps a file's tensors until the file is written)"""
     bar = tqdm(total=0, desc="HF -> megatron", unit="tensor", disable=not progress)
 
-    def tensor_item(rule: TensorRule, layer: Optional[int]) -> None:
-        shape = mcore_shape(rule, cfg)
-        if layer is None:
-            offsets, sizes, global_shape = (0,) * len(shape), shape, shape
-        else:
-            offsets, sizes, global_shape = (layer,) + (0,) * len(shape), (1, *shape), (L, *shape)
+    def tensor_item(rule: TensorRule, layer: Optional[int], expert: Optional[int]) -> None:
+        at = placement(rule, cfg, layer, expert)
         items.append(WriteItem(
-            index=MetadataIndex(rule.mcore, torch.Size(offsets)), type=WriteItemType.SHARD,
-            tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
-                                        properties=TensorProperties(dtype=dtype), size=torch.Size(global_shape)),
+            index=MetadataIndex(at.key, torch.Size(at.offsets)), type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(at.offsets), torch.Size(at.sizes)),
+                                        properties=TensorProperties(dtype=dtype), size=torch.Size(at.global_shape)),
         ))
 
         def resolve() -> torch.Tensor:
-            names = [n.format(i=layer) for n in rule.hf]
-            t = to_mcore(rule, [weights.get(n).to(dtype) for n in names], cfg).contiguous()
+            t = to_mcore(rule, [weights.get(n).to(dtype) for n in hf_names(rule, layer, expert)], cfg).contiguous()
             bar.update(1)
-            return t.reshape(sizes)
+            return t.reshape(at.sizes)
 
-        resolvers[(rule.mcore, offsets)] = resolve
+        resolvers[(at.key, at.offsets)] = resolve
+        files[(at.key, at.offsets)] = (at.key, layer)
 
-    for rule in active_rules(cfg):
-        for layer in (range(L) if rule.per_layer else [None]):
-            tensor_item(rule, layer)
+    for rule, layer, expert in iter_tensors(cfg):
+        tensor_item(rule, layer, expert)
     n_tensors = len(items)
     bar.total = n_tensors
     # megatron's ShardedObjects: per-layer linear extra states (None on the local spec) and the common state
-    objects = {f"{k}/shard_{i}_{L}": [None] for k in EXTRA_STATE_KEYS for i in range(L)}
+    objects = {fqn: [None] for i in range(cfg.num_layers) for fqn in extra_state_objects(cfg, i)}
     objects["common_state/shard_0_1"] = [{}]
     for fqn, value in objects.items():
         items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
         resolvers[(fqn, ())] = lambda value=value: _pickled(value)
+        files[(fqn, ())] = (fqn.split("/shard_")[0], None)
     class _Writer(FileSystemWriter):
         def storage_meta(self) -> None:  # a Path in .metadata would fail dist.check_dcp_metadata's allow-list
             return None
 
-    # one file per item: the writer then holds a single resolved tensor at a time
+        def write_data(self, plan: SavePlan, planner: Any) -> Any:
+            """One file per group of :data:`files` (torch's own choice is one per item or one per rank)."""
+            groups: dict[tuple[str, Optional[int]], list[Any]] = {}
+            for item in plan.items:
+                offsets = tuple(item.index.offset) if item.index.offset is not None else ()
+                groups.setdefault(files[(item.index.fqn, offsets)], []).append(item)
+            queue: Queue = Queue()
+            for k, group in enumerate(groups.values()):
+                name = f"{plan.storage_data.prefix}{k}.distcp"
+                queue.put((self.fs.concat_path(self.path, name), name, group))
+            return self._write_data(planner, queue)
+
+    # the writer resolves a file's tensors one by one but holds them until the file is written
     writer = _Writer(str(out), single_file_per_rank=False, sync_files=True, thread_count=1)
     try:
         dcp_save({}, storage_writer=writer, planner=_lazy_planner(items, resolvers), no_dist=True)
@@ -330,6 +371,8 @@ def convert_hf_to_megatron(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
     dtype: Optional[str] = None,
     vocab_pad_multiple: int = 128,
     overwrite: bool = False,
@@ -341,6 +384,7 @@ def convert_hf_to_megatron(
         hf_dir: directory with config.json and the weights.
         out_dir: the checkpoint directory to create.
         tp / pp: only validated (heads, kv heads, FFN, padded vocab / layers divisible).
+        ep / etp: only validated (an MoE model's experts / expert FFN divisible; etp None = tp).
         dtype: ``auto``/None keeps the source dtype, else ``float32|bfloat16|float16``.
         vocab_pad_multiple: padded vocabulary multiple (must equal ``model.vocab_pad_multiple`` in training).
         overwrite: replace an existing ``out_dir``.
@@ -352,11 +396,12 @@ def convert_hf_to_megatron(
     src, final = Path(hf_dir), Path(out_dir).absolute()
     hf_cfg = read_hf_config(src)
     cfg = model_config_from_hf(hf_cfg, vocab_pad_multiple=vocab_pad_multiple)
-    check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp, ep, etp)
     target = parse_dtype(dtype)
     weights = HFWeights(src)
     try:
-        out_dtype = _check_hf_tensors(weights, cfg, active_rules(cfg), target)
+        weights.read_fused(fused_expert_sources(cfg, weights.names()))
+        out_dtype = _check_hf_tensors(weights, cfg, target)
         with _staging_dir(final, overwrite) as tmp:
             n = _write_dcp(tmp, weights, cfg, out_dtype, progress)
             side = copy_side_files(src, tmp / HF_SUBDIR, HF_SIDE_FILES)
@@ -394,6 +439,9 @@ def _export_config(ckpt: Path, manifest: dict[str, Any], hf_config_from: Optiona
     from camopd_megatron.checkpoint.dist import ARCH_KEYS, arch_dict
 
     want = arch_dict(cfg)
+    # a run may train with other MoE settings (dispatcher, loss coefficients) than config.json implies
+    saved = dict(saved, moe=moe_structure(saved.get("moe")))
+    want["moe"] = moe_structure(want["moe"])
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config.json {want[k]!r}" for k in ARCH_KEYS if saved.get(k) != want[k]]
     if diffs:
         raise ValueError(f"the HF config does not match checkpoint {str(ckpt)!r}: " + "; ".join(diffs)
@@ -455,27 +503,29 @@ def convert_megatron_to_hf(
 
     stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     rules = active_rules(cfg)
-    absent = [r.mcore for r in rules if r.mcore not in stored]
+    keys = {placement(r, cfg, i, None).key: r for r in rules
+            for i in (range(cfg.num_layers) if r.per_layer else [None]) if rule_applies(r, cfg, i)}
+    absent = [k for k in keys if k not in stored]
     if absent:
         raise ValueError(f"checkpoint {str(ckpt)!r} lacks {absent[:4]}; it is not a complete model checkpoint")
     target = parse_dtype(dtype)
-    out_dtype = target or stored[rules[0].mcore].properties.dtype
+    out_dtype = target or stored[next(iter(keys))].properties.dtype
     groups: list[tuple[Optional[int], list[TensorRule]]] = [(None, [r for r in rules if not r.per_layer and r.reshape == "vocab" and "embedding" in r.mcore])]
-    groups += [(i, [r for r in rules if r.per_layer]) for i in range(cfg.num_layers)]
+    groups += [(i, [r for r in rules if r.per_layer and rule_applies(r, cfg, i)]) for i in range(cfg.num_layers)]
     groups.append((None, [r for r in rules if not r.per_layer and "embedding" not in r.mcore]))
     entries = []
-    for layer, grp in groups:
-        for r in grp:
-            for name, shape in zip(r.hf, hf_shapes(r, cfg)):
-                entries.append((name.format(i=layer), int(torch.Size(shape).numel()) * out_dtype.itemsize))
+    for rule, layer, expert in iter_tensors(cfg):
+        for name, shape in zip(hf_names(rule, layer, expert), hf_shapes(rule, cfg)):
+            entries.append((name, int(torch.Size(shape).numel()) * out_dtype.itemsize))
     weight_map, shards = _plan_shards(entries, max_shard_bytes)
     with _staging_dir(final, overwrite) as tmp:
         buffer: dict[str, torch.Tensor] = {}
         shard_idx = 0
         for layer, grp in tqdm(groups, desc="megatron -> HF", unit="layer", disable=not progress):
             for rule, tensor in _load_group(ckpt, grp, layer, cfg, stored).items():
-                for name, t in zip(rule.hf, to_hf(rule, tensor, cfg)):
-                    buffer[name.format(i=layer)] = t.to(out_dtype)
+                for expert, one in (enumerate(tensor) if rule.per_expert else [(None, tensor)]):
+                    for name, t in zip(hf_names(rule, layer, expert), to_hf(rule, one, cfg)):
+                        buffer[name] = t.to(out_dtype)
             while shard_idx < len(shards) and all(n in buffer for n in shards[shard_idx]):
                 names = shards[shard_idx]
                 save_file({n: buffer.pop(n) for n in names}, str(tmp / weight_map[names[0]]), metadata={"format": "pt"})
@@ -515,15 +565,13 @@ def _load_group(ckpt: Path, rules: list[TensorRule], layer: Optional[int], cfg: 
     dest: dict[str, torch.Tensor] = {}
     items = []
     for rule in rules:
-        shape = mcore_shape(rule, cfg)
-        md = stored[rule.mcore]
-        offsets, sizes = ((layer,) + (0,) * len(shape), (1, *shape)) if layer is not None else ((0,) * len(shape), shape)
-        want = (cfg.num_layers, *shape) if layer is not None else shape
-        if tuple(md.size) != want:
-            raise ValueError(f"{rule.mcore}: stored shape {list(md.size)} does not match the model ({list(want)})")
-        dest[rule.mcore] = torch.empty(sizes, dtype=md.properties.dtype)
-        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        items += create_read_items_for_chunk_list(rule.mcore, md, [chunk])
+        at = placement(rule, cfg, layer)
+        md = stored[at.key]
+        if tuple(md.size) != at.global_shape:
+            raise ValueError(f"{at.key}: stored shape {list(md.size)} does not match the model ({list(at.global_shape)})")
+        dest[at.key] = torch.empty(at.sizes, dtype=md.properties.dtype)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(at.offsets), sizes=torch.Size(at.sizes))
+        items += create_read_items_for_chunk_list(at.key, md, [chunk])
 
     # A class made inside a function sits in a reference cycle (freed only by the cyclic GC), so the
     # destination tensors hang off the instance, never off a closure: they are freed with the layer.
@@ -546,4 +594,6 @@ def _load_group(ckpt: Path, rules: list[TensorRule], layer: Optional[int], cfg: 
     planner = _RegionLoadPlanner()
     planner.items, planner.dest = items, dest
     dcp_load({}, storage_reader=FileSystemReader(str(ckpt)), planner=planner, no_dist=True)
-    return {rule: dest[rule.mcore][0] if layer is not None else dest[rule.mcore] for rule in rules}
+    # without the stacked layer axis: [...], or the layer's experts [E, ...]
+    return {rule: dest[placement(rule, cfg, layer).key].reshape(
+        ((cfg.moe.num_experts,) if rule.per_expert else ()) + mcore_shape(rule, cfg)) for rule in rules}
