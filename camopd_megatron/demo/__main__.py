@@ -27,6 +27,8 @@ from camopd_megatron.demo.tasks import GENERAL_TASKS
 logger = logging.getLogger("camopd_megatron.demo")
 
 _RESULTS = Path(__file__).resolve().parents[2] / "examples" / "demo" / "results"
+QUICK_METHODS = ("camopd", "vanilla_mopd", "no_decoupling")
+"""What ``make demo`` compares (the paper's method, its baseline and the fair 3:1 control) to stay in its budget."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -37,7 +39,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the conflict check, then 5 seeds, longer stage 3, results to examples/demo/results/")
     p.add_argument("--steps", type=int, default=None, help="stage-3 steps per run (default 150; --full 300)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="stage-3 seeds (default 0; --full 0 1 2 3 4)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"methods to run (default {' '.join(QUICK_METHODS)}; --full all)")
     p.add_argument("--lr", type=float, default=None, help="stage-3 learning rate (default: examples/demo/demo.yaml)")
     p.add_argument("--eval-interval", type=int, default=None, help="evaluate every N steps (default 25)")
     p.add_argument("--eval-per-task", type=int, default=None, help="held-out problems per task (default 100; --full 200)")
@@ -59,13 +62,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def check_testbed(art: TeacherArtifacts) -> list[str]:
-    """The issue's acceptance thresholds, as human-readable lines (prefix FAIL when missed)."""
+    """The testbed's thresholds (set for the v2 testbed, kept as they were), as human-readable lines (prefix
+    FAIL when missed); scores are graded credit (exact-match rates in parentheses)."""
     g, d = art.metrics["general_teacher"], art.metrics["domain_teacher"]
     drop = g["acc/general"] - d["acc/general"]
+    exact_drop = g.get("exact/general", float("nan")) - d.get("exact/general", float("nan"))
     checks = [
-        (g["acc/general"] >= 0.9, f"general teacher general acc {100 * g['acc/general']:.1f}% (>= 90%)"),
-        (d["acc/domain"] >= 0.9, f"domain teacher domain acc {100 * d['acc/domain']:.1f}% (>= 90%)"),
-        (drop >= 0.3, f"forgetting on the proxy tasks ({', '.join(GENERAL_TASKS)}): {100 * drop:.1f} points (>= 30)"),
+        (g["acc/general"] >= 0.9, f"general teacher general score {100 * g['acc/general']:.2f}% (>= 90%)"),
+        (d["acc/domain"] >= 0.9, f"domain teacher domain score {100 * d['acc/domain']:.2f}% (>= 90%)"),
+        (drop >= 0.3, f"forgetting on the proxy tasks ({', '.join(GENERAL_TASKS)}): {100 * drop:.1f} points "
+                      f"({100 * exact_drop:.1f} exact-match points) (>= 30)"),
     ]
     return [("ok   " if ok else "FAIL ") + text for ok, text in checks]
 
@@ -107,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seeds=tuple(args.seeds or ((0, 1, 2, 3, 4) if args.full else (0,))),
         eval_interval=args.eval_interval or 25,
         eval_per_task=args.eval_per_task or (200 if args.full else 100),
-        methods=tuple(args.methods),
+        methods=tuple(args.methods or (METHODS if args.full else QUICK_METHODS)),
         overrides={"optim": {"lr": args.lr}} if args.lr else {},
     )
     if args.report_only:
