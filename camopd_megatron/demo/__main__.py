@@ -153,9 +153,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (dest / "table.md").write_text(report)
     if not args.report_only:
         (dest / "command.txt").write_text(command.strip() + f"\nwall: {wall}\n")
-    if dest != out and not args.report_only:
-        # the raw per-step metrics behind the table, compressed (several MB as plain JSON)
+    if dest != out:
+        # the raw per-step metrics behind the table, compressed (several MB as plain JSON), and the conflict check
         (dest / "histories.json.gz").write_bytes(gzip.compress((out / "histories.json").read_bytes()))
+        if (out / "probe" / "probe.json").is_file():
+            (dest / "probe.json").write_text((out / "probe" / "probe.json").read_text())
     if not args.no_plots:
         from camopd_megatron.demo.plots import plot_accuracy, plot_diagnostics
 

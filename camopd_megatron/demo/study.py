@@ -121,9 +121,10 @@ def stage3_config(method: str, seed: int, teachers: TeacherArtifacts, settings: 
 
 
 def run_method(method: str, seed: int, teachers: TeacherArtifacts, settings: StudySettings, out_dir: Path,
-               prompt_files: dict[str, str]) -> list[dict[str, float]]:
+               prompt_files: dict[str, str]) -> Optional[list[dict[str, float]]]:
     """Train one (method, seed) and return its per-step history (with eval metrics at eval steps; the last
-    entry also holds ``run/seconds`` and ``run/cpu_seconds``, this process's CPU time for the run)."""
+    entry also holds ``run/seconds`` and ``run/cpu_seconds``, this process's CPU time for the run), or None
+    when the trainer stopped early (SIGTERM and the like): a cut-short run has no place in the table."""
     from camopd_megatron.trainer import train  # heavy import, only when stage 3 runs
 
     cfg = stage3_config(method, seed, teachers, settings, out_dir / "runs" / f"{method}_s{seed}", prompt_files)
@@ -131,6 +132,10 @@ def run_method(method: str, seed: int, teachers: TeacherArtifacts, settings: Stu
     t0, c0 = time.perf_counter(), time.process_time()
     result = train(cfg, eval_fn=evaluator)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if result.stopped:
+        logger.warning("stage 3: %s seed %d stopped at step %d (%s); not recorded", method, seed,
+                       result.steps_done, result.stopped)
+        return None
     logger.info("stage 3: %s seed %d done in %.0fs (%.0f CPU s)", method, seed, seconds, cpu)
     history = list(result.history)
     if history:
@@ -154,7 +159,10 @@ def run_study(teachers: TeacherArtifacts, settings: StudySettings, out_dir: str 
     study = {"settings": _jsonable(dataclasses.asdict(settings)), "teachers": teachers.metrics, "histories": histories,
              "complete": False}
     for i, (method, seed) in enumerate(tqdm(runs, desc="stage 3 (methods x seeds)", mininterval=1.0)):
-        histories.setdefault(method, []).append(run_method(method, seed, teachers, settings, out, prompt_files))
+        history = run_method(method, seed, teachers, settings, out, prompt_files)
+        if history is None:  # stopped by a signal: keep what finished and stop the study
+            break
+        histories.setdefault(method, []).append(history)
         study["complete"] = i == len(runs) - 1
         (out / "histories.json").write_text(json.dumps(study))
     return study
