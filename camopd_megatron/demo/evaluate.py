@@ -1,10 +1,11 @@
-"""Greedy exact-match evaluation of a (TP=1, PP=1) demo model on held-out problems.
+"""Greedy-decoding evaluation of a (TP=1, PP=1) demo model on held-out problems.
 
 Decoding is a plain full-recompute greedy loop over right-padded rows: with a causal mask, the pad
 tokens after a row's current end never influence the logits at its last real position, so rows of
 different prompt lengths share one batch without left padding or position offsets. The demo
 models are tiny (context ≤ 32), so recomputing the prefix each step costs less than a KV cache's
-bookkeeping. Accuracy = the decoded text before EOS equals the answer exactly.
+bookkeeping. Scores are graded credit per problem (:func:`~camopd_megatron.demo.tasks.credit`: the share
+of answer positions right), and the exact-match rate per branch alongside.
 
 Shape legend: B rows, T tokens, V vocabulary (padded).
 """
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from camopd_megatron.data import ByteTokenizer
-from camopd_megatron.demo.tasks import MAX_ANSWER_CHARS, Problem, branch_of, per_task_accuracy
+from camopd_megatron.demo.tasks import MAX_ANSWER_CHARS, NO_EOS, Problem, branch_of, per_task_accuracy
 from camopd_megatron.models.pipeline import model_forward
 
 __all__ = ["greedy_generate", "evaluate_problems", "accuracy_metrics"]
@@ -57,24 +58,28 @@ def greedy_generate(model: Any, prompts: Sequence[str], tokenizer: ByteTokenizer
             if eos in resp:
                 out.append(tokenizer.decode(resp[: resp.index(eos)]))
             else:
-                out.append("\x00<no-eos>" + tokenizer.decode(resp))  # never matches an answer
+                out.append(NO_EOS + tokenizer.decode(resp))  # earns no credit
     model.train(was_training)
     return out
 
 
 def accuracy_metrics(problems: Sequence[Problem], responses: Sequence[str]) -> dict[str, float]:
-    """``acc/<task>`` per task and ``acc/general`` / ``acc/domain`` (mean of the branch's task accuracies)."""
-    per_task = per_task_accuracy(problems, responses)
-    metrics = {f"acc/{t}": v for t, v in per_task.items()}
-    for branch in ("general", "domain"):
-        vals = [v for t, v in per_task.items() if branch_of(t) == branch]
-        if vals:
-            metrics[f"acc/{branch}"] = sum(vals) / len(vals)
+    """``acc/<task>`` (mean graded credit) per task, ``acc/general`` / ``acc/domain`` (mean of the branch's
+    tasks), and ``exact/general`` / ``exact/domain`` (the same means of the exact-match rates)."""
+    metrics: dict[str, float] = {}
+    for prefix, graded in (("acc", True), ("exact", False)):
+        per_task = per_task_accuracy(problems, responses, graded=graded)
+        if graded:
+            metrics.update({f"acc/{t}": v for t, v in per_task.items()})
+        for branch in ("general", "domain"):
+            vals = [v for t, v in per_task.items() if branch_of(t) == branch]
+            if vals:
+                metrics[f"{prefix}/{branch}"] = sum(vals) / len(vals)
     return metrics
 
 
 def evaluate_problems(model: Any, problems: Sequence[Problem], tokenizer: ByteTokenizer, *,
                       vocab_size: int = 128) -> dict[str, float]:
-    """Greedy exact-match accuracies of ``model`` on ``problems`` (see :func:`accuracy_metrics`)."""
+    """Greedy-decoding scores of ``model`` on ``problems`` (see :func:`accuracy_metrics`)."""
     responses = greedy_generate(model, [p.prompt for p in problems], tokenizer, vocab_size=vocab_size)
     return accuracy_metrics(problems, responses)

@@ -19,7 +19,7 @@ def _pyplot() -> Any:
 
 
 def plot_accuracy(study: dict[str, Any], path: str | Path) -> Path:
-    """General and domain held-out accuracy over steps (mean over seeds), one line per method."""
+    """General and domain held-out graded score over steps (mean over seeds), one line per method."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for ax, branch in zip(axes, ("general", "domain")):
@@ -29,7 +29,7 @@ def plot_accuracy(study: dict[str, Any], path: str | Path) -> Path:
         for key, style in (("general_teacher", ":"), ("domain_teacher", "--")):
             ax.axhline(100 * study["teachers"][key].get(f"acc/{branch}", float("nan")), color="gray", ls=style,
                        lw=1, label=key.replace("_", " "))
-        ax.set_title(f"{branch} accuracy (held-out, greedy exact match)")
+        ax.set_title(f"{branch} score (held-out, greedy, graded credit)")
         ax.set_xlabel("step")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)

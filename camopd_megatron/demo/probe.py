@@ -1,8 +1,9 @@
-"""The demo's evaluation hook for ``train(cfg, eval_fn=...)``: held-out exact-match accuracy per task.
+"""The demo's evaluation hook for ``train(cfg, eval_fn=...)``: held-out graded credit per task.
 
 The branch-conflict diagnostic (cos(g_general, g_domain), docs/algorithm.md §8) comes from the trainer's own
 probe (``logging.diagnostics_interval``, :mod:`camopd_megatron.distill.probe`), logged as
-``diag/grad_cosine``.
+``diag/grad_cosine``; :func:`camopd_megatron.demo.study.run_conflict_probe` runs it at 256 prompts x 4 samples
+per branch as the testbed's conflict check.
 """
 from __future__ import annotations
 

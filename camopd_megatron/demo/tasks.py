@@ -1,4 +1,4 @@
-"""Synthetic text tasks with exact checkers: the forgetting testbed of the CPU demo.
+"""Synthetic text tasks with graded checkers: the forgetting testbed of the CPU demo.
 
 Every problem is a prompt string and an answer string over printable ASCII, so the char-level
 :class:`~camopd_megatron.data.ByteTokenizer` (128 ids) encodes it one character per token. A
@@ -6,36 +6,40 @@ training / eval sequence is ``[BOS] prompt answer [EOS]``: the plain chat templa
 a prompt (as the trainer's prompt pipeline does), and the model must end its answer with EOS so
 greedy generation stops.
 
-Tasks (``task:`` prefix, then the input, then ``=``):
+Tasks (``task:`` prefix, the input, then ``=`` for general prompts or ``#`` for domain prompts):
 
 =========  ==========================  ================  =========
 task       prompt                       answer            branch
 =========  ==========================  ================  =========
 ``cpy``    ``c:kbdf=``                  ``kbdf``          general
 ``rev``    ``r:kbdf=``                  ``fdbk``          general
-``srt``    ``s:3912=``                  ``1239``          general
-``mrk``    ``m:kbdf=``                  ``kbdf!``         domain
+``srt``    ``s:kbdf=``                  ``bdfk``          general
+``mcp``    ``c:kbdf#``                  ``kbdf!``         domain
+``mrv``    ``r:kbdf#``                  ``fdbk!``         domain
+``mst``    ``s:kbdf#``                  ``bdfk!``         domain
 =========  ==========================  ================  =========
 
-``mrk`` ("marked copy") is the "domain skill" learnt in stage 2: a general task (copy) with a
-different output convention (a trailing ``!``). It shares the general tasks' letters, lengths and
-copy circuit, so specialising on it interferes with them (the model starts marking or garbling its
-copies and reversals) without wiping them out, and recovering general skill pulls against the
-domain convention: genuine branch conflict, partial forgetting (docs/algorithm.md §1). An earlier version
-used a Caesar cipher, a brand-new 26-entry mapping: by the time stage 2 had learnt it, the general
-skill was gone entirely (0.2%), which is not the paper's regime.
+The domain is a *house style*: the same three jobs, asked with a ``#`` where a general prompt has
+``=``, and signed off with a ``!`` before EOS. Specialising on it (stage 2) moves the end of
+every answer, an output all general answers share, and the one-character cue is weak for a tiny
+model, so the convention bleeds into general answers (the domain teacher signs part of its general
+answers too). Recovering general skill then pushes the answer's end towards EOS and keeping the
+domain pushes it back towards ``!``: the branches conflict through shared outputs (docs/algorithm.md §1).
+Earlier testbeds are described in ``examples/demo/results/NOTES.md``.
+
+Credit is graded (:func:`credit`): the fraction of answer positions the response gets exactly
+right, over the longer of the two lengths, so an answer with a few letters out of place earns
+partial credit instead of zero; :func:`check` is the exact match.
 
 Distributions ("splits"). Each task has three disjoint pools of problems, decided by a hash of the
 prompt (so membership is exact and the same on every machine):
 
-* ``eval``: held out from everything; all accuracies in the report are measured here.
-* ``train``: what the teachers are trained on (full operand ranges / lengths / letters).
-* ``proxy``: the student's general/domain prompts in stage 3. For the general tasks they come from
-  a *narrower* generator than the general teacher's training data (shorter strings, fewer
-  letters / digits), so they do not cover the training distribution (docs/algorithm.md §1: only proxy
-  prompts are available); eval still covers the full ranges.
-
-Checkers are exact: :func:`check` compares the decoded response (up to EOS) with the answer.
+* ``eval``: held out from everything; all scores in the report are measured here.
+* ``train``: what the teachers are trained on (2..6 letters of a..z).
+* ``proxy``: the student's general prompts in stage 3 come from a *narrower* generator than the
+  general teacher's training data (3..4 letters of a..m), so they do not cover the training
+  distribution (docs/algorithm.md §1: only proxy prompts are available); eval still covers the full
+  ranges. Domain prompts in stage 3 come from the domain's own (train) pool.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ __all__ = [
     "Problem",
     "solve",
     "check",
+    "credit",
+    "NO_EOS",
     "split_of",
     "sample_problem",
     "sample_problems",
@@ -64,16 +70,20 @@ __all__ = [
 
 GENERAL_TASKS: tuple[str, ...] = ("cpy", "rev", "srt")
 """The general teacher's skills (and the general proxy prompts' tasks)."""
-DOMAIN_TASKS: tuple[str, ...] = ("mrk",)
-"""The domain skill learnt in stage 2."""
+DOMAIN_TASKS: tuple[str, ...] = ("mcp", "mrv", "mst")
+"""The domain skill learnt in stage 2: the general jobs in the domain's house style (a closing ``!``)."""
 ALL_TASKS: tuple[str, ...] = GENERAL_TASKS + DOMAIN_TASKS
 SPLITS: tuple[str, ...] = ("train", "proxy", "eval")
 
-_PREFIX = {"cpy": "c:", "rev": "r:", "srt": "s:", "mrk": "m:"}
+_PREFIX = {"cpy": "c:", "rev": "r:", "srt": "s:", "mcp": "c:", "mrv": "r:", "mst": "s:"}
+_CLOSE = {"general": "=", "domain": "#"}
+"""The one character that tells a domain prompt from a general one."""
 _EVAL_MOD = 8
 """A prompt is held out for eval when its hash is 0 mod this (about 1/8 of each pool)."""
 MAX_ANSWER_CHARS = 7
 """No answer is longer than this (generation budget = this + EOS)."""
+NO_EOS = "\x00<no-eos>"
+"""What a response that never emitted EOS starts with (it earns no credit)."""
 
 
 @dataclass(frozen=True)
@@ -96,19 +106,19 @@ def branch_of(task: str) -> str:
 
 def solve(task: str, body: str) -> str:
     """The exact answer of ``task`` on input ``body`` (the text between the prefix and ``=``)."""
-    if task == "cpy":
-        return body
-    if task == "rev":
-        return body[::-1]
-    if task == "srt":
-        return "".join(sorted(body))
-    if task == "mrk":
-        return body + "!"
-    raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
+    if task in ("cpy", "mcp"):
+        out = body
+    elif task in ("rev", "mrv"):
+        out = body[::-1]
+    elif task in ("srt", "mst"):
+        out = "".join(sorted(body))
+    else:
+        raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
+    return out + "!" if task in DOMAIN_TASKS else out
 
 
 def _problem(task: str, body: str) -> Problem:
-    return Problem(task, f"{_PREFIX[task]}{body}=", solve(task, body))
+    return Problem(task, f"{_PREFIX[task]}{body}{_CLOSE[branch_of(task)]}", solve(task, body))
 
 
 def _is_eval(prompt: str) -> bool:
@@ -122,17 +132,11 @@ def _letters(rng: random.Random, alphabet: str, lo: int, hi: int) -> str:
 
 def _body(task: str, pool: str, rng: random.Random) -> str:
     """One input of ``task`` from the generator of ``pool`` (``full`` = train/eval, ``proxy``)."""
-    proxy = pool == "proxy"
-    if task in ("cpy", "rev"):
-        # teacher: 2..6 letters of a..z; proxy: 3..4 letters of a..m
-        return _letters(rng, string.ascii_lowercase[:13] if proxy else string.ascii_lowercase, 3 if proxy else 2, 4 if proxy else 6)
-    if task == "srt":
-        # teacher: 2..6 digits; proxy: 3..4 digits of 0..5
-        return _letters(rng, "012345" if proxy else string.digits, 3 if proxy else 2, 4 if proxy else 6)
-    if task == "mrk":
-        # the domain branch has in-distribution prompts (the domain prompt set of docs/algorithm.md §1)
-        return _letters(rng, string.ascii_lowercase, 2, 6)
-    raise ValueError(f"task: unknown task {task!r}; use one of {', '.join(ALL_TASKS)}")
+    branch = branch_of(task)  # ValueError for an unknown task
+    if pool == "proxy" and branch == "general":
+        return _letters(rng, string.ascii_lowercase[:13], 3, 4)  # proxy: 3..4 letters of a..m
+    # teacher data, eval, and the domain branch's prompts (its own prompt set, docs/algorithm.md §1)
+    return _letters(rng, string.ascii_lowercase, 2, 6)
 
 
 def split_of(prompt: str) -> str:
@@ -179,6 +183,16 @@ def check(problem: Problem, response: str) -> bool:
     return response == problem.answer
 
 
+def credit(problem: Problem, response: str) -> float:
+    """Graded credit in [0, 1]: answer positions the response gets right, over the
+    longer of the two lengths (so extra or missing characters cost too); 1.0 exactly when :func:`check`."""
+    if response.startswith(NO_EOS):
+        return 0.0
+    ans = problem.answer
+    right = sum(a == b for a, b in zip(ans, response))
+    return right / max(len(ans), len(response), 1)
+
+
 def write_prompt_file(path: str | Path, problems: Iterable[Problem]) -> Path:
     """Write the prompts as JSONL ``{"prompt": ..., "domain": task}`` (the trainer's prompt format)."""
     path = Path(path)
@@ -190,11 +204,11 @@ def write_prompt_file(path: str | Path, problems: Iterable[Problem]) -> Path:
 
 
 def per_task_accuracy(problems: Sequence[Problem], responses: Sequence[str],
-                      key: Callable[[Problem], str] = lambda p: p.task) -> dict[str, float]:
-    """Fraction of exact matches per task (``key`` groups problems)."""
+                      key: Callable[[Problem], str] = lambda p: p.task, *, graded: bool = True) -> dict[str, float]:
+    """Mean :func:`credit` per task (``graded``; else the fraction of exact matches); ``key`` groups problems."""
     if len(problems) != len(responses):
         raise ValueError(f"responses: {len(responses)} for {len(problems)} problems; give one per problem")
-    hits: dict[str, list[int]] = {}
+    hits: dict[str, list[float]] = {}
     for p, r in zip(problems, responses):
-        hits.setdefault(key(p), []).append(int(check(p, r)))
+        hits.setdefault(key(p), []).append(credit(p, r) if graded else float(check(p, r)))
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
