@@ -28,6 +28,7 @@ from camopd_megatron.teachers.protocol import (
 )
 
 if TYPE_CHECKING:
+    import torch.distributed as dist
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from camopd_megatron.config import Config, ModelConfig
@@ -68,10 +69,12 @@ class TeacherModel:
     def __init__(self, name: str, index: int, model_cfg: "ModelConfig", pg_collection: "ProcessGroupCollection", *,
                  seed: int,
                  checkpoint: Optional[str], dtype: str = "auto", offload: bool = False,
-                 micro_batch_rows: Optional[int] = None) -> None:
+                 micro_batch_rows: Optional[int] = None, lock_step: Optional["dist.ProcessGroup"] = None) -> None:
         self.name, self.index, self.model_cfg, self.pgc = name, index, model_cfg, pg_collection
         self.key = f"teachers[{index}]"
         self.offload, self.micro_batch_rows = offload, micro_batch_rows
+        # an expert-parallel MoE teacher: its replicas score in lock-step over this DP group (models.pipeline)
+        self.lock_step = lock_step
         self.stage = stage_info(pg_collection)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = compute_device()
@@ -115,7 +118,7 @@ class TeacherModel:
         :func:`~camopd_megatron.models.scoring.score_logprobs`)."""
         return score_logprobs(self.model, self.pgc, tokens_BT, mask_BT, micro_batch=self.micro_batch_rows,
                               vocab_size=self.model_cfg.vocab_size, temperature=temperature, device=self.device,
-                              to_all_stages=to_all_stages, timeout_s=timeout_s)
+                              to_all_stages=to_all_stages, timeout_s=timeout_s, lock_step=self.lock_step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +288,9 @@ class TeacherHost:
                 stats: ServeStats) -> None:
         stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
         if b * t == 0:
+            if teacher.lock_step is not None:  # nothing to score here; join the other replicas' forwards
+                teacher.logprobs(torch.zeros((0, t), dtype=torch.int64, device=self.device),
+                                 torch.zeros((0, t), dtype=torch.uint8, device=self.device), temperature=temperature)
             return
         peer = self._peer(*sender)
         tokens = torch.zeros(b, t, dtype=torch.int64, device=self.device)
