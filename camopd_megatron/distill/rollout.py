@@ -39,7 +39,14 @@ Sequence parallelism. A model built with ``sequence_parallel`` decodes with it s
 (``models.gpt.sequence_parallel_off``, what megatron-core 0.19.2's own static-batching generation
 does): one decode position cannot be split over the TP group. The weights are the same, so the
 tokens and μ equal those of the model without SP; the activations are replicated over TP while
-decoding.
+decoding. MoE layers included (megatron's own generation means to keep SP in them, but its
+``exclude_modules=[BaseMoELayer]`` compares modules with the class and excludes nothing; keeping SP in
+the MoE layer alone would not work either: its shared expert would reduce-scatter over the sequence
+while the routed experts return the whole of it). With SP off every TP rank routes the whole,
+replicated token set; the dispatcher treats the TP copies as distinct tokens (the all-to-all over the
+EP group, the all-gather and reduce-scatter over expert TP) and each rank gets its own copies' outputs
+back: exact, at TP-fold redundant expert work while decoding (``tests/test_moe_rollout.py``: μ equals
+the SP-on forward's log-probs at TP = 2, EP = 4).
 
 Lock-step (``lock_step``: the student's DP group, for an expert-parallel MoE student; see
 ``models.pipeline``, "Lock-step"). Every MoE layer's all-to-all spans DP replicas, so every replica

@@ -297,6 +297,13 @@ def moe_aux_losses_off(model: torch.nn.Module, enabled: bool = True) -> Iterator
         config.moe_aux_loss_coeff, config.moe_z_loss_coeff = saved
 
 
+def lock_step_needed(tp: int, ep: int, etp: Optional[int]) -> bool:
+    """Whether a role's expert-parallel groups span data-parallel replicas, so its replicas must run in
+    lock-step: an EP group fills the ``tp / etp`` expert-TP slices of its TP group first (``models.groups``),
+    so it reaches other replicas when ``ep · etp > tp`` (``etp`` None = ``tp``)."""
+    return ep * (etp or tp) > tp
+
+
 def group_max(value: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float], what: str) -> int:
     """The maximum of ``value`` over ``group``: one bounded int64 all-reduce (``value`` itself without a
     group). A replica that never joins surfaces as a :class:`CollectiveError` after ``timeout_s``."""
