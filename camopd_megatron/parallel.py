@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from camopd_megatron.config import Config, ConfigError
+from camopd_megatron.config.moe import expert_layout_problems
 from camopd_megatron.config.sections import STUDENT_ROLE
 
 if TYPE_CHECKING:
@@ -73,10 +74,19 @@ class Role:
     rank_offset: int
     teachers: tuple[str, ...] = ()
     """Teachers hosted on these ranks (for the student: the colocated teachers)."""
+    ep: int = 1
+    """Expert-parallel size of the MoE layers (``models.groups``: the TP x DP ranks of a stage regrouped)."""
+    etp: int = 0
+    """Expert tensor-parallel size; 0 = :attr:`tp` (see :attr:`expert_tp`)."""
 
     @property
     def size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size (``etp``, or ``tp`` when 0)."""
+        return self.etp or self.tp
 
     @property
     def ranks(self) -> range:
@@ -84,7 +94,8 @@ class Role:
 
     @property
     def layout_str(self) -> str:
-        return f"tp{self.tp}×pp{self.pp}×dp{self.dp}"
+        experts = "" if self.ep == 1 and self.expert_tp == self.tp else f" (ep{self.ep}×etp{self.expert_tp})"
+        return f"tp{self.tp}×pp{self.pp}×dp{self.dp}{experts}"
 
     def coords(self, rank: int) -> RankCoords:
         """Grid coordinates of a global ``rank`` of this role."""
@@ -276,19 +287,33 @@ def _plan(cfg: Config, world_size: int) -> RoleLayout:
     colocated = [t.name for t in cfg.teachers if t.placement == "colocated"]
     groups: dict[str, list[str]] = {}
     group_dims: dict[str, tuple[int, int, int]] = {}
+    group_experts: dict[str, tuple[int, int]] = {}
     for t in cfg.teachers:
         if t.placement == "separate":
             groups.setdefault(t.role_name, []).append(t.name)
             group_dims.setdefault(t.role_name, t.separate_layout)  # members agree (config validation)
+            group_experts.setdefault(t.role_name, t.separate_experts)
     problems: list[str] = []
     dp = _student_dp(world_size, par.tp, par.pp, par.dp, group_dims, problems)
     if problems:
         raise LayoutError(problems)
 
     assert dp is not None
-    roles = [Role(STUDENT_ROLE, "student", par.tp, par.pp, dp, 0, tuple(colocated))]
+    if par.dp is None:  # derived here: the expert groups must tile it (config validation could not check)
+        keys = {"tp": "parallel.tp", "dp": "parallel.dp (derived from the world size)", "ep": "parallel.ep",
+                "etp": "parallel.etp"}
+        models = [(cfg.model, "model.moe")] + [cfg.teacher_model(i) for i, t in enumerate(cfg.teachers)
+                                               if t.placement == "colocated"]
+        for m, key in models:
+            if m.moe is not None:
+                problems += expert_layout_problems(m.moe, tp=par.tp, dp=dp, ep=par.ep, etp=par.etp, keys=keys,
+                                                   moe_key=key if key.endswith(".moe") else f"{key}.moe")
+        if problems:
+            raise LayoutError(sorted(set(problems)))
+    roles = [Role(STUDENT_ROLE, "student", par.tp, par.pp, dp, 0, tuple(colocated), par.ep, par.etp or par.tp)]
     for gname, names in groups.items():
-        roles.append(Role(gname, "teacher", *group_dims[gname], roles[-1].ranks.stop, tuple(names)))
+        roles.append(Role(gname, "teacher", *group_dims[gname], roles[-1].ranks.stop, tuple(names),
+                          *group_experts[gname]))
     assert roles[-1].ranks.stop == world_size, (roles, world_size)
     teacher_role = {t.name: t.role_name for t in cfg.teachers}  # config order
     return RoleLayout(world_size, tuple(roles), teacher_role, par.sequence_parallel)
@@ -413,7 +438,8 @@ def role_pg_collection(role: Role, *, timeout: datetime.timedelta | None = None)
     """A role's ``ProcessGroupCollection`` (collective over the world; see ``models.groups``)."""
     from camopd_megatron.models.groups import simple_pg_collection
 
-    return simple_pg_collection(role.tp, role.pp, role.dp, role.rank_offset, timeout=timeout)
+    return simple_pg_collection(role.tp, role.pp, role.dp, role.rank_offset, timeout=timeout, ep=role.ep,
+                                etp=role.expert_tp)
 
 
 def _check_own_groups(groups: RankGroups) -> None:

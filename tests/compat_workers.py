@@ -206,6 +206,30 @@ def _role_local_param_groups(rank: int, world_size: int) -> dict:
     return {"built": built, "torch_restored": mcore_optimizer.torch is torch}
 
 
+def _moe_dispatchers(world_size: int) -> dict:
+    """An MoE layer at EP = 2 through both token dispatchers: the router's device moves
+    (``router.py``) and the all-to-all dispatcher's streams and split sizes (``token_dispatcher.py``)."""
+    from camopd_megatron.config.moe import MoEConfig
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.testing.configs import TINY_MOE
+
+    out: dict[str, Any] = {}
+    for dispatcher in ("alltoall", "allgather"):
+        cfg = ModelConfig(init="random", num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
+                          vocab_size=W.VOCAB, seq_length=W.SEQ,
+                          moe=MoEConfig(**TINY_MOE, token_dispatcher=dispatcher))
+        pgc = simple_pg_collection(1, 1, world_size, ep=world_size)
+        init_model_rng(5, pgc)
+        model = build_gpt_model(cfg, pgc)
+        tok = W.global_batch(dist.get_rank())[:2, :-1]
+        logits = model(tok, torch.arange(W.SEQ).unsqueeze(0).expand_as(tok), None)
+        logits.float().pow(2).mean().backward()
+        router = model.decoder.layers[0].mlp.router.weight
+        out[dispatcher] = {"finite": bool(torch.isfinite(logits).all()), "router_grad": bool(router.grad.abs().sum() > 0),
+                           "device": str(router.device)}
+    return out
+
+
 def cpu_compat_paths(rank: int, world_size: int, ckpt_dir: str) -> dict:
     """Run every patched path on 2 ranks; returns {patch name: observations}."""
     out: dict[str, Any] = {"applied": list(applied_patches())}
@@ -228,5 +252,6 @@ def cpu_compat_paths(rank: int, world_size: int, ckpt_dir: str) -> dict:
         _distopt_checkpoint(dp2, ckpt_dir))
     out["gpt_model_deprecation_logged_once"] = _deprecation_once(dp2)
     out["param_groups_aligned_over"] = _role_local_param_groups(rank, world_size)
+    out["moe_cuda_devices"] = _moe_dispatchers(world_size)
     dist.barrier()
     return out

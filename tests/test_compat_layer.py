@@ -117,6 +117,7 @@ def test_keying_on_cuda_and_fused_adam():
     assert no_cuda == {
         "rng_tracker_on_cpu_generator", "device_factories_model", "pipeline_schedules", "ddp_and_optimizer_devices",
         "cuda_type_checks", "tied_embedding_tensor_cuda", "dist_checkpointing_devices", "distopt_dp_zero_gather_cuda",
+        "moe_cuda_devices",
     }
     # a GPU without TE/apex keeps megatron's CUDA paths but needs the torch-Adam fixes
     assert names(cuda=True, fused_adam=False) == no_fused | always

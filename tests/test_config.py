@@ -147,7 +147,7 @@ def test_full_yaml_round_trips(tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert config_to_dict(cfg)["teachers"][1] == {
         "name": "dom", "init": "random", "checkpoint": None, "model": None, "branches": ["domain"], "placement": "separate", "tp": 2,
-        "pp": None, "dp": None, "group": "pool", "dtype": "auto", "offload": True,
+        "pp": None, "dp": None, "ep": None, "etp": None, "group": "pool", "dtype": "auto", "offload": True,
     }
 
 

@@ -27,6 +27,8 @@ CONDITIONAL = {
     "teachers[].tp": "placement: separate (a colocated teacher has the student's layout; validation refuses another)",
     "teachers[].pp": "placement: separate (as teachers[].tp)",
     "teachers[].dp": "placement: separate (as teachers[].tp)",
+    "teachers[].ep": "placement: separate (as teachers[].tp)",
+    "teachers[].etp": "placement: separate (as teachers[].tp)",
     "teachers[].group": "placement: separate (validation refuses a group on a colocated teacher)",
     "data.branches.*.paths": "prompt files (data.branches empty = synthetic prompts; the demo run reads them)",
     "data.branches.*.weights": "prompt files, as data.branches.*.paths",

@@ -121,3 +121,10 @@ def test_with_cuda_only_the_cuda_independent_patches_are_applied():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"applied": ["distopt_torch_adam_checkpoint", "gpt_model_deprecation_logged_once"],
                    "rng_untouched": True, "torch_untouched": True, "adam_fixed": True}
+
+
+def test_moe_cuda_devices(paths):
+    for r in paths:
+        for dispatcher in ("alltoall", "allgather"):
+            obs = r["moe_cuda_devices"][dispatcher]
+            assert obs == {"finite": True, "router_grad": True, "device": "cpu"}, (dispatcher, obs)

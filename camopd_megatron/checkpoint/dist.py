@@ -63,7 +63,7 @@ MANIFEST = "camopd.json"
 RANKS_DIR = "ranks"
 ARCH_KEYS = (
     "arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "vocab_size", "vocab_pad_multiple", "add_qkv_bias", "qk_layernorm", "tie_embeddings", "head_dim",
+    "vocab_size", "vocab_pad_multiple", "add_qkv_bias", "qk_layernorm", "tie_embeddings", "head_dim", "moe",
 )
 """ModelConfig fields a checkpoint must agree on with the model that loads it."""
 

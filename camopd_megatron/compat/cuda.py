@@ -18,7 +18,8 @@ from camopd_megatron.compat.cpu_torch import proxy_torch_in, with_cuda_like_tens
 __all__ = [
     "patch_rng_tracker", "patch_device_factories", "patch_pipeline", "patch_ddp_and_optimizer",
     "patch_type_checks", "patch_tied_embedding_cuda", "patch_dist_checkpointing", "patch_distopt_dp_zero_gather",
-    "RNG_MODULE", "DEVICE_MODULES", "PIPELINE_MODULES", "DDP_OPTIM_MODULES", "CKPT_MODULES",
+    "patch_moe_devices",
+    "RNG_MODULE", "DEVICE_MODULES", "PIPELINE_MODULES", "DDP_OPTIM_MODULES", "CKPT_MODULES", "MOE_MODULES",
 ]
 
 RNG_MODULE = "megatron.core.tensor_parallel.random"
@@ -160,3 +161,34 @@ def patch_distopt_dp_zero_gather() -> None:
     dist_opt = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     cls = dist_opt.DistributedOptimizer
     cls.get_parameter_state_dp_zero = with_cuda_like_tensors(cls.get_parameter_state_dp_zero)
+
+
+MOE_MODULES = ("megatron.core.transformer.moe.token_dispatcher", "megatron.core.transformer.moe.router")
+
+
+def patch_moe_devices() -> None:
+    """MoE layers. ``transformer/moe/router.py``: ``Router.gating`` moves a CPU router weight to
+    ``torch.cuda.current_device()`` on every forward (line 98) and the aux-loss / routing-replay tensors
+    are made on it (lines 184-247). ``transformer/moe/token_dispatcher.py``:
+    ``MoEAlltoAllTokenDispatcher.__init__`` creates a ``torch.cuda.Stream()`` (the device-to-host copy
+    stream of the split sizes, line 469) and ``_maybe_dtoh_and_synchronize`` switches to it with
+    ``torch.cuda.stream`` / ``current_stream`` (lines 922-925). On CPU the weights and split sizes
+    already live on the host: the CPU device and no-op streams (module-local torch proxy), so both the
+    ``alltoall`` and the ``allgather`` dispatcher run on gloo. The same function hands the split sizes
+    to ``all_to_all_single`` through ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which converts
+    only CUDA tensors (line 1184 of ``moe_utils.py``): a CPU tensor stays a tensor, which torch's
+    ``all_to_all_single`` refuses as a split-size list. The dispatcher's copy of that function returns
+    the host array as it does on GPU."""
+    proxy_torch_in(MOE_MODULES)
+    dispatcher = importlib.import_module(MOE_MODULES[0])
+    upstream = dispatcher.maybe_move_tensor_to_cpu
+    if getattr(upstream, "_camopd_cpu", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.detach().numpy().copy()  # what the GPU path returns: a host copy as numpy
+        return upstream(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._camopd_cpu = True  # type: ignore[attr-defined]
+    dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu

@@ -106,6 +106,8 @@ _PATCHES: tuple[Patch, ...] = (
     Patch("dist_checkpointing_devices", Condition.NO_CUDA, _torch_of(cuda.CKPT_MODULES), cuda.patch_dist_checkpointing),
     Patch("distopt_dp_zero_gather_cuda", Condition.NO_CUDA, (f"{_DISTOPT}.get_parameter_state_dp_zero",),
           cuda.patch_distopt_dp_zero_gather),
+    Patch("moe_cuda_devices", Condition.NO_CUDA,
+          _torch_of(cuda.MOE_MODULES) + (f"{cuda.MOE_MODULES[0]}:maybe_move_tensor_to_cpu",), cuda.patch_moe_devices),
     Patch("distopt_torch_adam_checkpoint", Condition.NO_FUSED_ADAM,
           (f"{_DISTOPT}.state_dict", f"{_DISTOPT}._set_main_param_and_optimizer_states", f"{_DISTOPT}.load_state_dict"),
           optim.patch_distopt_torch_adam),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from camopd_megatron.config.errors import closest, problem
+from camopd_megatron.config.moe import expert_layout_problems
 from camopd_megatron.config.sections import (
     CONVERT_HINT,
     CheckpointConfig,
@@ -204,12 +205,13 @@ class Config:
                     "rename the group or the teacher",
                 ))
             ref = self.teachers[j]
-            for dim, mine, theirs in zip(("tp", "pp", "dp"), t.separate_layout, ref.separate_layout):
+            for dim, mine, theirs in zip(("tp", "pp", "dp", "ep", "etp"), t.separate_layout + t.separate_experts,
+                                         ref.separate_layout + ref.separate_experts):
                 if mine != theirs:
                     problems.append(problem(
                         f"teachers[{i}].{dim}", getattr(t, dim),
                         f"the layout of group {role!r} (teachers[{j}].{dim}={theirs})",
-                        f"give every teacher of group {role!r} the same tp/pp/dp",
+                        f"give every teacher of group {role!r} the same tp/pp/dp/ep/etp",
                     ))
         return problems
 
@@ -266,13 +268,14 @@ class Config:
                 "parallel.use_distributed_optimizer=true (only the distributed optimizer gathers parameters)",
                 "set parallel.use_distributed_optimizer: true or parallel.overlap_param_gather: false",
             ))
+        problems += self._check_experts()
         for i, t in enumerate(self.teachers):
             tm, prefix = self.teacher_model(i)
             if t.placement == "colocated":
                 # runs on the student's ranks with the student's layout: its own architecture must split there too
                 if prefix != "model":
                     problems += tm.layout_problems(par.tp, par.pp, tp_key="parallel.tp", pp_key="parallel.pp", prefix=prefix)
-                for dim in ("tp", "pp", "dp"):
+                for dim in ("tp", "pp", "dp", "ep", "etp"):
                     mine, student = getattr(t, dim), getattr(par, dim)
                     if mine is not None and student is not None and mine != student:
                         problems.append(problem(
@@ -283,6 +286,36 @@ class Config:
                 continue
             tp, pp, _ = t.separate_layout
             problems += tm.layout_problems(tp, pp, tp_key=f"teachers[{i}].tp", pp_key=f"teachers[{i}].pp", prefix=prefix)
+        return problems
+
+    def _check_experts(self) -> list[str]:
+        """Expert parallelism of every role (:func:`~camopd_megatron.config.moe.expert_layout_problems`): the
+        student's (with the colocated teachers, which run on its groups) and each separate teacher group's."""
+        par = self.parallel
+        keys = {"tp": "parallel.tp", "dp": "parallel.dp", "ep": "parallel.ep", "etp": "parallel.etp",
+                "sp": "parallel.sequence_parallel"}
+        problems: list[str] = []
+        on_student = [(self.model, "model.moe", par.sequence_parallel)]  # only the student trains: SP rule
+        on_student += [(tm, f"{key}.moe", None) for tm, key in
+                       (self.teacher_model(i) for i, t in enumerate(self.teachers) if t.placement == "colocated")
+                       if key != "model"]
+        if par.ep > 1 and all(m.moe is None and not m.arch_unset for m, _, _ in on_student):
+            problems += expert_layout_problems(None, tp=par.tp, dp=par.dp, ep=par.ep, etp=par.etp, keys=keys,
+                                               moe_key="model.moe")
+        for m, moe_key, sp in on_student:
+            if m.moe is not None:
+                problems += expert_layout_problems(m.moe, tp=par.tp, dp=par.dp, ep=par.ep, etp=par.etp, keys=keys,
+                                                   moe_key=moe_key, sequence_parallel=sp)
+        for i, t in enumerate(self.teachers):
+            if t.placement != "separate":
+                continue
+            tm, key = self.teacher_model(i)
+            tp, _, dp = t.separate_layout
+            tkeys = {d: f"teachers[{i}].{d}" for d in ("tp", "dp", "ep", "etp")}
+            if tm.moe is None and tm.arch_unset:
+                continue  # read from the checkpoint first
+            problems += expert_layout_problems(tm.moe, tp=tp, dp=dp, ep=t.ep or 1, etp=t.etp, keys=tkeys,
+                                               moe_key=f"{key}.moe")
         return problems
 
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from camopd_megatron.config.errors import problem
+from camopd_megatron.config.moe import MoEConfig, moe_from_saved
 
 __all__ = [
     "RunConfig",
     "ModelConfig",
+    "MoEConfig",
     "ParallelConfig",
     "TeacherConfig",
     "BranchDataConfig",
@@ -117,6 +119,7 @@ ARCH_FIELDS: dict[str, Any] = {
     "arch": "llama", "num_layers": None, "hidden_size": None, "num_attention_heads": None, "num_query_groups": None,
     "ffn_hidden_size": None, "head_dim": None, "vocab_size": None, "vocab_pad_multiple": 128, "rotary_base": 10000.0,
     "rope_scaling": None, "norm_epsilon": 1e-6, "add_qkv_bias": False, "qk_layernorm": False, "tie_embeddings": False,
+    "moe": None,
 }
 """The architecture fields of :class:`ModelConfig` → their value with ``init: random`` when left out (None: no
 default). With ``init: checkpoint`` each one left out is read from the checkpoint's manifest, and one that is set
@@ -178,6 +181,9 @@ class ModelConfig:
     """RMSNorm on queries and keys per head (Qwen3 style); random default false."""
     tie_embeddings: Optional[bool] = None
     """Share the input embedding and the output projection; random default false."""
+    moe: Optional[MoEConfig] = None
+    """Mixture-of-experts layers (:class:`~camopd_megatron.config.moe.MoEConfig`); None = a dense model (with
+    ``init: checkpoint``: as the checkpoint records it)."""
     init_method_std: float = 0.02
     """Std of the normal weight initialisation (random init only)."""
     transformer_impl: Literal["auto", "local", "te"] = "auto"
@@ -199,6 +205,8 @@ class ModelConfig:
     pipeline stage (``block``); 1 to the layers of one stage (num_layers / parallel.pp)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # ModelConfig(**manifest["model_config"]): the recorded plain dict
+            self.moe = moe_from_saved(self.moe)
         if self.init == "random":  # the documented defaults of the fields left out (sizes have none)
             for name, default in ARCH_FIELDS.items():
                 if getattr(self, name) is None and default is not None:
@@ -218,13 +226,17 @@ class ModelConfig:
             mine = getattr(self, name)
             if name not in saved:
                 continue  # an older manifest without the field: keep ours (None = the documented meaning)
-            theirs = saved[name]
+            theirs = moe_from_saved(saved[name]) if name == "moe" else saved[name]
             if mine is None:
                 values[name] = theirs
             elif mine != theirs:
                 problems.append(problem(
                     f"{key}.{name}", mine, f"the checkpoint's value {theirs!r} ({path})",
                     f"drop {key}.{name} (it is read from the checkpoint) or set it to {theirs!r}",
+                ) if name != "moe" else problem(
+                    f"{key}.moe", mine, f"the checkpoint's value {theirs!r} ({path})",
+                    f"drop {key}.moe (it is read from the checkpoint) or make it equal to the checkpoint's"
+                    + ("" if theirs is not None else " (a dense model: no moe)"),
                 ))
         return replace(self, **values), problems
 
@@ -253,6 +265,8 @@ class ModelConfig:
             "head_dim",
         )
         _non_negative(problems, prefix, self, "init_method_std")
+        if self.moe is not None:
+            problems += self.moe.validate(f"{prefix}.moe", num_layers=self.num_layers)
         _require(self.recompute in ("none", "selective", "full"), problems, f"{prefix}.recompute", self.recompute,
                  "one of none, selective, full", f"set {prefix}.recompute to none, selective or full")
         _require(self.recompute_method in ("uniform", "block"), problems, f"{prefix}.recompute_method",
@@ -339,8 +353,13 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     dp: Optional[int] = None
     """Data-parallel size; None = derived from the world size left after the teachers' ranks."""
+    ep: int = 1
+    """Expert-parallel size (``model.moe``): each EP rank holds num_experts / ep experts; the EP group spans
+    the rest of the TP group (with ``etp`` < ``tp``) and then DP replicas of the same pipeline stage."""
+    etp: Optional[int] = None
+    """Expert tensor-parallel size (megatron ``expert_tensor_parallel_size``); None = ``tp``; must divide ``tp``."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism inside the TP group."""
+    """Megatron sequence parallelism inside the TP group (required with ``model.moe`` and tp > 1)."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over the data-parallel group (megatron's distributed optimizer)."""
     overlap_grad_reduce: bool = False
@@ -365,7 +384,7 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
-        _positive(problems, prefix, self, "tp", "pp", "dp", "timeout_s", "bucket_size")
+        _positive(problems, prefix, self, "tp", "pp", "dp", "ep", "etp", "timeout_s", "bucket_size")
         return problems
 
 
@@ -392,6 +411,10 @@ class TeacherConfig:
     """Pipeline-parallel size; None = 1 when separate, the student's when colocated."""
     dp: Optional[int] = None
     """Data-parallel size (replicas); None = 1 when separate, the student's when colocated."""
+    ep: Optional[int] = None
+    """Expert-parallel size of an MoE teacher; None = 1 when separate, the student's when colocated."""
+    etp: Optional[int] = None
+    """Expert tensor-parallel size of an MoE teacher; None = its ``tp`` when separate, the student's when colocated."""
     group: Optional[str] = None
     """Teachers naming the same group share one rank range (time-shared; separate placement only)."""
     dtype: DTypeName = "auto"
@@ -414,7 +437,7 @@ class TeacherConfig:
                     f"move it to {prefix}.checkpoint",
                 ))
             problems += self.model.validate(f"{prefix}.model")
-        _positive(problems, prefix, self, "tp", "pp", "dp")
+        _positive(problems, prefix, self, "tp", "pp", "dp", "ep", "etp")
         _require(
             len(set(self.branches)) == len(self.branches), problems, f"{prefix}.branches", self.branches,
             "each branch at most once", "remove the duplicate branch names",
@@ -445,6 +468,11 @@ class TeacherConfig:
     def separate_layout(self) -> tuple[int, int, int]:
         """``(tp, pp, dp)`` of its own rank group when separate (None = 1); colocated teachers use the student's."""
         return (self.tp or 1, self.pp or 1, self.dp or 1)
+
+    @property
+    def separate_experts(self) -> tuple[int, int]:
+        """``(ep, etp)`` of its own rank group when separate (ep None = 1, etp None = its tp)."""
+        return (self.ep or 1, self.etp or self.separate_layout[0])
 
 
 @dataclass

@@ -5,7 +5,9 @@ HybridModel, but it is what 0.19.2 supports for this; a later switch stays local
 
 All architectures here are pre-norm decoders with RMSNorm, SwiGLU, RoPE and no linear biases:
 ``qwen2`` adds the QKV bias, ``qwen3`` the per-head q/k RMSNorm; GQA, tied embeddings and the RoPE
-base come from :class:`~camopd_megatron.config.ModelConfig`.
+base come from :class:`~camopd_megatron.config.ModelConfig`. With ``model.moe`` the layers it marks
+use megatron-core's ``MoELayer`` (top-k router, the configured token dispatcher, experts as a
+``SequentialMLP`` of SwiGLU MLPs, optionally a gated shared expert): :func:`moe_kwargs`.
 
 Layout independence. The embedding/output vocabulary is ``model.padded_vocab_size`` (the tokenizer
 vocabulary padded to ``model.vocab_pad_multiple``), never a TP-dependent size, and every TP size of
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -46,6 +48,7 @@ __all__ = [
     "stage_info",
     "transformer_config_from",
     "recompute_kwargs",
+    "moe_kwargs",
     "build_gpt_model",
     "init_model_rng",
     "unwrap_model",
@@ -101,6 +104,41 @@ def _group_size(pg_collection: Any, name: str) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def moe_kwargs(model_cfg: ModelConfig, *, ep: int = 1, etp: Optional[int] = None) -> dict[str, Any]:
+    """megatron ``TransformerConfig`` kwargs of ``model.moe`` (empty for a dense model) at expert-parallel
+    size ``ep`` and expert-TP size ``etp`` (None = TP).
+
+    Experts are a ``SequentialMLP`` (``moe_grouped_gemm=False``: one SwiGLU MLP per local expert, parameter
+    names ``mlp.experts.local_experts.{j}.linear_fc{1,2}``, on CPU and GPU alike). The router scores in
+    fp32 (``moe_router_dtype``) whatever the parameter dtype, as HF's Mixtral/Qwen-MoE do. The aux loss is
+    megatron's ``aux_loss`` load balancing (the HF formula: num_experts x sum_e f_e P_e per micro-batch),
+    its gradient injected by ``MoEAuxLossAutoScaler`` (scaled per micro-batch: ``models.moe``).
+    """
+    moe = model_cfg.moe
+    if moe is None:
+        return {}
+    kwargs: dict[str, Any] = dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_layer_freq=list(moe.layer_pattern) if moe.layer_pattern is not None else 1,
+        moe_router_pre_softmax=moe.router_pre_softmax,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff if moe.z_loss_coeff > 0 else None,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_enable_routing_replay=moe.routing_replay,
+        moe_grouped_gemm=False,
+        moe_router_dtype="fp32",
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    return kwargs
+
+
 def transformer_config_from(
     model_cfg: ModelConfig,
     *,
@@ -109,8 +147,10 @@ def transformer_config_from(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     extra: Optional[dict[str, Any]] = None,
+    ep: int = 1,
+    etp: Optional[int] = None,
 ) -> TransformerConfig:
-    """The megatron ``TransformerConfig`` for ``model_cfg`` at this role's TP/PP.
+    """The megatron ``TransformerConfig`` for ``model_cfg`` at this role's TP/PP (and EP / expert TP).
 
     ``extra`` overrides/extends the kwargs (e.g. FP8 settings from ``models.precision``).
     """
@@ -146,6 +186,7 @@ def transformer_config_from(
         # but is deprecated and warns on every config built; [] is its documented replacement
         cuda_graph_modules=[],
     )
+    kwargs.update(moe_kwargs(model_cfg, ep=ep, etp=etp))
     if not on_gpu:
         kwargs.update(_CPU_FUSIONS_OFF)
         # p2p on gloo: no torch.cuda.synchronize() after batched isend/irecv
@@ -199,18 +240,32 @@ def _layer_spec(model_cfg: ModelConfig, impl: str, config: TransformerConfig, pp
     """The layer spec (TE) or, for the local spec, this stage's block spec with :class:`LocalNorm` everywhere:
     each layer's two norms (and q/k norms) and the final norm, which megatron would otherwise take from
     whatever TE / apex / torch it finds installed (apex's FusedLayerNorm has no RMSNorm)."""
+    if model_cfg.moe is not None:  # megatron's per-layer dense / MoE block spec (config.moe_layer_freq)
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=impl == "te", normalization="RMSNorm",
+                                           pp_rank=pp_rank)
+        if impl == "te":
+            return block
+        for layer in {id(spec): spec for spec in block.layer_specs}.values():
+            _local_norms(layer, model_cfg)
+        block.layer_norm = LocalNorm
+        return block
     if impl == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     layer = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+    _local_norms(layer, model_cfg)
+    n_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=LocalNorm)
+
+
+def _local_norms(layer: Any, model_cfg: ModelConfig) -> None:
+    """:class:`LocalNorm` for a local layer spec's two norms (and q/k norms)."""
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = LocalNorm
     if model_cfg.qk_layernorm:
         attn = sub.self_attention.submodules
         attn.q_layernorm = attn.k_layernorm = LocalNorm
-    n_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=LocalNorm)
 
 
 def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -255,6 +310,7 @@ def build_gpt_model(
         The ``GPTModel``; its forward returns vocab-sharded logits ``[B, T, V_pad / TP]``.
     """
     tp, pp = _group_size(pg_collection, "tp"), _group_size(pg_collection, "pp")
+    ep, etp = _group_size(pg_collection, "ep"), _group_size(pg_collection, "expt_tp")
     problems = model_cfg.layout_problems(tp, pp, tp_key="TP size", pp_key="PP size")
     if problems:  # the config's own check, for models built outside a validated config (tools, tests)
         raise ConfigError(problems)
@@ -263,7 +319,8 @@ def build_gpt_model(
         raise ConfigError(["parallel.sequence_parallel=true needs parallel.tp > 1; set it to false"])
     stage = stage_info(pg_collection)
     config = transformer_config_from(
-        model_cfg, tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel, extra=config_extra
+        model_cfg, tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel, extra=config_extra,
+        ep=ep, etp=etp,
     )
     model = GPTModel(
         config=config,
@@ -298,11 +355,15 @@ def init_model_rng(seed: int, pg_collection: Any) -> None:
     import torch.distributed as dist
 
     torch.manual_seed(seed)
-    tp_group = getattr(pg_collection, "tp", None)
-    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    def rank_in(name: str) -> int:
+        group = getattr(pg_collection, name, None)
+        return 0 if group is None else dist.get_rank(group)
+
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
-    model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0, force_reset_rng=True)
+    # the expert-parallel tracker (dropout inside experts) is seeded per EP / expert-TP rank, as megatron does
+    model_parallel_cuda_manual_seed(seed, tp_rank=rank_in("tp"), ep_rank=rank_in("ep"), etp_rank=rank_in("expt_tp"),
+                                    force_reset_rng=True)
     torch.manual_seed(seed)  # the tracker draws from the default generator while seeding
 
 

@@ -2,11 +2,22 @@
 
 Rank order inside a role (fastest varying first): ``tp, cp, ep, pp, dp``, i.e.
 
-    rank = rank_offset + tp + TP * (pp + PP * dp)          (cp = ep = 1)
+    rank = rank_offset + tp + TP * (pp + PP * dp)          (cp = ep = 1 in the dense grid)
 
 so each DP replica is a contiguous block of TP*PP ranks (the same order as
-:mod:`camopd_megatron.parallel`). Context and expert parallelism are size 1, so the expert groups
-alias the dense ones.
+:mod:`camopd_megatron.parallel`). Context parallelism is size 1.
+
+Expert parallelism (``ep``, expert TP ``etp``) regroups the TP x DP ranks of each pipeline stage for the
+MoE layers, as a second factorisation (a ``HyperCommGrid`` view) of the same ranks:
+
+    tp = etp + ETP * ep_tp,   dp = ep_dp + (EP / (TP/ETP)) * edp,   ep = ep_tp + (TP/ETP) * ep_dp
+
+i.e. the view ``[etp, ep_tp, pp, ep_dp, edp]``: an expert-TP group lies inside a TP group, an EP group
+fills the rest of the TP group (``TP/ETP`` ranks) and then spans ``EP/(TP/ETP)`` neighbouring DP
+replicas of the same stage, and the expert-DP group is the remaining replicas (the rules
+``config.moe.expert_layout_problems`` checks). The pipeline groups are shared by both factorisations.
+megatron's own ``tp-pp-dp`` order would need EP x ETP = TP with PP > 1; this view has no such limit.
+With EP = 1 and ETP = TP the expert groups alias the dense ones (no extra group is created).
 
 Collective over the WORLD: every rank of the world must call :func:`simple_pg_collection` for
 every role, in the same order (``torch.distributed.new_group`` semantics); a rank outside the role
@@ -43,6 +54,8 @@ def simple_pg_collection(
     rank_offset: int = 0,
     *,
     timeout: Optional[datetime.timedelta] = None,
+    ep: int = 1,
+    etp: Optional[int] = None,
 ) -> ProcessGroupCollection:
     """Build one role's process groups on ranks ``[rank_offset, rank_offset + tp*pp*dp)``.
 
@@ -50,13 +63,18 @@ def simple_pg_collection(
         tp, pp, dp: the role's tensor-, pipeline- and data-parallel sizes.
         rank_offset: first global rank of the role.
         timeout: process-group timeout (None: the default group's).
+        ep, etp: expert-parallel and expert tensor-parallel sizes of the MoE layers (etp None = tp).
 
     Returns:
         The collection (placeholders on ranks outside the role; see the module docstring).
     """
-    for key, value in (("tp", tp), ("pp", pp), ("dp", dp)):
+    etp = tp if etp is None else etp
+    for key, value in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep), ("etp", etp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"simple_pg_collection: {key}={value!r} must be a positive int")
+    if tp % etp or ep % (tp // etp) or dp % (ep // (tp // etp)):
+        raise ValueError(f"simple_pg_collection: ep={ep}, etp={etp} do not tile tp={tp} x dp={dp} "
+                         "(etp | tp, tp/etp | ep, ep/(tp/etp) | dp); fix parallel.ep / parallel.etp")
     if not dist.is_initialized():
         raise RuntimeError("simple_pg_collection needs torch.distributed initialised (init_distributed())")
     world = dist.get_world_size()
@@ -80,9 +98,12 @@ def simple_pg_collection(
     pgc.tp_ep = grid.create_pg(["tp", "ep"], **kw)
     pgc.tp_ep_pp = grid.create_pg(["tp", "ep", "pp"], **kw)
     pgc.intra_dist_opt = grid.create_pg(list(DIM_NAMES), **kw)
-    # CP = EP = 1 and one distributed-optimizer instance: the remaining groups alias dense ones.
-    pgc.expt_tp = pgc.tp
-    pgc.expt_dp = pgc.dp_cp
+    if ep == 1 and etp == tp:  # the expert groups are the dense ones
+        pgc.expt_tp = pgc.tp
+        pgc.expt_dp = pgc.dp_cp
+    else:
+        _expert_groups(grid, pgc, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, kw=kw)
+    # CP = 1 and one distributed-optimizer instance: the remaining groups alias others.
     pgc.intra_dp_cp = pgc.dp_cp
     pgc.intra_expt_dp = pgc.expt_dp
     pgc.dp_cp_gtp_remat = pgc.dp_cp
@@ -104,6 +125,21 @@ def simple_pg_collection(
         if me == stages[0]:
             pgc.pos_embd = pos
     return pgc
+
+
+def _expert_groups(grid: HyperCommGrid, pgc: ProcessGroupCollection, *, tp: int, pp: int, dp: int, ep: int,
+                   etp: int, kw: dict[str, Any]) -> None:
+    """The expert groups from the ``expert`` view of ``grid`` (the factorisation in the module docstring)."""
+    ep_tp = tp // etp
+    ep_dp = ep // ep_tp
+    view = "expert"
+    grid.register_view(view, [etp, ep_tp, pp, ep_dp, dp // ep_dp], ["etp", "ep_tp", "pp", "ep_dp", "edp"],
+                       shared_dims=["pp"])
+    pgc.ep = grid.create_pg(["ep_tp", "ep_dp"], view=view, **kw)
+    pgc.expt_tp = grid.create_pg("etp", view=view, **kw)
+    pgc.expt_dp = grid.create_pg("edp", view=view, **kw)
+    pgc.tp_ep = grid.create_pg(["etp", "ep_tp", "ep_dp"], view=view, **kw)
+    pgc.tp_ep_pp = grid.create_pg(["etp", "ep_tp", "pp", "ep_dp"], view=view, **kw)
 
 
 def in_collection(pgc: ProcessGroupCollection) -> bool:

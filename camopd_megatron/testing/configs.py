@@ -6,11 +6,14 @@ from typing import Any, Mapping, Optional
 
 from camopd_megatron.config.loader import deep_merge
 
-__all__ = ["TINY_MODEL", "RANDOM_TEACHERS", "random_init"]
+__all__ = ["TINY_MODEL", "TINY_MOE", "RANDOM_TEACHERS", "random_init"]
 
 TINY_MODEL: dict[str, Any] = {"init": "random", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                               "ffn_hidden_size": 256, "vocab_size": 128}
 """A tiny student from random weights (the sizes the config defaulted to before ``init`` existed)."""
+
+TINY_MOE: dict[str, Any] = {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 32}
+"""``model.moe`` of a tiny mixture-of-experts student: 4 experts, top-2, every layer sparse."""
 
 RANDOM_TEACHERS: list[dict[str, Any]] = [
     {"name": "general", "init": "random", "branches": ["general"]},

@@ -1,0 +1,119 @@
+"""Mixture-of-experts students and teachers: the ``model.moe`` / ``parallel.ep`` config rules, the
+manifest's ``moe`` field, and a tiny MoE student built and trained one step on one rank."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from camopd_megatron.config import ConfigError, ModelConfig, config_from_dict
+from camopd_megatron.config.moe import MoEConfig
+from camopd_megatron.testing.configs import TINY_MOE, random_init
+from camopd_megatron.testing.multiproc import run_on_ranks
+
+
+def _problems(d: dict) -> list[str]:
+    try:
+        return config_from_dict(random_init(d)).validate()
+    except ConfigError as e:
+        return e.problems
+
+
+def _moe(**kw) -> dict:
+    return {"model": {"moe": {**TINY_MOE, **kw}}}
+
+
+def test_moe_config_loads_and_validates():
+    cfg = config_from_dict(random_init({**_moe(layer_pattern=[0, 1]), "parallel": {"ep": 2, "dp": 2}}))
+    assert cfg.model.moe == MoEConfig(**TINY_MOE, layer_pattern=[0, 1])
+    assert cfg.parallel.ep == 2 and cfg.parallel.etp is None
+    assert cfg.validate() == []
+
+
+@pytest.mark.parametrize("d, key, words", [
+    (_moe(router_topk=5), "model.moe.router_topk", "at most model.moe.num_experts=4"),
+    (_moe(layer_pattern=[1, 1, 0]), "model.moe.layer_pattern", "2 entries"),
+    (_moe(layer_pattern=[0, 2]), "model.moe.layer_pattern", "one 0 (dense) or 1 (MoE)"),
+    (_moe(shared_expert_gate=True), "model.moe.shared_expert_gate", "shared_expert_ffn_hidden_size"),
+    (_moe(aux_loss_coeff=-1.0), "model.moe.aux_loss_coeff", ">= 0"),
+    ({**_moe(), "parallel": {"ep": 3, "dp": 3}}, "parallel.ep", "a divisor of model.moe.num_experts=4"),
+    ({**_moe(), "parallel": {"ep": 4, "dp": 2}}, "parallel.ep", "must divide parallel.dp=2"),
+    ({**_moe(), "parallel": {"tp": 2, "ep": 2, "dp": 2, "sequence_parallel": False}}, "parallel.sequence_parallel",
+     "only under sequence parallelism"),
+    ({**_moe(), "parallel": {"tp": 2, "etp": 1, "ep": 1, "sequence_parallel": True}}, "parallel.ep",
+     "a multiple of parallel.tp / parallel.etp = 2"),
+    ({**_moe(), "parallel": {"tp": 2, "etp": 4, "sequence_parallel": True}}, "parallel.etp", "a divisor of parallel.tp=2"),
+    ({**_moe(ffn_hidden_size=30), "parallel": {"tp": 4, "sequence_parallel": True}}, "parallel.etp",
+     "a divisor of model.moe.ffn_hidden_size=30"),
+    ({"parallel": {"ep": 2}}, "parallel.ep", "model.moe is not set"),
+    ({"teachers": [{"name": "general", "init": "random", "branches": ["general"], "placement": "separate", "ep": 2},
+                   {"name": "domain", "init": "random", "branches": ["domain"]}]},
+     "teachers[0].ep", "model.moe is not set"),
+    ({**_moe(), "teachers": [{"name": "general", "init": "random", "branches": ["general"], "placement": "separate",
+                              "ep": 2}, {"name": "domain", "init": "random", "branches": ["domain"]}]},
+     "teachers[0].ep", "must divide teachers[0].dp=1"),
+    ({**_moe(), "parallel": {"ep": 2, "dp": 2}, "teachers": [
+        {"name": "general", "init": "random", "branches": ["general"], "ep": 1},
+        {"name": "domain", "init": "random", "branches": ["domain"]}]}, "teachers[0].ep", "the student's parallel.ep=2"),
+])
+def test_moe_config_problems_name_the_key_and_fix(d, key, words):
+    problems = _problems(d)
+    hits = [p for p in problems if p.startswith(f"{key}:")]
+    assert hits and any(words in p for p in hits), problems
+    assert all("Fix:" in p for p in hits)
+
+
+def test_moe_layout_with_derived_dp():
+    from camopd_megatron.parallel import LayoutError, RoleLayout
+
+    cfg = config_from_dict(random_init({**_moe(), "parallel": {"ep": 2}}))
+    assert RoleLayout.from_config(cfg, 4).student.ep == 2
+    with pytest.raises(LayoutError, match=r"parallel.ep.*parallel.dp \(derived from the world size\)=3"):
+        RoleLayout.from_config(cfg, 3)
+
+
+def test_moe_is_read_from_the_checkpoint_and_must_agree():
+    saved = asdict(ModelConfig(init="random", num_layers=2, hidden_size=64, num_attention_heads=4,
+                               ffn_hidden_size=128, vocab_size=100, moe=MoEConfig(**TINY_MOE)))
+    mine = ModelConfig(init="checkpoint", checkpoint="ckpt")
+    resolved, problems = mine.from_saved(saved, key="model", path="ckpt")
+    assert problems == [] and resolved.moe == MoEConfig(**TINY_MOE)
+    # a manifest's model_config round-trips (ModelConfig(**dict), as the exporter reads it)
+    assert ModelConfig(**saved).moe == MoEConfig(**TINY_MOE)
+    other = ModelConfig(init="checkpoint", checkpoint="ckpt", moe=MoEConfig(**{**TINY_MOE, "router_topk": 1}))
+    _, problems = other.from_saved(saved, key="model", path="ckpt")
+    assert len(problems) == 1 and problems[0].startswith("model.moe:") and "ckpt" in problems[0]
+    dense = dict(saved, moe=None)
+    _, problems = other.from_saved(dense, key="teachers[0].model", path="ckpt")
+    assert problems and "a dense model" in problems[0] and problems[0].startswith("teachers[0].model.moe:")
+
+
+def _build_and_step(rank: int, world_size: int) -> dict:
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import simple_pg_collection
+
+    cfg = ModelConfig(init="random", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                      vocab_size=100, seq_length=16, moe=MoEConfig(**TINY_MOE, layer_pattern=[0, 1]))
+    pgc = simple_pg_collection(1, 1, 1)
+    init_model_rng(3, pgc)
+    model = build_gpt_model(cfg, pgc)
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = model(tokens, torch.arange(12).expand(2, 12), None)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1, :100].reshape(-1, 100), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: float(p.grad.abs().sum()) for n, p in model.named_parameters()}
+    return {"loss": loss.item(), "grads": grads, "mlp1": type(model.decoder.layers[1].mlp).__name__,
+            "experts": type(model.decoder.layers[1].mlp.experts).__name__}
+
+
+def test_tiny_moe_student_forward_backward_one_rank():
+    (out,) = run_on_ranks(_build_and_step, 1, timeout_s=240)
+    assert out["mlp1"] == "MoELayer" and out["experts"] == "SequentialMLP"
+    names = set(out["grads"])
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in names  # the dense layer of layer_pattern [0, 1]
+    assert {"decoder.layers.1.mlp.router.weight", *(f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc{k}.weight"
+                                                    for j in range(4) for k in (1, 2))} <= names
+    assert 3.0 < out["loss"] < 6.0
+    assert out["grads"]["decoder.layers.1.mlp.router.weight"] > 0
+    assert sum(out["grads"][f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc1.weight"] > 0 for j in range(4)) >= 2
