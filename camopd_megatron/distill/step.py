@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol, Sequenc
 import torch
 import torch.distributed as dist
 
+from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, reduce_metric_sums, summarize_loss_metrics
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
 from camopd_megatron.distill.scheduler import StepPlan
@@ -462,4 +463,5 @@ def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSett
         timeout_s=cfg.parallel.timeout_s,
         teacher_temperature_override=cfg.loss.teacher_temperature,
         clip_grad=cfg.optim.clip_grad,
+        lock_step=cfg.model.moe is not None and lock_step_needed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp),
     )

@@ -41,10 +41,11 @@ expects), and the MoE router's auxiliary load-balancing and z-losses are off whi
 (:func:`moe_aux_losses_off`: megatron adds them in the backward through its own autoscaler,
 independent of our loss). Without token dropping (``capacity_factor`` unset) a token's expert output
 does not depend on the other tokens of the all-to-all, so the real rows' results are those of the
-run without lock-step. The whole DP group is a superset of the replicas any EP group spans whatever
-the expert-TP size, and every TP/PP rank of a replica agrees on the same maximum with its own DP
-group; a synchronous step waits for its slowest replica anyway. The alltoall dispatcher needs only
-equal counts; the allgather dispatcher would also need equal token counts per forward.
+run without lock-step. Which roles need it: ``config.moe.lock_step_needed``. The whole DP group is a
+superset of the replicas any EP group spans whatever the expert-TP size, and every TP/PP rank of a
+replica agrees on the same maximum with its own DP group; a synchronous step waits for its slowest
+replica anyway. The alltoall dispatcher needs only equal counts; the allgather dispatcher would also
+need equal token counts per forward.
 
 Last stage → other stages. Only the last stage holds a pipeline's result (log-probs, sampled tokens);
 :func:`last_stage_to_all` copies it to the earlier stages of the same TP rank with one bounded
@@ -295,13 +296,6 @@ def moe_aux_losses_off(model: torch.nn.Module, enabled: bool = True) -> Iterator
         yield
     finally:
         config.moe_aux_loss_coeff, config.moe_z_loss_coeff = saved
-
-
-def lock_step_needed(tp: int, ep: int, etp: Optional[int]) -> bool:
-    """Whether a role's expert-parallel groups span data-parallel replicas, so its replicas must run in
-    lock-step: an EP group fills the ``tp / etp`` expert-TP slices of its TP group first (``models.groups``),
-    so it reaches other replicas when ``ep · etp > tp`` (``etp`` None = ``tp``)."""
-    return ep * (etp or tp) > tp
 
 
 def group_max(value: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float], what: str) -> int:
