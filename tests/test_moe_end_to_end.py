@@ -59,7 +59,10 @@ def _steps(history: list[dict]) -> list[dict]:
 
 
 def test_moe_student_ep2_with_separate_dense_teachers_trains_and_resumes(tmp_path):
+    from camopd_megatron.distill.step import settings_from_config
+
     full, first, second = (_cfg(str(tmp_path / d), n) for d, n in (("full", 3), ("resumed", 2), ("resumed", 3)))
+    assert settings_from_config(full, None).lock_step  # EP = 2 spans the two replicas
     res = run_on_ranks(_train, 4, args=([full, first, second],), timeout_s=900, pg_timeout_s=150)
     assert [r[0]["role"] for r in res] == ["student", "student", "general", "domain"]
     a, b = _steps(res[0][0]["history"]), _steps(res[0][2]["history"])
