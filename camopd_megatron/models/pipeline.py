@@ -8,7 +8,9 @@ explicit groups; either alone raises), and calls ``loss_fn(batch, logits_BTV)`` 
 Loss scaling. megatron divides each micro-batch's loss by the number of micro-batches (legacy two-
 value loss functions). Our losses already carry their global normaliser (docs/algorithm.md: the mean
 over the kept set across DP ranks and micro-batches), so the returned loss is multiplied back by the
-micro-batch count: the gradient is exactly that of ``Σ_mb loss_fn(mb)``.
+micro-batch count: the gradient is exactly that of ``Σ_mb loss_fn(mb)``. An MoE model's router aux
+loss is megatron's own (never part of ``loss_fn``); its gradient is scaled to the mean over the
+micro-batches and DP replicas (:func:`camopd_megatron.models.moe.set_aux_loss_scale`).
 
 Shapes. Every micro-batch in one call has the same ``[B, T]`` (:func:`make_microbatches` pads the
 last one): the pipeline's receive buffers are allocated from ``(T, B, hidden)``. Legend: B batch,
@@ -66,6 +68,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from camopd_megatron.models.gpt import run_forward_pre_hooks, stage_info, unwrap_model
+from camopd_megatron.models.moe import set_aux_loss_scale
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -203,6 +206,8 @@ def run_microbatches(
 
         return output, loss_func
 
+    if not forward_only:
+        set_aux_loss_scale(config, n, pg_collection)
     fb = get_forward_backward_func(pp_size=stage.pp_size, vp_size=None)
     kwargs: dict[str, Any] = dict(
         forward_step_func=forward_step,

@@ -1,0 +1,216 @@
+"""Rank functions for tests/test_moe.py (spawned by run_on_ranks): a tiny MoE student under expert,
+tensor, sequence and pipeline parallelism, its aux-loss gradient, and a checkpoint resharded across EP.
+
+Layouts are compared parameter by parameter under *global* names: a pipeline stage's local layer i is
+layer ``layer_number - 1``, EP rank r's local expert j is expert ``r * local + j``. A layout under test
+gets the reference layout's weights copied in by those names (the CPU initialisation draws experts and
+stages in layout-dependent order), then runs the same global batch: 8 rows split contiguously over the
+DP ranks, 2 rows per micro-batch, so every layout sees the same micro-batches.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from camopd_megatron.config.moe import MoEConfig
+from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig
+from camopd_megatron.models.groups import pg_rank, pg_size, simple_pg_collection
+from camopd_megatron.testing.configs import TINY_MOE
+
+SEED = 4321
+VOCAB = 96
+SEQ = 12
+ROWS = 8
+MICRO = 2
+
+
+def model_cfg(num_layers: int = 2, **moe: Any) -> ModelConfig:
+    return ModelConfig(init="random", num_layers=num_layers, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                       vocab_size=VOCAB, vocab_pad_multiple=32, seq_length=SEQ, moe=MoEConfig(**{**TINY_MOE, **moe}))
+
+
+def global_tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(11))
+
+
+def global_names(model: torch.nn.Module, pgc: Any) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters under their layout-independent names (module docstring)."""
+    local = model.config.num_moe_experts // pg_size(pgc.ep)
+    ep_rank = pg_rank(pgc.ep)
+    out = {}
+    for name, p in model.named_parameters():
+        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+        if m:
+            rest = m[2]
+            e = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(.*)", rest)
+            if e:
+                rest = f"mlp.experts.local_experts.{ep_rank * local + int(e[1])}.{e[2]}"
+            name = f"decoder.layers.{model.decoder.layers[int(m[1])].layer_number - 1}.{rest}"
+        out[name] = p
+    return out
+
+
+def _loss_fn(pgc: Any, n_tokens: int, main: bool = True):
+    from camopd_megatron.models.logprobs import next_token_logprobs
+
+    def loss_fn(batch: dict, logits: torch.Tensor):
+        logp = next_token_logprobs(logits, batch["tokens"], pgc.tp, vocab_size=VOCAB)
+        loss = -logp[:, :-1].sum() / n_tokens
+        if not main:  # the router's aux loss alone: the distillation-side loss contributes no gradient
+            loss = loss * 0.0
+        return loss, {"loss": float(loss.detach())}
+
+    return loss_fn
+
+
+def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Optional[dict[str, torch.Tensor]] = None,
+               rank_offset: int = 0, tokens: Optional[torch.Tensor] = None, repeat: int = 1, main: bool = True,
+               seed: int = SEED, keep: bool = False) -> Optional[dict]:
+    """Build the layout (collective over the world), copy ``src`` in by global name, one forward/backward of
+    this DP rank's rows (``repeat`` copies of each micro-batch). Returns loss (this rank's share), the
+    finalised gradients and the weights by (global name, TP rank); None on ranks outside the layout."""
+    from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
+    from camopd_megatron.models.groups import in_collection
+    from camopd_megatron.models.optimizer import build_ddp_and_optimizer, zero_grad_buffers
+    from camopd_megatron.models.pipeline import make_microbatches, run_microbatches
+
+    pgc = simple_pg_collection(tp, pp, dp, rank_offset, ep=ep)
+    if not in_collection(pgc):
+        return None
+    init_model_rng(seed, pgc)
+    model = build_gpt_model(cfg, pgc, sequence_parallel=tp > 1)
+    tp_rank = pg_rank(pgc.tp)
+    if src is not None:
+        with torch.no_grad():
+            for name, p in global_names(model, pgc).items():
+                p.copy_(src[(name, tp_rank)])
+    ddp, opt, sched = build_ddp_and_optimizer([model], OptimConfig(lr=1e-2, clip_grad=0.0), ParallelConfig(tp=tp, pp=pp, dp=dp),
+                                              pgc, total_steps=2)
+    tokens = global_tokens() if tokens is None else tokens
+    rows = tokens.shape[0] // dp
+    mine = tokens[pg_rank(pgc.dp) * rows:(pg_rank(pgc.dp) + 1) * rows]
+    batches = [b for b in make_microbatches({"tokens": mine}, MICRO) for _ in range(repeat)]
+    zero_grad_buffers(ddp, opt)
+    outs = run_microbatches(ddp[0], pgc, batches, _loss_fn(pgc, tokens.shape[0] * (SEQ - 1) * repeat, main),
+                            forward_only=False)
+    loss = sum(o["loss"] for o in outs) if tp_rank == 0 else 0.0
+    named = global_names(model, pgc)
+    out = {"loss": loss, "grads": {(n, tp_rank): p.main_grad.detach().clone() for n, p in named.items()},
+           "params": {(n, tp_rank): p.detach().clone() for n, p in named.items()}}
+    if keep:
+        out.update(model=model, ddp=ddp, opt=opt, sched=sched, pgc=pgc)
+    return out
+
+
+def _merged(part: Optional[dict], key: str) -> dict:
+    """Every rank's ``part[key]`` merged (DP replicas hold equal copies after the gradient reduction)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, None if part is None else part[key])
+    out: dict = {}
+    for g in gathered:
+        out.update(g or {})
+    return out
+
+
+def _loss(part: Optional[dict]) -> float:
+    t = torch.tensor([0.0 if part is None else part["loss"]], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _compare(ref: Optional[dict], test: Optional[dict]) -> dict:
+    ref_g, test_g = _merged(ref, "grads"), _merged(test, "grads")
+    common = sorted(set(ref_g) & set(test_g))
+    worst = max(float((ref_g[k] - test_g[k]).abs().max()) for k in common)
+    scale = max(float(ref_g[k].abs().max()) for k in common)
+    return {"loss": (_loss(ref), _loss(test)), "grad_max_diff": worst, "grad_scale": scale, "compared": len(common),
+            "missing": sorted({k[0] for k in set(ref_g) ^ set(test_g)}),
+            "router_grad": float(sum(v.abs().sum() for k, v in test_g.items() if "router" in k[0]))}
+
+
+def parallel_equivalence(rank: int, world_size: int) -> dict:
+    """World 4: EP = 2 vs EP = 1 (DP 4); TP = 2 x EP = 2 with SP vs TP = 2 x EP = 1; PP = 2 x EP = 2 with a dense
+    and an MoE stage vs the one-stage model."""
+    out = {}
+    cfg = model_cfg()
+    ref = run_layout(1, 1, 4, 1, cfg=cfg)
+    out["ep2"] = _compare(ref, run_layout(1, 1, 4, 2, cfg=cfg, src=ref["params"]))
+    ref_tp = run_layout(2, 1, 2, 1, cfg=cfg)
+    out["tp2_ep2_sp"] = _compare(ref_tp, run_layout(2, 1, 2, 2, cfg=cfg, src=ref_tp["params"]))
+    cfg4 = model_cfg(num_layers=4, layer_pattern=[0, 1, 1, 0])
+    ref_pp = run_layout(1, 1, 4, 1, cfg=cfg4)
+    out["pp2_ep2"] = _compare(ref_pp, run_layout(1, 2, 2, 2, cfg=cfg4, src=ref_pp["params"]))
+    dist.barrier()
+    return out
+
+
+def aux_loss_scale(rank: int, world_size: int) -> dict:
+    """World 2: the router-weight gradient of the aux loss alone at 1 vs 2 micro-batches and DP 1 vs 2 (the same
+    rows everywhere: the mean aux loss is that of one micro-batch), with coefficient 0, and main + aux vs main."""
+    tokens = global_tokens()[:MICRO]
+    both = torch.cat([tokens, tokens])  # DP 2: each replica gets the same two rows
+    aux = model_cfg(aux_loss_coeff=0.5)
+    no_aux = model_cfg(aux_loss_coeff=0.0)
+
+    def router_grads(part: Optional[dict]) -> dict:
+        return {k: v for k, v in _merged(part, "grads").items() if "router" in k[0]}
+
+    def solo(**kw: Any) -> dict:  # DP 1 on every rank (each rank its own one-rank role, the same result)
+        parts = [run_layout(1, 1, 1, 1, rank_offset=r, **kw) for r in range(world_size)]
+        return {k: v for k, v in parts[rank]["grads"].items() if "router" in k[0]}
+
+    out = {
+        "dp1_mb1": solo(cfg=aux, tokens=tokens, main=False),
+        "dp1_mb2": solo(cfg=aux, tokens=tokens, repeat=2, main=False),
+        "dp2_mb1": router_grads(run_layout(1, 1, 2, 1, cfg=aux, tokens=both, main=False)),
+        "dp2_mb2": router_grads(run_layout(1, 1, 2, 1, cfg=aux, tokens=both, repeat=2, main=False)),
+        "coeff0": solo(cfg=no_aux, tokens=tokens, main=False),
+        "main_aux": router_grads(run_layout(1, 1, 2, 1, cfg=aux, tokens=both)),
+        "main": router_grads(run_layout(1, 1, 2, 1, cfg=no_aux, tokens=both)),
+    }
+    dist.barrier()
+    return out
+
+
+def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    """World 2: one update at EP = 2 (DP 2), save model + optimizer, load at EP = 1 (DP 2) from another seed:
+    the same weights and Adam moments under global names."""
+    from camopd_megatron.checkpoint.dist import load_sharded, model_sharded_state_dict, save_checkpoint
+    from camopd_megatron.models.optimizer import load_optimizer_state, optimizer_sharded_state_dict, optimizer_step
+
+    cfg = model_cfg()
+
+    def state(part: dict, is_loading: bool) -> dict:
+        msd = model_sharded_state_dict(part["ddp"][0], part["pgc"])
+        return {"model": msd, "optimizer": optimizer_sharded_state_dict(part["opt"], msd, is_loading=is_loading,
+                                                                        pg_collection=part["pgc"])}
+
+    def moments(part: dict) -> dict:
+        names = {id(p): n for n, p in global_names(part["model"], part["pgc"]).items()}
+        tp_rank = pg_rank(part["pgc"].tp)
+        inner = part["opt"].optimizer
+        return {(names[id(p)], tp_rank): inner.state[p]["exp_avg"].clone() for g in inner.param_groups
+                for p in g["params"] if p in inner.state}
+
+    saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True)
+    optimizer_step(saved["opt"], saved["sched"])
+    before = {"params": _merged({"p": {(n, 0): p.detach().clone() for n, p in global_names(saved["model"],
+                                                                                          saved["pgc"]).items()}}, "p"),
+              "exp_avg": _merged({"m": moments(saved)}, "m")}
+    save_checkpoint(ckpt_dir, state(saved, False), model_cfg=cfg, step=1)
+    loaded = run_layout(1, 1, 2, 1, cfg=cfg, seed=SEED + 7, keep=True)
+    template = state(loaded, True)
+    got = load_sharded(ckpt_dir, template, process_group=loaded["pgc"].intra_dist_opt)
+    loaded["ddp"][0].module.load_state_dict({k.removeprefix("module."): v for k, v in got["model"].items()}, strict=False)
+    load_optimizer_state(loaded["opt"], got["optimizer"])
+    after = {"params": {(n, 0): p.detach().clone() for n, p in global_names(loaded["model"], loaded["pgc"]).items()},
+             "exp_avg": moments(loaded)}
+    diffs = {kind: max(float((before[kind][k] - after[kind][k]).abs().max()) for k in after[kind])
+             for kind in ("params", "exp_avg")}
+    dist.barrier()
+    return {"diffs": diffs, "n_params": len(after["params"]), "n_moments": len(after["exp_avg"]),
+            "experts_here": sorted({k[0] for k in after["params"] if "local_experts" in k[0]}),
+            "exp_avg_norm": float(sum(v.abs().sum() for v in after["exp_avg"].values()))}
