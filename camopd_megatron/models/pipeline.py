@@ -10,7 +10,8 @@ value loss functions). Our losses already carry their global normaliser (docs/al
 over the kept set across DP ranks and micro-batches), so the returned loss is multiplied back by the
 micro-batch count: the gradient is exactly that of ``Σ_mb loss_fn(mb)``. An MoE model's router aux
 loss is megatron's own (never part of ``loss_fn``); its gradient is scaled to the mean over the
-micro-batches and DP replicas (:func:`camopd_megatron.models.moe.set_aux_loss_scale`).
+micro-batches of every DP replica (:func:`camopd_megatron.models.moe.set_aux_loss_scale` with their
+count over the DP group; lock-step dummies are not counted and add no aux loss).
 
 Shapes. Every micro-batch in one call has the same ``[B, T]`` (:func:`make_microbatches` pads the
 last one): the pipeline's receive buffers are allocated from ``(T, B, hidden)``. Legend: B batch,
@@ -68,7 +69,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from camopd_megatron.models.gpt import run_forward_pre_hooks, stage_info, unwrap_model
-from camopd_megatron.models.moe import set_aux_loss_scale
+from camopd_megatron.models.moe import is_moe, set_aux_loss_scale
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -206,8 +207,13 @@ def run_microbatches(
 
         return output, loss_func
 
-    if not forward_only:
-        set_aux_loss_scale(config, n, pg_collection)
+    if not forward_only and is_moe(config):
+        # the aux-loss gradient is the mean over the step's REAL micro-batches of every DP replica: their
+        # count over the DP group (dummies add no aux loss), so it is the same with and without lock-step
+        # and whatever the replicas' counts (one small all-reduce)
+        real = group_sum(sum(not is_dummy(b) for b in batches), getattr(pg_collection, "dp_cp", None),
+                         timeout_s=timeout_s, what="micro-batches with rows")
+        set_aux_loss_scale(config, real, None)
     fb = get_forward_backward_func(pp_size=stage.pp_size, vp_size=None)
     kwargs: dict[str, Any] = dict(
         forward_step_func=forward_step,
@@ -306,11 +312,20 @@ def moe_aux_losses_off(model: torch.nn.Module, enabled: bool = True) -> Iterator
 def group_max(value: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float], what: str) -> int:
     """The maximum of ``value`` over ``group``: one bounded int64 all-reduce (``value`` itself without a
     group). A replica that never joins surfaces as a :class:`CollectiveError` after ``timeout_s``."""
+    return _group_int(value, group, dist.ReduceOp.MAX, timeout_s, what)
+
+
+def group_sum(value: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float], what: str) -> int:
+    """The sum of ``value`` over ``group`` (as :func:`group_max`)."""
+    return _group_int(value, group, dist.ReduceOp.SUM, timeout_s, what)
+
+
+def _group_int(value: int, group: Optional[dist.ProcessGroup], op: Any, timeout_s: Optional[float], what: str) -> int:
     if group is None or dist.get_world_size(group) == 1:
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64, device=wire_device())
-    wait_bounded(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s,
-                 f"lock-step {what}", "the other data-parallel replicas of the role",
+    wait_bounded(dist.all_reduce(t, op=op, group=group, async_op=True), timeout_s, f"lock-step {what}",
+                 "the other data-parallel replicas of the role",
                  hint="a replica died, hung, or ran a different number of passes")
     return int(t.item())
 
