@@ -4,7 +4,9 @@ An expert-parallel MoE layer's all-to-all spans DP replicas, so under lock-step 
 same number of forwards; a dense model at DP = 2 shows it without the MoE machinery: the replicas get
 unequal numbers of prompts, response lengths (context limits), scored rows and kept samples. Checked:
 every rank counts the same GPTModel forwards (and the run without lock-step does not, so the test can
-fail), and the tokens, μ, log-probs, losses and updated parameters equal those of the run without it.
+fail), and the tokens, μ, log-probs, losses, gradients and updated parameters equal those of the run
+without it. Then the same with an MoE model at EP = 1 (it may run without lock-step): the dummies add
+no router aux / z-loss and leave the aux gradient's scale alone.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from camopd_megatron.testing.multiproc import run_on_ranks
 VOCAB, SEQ = 96, 24
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=VOCAB,
              seq_length=SEQ, init="random")
+MOE = dict(num_experts=4, router_topk=2, ffn_hidden_size=32, aux_loss_coeff=0.01, z_loss_coeff=0.001)
 
 
 def _prompts(dp_rank: int) -> list[list[int]]:
@@ -35,8 +38,15 @@ def _counting(model) -> list[int]:
 
 
 def _worker(rank: int, world_size: int) -> dict:
+    """The checks on the dense model, then on an MoE one (EP = 1, so it may run without lock-step too:
+    the dummies must add no router aux loss and leave its gradient scale alone)."""
+    return {"dense": _checks(MODEL, world_size), "moe": _checks({**MODEL, "moe": MOE}, world_size)}
+
+
+def _checks(model_cfg: dict, world_size: int) -> dict:
     import torch.distributed as dist
 
+    from camopd_megatron.config.moe import MoEConfig
     from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig
     from camopd_megatron.distill.losses import LossOptions
     from camopd_megatron.distill.rollout import SamplingParams
@@ -55,7 +65,8 @@ def _worker(rank: int, world_size: int) -> dict:
     out: dict = {}
     for lock in (False, True):  # the same initial weights and a fresh optimizer for each
         init_model_rng(11, pgc)
-        model = build_gpt_model(ModelConfig(**MODEL), pgc)
+        moe = model_cfg.get("moe")
+        model = build_gpt_model(ModelConfig(**{**model_cfg, "moe": MoEConfig(**moe) if moe else None}), pgc)
         optim = OptimConfig(lr=1e-2, min_lr=0.0, clip_grad=0.0, lr_schedule="constant")
         (ddp,), opt, sched = build_ddp_and_optimizer([model], optim, ParallelConfig(), pgc, total_steps=2)
         calls = _counting(ddp)
@@ -104,7 +115,12 @@ def _worker(rank: int, world_size: int) -> dict:
 
 
 def test_lock_step_equal_forward_counts_and_unchanged_results():
-    ranks = run_on_ranks(_worker, 2, timeout_s=240, pg_timeout_s=60)
+    both = run_on_ranks(_worker, 2, timeout_s=400, pg_timeout_s=60)
+    for kind in ("dense", "moe"):
+        _check([r[kind] for r in both])
+
+
+def _check(ranks: list[dict]) -> None:
     free = [r[False]["forwards"] for r in ranks]
     locked = [r[True]["forwards"] for r in ranks]
     assert locked[0] == locked[1], locked  # every pass counted the same on both replicas
