@@ -73,3 +73,46 @@ def test_moe_student_ep2_with_separate_dense_teachers_trains_and_resumes(tmp_pat
     for k in ("train/loss", "grad_norm", "select/kept_fraction", "rollout/response_len_mean"):
         assert a[2][k] == b[0][k], (k, a[2][k], b[0][k])  # resume is exact
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000002" / "camopd.json").is_file()
+
+
+def test_moe_teacher_group_in_lock_step_serves_an_idle_replica(tmp_path):
+    """Both teachers MoE in one time-shared group at DP = 2, EP = 2 (ranks 2-3: lock-step across its two
+    replicas), a dense student at DP = 2 with ONE prompt per step: student replica 1 sends empty requests,
+    and its teacher replica joins replica 0's forwards with dummies instead of deadlocking them."""
+    from camopd_megatron.config.api import config_from_dict, config_to_dict
+    from camopd_megatron.config.loader import deep_merge
+
+    moe_teacher = {**TEACHER, "moe": {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 32}}
+    base = config_to_dict(_cfg(str(tmp_path / "t"), 2))
+    dense = {k: v for k, v in STUDENT.items() if k != "moe"}
+    over = {"model": dense, "parallel": {"ep": 1, "use_distributed_optimizer": False},
+            "rollout": {"prompts_per_step": 1}, "checkpoint": {"save_interval": 0}}
+    d = deep_merge(base, over)
+    d["model"].pop("moe", None)
+    d["teachers"] = [{"name": n, "init": "random", "branches": [n], "placement": "separate", "group": "experts",
+                      "dp": 2, "ep": 2, "model": moe_teacher} for n in ("general", "domain")]
+    cfg = config_from_dict(d)
+    res = run_on_ranks(_train, 4, args=([cfg],), timeout_s=900, pg_timeout_s=150)
+    assert [r[0]["role"] for r in res] == ["student", "student", "experts", "experts"]
+    hist = _steps(res[0][0]["history"])
+    assert len(hist) == 2 and all(h["rollout/samples"] == 1.0 for h in hist)
+    assert any(h.get("gap/general/mean", 0.0) != 0.0 for h in hist)  # the MoE teacher really scored
+
+
+def test_a_lock_step_teacher_group_needs_an_even_share_of_student_replicas(tmp_path):
+    """Student DP = 3 and an MoE teacher group at DP = 2 with EP across its replicas: one teacher replica
+    would serve two student replicas, the other one, and lock-step would deadlock; the layout says so."""
+    import pytest
+
+    from camopd_megatron.config.api import config_from_dict, config_to_dict
+    from camopd_megatron.config.loader import deep_merge
+    from camopd_megatron.parallel import LayoutError, RoleLayout
+
+    d = config_to_dict(_cfg(str(tmp_path), 1))
+    moe_teacher = {**TEACHER, "moe": {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 32}}
+    d = deep_merge(d, {"model": {"moe": None}, "parallel": {"ep": 1, "dp": 3}})
+    d["teachers"] = [{"name": n, "init": "random", "branches": [n], "placement": "separate", "group": "experts",
+                      "dp": 2, "ep": 2, "model": moe_teacher} for n in ("general", "domain")]
+    with pytest.raises(LayoutError, match=r"teachers\[0\]\.dp: got 2; expected a divisor of the student's DP=3"):
+        RoleLayout.from_config(config_from_dict(d), 5)
+    assert RoleLayout.from_config(config_from_dict(deep_merge(d, {"parallel": {"dp": 4}})), 6).student.dp == 4
