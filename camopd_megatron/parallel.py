@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from camopd_megatron.config import Config, ConfigError
-from camopd_megatron.config.moe import expert_layout_problems
+from camopd_megatron.config.errors import problem
+from camopd_megatron.config.moe import expert_layout_problems, lock_step_needed
 from camopd_megatron.config.sections import STUDENT_ROLE
 
 if TYPE_CHECKING:
@@ -315,8 +316,30 @@ def _plan(cfg: Config, world_size: int) -> RoleLayout:
         roles.append(Role(gname, "teacher", *group_dims[gname], roles[-1].ranks.stop, tuple(names),
                           *group_experts[gname]))
     assert roles[-1].ranks.stop == world_size, (roles, world_size)
+    problems += _lock_step_routing_problems(cfg, roles)
+    if problems:
+        raise LayoutError(problems)
     teacher_role = {t.name: t.role_name for t in cfg.teachers}  # config order
     return RoleLayout(world_size, tuple(roles), teacher_role, par.sequence_parallel)
+
+
+def _lock_step_routing_problems(cfg: Config, roles: list[Role]) -> list[str]:
+    """A teacher group whose MoE teachers run in lock-step (EP groups across its replicas) needs the same
+    requests on every replica: each must serve the same number of student replicas (``routes``: student
+    replica d → teacher replica d mod DP_t), so the student's DP must be a multiple of the group's."""
+    problems: list[str] = []
+    student = roles[0]
+    for role in roles[1:]:
+        first = next(i for i, t in enumerate(cfg.teachers) if t.name in role.teachers)
+        moe = any(cfg.teacher_model(i)[0].moe is not None for i, t in enumerate(cfg.teachers) if t.name in role.teachers)
+        if moe and lock_step_needed(role.tp, role.ep, role.expert_tp) and student.dp % role.dp:
+            problems.append(problem(
+                f"teachers[{first}].dp", role.dp,
+                f"a divisor of the student's DP={student.dp}: its expert-parallel groups span its replicas, which "
+                "therefore run in lock-step and must each serve the same number of student replicas",
+                f"set teachers[{first}].dp to a divisor of {student.dp} (or teachers[{first}].ep so that its EP "
+                "groups stay inside one replica)"))
+    return problems
 
 
 def _student_dp(

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 from camopd_megatron.config.errors import problem
 
-__all__ = ["MoEConfig", "expert_layout_problems", "moe_from_saved"]
+__all__ = ["MoEConfig", "expert_layout_problems", "moe_from_saved", "lock_step_needed"]
 
 
 @dataclass
@@ -173,3 +173,11 @@ def expert_layout_problems(
             "sequence parallelism", f"set {keys['sp']}: true, or {keys['tp']}: 1",
         ))
     return problems
+
+
+def lock_step_needed(tp: int, ep: int, etp: Optional[int]) -> bool:
+    """Whether a role's expert-parallel groups span data-parallel replicas, so that its replicas must run
+    the same number of forwards (``models.pipeline``, "Lock-step"): an EP group fills the ``tp / etp``
+    expert-TP slices of its TP group first (``models.groups``), so it reaches other replicas when
+    ``ep · etp > tp`` (``etp`` None = ``tp``)."""
+    return ep * (etp or tp) > tp

@@ -39,7 +39,23 @@ Sequence parallelism. A model built with ``sequence_parallel`` decodes with it s
 (``models.gpt.sequence_parallel_off``, what megatron-core 0.19.2's own static-batching generation
 does): one decode position cannot be split over the TP group. The weights are the same, so the
 tokens and μ equal those of the model without SP; the activations are replicated over TP while
-decoding.
+decoding. MoE layers included (megatron's own generation means to keep SP in them, but its
+``exclude_modules=[BaseMoELayer]`` compares modules with the class and excludes nothing; keeping SP in
+the MoE layer alone would not work either: its shared expert would reduce-scatter over the sequence
+while the routed experts return the whole of it). With SP off every TP rank routes the whole,
+replicated token set; the dispatcher treats the TP copies as distinct tokens (the all-to-all over the
+EP group, the all-gather and reduce-scatter over expert TP) and each rank gets its own copies' outputs
+back: exact, at TP-fold redundant expert work while decoding (``tests/test_moe_rollout.py``: μ equals
+the SP-on forward's log-probs at TP = 2, EP = 4).
+
+Lock-step (``lock_step``: the student's DP group, for an expert-parallel MoE student; see
+``models.pipeline``, "Lock-step"). Every MoE layer's all-to-all spans DP replicas, so every replica
+runs the same number of forwards: the replicas agree on the number of micro-batches (a replica with
+fewer, or with no prompts, decodes dummy ones), and after each decode step one small all-reduce tells
+whether any replica of the group still decodes; a replica whose rows are all done meanwhile runs a
+one-token forward outside its KV cache (``_dummy_forward``) per step. Real rows never see a dummy
+(no token dropping), so the tokens and μ are those decoded without lock-step. Under lock-step the
+megatron path decodes (the lean decoder runs dense models only).
 
 Sampling and randomness: see :mod:`~camopd_megatron.distill.sampling` (inverse-CDF draws, Gumbel-max
 for top-k/top-p, keyed on (seed, step, sample_id, response position): samples do not depend on the DP
@@ -58,13 +74,15 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
 from camopd_megatron.models import lean_decode
 from camopd_megatron.models.gpt import sequence_parallel_off, stage_info, unwrap_model
 from camopd_megatron.models.pipeline import (
-    last_stage_to_all, model_forward, recv_from_previous_stage, run_microbatches, send_to_next_stage, wire_device,
+    group_max, last_stage_to_all, model_forward, recv_from_previous_stage, run_microbatches, send_to_next_stage,
+    wire_device,
 )
 
 if TYPE_CHECKING:
@@ -225,15 +243,18 @@ class _Generator:
     """One replica's decode loop over micro-batches (holds the call's arguments, no global state)."""
 
     def __init__(self, model: torch.nn.Module, pgc: "ProcessGroupCollection", params: SamplingParams, *, seed: int,
-                 step: int, vocab_size: int, max_seq_len: int, use_kv_cache: bool, timeout_s: Optional[float]) -> None:
+                 step: int, vocab_size: int, max_seq_len: int, use_kv_cache: bool, timeout_s: Optional[float],
+                 lock_step: Optional[dist.ProcessGroup] = None) -> None:
         self.model, self.pgc, self.params = model, pgc, params
         self.timeout_s = timeout_s
         self.seed, self.step, self.vocab_size, self.max_seq_len = seed, step, vocab_size, max_seq_len
         self.stage = stage_info(pgc)
         self.tp_group = getattr(pgc, "tp", None)
         self.kv = use_kv_cache
-        # TP = PP = 1: our lean decoder on the model's own weights (models/lean_decode.py), ~2x faster on CPU
-        self.lean = self.kv and lean_decode.supported(model, pgc)
+        self.lock_step = lock_step
+        # TP = PP = 1: our lean decoder on the model's own weights (models/lean_decode.py), ~2x faster on CPU.
+        # Under lock-step (an expert-parallel MoE model, which it does not run) megatron's path decodes.
+        self.lean = self.kv and lock_step is None and lean_decode.supported(model, pgc)
         self.device = _model_device(model)
         config = unwrap_model(model).config
         self.hidden_size, self.wire_dtype = config.hidden_size, config.pipeline_dtype or config.params_dtype
@@ -284,6 +305,26 @@ class _Generator:
                                what="decode hidden states")
             return None
         return out[:, -1]
+
+    # -- lock-step (module docstring): every replica of the group runs the same number of forwards --
+    def _still_decoding(self, done: bool) -> bool:
+        """Whether to run another decode step: this micro-batch's rows are not all done, or (lock-step)
+        some replica of the group still decodes. One small all-reduce per step under lock-step."""
+        if self.lock_step is None:
+            return not done
+        return group_max(int(not done), self.lock_step, timeout_s=self.timeout_s, what="decode step") > 0
+
+    def _dummy_forward(self) -> None:
+        """A forward of one pad token outside any KV cache (through every pipeline stage): this replica's
+        share of a decode step another replica of the lock-step group still needs. Its logits are unused."""
+        self._full_logits(torch.zeros((1, 1), dtype=torch.int64, device=self.device))
+
+    def run_dummy(self) -> None:
+        """A micro-batch this replica does not have (lock-step): the prefill's forward, then one per
+        decode step until every replica of the group is done."""
+        self._dummy_forward()
+        while self._still_decoding(True):
+            self._dummy_forward()
 
     # -- one decoding step: position t gets a forced prompt token or a sample --
     def _advance(self, st: _Decode, logits_BV: Optional[torch.Tensor], t: int) -> None:
@@ -340,12 +381,17 @@ class _Generator:
         else:
             ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=t_max) if self.kv else None
         logits_BV = self._kv_logits(ctx, st.buf_BT[:, :t], 0) if self.kv else self._full_logits(st.buf_BT[:, :t])
+        done = False
         while True:
-            self._advance(st, logits_BV, t)
-            t += 1
-            if bool(st.done_B.all()):
+            if not done:
+                self._advance(st, logits_BV, t)
+                t += 1
+                done = bool(st.done_B.all())
+            if not self._still_decoding(done):
                 break
-            if self.kv:
+            if done:  # lock-step: finished here, another replica still decodes
+                self._dummy_forward()
+            elif self.kv:
                 logits_BV = self._kv_logits(ctx, st.buf_BT[:, t - 1 : t], t - 1)
             else:
                 logits_BV = self._full_logits(st.buf_BT[:, :t])
@@ -393,6 +439,7 @@ def generate(
     use_kv_cache: bool = True,
     micro_batch_size: int | None = None,
     timeout_s: Optional[float] = None,
+    lock_step: Optional[dist.ProcessGroup] = None,
 ) -> RolloutBatch:
     """Sample one response per prompt from the student; collective over one DP replica.
 
@@ -409,21 +456,32 @@ def generate(
         use_kv_cache: KV-cached decoding (any TP / PP); False recomputes the prefix at every step.
         micro_batch_size: prompts decoded together (None: all at once).
         timeout_s: bound on each wait between pipeline stages with PP > 1: the last stage → other stages
-            broadcasts and the KV path's stage-to-stage hidden states (None: the process group's own timeout).
+            broadcasts and the KV path's stage-to-stage hidden states, and on the lock-step all-reduces
+            (None: the process group's own timeout).
+        lock_step: the student's DP group when its replicas must run the same number of forwards (an
+            expert-parallel MoE student; module docstring): collective over that group, every replica
+            calls, one with no prompts too (it gets an empty batch). None: this replica alone.
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """
-    validate_request(prompts, params, sample_ids=sample_ids, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                     micro_batch_size=micro_batch_size)
+    if lock_step is not None and not prompts:
+        validate_request([[0]], params, sample_ids=[0], vocab_size=vocab_size, max_seq_len=max_seq_len,
+                         micro_batch_size=micro_batch_size)
+    else:
+        validate_request(prompts, params, sample_ids=sample_ids, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                         micro_batch_size=micro_batch_size)
     inner = unwrap_model(model)
     padded = getattr(inner, "vocab_size", None)
     if padded is not None and vocab_size > padded:
         raise ValueError(f"vocab_size={vocab_size} exceeds the model's output vocabulary ({padded} padded columns); "
                          "pass the tokenizer's vocabulary size")
     gen = _Generator(model, pg_collection, params, seed=seed, step=step, vocab_size=vocab_size,
-                     max_seq_len=max_seq_len, use_kv_cache=use_kv_cache, timeout_s=timeout_s)
+                     max_seq_len=max_seq_len, use_kv_cache=use_kv_cache, timeout_s=timeout_s, lock_step=lock_step)
     n = len(prompts)
-    mbs = micro_batch_size or n
+    mbs = micro_batch_size or max(n, 1)
+    n_mb = -(-n // mbs)
+    # lock-step: as many micro-batches as the group's longest list (the extra ones are dummies)
+    n_runs = group_max(n_mb, lock_step, timeout_s=timeout_s, what="rollout micro-batch count") if lock_step else n_mb
     order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths decode together
     results: list[Optional[tuple[list[int], list[float], str]]] = [None] * n
     was_training = model.training
@@ -431,12 +489,17 @@ def generate(
     t0 = time.perf_counter()
     try:
         with sequence_parallel_off(model):  # module docstring: decoding runs without sequence parallelism
-            for c0 in range(0, n, mbs):
-                idx = order[c0 : c0 + mbs]
+            for k in range(n_runs):
+                if k >= n_mb:
+                    gen.run_dummy()
+                    continue
+                idx = order[k * mbs : (k + 1) * mbs]
                 for i, res in zip(idx, gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])):
                     results[i] = res
     finally:
         model.train(was_training)
+    if not n:
+        return RolloutBatch.empty()
     batch = _assemble(prompts, [r for r in results if r is not None], sample_ids, params.off_policy)
     dt = time.perf_counter() - t0
     logger.debug("generate: %d samples, %d response tokens in %.2fs (%.0f tok/s, kv=%s, %d forwards)", n,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol, Sequenc
 import torch
 import torch.distributed as dist
 
+from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, reduce_metric_sums, summarize_loss_metrics
 from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
 from camopd_megatron.distill.scheduler import StepPlan
@@ -136,6 +137,10 @@ class StudentState:
     def dp_size(self) -> int:
         return dist.get_world_size(self.pg_collection.dp)
 
+    def lock_step(self, settings: "StepSettings") -> Optional[dist.ProcessGroup]:
+        """The group whose replicas run in lock-step (the DP group), or None (``StepSettings.lock_step``)."""
+        return self.pg_collection.dp if settings.lock_step else None
+
 
 @dataclass
 class StepSettings:
@@ -157,6 +162,10 @@ class StepSettings:
     """``optim.clip_grad`` (0: off), for the ``grad_clipped`` metric."""
     teacher_temperature_override: Optional[float] = None
     """``loss.teacher_temperature``; None: :attr:`teacher_temperature` follows the student's."""
+    lock_step: bool = False
+    """Every DP replica runs the same number of forwards (rollout decode steps and micro-batches, recompute
+    and training micro-batches, padded with dummies): an MoE student with expert parallelism, whose
+    all-to-alls span replicas (``models.pipeline``, "Lock-step"). Results are those without it."""
 
     @property
     def teacher_temperature(self) -> float:
@@ -228,13 +237,14 @@ def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[in
     # the rollout reads every weight first: finish the optimizer step's pending parameter all-gathers
     # (parallel.overlap_param_gather) here, on every DP rank, even one with no prompts (collective)
     finish_param_gather(student.model)
-    if not prompts:
+    lock_step = student.lock_step(settings)
+    if not prompts and lock_step is None:
         return RolloutBatch.empty()
-    return generate(
+    return generate(  # under lock-step also without prompts: this replica decodes dummies
         student.model, student.pg_collection, prompts, sampling or settings.sampling, sample_ids=sample_ids,
         seed=seed, step=step, vocab_size=student.vocab_size, max_seq_len=student.max_seq_len,
         use_kv_cache=settings.use_kv_cache, micro_batch_size=settings.rollout_micro_batch_size,
-        timeout_s=settings.timeout_s,
+        timeout_s=settings.timeout_s, lock_step=lock_step,
     )
 
 
@@ -243,7 +253,8 @@ def student_logprobs(student: StudentState, batch: RolloutBatch, settings: StepS
     """log π_θ of the rollout tokens with the current weights (no grad), [B, T] on every stage."""
     logp_BT = score_logprobs(student.model, student.pg_collection, batch.tokens_BT, batch.loss_mask_BT,
                              micro_batch=settings.micro_batch_size, vocab_size=student.vocab_size,
-                             temperature=temperature, timeout_s=settings.timeout_s)
+                             temperature=temperature, timeout_s=settings.timeout_s,
+                             lock_step=student.lock_step(settings))
     return cast(torch.Tensor, logp_BT)  # to_all_stages (the default): a tensor on every stage
 
 
@@ -371,8 +382,8 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
 
     def loss_fn(mb: dict[str, torch.Tensor], hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = mb["n_real"]
-        if n == 0:  # a rank with nothing kept still runs the schedule (DDP/pipeline collectives)
-            return (hidden.sum() + weight.sum()) * 0.0, {}
+        if n == 0:  # nothing kept here, or a lock-step dummy: the schedule still runs (DDP/pipeline/EP
+            return (hidden.sum() + weight.sum()) * 0.0, {}  # collectives), every gradient exactly zero
         mask = mb["mask"][:n]
         logp = next_token_logprobs(hidden[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
                                    temperature=temperature, mask_BT=mask, first_position=mb["output_window"][0],
@@ -388,7 +399,8 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     RoutingStats.of(student.model)  # an MoE student: count the update's routing (metrics moe/*)
     student.ddp_model.train()
     outs = run_microbatches(student.ddp_model, student.pg_collection,
-                            make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False)
+                            make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False,
+                            lock_step=student.lock_step(settings), timeout_s=settings.timeout_s)
     if from_forward:
         parts = [o["gap"] for o in outs if "gap" in o]  # an all-padding micro-batch (B = 0) has none
         gap_BT = torch.cat(parts, 0) if parts else torch.zeros(tuple(batch.tokens_BT.shape), dtype=torch.float32)
@@ -456,4 +468,5 @@ def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSett
         timeout_s=cfg.parallel.timeout_s,
         teacher_temperature_override=cfg.loss.teacher_temperature,
         clip_grad=cfg.optim.clip_grad,
+        lock_step=cfg.model.moe is not None and lock_step_needed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp),
     )

@@ -36,8 +36,9 @@ def is_moe(config: Any) -> bool:
 
 def set_aux_loss_scale(config: Any, num_microbatches: int, pg_collection: Any) -> None:
     """Scale the router's aux-loss gradient by ``1 / (num_microbatches x DP)`` for the next schedule run
-    (module docstring). A no-op for dense models. ``num_microbatches`` counts every micro-batch the
-    schedule runs on this rank, which lock-step keeps equal over the DP ranks."""
+    (module docstring). A no-op for dense models. ``pg_collection`` None: ``num_microbatches`` is already
+    the count over every DP replica (``models.pipeline.run_microbatches`` passes the real micro-batches'
+    count over the DP group, lock-step dummies excluded, so unequal counts per replica are exact too)."""
     if not is_moe(config):
         return
     group = getattr(pg_collection, "dp_cp", None)

@@ -10,7 +10,8 @@ value loss functions). Our losses already carry their global normaliser (docs/al
 over the kept set across DP ranks and micro-batches), so the returned loss is multiplied back by the
 micro-batch count: the gradient is exactly that of ``Σ_mb loss_fn(mb)``. An MoE model's router aux
 loss is megatron's own (never part of ``loss_fn``); its gradient is scaled to the mean over the
-micro-batches and DP replicas (:func:`camopd_megatron.models.moe.set_aux_loss_scale`).
+micro-batches of every DP replica (:func:`camopd_megatron.models.moe.set_aux_loss_scale` with their
+count over the DP group; lock-step dummies are not counted and add no aux loss).
 
 Shapes. Every micro-batch in one call has the same ``[B, T]`` (:func:`make_microbatches` pads the
 last one): the pipeline's receive buffers are allocated from ``(T, B, hidden)``. Legend: B batch,
@@ -30,6 +31,25 @@ Sequence parallelism. With ``sequence_parallel`` the embedding splits the sequen
 back to T, the schedule's p2p buffers get the padded length, and the output window all-gathers the
 final hidden states along the sequence before slicing (see :func:`_window_hidden`).
 
+Lock-step (roles with expert parallelism). An expert-parallel (EP) group spans data-parallel
+replicas: every MoE layer's token dispatcher exchanges tokens with an all-to-all over it, in the
+forward and again in the backward, so every rank of the group must run the SAME NUMBER of passes,
+while the replicas of a dense role may differ (a different number of kept samples, hence of
+micro-batches, per replica). Callers pass ``lock_step``: the role's data-parallel group, or None
+(off). The count is agreed with one small all-reduce (MAX, :func:`group_max`) and a replica with
+fewer micro-batches runs **dummies** (:func:`pad_microbatches`): all-padding micro-batches,
+``n_real == 0``, of the same shape. A dummy contributes nothing: the loss function gives it a zero
+loss (``0 · Σ outputs``: every parameter still gets its exactly-zero gradient, as megatron DDP
+expects), and the MoE router's auxiliary load-balancing and z-losses are off while it runs
+(:func:`moe_aux_losses_off`: megatron adds them in the backward through its own autoscaler,
+independent of our loss). Without token dropping (``capacity_factor`` unset) a token's expert output
+does not depend on the other tokens of the all-to-all, so the real rows' results are those of the
+run without lock-step. Which roles need it: ``config.moe.lock_step_needed``. The whole DP group is a
+superset of the replicas any EP group spans whatever the expert-TP size, and every TP/PP rank of a
+replica agrees on the same maximum with its own DP group; a synchronous step waits for its slowest
+replica anyway. The alltoall dispatcher needs only equal counts; the allgather dispatcher would also
+need equal token counts per forward.
+
 Last stage → other stages. Only the last stage holds a pipeline's result (log-probs, sampled tokens);
 :func:`last_stage_to_all` copies it to the earlier stages of the same TP rank with one bounded
 broadcast (:func:`group_broadcast`): a stage that died or hung surfaces as a :class:`CollectiveError`
@@ -38,6 +58,7 @@ naming the peer instead of an unbounded wait.
 from __future__ import annotations
 
 import datetime
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -48,7 +69,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from camopd_megatron.models.gpt import run_forward_pre_hooks, stage_info, unwrap_model
-from camopd_megatron.models.moe import set_aux_loss_scale
+from camopd_megatron.models.moe import is_moe, set_aux_loss_scale
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -139,6 +160,8 @@ def run_microbatches(
     loss_fn: LossFn,
     *,
     forward_only: bool,
+    lock_step: Optional[dist.ProcessGroup] = None,
+    timeout_s: Optional[float] = None,
 ) -> list[dict[str, Any]]:
     """Forward (+ backward unless ``forward_only``) of every micro-batch through the role's pipeline.
 
@@ -150,10 +173,18 @@ def run_microbatches(
             every stage of the pipeline.
         loss_fn: called on the last stage per micro-batch.
         forward_only: no backward (scoring, evaluation).
+        lock_step: the role's DP group when its forward counts must agree (module docstring): the
+            list is padded with dummy micro-batches (``n_real == 0``, which ``loss_fn`` must answer
+            with a zero loss) to the group's longest; None: as given.
+        timeout_s: bound on the lock-step all-reduce (None: the process group's own timeout).
 
     Returns:
-        The ``outputs`` dicts of ``loss_fn`` in micro-batch order on the last stage; [] elsewhere.
+        The ``outputs`` dicts of ``loss_fn`` in micro-batch order on the last stage (dummies included);
+        [] elsewhere.
     """
+    if lock_step is not None:
+        batches = pad_microbatches(batches, group_max(len(batches), lock_step, timeout_s=timeout_s,
+                                                      what="micro-batch count"))
     if not batches:
         return []
     shape = tuple(batches[0]["tokens"].shape)
@@ -166,7 +197,9 @@ def run_microbatches(
 
     def forward_step(data_iterator: Iterator[dict[str, Any]], chunk: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         batch = next(data_iterator)
-        output = model_forward(chunk, batch["tokens"], batch.get("position_ids"), window=batch.get("output_window"))
+        with moe_aux_losses_off(chunk, enabled=is_dummy(batch)):  # a dummy adds no router loss either
+            output = model_forward(chunk, batch["tokens"], batch.get("position_ids"),
+                                   window=batch.get("output_window"))
 
         def loss_func(logits_BTV: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             loss, outputs = loss_fn(batch, logits_BTV)
@@ -174,8 +207,13 @@ def run_microbatches(
 
         return output, loss_func
 
-    if not forward_only:
-        set_aux_loss_scale(config, n, pg_collection)
+    if not forward_only and is_moe(config):
+        # the aux-loss gradient is the mean over the step's REAL micro-batches of every DP replica: their
+        # count over the DP group (dummies add no aux loss), so it is the same with and without lock-step
+        # and whatever the replicas' counts (one small all-reduce)
+        real = group_sum(sum(not is_dummy(b) for b in batches), getattr(pg_collection, "dp_cp", None),
+                         timeout_s=timeout_s, what="micro-batches with rows")
+        set_aux_loss_scale(config, real, None)
     fb = get_forward_backward_func(pp_size=stage.pp_size, vp_size=None)
     kwargs: dict[str, Any] = dict(
         forward_step_func=forward_step,
@@ -225,6 +263,71 @@ def make_microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: Option
             mb["output_window"] = output_window(mb["mask"])
         out.append(mb)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# lock-step dummies (module docstring)
+# ------------------------------------------------------------------------------------------------
+def is_dummy(batch: dict[str, Any]) -> bool:
+    """A micro-batch without a real row (``n_real == 0``): a lock-step dummy, or the placeholder of an
+    empty batch (:func:`make_microbatches`)."""
+    return int(batch.get("n_real", 1)) == 0
+
+
+def pad_microbatches(batches: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """``batches`` followed by dummy micro-batches up to ``count``: the first one's shape (the pipeline
+    needs one shape) filled with zeros, ``n_real = 0``, a one-column output window."""
+    out = list(batches)
+    if len(out) >= count:
+        return out
+    if not out:
+        raise ValueError("pad_microbatches: no micro-batch to take the dummy's shape from; pass the "
+                         "placeholder make_microbatches gives for an empty batch")
+    dummy = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in out[0].items()}
+    dummy["n_real"] = 0
+    if "output_window" in dummy:
+        dummy["output_window"] = (0, 1)
+    out.extend(dict(dummy) for _ in range(count - len(out)))
+    return out
+
+
+@contextmanager
+def moe_aux_losses_off(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block the MoE routers of ``model`` add no auxiliary load-balancing loss and no
+    z-loss: megatron's router reads ``moe_aux_loss_coeff`` / ``moe_z_loss_coeff`` from the model's
+    config at forward time (restored after). A no-op for a dense model or when not ``enabled``."""
+    config = unwrap_model(model).config
+    if not enabled or getattr(config, "num_moe_experts", None) is None:
+        yield
+        return
+    saved = config.moe_aux_loss_coeff, config.moe_z_loss_coeff
+    try:
+        config.moe_aux_loss_coeff = [0.0] * len(saved[0]) if isinstance(saved[0], list) else 0.0
+        config.moe_z_loss_coeff = None
+        yield
+    finally:
+        config.moe_aux_loss_coeff, config.moe_z_loss_coeff = saved
+
+
+def group_max(value: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float], what: str) -> int:
+    """The maximum of ``value`` over ``group``: one bounded int64 all-reduce (``value`` itself without a
+    group). A replica that never joins surfaces as a :class:`CollectiveError` after ``timeout_s``."""
+    return _group_int(value, group, dist.ReduceOp.MAX, timeout_s, what)
+
+
+def group_sum(value: int, group: Optional[dist.ProcessGroup], *, timeout_s: Optional[float], what: str) -> int:
+    """The sum of ``value`` over ``group`` (as :func:`group_max`)."""
+    return _group_int(value, group, dist.ReduceOp.SUM, timeout_s, what)
+
+
+def _group_int(value: int, group: Optional[dist.ProcessGroup], op: Any, timeout_s: Optional[float], what: str) -> int:
+    if group is None or dist.get_world_size(group) == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=wire_device())
+    wait_bounded(dist.all_reduce(t, op=op, group=group, async_op=True), timeout_s, f"lock-step {what}",
+                 "the other data-parallel replicas of the role",
+                 hint="a replica died, hung, or ran a different number of passes")
+    return int(t.item())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,9 +25,12 @@ import torch
 
 from camopd_megatron.models.gpt import output_weight, stage_info
 from camopd_megatron.models.logprobs import next_token_logprobs
-from camopd_megatron.models.pipeline import last_stage_to_all, make_microbatches, run_microbatches, wire_device
+from camopd_megatron.models.pipeline import (
+    group_max, last_stage_to_all, make_microbatches, run_microbatches, wire_device,
+)
 
 if TYPE_CHECKING:
+    import torch.distributed as dist
     from megatron.core.process_groups_config import ProcessGroupCollection
 
 
@@ -43,6 +46,7 @@ def score_logprobs(
     device: Optional[torch.device] = None,
     to_all_stages: bool = True,
     timeout_s: Optional[float] = None,
+    lock_step: Optional["dist.ProcessGroup"] = None,
 ) -> Optional[torch.Tensor]:
     """Sampled-token log-probs fp32 ``[B, T]`` of a frozen forward (module docstring).
 
@@ -57,13 +61,24 @@ def score_logprobs(
         device: where the model runs (the micro-batches are moved there; default: left where they are).
         to_all_stages: True: the result on every pipeline stage, on ``tokens_BT``'s device. False: on
             the last stage only (on the wire device, ready to send), None on the other stages.
-        timeout_s: bound on the last stage → other stages broadcast (None: the group's own timeout).
+        timeout_s: bound on the last stage → other stages broadcast and the lock-step all-reduce (None:
+            the group's own timeout).
+        lock_step: the model's DP group when its replicas must run the same number of forwards (an
+            expert-parallel MoE model, ``models.pipeline`` "Lock-step"): a replica with fewer rows, or
+            none, runs dummy micro-batches. None: each replica runs its own.
     """
     b = tokens_BT.shape[0]
     is_last = stage_info(pg_collection).is_last
-    if b == 0:  # every rank of the replica has the same B: nobody runs the schedule
-        empty = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
+    empty = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
+    if lock_step is not None:  # does any replica of the group have rows? (the same answer on all)
+        busy = group_max(int(b > 0), lock_step, timeout_s=timeout_s, what="scoring") > 0
+    else:
+        busy = b > 0  # every rank of the replica has the same B
+    if not busy:  # nobody runs the schedule
         return empty if to_all_stages or is_last else None
+    if b == 0:  # a dummy-only replica: its placeholder needs one column to run
+        tokens_BT, mask_BT = (torch.zeros((0, max(1, tokens_BT.shape[1])), dtype=x.dtype, device=x.device)
+                              for x in (tokens_BT, mask_BT))
     weight = output_weight(model) if is_last else None
 
     def loss_fn(mb: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -77,9 +92,12 @@ def score_logprobs(
     model.eval()
     try:
         with torch.no_grad():
-            outs = run_microbatches(model, pg_collection, batches, loss_fn, forward_only=True)
+            outs = run_microbatches(model, pg_collection, batches, loss_fn, forward_only=True, lock_step=lock_step,
+                                    timeout_s=timeout_s)
     finally:
         model.train(was_training)
+    if b == 0:  # its dummies' outputs are empty
+        return empty if to_all_stages or is_last else None
     wire = wire_device()
     if not to_all_stages:
         return torch.cat([o["logp"] for o in outs]).float().to(wire) if is_last else None

@@ -37,6 +37,7 @@ import torch
 from camopd_megatron.checkpoint.dist import CheckpointError
 from camopd_megatron.checkpoint.inputs import resolve_models
 from camopd_megatron.config.errors import ConfigError, problem
+from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
 from camopd_megatron.teachers.protocol import (
@@ -102,17 +103,21 @@ class ColocatedTeacher:
         self.vocab_size = cfg.model.vocab_size
         self.timeout_s = float(timeout_s if timeout_s is not None else cfg.parallel.timeout_s)
         # its own architecture on the student's layout (Config.validate checked that it splits there)
-        self.teacher = TeacherModel(t.name, index, cfg.teacher_model(index)[0], self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
-                                    dtype=t.dtype, offload=t.offload, micro_batch_rows=micro_batch_rows)
+        tm = cfg.teacher_model(index)[0]
+        par = cfg.parallel  # an MoE teacher on the student's expert groups: lock-step over its DP group
+        lock = self.pgc.dp if tm.moe is not None and lock_step_needed(par.tp, par.ep, par.etp) else None
+        self.teacher = TeacherModel(t.name, index, tm, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
+                                    dtype=t.dtype, offload=t.offload, micro_batch_rows=micro_batch_rows,
+                                    lock_step=lock)
 
     def score(self, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """Teacher log-probs float32 [B, T] of softmax(logits / ``temperature``) (``next_token_logprobs``
         alignment, 0 where masked)."""
         b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
                            what=f"colocated teacher {self.name!r}")
-        if b * t == 0:
+        if b * t == 0 and self.teacher.lock_step is None:
             return torch.zeros(b, t, dtype=torch.float32, device=tokens_BT.device)
-        with self.teacher.in_use():
+        with self.teacher.in_use():  # (under lock-step an empty batch joins the other replicas' forwards)
             return self.teacher.logprobs(tokens_BT, (loss_mask_BT != 0).to(torch.uint8), temperature=temperature,
                                          to_all_stages=True, timeout_s=self.timeout_s)
 

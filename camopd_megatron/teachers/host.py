@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Optional
 import torch
 
 from camopd_megatron.checkpoint.dist import load_model, save_checkpoint
+from camopd_megatron.config.errors import ConfigError, problem
+from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, stage_info
 from camopd_megatron.models.pipeline import compute_device, wire_device
 from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs
@@ -28,6 +30,7 @@ from camopd_megatron.teachers.protocol import (
 )
 
 if TYPE_CHECKING:
+    import torch.distributed as dist
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from camopd_megatron.config import Config, ModelConfig
@@ -68,10 +71,12 @@ class TeacherModel:
     def __init__(self, name: str, index: int, model_cfg: "ModelConfig", pg_collection: "ProcessGroupCollection", *,
                  seed: int,
                  checkpoint: Optional[str], dtype: str = "auto", offload: bool = False,
-                 micro_batch_rows: Optional[int] = None) -> None:
+                 micro_batch_rows: Optional[int] = None, lock_step: Optional["dist.ProcessGroup"] = None) -> None:
         self.name, self.index, self.model_cfg, self.pgc = name, index, model_cfg, pg_collection
         self.key = f"teachers[{index}]"
         self.offload, self.micro_batch_rows = offload, micro_batch_rows
+        # an expert-parallel MoE teacher: its replicas score in lock-step over this DP group (models.pipeline)
+        self.lock_step = lock_step
         self.stage = stage_info(pg_collection)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = compute_device()
@@ -115,7 +120,7 @@ class TeacherModel:
         :func:`~camopd_megatron.models.scoring.score_logprobs`)."""
         return score_logprobs(self.model, self.pgc, tokens_BT, mask_BT, micro_batch=self.micro_batch_rows,
                               vocab_size=self.model_cfg.vocab_size, temperature=temperature, device=self.device,
-                              to_all_stages=to_all_stages, timeout_s=timeout_s)
+                              to_all_stages=to_all_stages, timeout_s=timeout_s, lock_step=self.lock_step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,16 +165,29 @@ class TeacherHost:
         self.idle_timeout_s = float(idle_timeout_s if idle_timeout_s is not None else self.timeout_s)
         index = {t.name: i for i, t in enumerate(cfg.teachers)}
         self.models: dict[int, TeacherModel] = {}
+        # EP groups across this group's replicas: an MoE teacher scores in lock-step (every replica gets the
+        # same requests in the same order: RoleLayout routes the same number of student replicas to each)
+        lock = self.pgc.dp if lock_step_needed(self.role.tp, self.role.ep, self.role.expert_tp) else None
         for name in self.role.teachers:  # time-shared group: one model per hosted teacher
             t = cfg.teachers[index[name]]
+            tm = cfg.teacher_model(index[name])[0]
             self.models[index[name]] = TeacherModel(
-                name, index[name], cfg.teacher_model(index[name])[0], self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
-                dtype=t.dtype, offload=False, micro_batch_rows=micro_batch_rows)
+                name, index[name], tm, self.pgc, seed=cfg.run.seed, checkpoint=t.checkpoint,
+                dtype=t.dtype, offload=False, micro_batch_rows=micro_batch_rows,
+                lock_step=lock if tm.moe is not None else None)
         dp = groups.dp_rank
         self.input_rank = self.role.rank_at(0, 0, dp)
         self.output_rank = self.role.rank_at(0, self.role.pp - 1, dp)
         routes = layout.routes(self.role.teachers[0])  # teachers of one group share routes
         self.senders: list[tuple[int, int]] = [(r.student_rank, r.student_dp) for r in routes if r.teacher_dp == dp]
+        served = [sum(r.teacher_dp == d for r in routes) for d in range(self.role.dp)]
+        if any(m.lock_step is not None for m in self.models.values()) and len(set(served)) > 1:
+            # the layout refuses it when the config names the teachers' moe; a checkpoint's moe is known only now
+            raise ConfigError([problem(
+                f"teachers[{index[self.role.teachers[0]]}].dp", self.role.dp,
+                f"a divisor of the student's DP={len(routes)}: an expert-parallel MoE teacher's replicas run in "
+                f"lock-step and must serve the same number of student replicas (now {served})",
+                "set the teacher group's dp to a divisor of the student's")])
         self.vocab_size = cfg.model.vocab_size
         self.model_cfg = cfg.model
         self.device = wire_device()
@@ -285,6 +303,9 @@ class TeacherHost:
                 stats: ServeStats) -> None:
         stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
         if b * t == 0:
+            if teacher.lock_step is not None:  # nothing to score here; join the other replicas' forwards
+                teacher.logprobs(torch.zeros((0, t), dtype=torch.int64, device=self.device),
+                                 torch.zeros((0, t), dtype=torch.uint8, device=self.device), temperature=temperature)
             return
         peer = self._peer(*sender)
         tokens = torch.zeros(b, t, dtype=torch.int64, device=self.device)
