@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -393,6 +393,7 @@ def generate(
     use_kv_cache: bool = True,
     micro_batch_size: int | None = None,
     timeout_s: Optional[float] = None,
+    on_chunk: Optional[Callable[[list[int], RolloutBatch], None]] = None,
 ) -> RolloutBatch:
     """Sample one response per prompt from the student; collective over one DP replica.
 
@@ -410,6 +411,10 @@ def generate(
         micro_batch_size: prompts decoded together (None: all at once).
         timeout_s: bound on each wait between pipeline stages with PP > 1: the last stage → other stages
             broadcasts and the KV path's stage-to-stage hidden states (None: the process group's own timeout).
+        on_chunk: called on every rank of the replica as soon as a micro-batch is decoded, with its rows
+            (indices into ``prompts``, in decode order) and their :class:`RolloutBatch` (the rows of the
+            result, T trimmed to the micro-batch): the step hands each one to the teachers while the
+            next is sampled (``rollout.overlap_teachers``). What is decoded does not change.
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """
@@ -433,8 +438,12 @@ def generate(
         with sequence_parallel_off(model):  # module docstring: decoding runs without sequence parallelism
             for c0 in range(0, n, mbs):
                 idx = order[c0 : c0 + mbs]
-                for i, res in zip(idx, gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])):
+                chunk = gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])
+                for i, res in zip(idx, chunk):
                     results[i] = res
+                if on_chunk is not None:
+                    on_chunk(idx, _assemble([prompts[i] for i in idx], chunk, [sample_ids[i] for i in idx],
+                                            params.off_policy))
     finally:
         model.train(was_training)
     batch = _assemble(prompts, [r for r in results if r is not None], sample_ids, params.off_policy)
