@@ -1,12 +1,14 @@
 """Teachers overlapped with the rollout (``rollout.overlap_teachers``): the same step, pipelined.
 
-One launch of 3 gloo ranks trains 2 steps (one per branch, 5 prompts, rollout micro-batches of 2) of
-the camopd preset with the overlap on and off, in three layouts:
+One launch of 3 gloo ranks trains 2 steps (5 prompts, rollout micro-batches of 2) with the overlap on
+and off, in three layouts:
 
-* ``sep1``: student DP = 1 on rank 0, the ``general`` and ``domain`` teachers separate on ranks 1, 2
-  (3 chunks per step);
-* ``sep2``: student DP = 2 on ranks 0-1 (3 + 2 prompts: 2 chunks and 1, the second replica pads with
-  an empty request), both teachers time-sharing rank 2, which serves the two replicas in turn;
+* ``sep1``: the camopd preset (one branch per step, ρ-selection, the recompute before the gather),
+  student DP = 1 on rank 0, the ``general`` and ``domain`` teachers separate on ranks 1, 2 (3 chunks);
+* ``sep2``: the vanilla_mopd preset (both branches in every chunk, gap-free: the replies are gathered
+  inside the training forward), student DP = 2 on ranks 0-1 (3 + 2 prompts: 2 chunks and 1, the
+  second replica pads with empty requests), both teachers time-sharing rank 2, which serves the two
+  replicas in turn;
 * ``colo``: both teachers colocated, student DP = 3, the overlap on (nothing to overlap: it must
   simply work).
 
@@ -44,11 +46,12 @@ def _cfg(out: str, layout: str, overlap: bool):
     placement = "colocated" if layout == "colo" else "separate"
     teachers = [{"name": n, "init": "random", "model": m, "branches": [n], "placement": placement,
                  **({"group": "pair"} if layout == "sep2" else {})} for n, m in TEACHER_MODELS.items()]
-    base = config_to_dict(load_config(str(REPO / "examples/configs/camopd.yaml")))
+    preset = "vanilla_mopd" if layout == "sep2" else "camopd"
+    base = config_to_dict(load_config(str(REPO / f"examples/configs/{preset}.yaml")))
     over = {
         "run": {"steps": 2, "output_dir": out, "seed": 5, "log_level": "WARNING"},
         "model": MODEL, "teachers": teachers, "parallel": {"timeout_s": 60},
-        "scheduler": {"pattern": ["general", "domain"]},
+        **({"scheduler": {"pattern": ["general", "domain"]}} if preset == "camopd" else {}),
         "rollout": {"prompts_per_step": 5, "max_new_tokens": 6, "micro_batch_size": 2, "overlap_teachers": overlap},
         "optim": {"lr": 3e-3, "micro_batch_size": 2},
         "data": {"max_prompt_tokens": 24},
@@ -181,7 +184,7 @@ def test_requests_were_in_flight_while_the_rollout_went_on(runs):
     assert [e[1] for e in student[("sep1", False)]["log"] if e[0] == "submit"] == []
     # DP = 2, both replicas on one teacher replica: each sends the same number (2 chunks, one padded)
     for r in runs[:2]:
-        assert len([e for e in r[("sep2", True)]["log"] if e[0] == "submit"]) == 2 * 2
+        assert len([e for e in r[("sep2", True)]["log"] if e[0] == "submit"]) == 2 * 2 * 2  # x 2 branches
 
 
 def test_a_student_failure_with_requests_in_flight_reaches_the_teachers(runs):

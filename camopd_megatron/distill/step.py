@@ -24,7 +24,10 @@ Teachers overlapped with the rollout (``rollout.overlap_teachers``, :class:`Chun
 separate teacher, each rollout micro-batch is sent to it as soon as it is sampled (a request in
 flight, ``TeacherClient.submit``) and the teacher scores it while the next one is sampled; with the
 RECOMPUTE gap source the student's no-grad forward also runs before the results are gathered, while
-the teacher scores the last chunk. Nothing computed changes: the same micro-batches are decoded (the
+the teacher scores the last chunk; with TRAINING_FORWARD (every teacher separate, PP = 1) the results
+are gathered by the first micro-batch's loss, after its forward (:class:`DeferredTeacher`; a step
+with non-finite teacher log-probs is then skipped after the backward, before the optimizer).
+Nothing computed changes: the same micro-batches are decoded (the
 noise is keyed per sample and position, ``distill.sampling``), a teacher scores each row on its own
 (its log-probs do not depend on the rows it shares a request with), and the results are gathered
 into the same [B, T] before anything reads them.
@@ -380,14 +383,19 @@ def camopd_step(
     if chunked is not None and source is GapSource.RECOMPUTE:
         with timer("recompute"):  # while the teachers score the last chunk
             student_logp_BT = student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
-    with timer("teacher"):
-        teacher_logp_BT = (chunked.gather(batch) if chunked is not None else
-                           score_with_teachers(teachers, plan.branches, batch, branches, settings.teacher_temperature))
-    bad = ~torch.isfinite(teacher_logp_BT) & mask_BT.bool()
-    n_bad = torch.tensor([float(bad.sum())])
-    dist.all_reduce(n_bad, group=student.role_group)
-    if n_bad.item() > 0:
-        return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad.item()}, skipped=True)
+    # TRAINING_FORWARD, every teacher separate, PP = 1: the replies are first needed by the first
+    # micro-batch's loss, so they are gathered there, after its forward (DeferredTeacher)
+    deferred = (chunked is not None and source is GapSource.TRAINING_FORWARD and not chunked.colocated
+                and stage_info(student.pg_collection).pp_size == 1)
+    teacher_logp_BT: Optional[torch.Tensor] = None
+    if not deferred:
+        with timer("teacher"):
+            teacher_logp_BT = (chunked.gather(batch) if chunked is not None else
+                               score_with_teachers(teachers, plan.branches, batch, branches,
+                                                   settings.teacher_temperature))
+        n_bad = _nonfinite_tokens(teacher_logp_BT, mask_BT, student.role_group)
+        if n_bad > 0:
+            return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad}, skipped=True)
     ids_B = torch.tensor(sample_ids, dtype=torch.int64)
     gap_BT: Optional[torch.Tensor] = None  # Δ before training (RECOMPUTE, ROLLOUT); TRAINING_FORWARD: after
     if source is not GapSource.TRAINING_FORWARD:
@@ -395,7 +403,7 @@ def camopd_step(
             if student_logp_BT is None:
                 student_logp_BT = (student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
                                    if source is GapSource.RECOMPUTE else batch.rollout_logp_BT)
-            gap_BT = token_gaps(teacher_logp_BT, student_logp_BT, mask_BT)
+            gap_BT = token_gaps(cast(torch.Tensor, teacher_logp_BT), student_logp_BT, mask_BT)
     with timer("select"):
         if gap_BT is not None:
             sel = plan_selection(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B, branches,
@@ -403,7 +411,15 @@ def camopd_step(
         else:  # gap-free: every sample, r_b, whatever Δ turns out to be
             sel = settings.policy.gap_free_selection(branches, student.dp_group)
     with timer("train"):
-        loss_sums, gap_BT = train_on_selection(student, batch, teacher_logp_BT, sel, settings, source, gap_BT)
+        teacher_in = DeferredTeacher(lambda: cast(ChunkedScoring, chunked).gather(batch), timer) if deferred \
+            else cast(torch.Tensor, teacher_logp_BT)
+        loss_sums, gap_BT = train_on_selection(student, batch, teacher_in, sel, settings, source, gap_BT)
+    if isinstance(teacher_in, DeferredTeacher):
+        teacher_logp_BT = teacher_in.get()
+        n_bad = _nonfinite_tokens(teacher_logp_BT, mask_BT, student.role_group)
+        if n_bad > 0:  # as if skipped before training: the optimizer does not run (the next step zeroes the grads)
+            return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad}, skipped=True)
+    teacher_logp_BT = cast(torch.Tensor, teacher_logp_BT)
     if source is GapSource.TRAINING_FORWARD:
         with timer("select"):  # the ρ-rule's statistics of the real gaps (metrics; the kept set is unchanged)
             sel = sel.with_rule(apply_rule(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B,
@@ -423,10 +439,35 @@ def camopd_step(
                       record=StepRecord(sample_ids, branches, batch, teacher_logp_BT, sel))
 
 
-def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: torch.Tensor,
+def _nonfinite_tokens(teacher_logp_BT: torch.Tensor, mask_BT: torch.Tensor, group: dist.ProcessGroup) -> float:
+    """Scored tokens with a non-finite teacher log-prob over the student role (a step with any is skipped)."""
+    n_bad = torch.tensor([float((~torch.isfinite(teacher_logp_BT) & mask_BT.bool()).sum())])
+    dist.all_reduce(n_bad, group=group)
+    return float(n_bad.item())
+
+
+class DeferredTeacher:
+    """log π_T [B, T] gathered on first use (:meth:`get`, timed as the ``teacher`` stage, which then
+    lies inside ``train``): the overlapped teachers score the rollout's last chunk during the first
+    training forward. PP = 1 only (every rank of the replica computes the first micro-batch's loss,
+    so all of them join the gather's broadcast at the same point)."""
+
+    def __init__(self, gather: Callable[[], torch.Tensor], timer: StageTimer) -> None:
+        self._gather, self._timer = gather, timer
+        self._value: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            with self._timer("teacher"):
+                self._value = self._gather()
+        return self._value
+
+
+def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: "torch.Tensor | DeferredTeacher",
                        sel: SelectionResult, settings: StepSettings, source: GapSource,
                        gap_BT: Optional[torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
-    """Forward/backward of the kept samples in micro-batches.
+    """Forward/backward of the kept samples in micro-batches (``teacher_logp_BT`` possibly deferred:
+    taken by the first loss that needs it, and by every rank after the schedule).
 
     Δ per ``source``: ``gap_BT`` [B, T] computed before training (RECOMPUTE, ROLLOUT), or, for
     TRAINING_FORWARD (``gap_BT`` None; every sample must be kept), each micro-batch's
@@ -441,9 +482,12 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     keep = sel.keep_B.nonzero().flatten()
     if from_forward and keep.numel() != sel.keep_B.numel():
         raise ValueError("train_on_selection: Δ from the training forward needs every sample kept (a gap-free policy)")
+    deferred = teacher_logp_BT if isinstance(teacher_logp_BT, DeferredTeacher) else None
     tensors = {
         "tokens": batch.tokens_BT[keep], "mask": batch.loss_mask_BT[keep], "mu": batch.rollout_logp_BT[keep],
-        "teacher": teacher_logp_BT[keep], "scale": sel.adv_scale_B[keep].float(),
+        "scale": sel.adv_scale_B[keep].float(),
+        # deferred: each micro-batch's rows, to read their teacher log-probs once they are gathered
+        **({"row": keep} if deferred is not None else {"teacher": cast(torch.Tensor, teacher_logp_BT)[keep]}),
     }
     if gap_BT is not None:
         tensors["gap"] = gap_BT[keep]
@@ -464,8 +508,9 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
         logp = next_token_logprobs(hidden[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
                                    temperature=temperature, mask_BT=mask, first_position=mb["output_window"][0],
                                    output_weight=weight)
-        gap = token_gaps(mb["teacher"][:n], logp, mask) if from_forward else mb["gap"][:n]
-        loss, m = camopd_branch_loss(logp, mb["teacher"][:n], mb["mu"][:n], mask, mb["scale"][:n],
+        teacher = mb["teacher"][:n] if deferred is None else deferred.get()[mb["row"][:n]][:, : mask.shape[1]]
+        gap = token_gaps(teacher, logp, mask) if from_forward else mb["gap"][:n]
+        loss, m = camopd_branch_loss(logp, teacher, mb["mu"][:n], mask, mb["scale"][:n],
                                      num_samples_global=n_global, options=settings.loss_options, gap_BT=gap)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -475,6 +520,8 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     student.ddp_model.train()
     outs = run_microbatches(student.ddp_model, student.pg_collection,
                             make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False)
+    if deferred is not None:
+        deferred.get()  # a replica with nothing kept gathers its (empty) replies here
     if from_forward:
         parts = [o["gap"] for o in outs if "gap" in o]  # an all-padding micro-batch (B = 0) has none
         gap_BT = torch.cat(parts, 0) if parts else torch.zeros(tuple(batch.tokens_BT.shape), dtype=torch.float32)
