@@ -4,6 +4,8 @@
     python -m camopd_megatron.bench.step --size large --steps 5
     python -m camopd_megatron.bench.step --teachers 2                 # the camopd preset (general + domain)
     python -m camopd_megatron.bench.step --layout sep4 --teachers 2   # torchrun: student TP=2 + 2 teacher ranks
+    python -m camopd_megatron.bench.step --layout sep2 --rollout-micro-batch 4 --no-overlap-teachers
+                                                                      # torchrun: student rank + teacher rank
     python -m camopd_megatron.bench.step --json                       # one JSON line on stdout
 
 What runs is ``camopd_megatron.trainer.train(cfg)`` itself (config built with ``config_from_dict``),
@@ -25,7 +27,11 @@ branch (``scheduler.mode: mixed`` with only ``general``, selection off, r = 1) a
 teachers. Teachers are the student's own random initialisation (``init: random``): their weights do
 not change the work done per step. ``--layout single`` is one process (world 1, teachers
 ``placement: colocated``); ``sep4`` launches ``torch.distributed.run --nproc_per_node 4`` with the
-student at TP = 2 on ranks 0-1 and each teacher on its own rank (``placement: separate``).
+student at TP = 2 on ranks 0-1 and each teacher on its own rank (``placement: separate``); ``sep2``
+launches 2 ranks, the student (TP = 1) on rank 0 and the teacher(s) on rank 1 (``placement:
+separate``, time-shared when 2). ``--rollout-micro-batch`` (``rollout.micro_batch_size``, default the
+whole batch) and ``--no-overlap-teachers`` (``rollout.overlap_teachers: false``) measure the
+teachers overlapped with the rollout: it needs 2 or more rollout micro-batches (BENCHMARKS.md).
 
 Timing boundary (the peer's): imports, model and optimizer construction are excluded. An
 ``eval_fn`` hook, which the trainer calls before step 1 and after every step, stamps the loop's
@@ -63,6 +69,8 @@ SIZES: dict[str, dict[str, int]] = {
 """The peer's two settings (``run_peer.py`` defaults and ``run_all.sh``'s LARGE)."""
 
 REPO = Path(__file__).resolve().parents[2]
+LAYOUTS = {"single": 1, "sep2": 2, "sep4": 4}
+"""Benchmark layouts and their world sizes."""
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -96,12 +104,15 @@ def write_prompts(path: Path, n: int, prompt_len: int, vocab_size: int, seed: in
 
 def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, steps: int, batch: int = 8,
                       prompt_len: int = 32, new_tokens: Optional[int] = None, seed: int = 1234,
-                      dims: Optional[dict[str, int]] = None, student_logprobs: str = "recompute") -> dict[str, Any]:
+                      dims: Optional[dict[str, int]] = None, student_logprobs: str = "recompute",
+                      rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True) -> dict[str, Any]:
     """The trainer config (a plain dict for ``config_from_dict``) of one benchmark setting.
 
     Writes the tokenizer and the prompt files under ``work``. ``dims`` overrides entries of
     :data:`SIZES` (tests use a micro model). ``student_logprobs``: ``selection.student_logprobs``
     (the presets' ``recompute``, or ``rollout``: μ for the gaps, one student forward fewer).
+    ``rollout_micro_batch``: ``rollout.micro_batch_size`` (None: the whole batch at once);
+    ``overlap_teachers``: ``rollout.overlap_teachers``.
     """
     from camopd_megatron.config import config_to_dict, load_config
     from camopd_megatron.config.loader import deep_merge
@@ -110,8 +121,9 @@ def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, step
         raise ValueError(f"size={size!r}: expected one of {sorted(SIZES)}")
     if teachers not in (1, 2):
         raise ValueError(f"teachers={teachers!r}: expected 1 (single branch, vanilla_mopd-style) or 2 (camopd preset)")
-    if layout not in ("single", "sep4"):
-        raise ValueError(f"layout={layout!r}: expected 'single' (one process) or 'sep4' (torchrun, 4 ranks)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected 'single' (one process), 'sep2' (torchrun, 2 ranks) or "
+                         "'sep4' (torchrun, 4 ranks)")
     d = {**SIZES[size], **(dims or {})}
     new = int(new_tokens or d["new_tokens"])
     tok = write_tokenizer(work / "tokenizer", d["vocab"])
@@ -128,12 +140,14 @@ def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, step
                   "num_attention_heads": d["heads"], "num_query_groups": d["kv_heads"], "ffn_hidden_size": d["ffn"],
                   "vocab_size": d["vocab"], "seq_length": prompt_len + new, "tie_embeddings": False,
                   "transformer_impl": "local"},
-        "parallel": {"tp": 1 if layout == "single" else 2, "pp": 1, "backend": "gloo"},
-        "teachers": [{"name": b, "init": "random", "branches": [b], "placement": placement} for b in branches],
+        "parallel": {"tp": 2 if layout == "sep4" else 1, "pp": 1, "backend": "gloo"},
+        "teachers": [{"name": b, "init": "random", "branches": [b], "placement": placement,
+                      **({"group": "teachers"} if layout == "sep2" else {})} for b in branches],
         "data": {"branches": data, "tokenizer": str(tok), "max_prompt_tokens": prompt_len, "shuffle": True},
         # one micro-batch of the whole step (the peer: batch 8, no accumulation), fixed-length responses
         "rollout": {"prompts_per_step": batch, "max_new_tokens": new, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                    "micro_batch_size": batch, "use_kv_cache": True},
+                    "micro_batch_size": rollout_micro_batch or batch, "use_kv_cache": True,
+                    "overlap_teachers": overlap_teachers},
         # the peer's optimizer: AdamW, lr 1e-4 constant, grad clip 1.0, no weight decay
         "optim": {"lr": 1e-4, "lr_schedule": "constant", "clip_grad": 1.0, "micro_batch_size": batch,
                   "weight_decay": 0.0},
@@ -246,18 +260,22 @@ def _worker_main(cfg_path: str, out_dir: str, threads: int) -> None:
 
 def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: int,
                 work: Optional[Path] = None, dims: Optional[dict[str, int]] = None,
-                new_tokens: Optional[int] = None, student_logprobs: str = "recompute") -> dict[str, Any]:
+                new_tokens: Optional[int] = None, student_logprobs: str = "recompute",
+                rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True) -> dict[str, Any]:
     """Run one benchmark setting and return the summary record.
 
     ``single`` runs in this process (set ``OMP_NUM_THREADS`` before torch is imported; the CLI
-    does); ``sep4`` launches torchrun with ``threads`` torch threads per rank.
+    does); ``sep2`` / ``sep4`` launch torchrun with ``threads`` torch threads per rank.
     """
     own_tmp = work is None
     tmp = tempfile.TemporaryDirectory(prefix="camopd_bench_") if own_tmp else None
     work = Path(tmp.name) if tmp is not None else Path(work)
     try:
         cfg_dict = bench_config_dict(work, size=size, teachers=teachers, layout=layout, steps=steps, dims=dims,
-                                     new_tokens=new_tokens, student_logprobs=student_logprobs)
+                                     new_tokens=new_tokens, student_logprobs=student_logprobs,
+                                     rollout_micro_batch=rollout_micro_batch, overlap_teachers=overlap_teachers)
+        setting = {"student_logprobs": student_logprobs, "rollout_micro_batch": cfg_dict["rollout"]["micro_batch_size"],
+                   "overlap_teachers": overlap_teachers}
         params = _count_params(cfg_dict)
         if layout == "single":
             import torch
@@ -265,19 +283,20 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
             torch.set_num_threads(threads)
             raw = run_trainer(cfg_dict)
             rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
-            return {**rec, "student_logprobs": student_logprobs}
+            return {**rec, **setting}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+        world = LAYOUTS[layout]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "-m", "camopd_megatron.bench.step", "--worker", str(cfg_path), "--out-dir", str(work),
                "--threads", str(threads)]
         subprocess.run(cmd, env=env, check=True, cwd=str(REPO), stdout=subprocess.DEVNULL)
-        ranks = [json.loads((work / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(4)]
+        ranks = [json.loads((work / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(world)]
         total_kb = float(sum(r["hwm_kb"] for r in ranks))
         rec = summarize(ranks[0], size=size, teachers=teachers, layout=layout, threads=threads,
                         hwm_total_kb=total_kb, params=params)
-        return {**rec, "student_logprobs": student_logprobs}
+        return {**rec, **setting}
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -286,7 +305,8 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
 def format_record(r: dict[str, Any]) -> str:
     """A human-readable block for one summary record."""
     stages = " ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items() if k != "step")
-    return (f"{r['size']} teachers={r['teachers']} layout={r['layout']} threads={r['threads']} params={r['params']}\n"
+    return (f"{r['size']} teachers={r['teachers']} layout={r['layout']} threads={r['threads']} params={r['params']} "
+            f"rollout_micro_batch={r.get('rollout_micro_batch')} overlap_teachers={r.get('overlap_teachers')}\n"
             f"  steps {r['steps']}  wall {r['wall_s']:.2f}s  s/step first {r['step_s_first']:.3f} "
             f"steady {r['step_s_steady_mean']:.3f}\n"
             f"  gen tok/s {r['gen_tokens_per_s']}  train tok/s (e2e) {r['train_tokens_per_s']} "
@@ -299,24 +319,28 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--teachers", type=int, choices=(1, 2), default=1)
-    p.add_argument("--layout", choices=("single", "sep4"), default="single")
+    p.add_argument("--layout", choices=tuple(LAYOUTS), default="single")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--new-tokens", type=int, default=None, help="response length (default: the size's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 2; sep4: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 2; sep2, sep4: 1)")
     p.add_argument("--student-logprobs", choices=("recompute", "rollout"), default="recompute",
                    help="selection.student_logprobs (the presets use recompute)")
+    p.add_argument("--rollout-micro-batch", type=int, default=None,
+                   help="rollout.micro_batch_size (default: the whole batch); 2+ micro-batches let the teachers overlap")
+    p.add_argument("--no-overlap-teachers", action="store_true", help="rollout.overlap_teachers: false")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the text block")
     p.add_argument("--worker", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    threads = a.threads or (1 if a.layout == "sep4" else 2)
+    threads = a.threads or (2 if a.layout == "single" else 1)
     if a.worker:
         _worker_main(a.worker, a.out_dir, threads)
         return {}
     if a.steps < 1:
         raise ValueError(f"--steps={a.steps} must be >= 1")
     rec = run_setting(size=a.size, teachers=a.teachers, layout=a.layout, steps=a.steps, threads=threads,
-                      new_tokens=a.new_tokens, student_logprobs=a.student_logprobs)
+                      new_tokens=a.new_tokens, student_logprobs=a.student_logprobs,
+                      rollout_micro_batch=a.rollout_micro_batch, overlap_teachers=not a.no_overlap_teachers)
     print(json.dumps(rec) if a.json else format_record(rec), flush=True)
     return rec
 
@@ -325,7 +349,7 @@ if __name__ == "__main__":
     # thread env before torch is imported (the peer does the same)
     _threads = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--threads"), None)
     if _threads is None:
-        _threads = "1" if "sep4" in sys.argv else "2"
+        _threads = "1" if ("sep4" in sys.argv or "sep2" in sys.argv) else "2"
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
     os.environ.setdefault("MKL_NUM_THREADS", _threads)
     main()

@@ -555,6 +555,13 @@ class RolloutConfig:
     """Reuse keys/values across decoding steps."""
     micro_batch_size: int = 8
     """Prompts decoded together per data-parallel rank."""
+    overlap_teachers: bool = True
+    """With ``placement: separate`` teachers: send each rollout micro-batch to its teacher as soon as it
+    is sampled, so the teacher scores it while the student samples the next one (and, with
+    ``selection.student_logprobs: recompute``, while the student recomputes its own log-probs). The
+    results are the same as with ``false``; it needs at least two micro-batches per data-parallel
+    replica (``micro_batch_size`` below ``prompts_per_step / dp``) to hide anything. No effect on
+    colocated teachers."""
 
     def validate(self, prefix: str = "rollout") -> list[str]:
         """In-section problems (empty when valid)."""

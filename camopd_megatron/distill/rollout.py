@@ -71,7 +71,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -440,6 +440,7 @@ def generate(
     micro_batch_size: int | None = None,
     timeout_s: Optional[float] = None,
     lock_step: Optional[dist.ProcessGroup] = None,
+    on_chunk: Optional[Callable[[list[int], RolloutBatch], None]] = None,
 ) -> RolloutBatch:
     """Sample one response per prompt from the student; collective over one DP replica.
 
@@ -461,6 +462,11 @@ def generate(
         lock_step: the student's DP group when its replicas must run the same number of forwards (an
             expert-parallel MoE student; module docstring): collective over that group, every replica
             calls, one with no prompts too (it gets an empty batch). None: this replica alone.
+        on_chunk: called on every rank of the replica as soon as a micro-batch is decoded, with its rows
+            (indices into ``prompts``, in decode order) and their :class:`RolloutBatch` (the rows of the
+            result, T trimmed to the micro-batch): the step hands each one to the teachers while the
+            next is sampled (``rollout.overlap_teachers``). What is decoded does not change. Lock-step
+            dummy micro-batches are not handed over.
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """
@@ -494,8 +500,12 @@ def generate(
                     gen.run_dummy()
                     continue
                 idx = order[k * mbs : (k + 1) * mbs]
-                for i, res in zip(idx, gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])):
+                chunk = gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])
+                for i, res in zip(idx, chunk):
                     results[i] = res
+                if on_chunk is not None:
+                    on_chunk(idx, _assemble([prompts[i] for i in idx], chunk, [sample_ids[i] for i in idx],
+                                            params.off_policy))
     finally:
         model.train(was_training)
     if not n:

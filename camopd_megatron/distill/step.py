@@ -20,6 +20,18 @@ Where Δ comes from (:class:`GapSource`, from ``selection.student_logprobs`` and
   the selection is known up front (every sample, r_b), each micro-batch's loss takes Δ from its own
   forward, and training returns Δ for the metrics and the ρ-rule's statistics.
 
+Teachers overlapped with the rollout (``rollout.overlap_teachers``, :class:`ChunkedScoring`): with a
+separate teacher, each rollout micro-batch is sent to it as soon as it is sampled (a request in
+flight, ``TeacherClient.submit``) and the teacher scores it while the next one is sampled; with the
+RECOMPUTE gap source the student's no-grad forward also runs before the results are gathered, while
+the teacher scores the last chunk; with TRAINING_FORWARD (every teacher separate, PP = 1) the results
+are gathered by the first micro-batch's loss, after its forward (:class:`DeferredTeacher`; a step
+with non-finite teacher log-probs is then skipped after the backward, before the optimizer).
+Nothing computed changes: the same micro-batches are decoded (the
+noise is keyed per sample and position, ``distill.sampling``), a teacher scores each row on its own
+(its log-probs do not depend on the rows it shares a request with), and the results are gathered
+into the same [B, T] before anything reads them.
+
 Every rank of the student role runs this function; collectives inside: rollout (the replica's TP/PP
 groups), teacher scoring (student ↔ teacher groups), selection (DP group), the pipeline schedule and
 DDP (role groups), metric reduction (role group). Shapes: B samples on this replica, T tokens.
@@ -32,7 +44,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol, Sequence, cast
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Protocol, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -58,6 +70,7 @@ if TYPE_CHECKING:
     from camopd_megatron.config import Config
     from camopd_megatron.data import PromptSource
     from camopd_megatron.models.optimizer import BranchMoments, LRScheduler
+    from camopd_megatron.teachers.client import PendingScore
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +82,15 @@ class TeacherScorer(Protocol):
               temperature: float = 1.0) -> torch.Tensor:
         """float32 [B, T] log-probs of the branch teacher at softmax ``temperature`` (collective over
         the student role)."""
+        ...
+
+    def is_separate(self, branch: str) -> bool:
+        """The branch's teacher runs on its own ranks (its scoring can overlap the rollout)."""
+        ...
+
+    def submit(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *,
+               temperature: float = 1.0) -> "PendingScore":
+        """:meth:`score` without waiting (a separate teacher only); ``.result()`` gives its value."""
         ...
 
 
@@ -166,6 +188,9 @@ class StepSettings:
     """Every DP replica runs the same number of forwards (rollout decode steps and micro-batches, recompute
     and training micro-batches, padded with dummies): an MoE student with expert parallelism, whose
     all-to-alls span replicas (``models.pipeline``, "Lock-step"). Results are those without it."""
+    overlap_teachers: bool = True
+    """``rollout.overlap_teachers``: separate teachers score each rollout micro-batch while the next
+    is sampled (:class:`ChunkedScoring`)."""
 
     @property
     def teacher_temperature(self) -> float:
@@ -231,9 +256,10 @@ def draw_prompts(sources: Mapping[str, "PromptSource"], prompts: Mapping[str, in
 
 
 def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[int], settings: StepSettings, *,
-            step: int, seed: int, sampling: Optional[SamplingParams] = None) -> RolloutBatch:
+            step: int, seed: int, sampling: Optional[SamplingParams] = None,
+            on_chunk: Optional[Callable[[list[int], RolloutBatch], None]] = None) -> RolloutBatch:
     """The student's responses to this replica's prompts (an empty batch for no prompts; collective
-    over the replica either way)."""
+    over the replica either way). ``on_chunk``: see :func:`~camopd_megatron.distill.rollout.generate`."""
     # the rollout reads every weight first: finish the optimizer step's pending parameter all-gathers
     # (parallel.overlap_param_gather) here, on every DP rank, even one with no prompts (collective)
     finish_param_gather(student.model)
@@ -244,7 +270,7 @@ def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[in
         student.model, student.pg_collection, prompts, sampling or settings.sampling, sample_ids=sample_ids,
         seed=seed, step=step, vocab_size=student.vocab_size, max_seq_len=student.max_seq_len,
         use_kv_cache=settings.use_kv_cache, micro_batch_size=settings.rollout_micro_batch_size,
-        timeout_s=settings.timeout_s, lock_step=lock_step,
+        timeout_s=settings.timeout_s, lock_step=lock_step, on_chunk=on_chunk,
     )
 
 
@@ -286,6 +312,59 @@ def score_with_teachers(client: TeacherScorer, branch_order: Sequence[str], batc
     return out
 
 
+class ChunkedScoring:
+    """Teacher scoring overlapped with the rollout (module docstring): :meth:`submit` is the rollout's
+    ``on_chunk`` (one request per separate-teacher branch of the step, in ``branch_order``, with that
+    branch's rows of the chunk, possibly none); :meth:`gather` scores the colocated branches and
+    collects every reply into the [B, T] that :func:`score_with_teachers` returns.
+
+    A shared teacher replica serves its student replicas in turn, one request each, so every replica
+    sends ``chunks`` × (separate branches) requests, :meth:`pad` adding empty ones: ``chunks`` is the
+    largest replica's number of rollout micro-batches (:meth:`count`), the same on every rank.
+    """
+
+    def __init__(self, client: TeacherScorer, branch_order: Sequence[str], branches: Sequence[str],
+                 temperature: float) -> None:
+        self.client, self.branches, self.temperature = client, list(branches), temperature
+        self.separate = [b for b in branch_order if client.is_separate(b)]
+        self.colocated = [b for b in branch_order if not client.is_separate(b)]
+        self.pending: list[tuple[list[int], "PendingScore"]] = []
+        self.chunks = 0
+
+    @staticmethod
+    def count(total_prompts: int, dp_size: int, micro_batch_size: Optional[int]) -> int:
+        """Rollout micro-batches of the largest DP replica (``draw_prompts`` gives ⌈N / DP⌉ at most)."""
+        most = -(-total_prompts // dp_size)
+        return -(-most // (micro_batch_size or max(most, 1)))
+
+    def submit(self, rows: list[int], chunk: RolloutBatch) -> None:
+        """Send ``chunk`` (the batch rows ``rows``) to the separate teachers; returns at once."""
+        self.chunks += 1
+        for branch in self.separate:
+            local = [i for i, r in enumerate(rows) if self.branches[r] == branch]
+            sub = chunk.select(local) if local else None
+            tokens = sub.tokens_BT if sub is not None else torch.zeros((0, 1), dtype=torch.int64)
+            mask = sub.loss_mask_BT if sub is not None else torch.zeros((0, 1), dtype=torch.float32)
+            self.pending.append(([rows[i] for i in local],
+                                 self.client.submit(branch, tokens, mask, temperature=self.temperature)))
+
+    def pad(self, chunks: int) -> None:
+        """Empty requests up to ``chunks`` chunks (a replica with fewer micro-batches or no prompts)."""
+        while self.chunks < chunks:
+            self.submit([], RolloutBatch.empty())
+
+    def gather(self, batch: RolloutBatch) -> torch.Tensor:
+        """log π_T [B, T] of ``batch`` (the whole rollout): colocated branches scored now, the separate
+        teachers' replies collected in the order they were submitted."""
+        out = score_with_teachers(self.client, self.colocated, batch, self.branches, self.temperature)
+        for rows, pending in self.pending:
+            logp = pending.result()
+            if rows:
+                out[rows, : logp.shape[1]] = logp.float()
+        self.pending.clear()
+        return out
+
+
 # ------------------------------------------------------------------------------------------------
 # the step
 # ------------------------------------------------------------------------------------------------
@@ -302,24 +381,41 @@ def camopd_step(
     t_start = time.perf_counter()
     with timer("data"):
         prompts, branches, sample_ids = draw_prompts(sources, plan.prompts, student.dp_rank, student.dp_size)
-    with timer("rollout"):
-        batch = rollout(student, prompts, sample_ids, settings, step=step, seed=settings.seed)
-    mask_BT = batch.loss_mask_BT
-    with timer("teacher"):
-        teacher_logp_BT = score_with_teachers(teachers, plan.branches, batch, branches, settings.teacher_temperature)
-    bad = ~torch.isfinite(teacher_logp_BT) & mask_BT.bool()
-    n_bad = torch.tensor([float(bad.sum())])
-    dist.all_reduce(n_bad, group=student.role_group)
-    if n_bad.item() > 0:
-        return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad.item()}, skipped=True)
-    ids_B = torch.tensor(sample_ids, dtype=torch.int64)
     source = settings.gap_source
+    overlap = settings.overlap_teachers and any(teachers.is_separate(b) for b in plan.branches)
+    chunked = ChunkedScoring(teachers, plan.branches, branches, settings.teacher_temperature) if overlap else None
+    with timer("rollout"):
+        batch = rollout(student, prompts, sample_ids, settings, step=step, seed=settings.seed,
+                        on_chunk=chunked.submit if chunked is not None else None)
+        if chunked is not None:
+            chunked.pad(ChunkedScoring.count(sum(max(n, 0) for n in plan.prompts.values()), student.dp_size,
+                                             settings.rollout_micro_batch_size))
+    mask_BT = batch.loss_mask_BT
+    student_logp_BT: Optional[torch.Tensor] = None
+    if chunked is not None and source is GapSource.RECOMPUTE:
+        with timer("recompute"):  # while the teachers score the last chunk
+            student_logp_BT = student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
+    # TRAINING_FORWARD, every teacher separate, PP = 1: the replies are first needed by the first
+    # micro-batch's loss, so they are gathered there, after its forward (DeferredTeacher)
+    deferred = (chunked is not None and source is GapSource.TRAINING_FORWARD and not chunked.colocated
+                and stage_info(student.pg_collection).pp_size == 1)
+    teacher_logp_BT: Optional[torch.Tensor] = None
+    if not deferred:
+        with timer("teacher"):
+            teacher_logp_BT = (chunked.gather(batch) if chunked is not None else
+                               score_with_teachers(teachers, plan.branches, batch, branches,
+                                                   settings.teacher_temperature))
+        n_bad = _nonfinite_tokens(teacher_logp_BT, mask_BT, student.role_group)
+        if n_bad > 0:
+            return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad}, skipped=True)
+    ids_B = torch.tensor(sample_ids, dtype=torch.int64)
     gap_BT: Optional[torch.Tensor] = None  # Δ before training (RECOMPUTE, ROLLOUT); TRAINING_FORWARD: after
     if source is not GapSource.TRAINING_FORWARD:
         with timer("recompute"):
-            student_logp_BT = (student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
-                               if source is GapSource.RECOMPUTE else batch.rollout_logp_BT)
-            gap_BT = token_gaps(teacher_logp_BT, student_logp_BT, mask_BT)
+            if student_logp_BT is None:
+                student_logp_BT = (student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
+                                   if source is GapSource.RECOMPUTE else batch.rollout_logp_BT)
+            gap_BT = token_gaps(cast(torch.Tensor, teacher_logp_BT), student_logp_BT, mask_BT)
     with timer("select"):
         if gap_BT is not None:
             sel = plan_selection(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B, branches,
@@ -327,7 +423,15 @@ def camopd_step(
         else:  # gap-free: every sample, r_b, whatever Δ turns out to be
             sel = settings.policy.gap_free_selection(branches, student.dp_group)
     with timer("train"):
-        loss_sums, gap_BT = train_on_selection(student, batch, teacher_logp_BT, sel, settings, source, gap_BT)
+        teacher_in = DeferredTeacher(lambda: cast(ChunkedScoring, chunked).gather(batch), timer) if deferred \
+            else cast(torch.Tensor, teacher_logp_BT)
+        loss_sums, gap_BT = train_on_selection(student, batch, teacher_in, sel, settings, source, gap_BT)
+    if isinstance(teacher_in, DeferredTeacher):
+        teacher_logp_BT = teacher_in.get()
+        n_bad = _nonfinite_tokens(teacher_logp_BT, mask_BT, student.role_group)
+        if n_bad > 0:  # as if skipped before training: the optimizer does not run (the next step zeroes the grads)
+            return StepOutput(step, plan, {"teacher_nonfinite_tokens": n_bad}, skipped=True)
+    teacher_logp_BT = cast(torch.Tensor, teacher_logp_BT)
     if source is GapSource.TRAINING_FORWARD:
         with timer("select"):  # the ρ-rule's statistics of the real gaps (metrics; the kept set is unchanged)
             sel = sel.with_rule(apply_rule(sample_scores(gap_BT, mask_BT, branches, settings.policy), ids_B,
@@ -347,10 +451,35 @@ def camopd_step(
                       record=StepRecord(sample_ids, branches, batch, teacher_logp_BT, sel))
 
 
-def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: torch.Tensor,
+def _nonfinite_tokens(teacher_logp_BT: torch.Tensor, mask_BT: torch.Tensor, group: dist.ProcessGroup) -> float:
+    """Scored tokens with a non-finite teacher log-prob over the student role (a step with any is skipped)."""
+    n_bad = torch.tensor([float((~torch.isfinite(teacher_logp_BT) & mask_BT.bool()).sum())])
+    dist.all_reduce(n_bad, group=group)
+    return float(n_bad.item())
+
+
+class DeferredTeacher:
+    """log π_T [B, T] gathered on first use (:meth:`get`, timed as the ``teacher`` stage, which then
+    lies inside ``train``): the overlapped teachers score the rollout's last chunk during the first
+    training forward. PP = 1 only (every rank of the replica computes the first micro-batch's loss,
+    so all of them join the gather's broadcast at the same point)."""
+
+    def __init__(self, gather: Callable[[], torch.Tensor], timer: StageTimer) -> None:
+        self._gather, self._timer = gather, timer
+        self._value: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            with self._timer("teacher"):
+                self._value = self._gather()
+        return self._value
+
+
+def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_BT: "torch.Tensor | DeferredTeacher",
                        sel: SelectionResult, settings: StepSettings, source: GapSource,
                        gap_BT: Optional[torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
-    """Forward/backward of the kept samples in micro-batches.
+    """Forward/backward of the kept samples in micro-batches (``teacher_logp_BT`` possibly deferred:
+    taken by the first loss that needs it, and by every rank after the schedule).
 
     Δ per ``source``: ``gap_BT`` [B, T] computed before training (RECOMPUTE, ROLLOUT), or, for
     TRAINING_FORWARD (``gap_BT`` None; every sample must be kept), each micro-batch's
@@ -365,9 +494,12 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     keep = sel.keep_B.nonzero().flatten()
     if from_forward and keep.numel() != sel.keep_B.numel():
         raise ValueError("train_on_selection: Δ from the training forward needs every sample kept (a gap-free policy)")
+    deferred = teacher_logp_BT if isinstance(teacher_logp_BT, DeferredTeacher) else None
     tensors = {
         "tokens": batch.tokens_BT[keep], "mask": batch.loss_mask_BT[keep], "mu": batch.rollout_logp_BT[keep],
-        "teacher": teacher_logp_BT[keep], "scale": sel.adv_scale_B[keep].float(),
+        "scale": sel.adv_scale_B[keep].float(),
+        # deferred: each micro-batch's rows, to read their teacher log-probs once they are gathered
+        **({"row": keep} if deferred is not None else {"teacher": cast(torch.Tensor, teacher_logp_BT)[keep]}),
     }
     if gap_BT is not None:
         tensors["gap"] = gap_BT[keep]
@@ -388,8 +520,9 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
         logp = next_token_logprobs(hidden[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
                                    temperature=temperature, mask_BT=mask, first_position=mb["output_window"][0],
                                    output_weight=weight)
-        gap = token_gaps(mb["teacher"][:n], logp, mask) if from_forward else mb["gap"][:n]
-        loss, m = camopd_branch_loss(logp, mb["teacher"][:n], mb["mu"][:n], mask, mb["scale"][:n],
+        teacher = mb["teacher"][:n] if deferred is None else deferred.get()[mb["row"][:n]][:, : mask.shape[1]]
+        gap = token_gaps(teacher, logp, mask) if from_forward else mb["gap"][:n]
+        loss, m = camopd_branch_loss(logp, teacher, mb["mu"][:n], mask, mb["scale"][:n],
                                      num_samples_global=n_global, options=settings.loss_options, gap_BT=gap)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -401,6 +534,8 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     outs = run_microbatches(student.ddp_model, student.pg_collection,
                             make_microbatches(tensors, settings.micro_batch_size), loss_fn, forward_only=False,
                             lock_step=student.lock_step(settings), timeout_s=settings.timeout_s)
+    if deferred is not None:
+        deferred.get()  # a replica with nothing kept gathers its (empty) replies here
     if from_forward:
         parts = [o["gap"] for o in outs if "gap" in o]  # an all-padding micro-batch (B = 0) has none
         gap_BT = torch.cat(parts, 0) if parts else torch.zeros(tuple(batch.tokens_BT.shape), dtype=torch.float32)
@@ -469,4 +604,5 @@ def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSett
         teacher_temperature_override=cfg.loss.teacher_temperature,
         clip_grad=cfg.optim.clip_grad,
         lock_step=cfg.model.moe is not None and lock_step_needed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp),
+        overlap_teachers=cfg.rollout.overlap_teachers,
     )

@@ -30,6 +30,7 @@ its own checkpoint. The config's own teacher rules are checked when it is valida
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -41,8 +42,8 @@ from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
 from camopd_megatron.teachers.protocol import (
-    TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, TeacherServiceError, check_batch,
-    encode_message, group_broadcast, header, p2p_recv, p2p_send, teacher_ids,
+    TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, TeacherServiceError, Transfer, check_batch,
+    encode_message, group_broadcast, header, p2p_irecv, p2p_isend, p2p_send, teacher_ids,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_teachers", "check_teachers", "TeacherClient", "ColocatedTeacher"]
+__all__ = ["build_teachers", "check_teachers", "TeacherClient", "ColocatedTeacher", "PendingScore"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,6 +150,8 @@ class TeacherClient:
         self.group_of = {n: layout.teacher_role[n] for n in self.routes}
         self.stats: dict[str, int] = {"requests": 0, "bytes_sent": 0, "bytes_received": 0}
         self.closed = False
+        self._inflight: list[PendingScore] = []
+        """Submitted requests whose result was not taken yet, oldest first."""
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -178,8 +181,34 @@ class TeacherClient:
             return self.colocated[name].score(tokens_BT, loss_mask_BT, temperature=temperature)
         return self._request(name, tokens_BT, loss_mask_BT, temperature)
 
+    def is_separate(self, branch: str) -> bool:
+        """True when ``branch``'s teacher runs on its own ranks (its requests can be in flight, see :meth:`submit`)."""
+        return self.teacher_for(branch) not in self.colocated
+
+    def submit(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *,
+               temperature: float = 1.0) -> "PendingScore":
+        """Send a :meth:`score` request to ``branch``'s separate teacher and return without waiting:
+        the teacher scores it while this replica goes on (the step samples its next rollout chunk).
+        :meth:`PendingScore.result` gives what :meth:`score` would have returned.
+
+        Collective like :meth:`score` (every rank of the replica submits the same batch); requests are
+        answered in the order they were submitted, and every student replica must submit the same
+        number of them to a shared teacher replica (empty ones are fine). A colocated teacher runs on
+        the student's own ranks, so there is nothing to overlap: ValueError (use :meth:`score`).
+        """
+        name = self.teacher_for(branch)
+        if name in self.colocated:
+            raise ValueError(f"submit: branch {branch!r} is scored by the colocated teacher {name!r} on the student's "
+                             "own ranks, so nothing can run meanwhile; call score() instead")
+        return self._post(name, tokens_BT, loss_mask_BT, temperature)
+
     def _request(self, name: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
                  temperature: float) -> torch.Tensor:
+        return self._post(name, tokens_BT, loss_mask_BT, temperature).result()
+
+    def _post(self, name: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
+              temperature: float) -> "PendingScore":
+        """Post one request (the leader: header, tokens and mask sends and the reply's receive at once)."""
         if self.closed:
             raise TeacherServiceError("TeacherClient is closed; build a new one")
         route = self.routes[name]
@@ -187,31 +216,45 @@ class TeacherClient:
                            what=f"score for teacher {name!r}")
         dev = wire_device()
         out = torch.zeros((b, t), dtype=torch.float32, device=dev)
+        transfers: list[Transfer] = []
         if self.rank == route.student_rank:
             self.stats["requests"] += 1
-            p2p_send(header(Command.SCORE, self.ids[name], b, t, temperature), route.teacher_input_rank,
-                     tag=TAG_HEADER, timeout_s=self.timeout_s, peer=self._peer(route, route.teacher_input_rank),
-                     what="request header")
+            peer_in = self._peer(route, route.teacher_input_rank)
+            transfers.append(p2p_isend(header(Command.SCORE, self.ids[name], b, t, temperature),
+                                       route.teacher_input_rank, tag=TAG_HEADER, timeout_s=self.timeout_s,
+                                       peer=peer_in, what="request header"))
             if b * t:
                 tok = tokens_BT.to(dev)
                 msk = (loss_mask_BT != 0).to(device=dev, dtype=torch.uint8)
                 for x, tag in ((tok, TAG_TOKENS), (msk, TAG_MASK)):
-                    p2p_send(x, route.teacher_input_rank, tag=tag, timeout_s=self.timeout_s,
-                             peer=self._peer(route, route.teacher_input_rank), what="request payload")
+                    transfers.append(p2p_isend(x, route.teacher_input_rank, tag=tag, timeout_s=self.timeout_s,
+                                               peer=peer_in, what="request payload"))
                     self.stats["bytes_sent"] += x.numel() * x.element_size()
-                p2p_recv(out, route.teacher_output_rank, tag=TAG_VALUES, timeout_s=self.timeout_s,
-                         peer=self._peer(route, route.teacher_output_rank), what="teacher reply")
+                # posted now: the teacher's reply lands here whenever it is ready, without the student waiting
+                transfers.append(p2p_irecv(out, route.teacher_output_rank, tag=TAG_VALUES, timeout_s=self.timeout_s,
+                                           peer=self._peer(route, route.teacher_output_rank), what="teacher reply"))
                 self.stats["bytes_received"] += out.numel() * out.element_size()
-        if b * t:
-            # leader → the replica's other TP/PP ranks (they wait here meanwhile)
-            group_broadcast(out, route.student_rank, self.pgc.mp, timeout_s=self.timeout_s,
-                            peer=f"role 'student' rank {route.student_rank} (this replica's leader)",
-                            what=f"teacher {name!r} result")
-            # +inf is the teacher's failure signal (no log-prob can be > 0); NaN from a healthy teacher
-            # passes through: the trainer skips that step and aborts after loss.max_bad_teacher_steps
-            if bool((out == float("inf")).any()):
-                self._fail(route, "failed while scoring (see its log)")
-        return out.to(tokens_BT.device)
+        pending = PendingScore(self, name, route, out, transfers, tokens_BT.device)
+        self._inflight.append(pending)
+        return pending
+
+    def _drain(self) -> None:
+        """Finish the transfers of requests still in flight (a step that raised between submit and
+        result), all within one ``timeout_s``, so a later abort or shutdown follows them on the wire;
+        failures are logged (the caller is already handling an error)."""
+        deadline = time.monotonic() + self.timeout_s
+        for pending in self._inflight:
+            for tr in pending.transfers:
+                try:
+                    tr.wait(max(deadline - time.monotonic(), 0.1))
+                except TeacherServiceError as e:
+                    logger.warning("request to teacher %r left unfinished: %s", pending.name, e)
+        self._inflight.clear()
+
+    def _idle(self, what: str) -> None:
+        if self._inflight:
+            raise TeacherServiceError(f"TeacherClient.{what}: {len(self._inflight)} score request(s) still in flight; "
+                                      "take their results (PendingScore.result) first")
 
     def _fail(self, route: "Route", why: str) -> None:
         raise TeacherServiceError(f"{self._peer(route, route.teacher_output_rank)} {why}")
@@ -241,6 +284,7 @@ class TeacherClient:
         """
         if self.closed:
             raise TeacherServiceError("TeacherClient is closed; build a new one")
+        self._idle("join_save")
         for name, route in self._leader_targets():
             peer = self._peer(route, route.teacher_input_rank)
             msg = encode_message(path)
@@ -260,6 +304,7 @@ class TeacherClient:
         """
         if self.closed:
             raise TeacherServiceError("TeacherClient is closed; build a new one")
+        self._idle("step_end")
         for name, route in self._leader_targets():
             p2p_send(header(Command.STEP, b=int(step)), route.teacher_input_rank, tag=TAG_HEADER,
                      timeout_s=self.timeout_s, peer=self._peer(route, route.teacher_input_rank), what="step end")
@@ -269,10 +314,13 @@ class TeacherClient:
 
         Call it on every student rank in a ``finally`` (only replica leaders send; idempotent).
         Never raises: a teacher that is already gone (or any other failure to reach it) is logged.
+        Requests still in flight are finished first (bounded), so the teacher answers them and then
+        reads the abort or shutdown.
         """
         if self.closed:
             return
         self.closed = True
+        self._drain()
         sent: set[tuple[str, int]] = set()
         for name, route in self.routes.items():
             key = (self.group_of[name], route.teacher_dp)
@@ -294,6 +342,42 @@ class TeacherClient:
                                  peer=peer, what="abort message")
             except Exception as e:  # noqa: BLE001 - close runs while the caller handles its own error
                 logger.warning("could not stop %s: %s", peer, e)
+
+
+class PendingScore:
+    """A score request in flight (:meth:`TeacherClient.submit`); :meth:`result` is collective over
+    the replica like :meth:`TeacherClient.score`: the leader waits for its transfers (each bounded by
+    ``parallel.timeout_s``), then broadcasts the reply over the replica's TP × PP ranks."""
+
+    def __init__(self, client: TeacherClient, name: str, route: "Route", out: torch.Tensor,
+                 transfers: list[Transfer], device: torch.device) -> None:
+        self.client, self.name, self.route, self.out = client, name, route, out
+        self.transfers, self.device = transfers, device
+        self._value: Optional[torch.Tensor] = None
+
+    def result(self) -> torch.Tensor:
+        """Teacher log-probs float32 [B, T] (:meth:`TeacherClient.score`); TeacherServiceError on a
+        timeout, a dead peer or a teacher that failed."""
+        if self._value is not None:
+            return self._value
+        client, route, out = self.client, self.route, self.out
+        try:
+            for tr in self.transfers:
+                tr.wait()
+        finally:
+            if self in client._inflight:
+                client._inflight.remove(self)
+        if out.numel():
+            # leader → the replica's other TP/PP ranks (they wait here meanwhile)
+            group_broadcast(out, route.student_rank, client.pgc.mp, timeout_s=client.timeout_s,
+                            peer=f"role 'student' rank {route.student_rank} (this replica's leader)",
+                            what=f"teacher {self.name!r} result")
+            # +inf is the teacher's failure signal (no log-prob can be > 0); NaN from a healthy teacher
+            # passes through: the trainer skips that step and aborts after loss.max_bad_teacher_steps
+            if bool((out == float("inf")).any()):
+                client._fail(route, "failed while scoring (see its log)")
+        self._value = out.to(self.device)
+        return self._value
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ requests at any temperature.
 Ordering. ``score`` is collective over every student rank, every student replica sending one request
 per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
 ``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
+A student replica may have several requests in flight (``TeacherClient.submit``, the step's
+rollout chunks, ``rollout.overlap_teachers``): it posts each request's sends and the receive of its
+reply at once, and the teacher answers them in that order (sends and receives between two ranks on
+one tag are matched in the order they were posted), so every student replica must submit the same
+number of requests per step.
 
 Commands: ``score``, ``shutdown`` (the replica exits once every student replica routed to
 it has sent one; :meth:`TeacherHost.serve` returns), ``abort`` (carries the student's error text; the
@@ -56,8 +61,11 @@ __all__ = [
     "group_broadcast",
     "header",
     "header_temperature",
+    "p2p_irecv",
+    "p2p_isend",
     "p2p_recv",
     "p2p_send",
+    "Transfer",
     "teacher_ids",
 ]
 
@@ -102,18 +110,42 @@ def _post(op: Callable[[], dist.Work], what: str, peer: str) -> dist.Work:
         raise TeacherServiceError(f"{what} with {peer} failed: {e}. Check that rank's log: {_HINT}") from e
 
 
+class Transfer:
+    """A posted point-to-point send or receive; :meth:`wait` is bounded. It keeps its tensor alive
+    until then (the transport reads or writes it in the background)."""
+
+    def __init__(self, work: dist.Work, tensor: torch.Tensor, *, timeout_s: float, peer: str, what: str) -> None:
+        self.work, self.tensor, self.timeout_s, self.peer, self.what = work, tensor, timeout_s, peer, what
+
+    def wait(self, timeout_s: Optional[float] = None) -> torch.Tensor:
+        """The tensor once the transfer is done; TeacherServiceError naming the peer on timeout/death."""
+        wait_bounded(self.work, self.timeout_s if timeout_s is None else timeout_s, self.what, self.peer,
+                     error=TeacherServiceError, hint=_HINT)
+        return self.tensor
+
+
+def p2p_isend(t: torch.Tensor, dst: int, *, tag: int, timeout_s: float, peer: str, what: str) -> Transfer:
+    """Post a send of ``t`` to global rank ``dst`` (wait with :meth:`Transfer.wait`)."""
+    t = t.contiguous()
+    return Transfer(_post(lambda: dist.isend(t, dst=dst, tag=tag), f"{what} (send)", peer), t,
+                    timeout_s=timeout_s, peer=peer, what=f"{what} (send)")
+
+
+def p2p_irecv(t: torch.Tensor, src: int, *, tag: int, timeout_s: float, peer: str, what: str) -> Transfer:
+    """Post a receive into ``t`` from global rank ``src`` (wait with :meth:`Transfer.wait`). Receives
+    posted for the same peer and tag are filled in the order they were posted."""
+    return Transfer(_post(lambda: dist.irecv(t, src=src, tag=tag), f"{what} (receive)", peer), t,
+                    timeout_s=timeout_s, peer=peer, what=f"{what} (receive)")
+
+
 def p2p_send(t: torch.Tensor, dst: int, *, tag: int, timeout_s: float, peer: str, what: str) -> None:
     """Send ``t`` to global rank ``dst``; TeacherServiceError naming ``peer`` on timeout/death."""
-    t = t.contiguous()
-    work = _post(lambda: dist.isend(t, dst=dst, tag=tag), f"{what} (send)", peer)
-    wait_bounded(work, timeout_s, f"{what} (send)", peer, error=TeacherServiceError, hint=_HINT)
+    p2p_isend(t, dst, tag=tag, timeout_s=timeout_s, peer=peer, what=what).wait()
 
 
 def p2p_recv(t: torch.Tensor, src: int, *, tag: int, timeout_s: float, peer: str, what: str) -> torch.Tensor:
     """Receive into ``t`` from global rank ``src``; TeacherServiceError naming ``peer`` on timeout/death."""
-    work = _post(lambda: dist.irecv(t, src=src, tag=tag), f"{what} (receive)", peer)
-    wait_bounded(work, timeout_s, f"{what} (receive)", peer, error=TeacherServiceError, hint=_HINT)
-    return t
+    return p2p_irecv(t, src, tag=tag, timeout_s=timeout_s, peer=peer, what=what).wait()
 
 
 def group_broadcast(t: torch.Tensor, src: int, group: Optional[dist.ProcessGroup], *, timeout_s: float, peer: str,
