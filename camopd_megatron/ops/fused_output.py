@@ -15,16 +15,23 @@ and large logits keep fp32 precision); backward adds the
 all-reduce SUM of dL/dh over the TP group that megatron's column-parallel output layer does.
 
 Gradients, with p = softmax(x) and g the incoming gradient per token:
-    G = (onehot(y) − p) · g / T            [C, V_local], one chunk at a time
+    G = (onehot(y) − p) · g / T            [C, V_local], one chunk (or all rows) at a time
     dL/dh = Σ_r G_r W_r    (all-reduce over TP),    dL/dW_r = Gᵀ h
 
-Backward needs p again: it keeps the forward's exp(x − shift) chunks when they are small enough
+Backward needs p again: it keeps the forward's exp(x − shift) when it is small enough
 (``keep_softmax_bytes``, one fp32 [tokens, V_local] tensor at most, as megatron's cross-entropy keeps its
 softmax), and otherwise projects each chunk again.
 
-Chunks: ``chunk_tokens`` rows per step; the default keeps one fp32 [chunk, V_local] buffer near
-``DEFAULT_FUSED_CHUNK_ELEMENTS`` (32 MiB). Larger than the logits kernel's default on purpose: every
-chunk adds into the whole [V_local, H] weight gradient, so fewer chunks move less memory.
+Chunks. Kept: the forward projects all rows in one product into one [N, V_local] buffer, and backward
+turns that buffer into dL/dx in place and runs each of its two products once over all rows (dL/dW is
+read and written once, not once per chunk; the weight is streamed once per product). Not kept:
+``chunk_tokens`` rows per product, into one buffer reused chunk after chunk (a fresh allocation of that
+size is page-faulted in every time); the default keeps it near ``DEFAULT_FUSED_CHUNK_ELEMENTS`` (32 MiB),
+larger than the logits kernel's default on purpose: every chunk adds into the whole [V_local, H] weight
+gradient, so fewer chunks move less memory. Without grad, rows whose logits fit ``keep_softmax_bytes``
+take one product. Either way the elementwise softmax passes (max, exp, sum; in backward the scale and the
+one-hot) run ``DEFAULT_BLOCK_ELEMENTS`` (~4 MiB) at a time, so that the passes over a block stay in cache.
+The products are the same; only their blocking, hence the fp32 rounding of the sums, depends on the path.
 
 The weight is used directly, not through the output layer module, so the caller owns what that
 module's forward would do first: with megatron's ``overlap_param_gather`` the weight's all-gather is
@@ -233,9 +240,10 @@ def fused_output_logprobs(
         vocab_size: the real vocabulary.
         temperature: the softmax is over logits / temperature.
         chunk_tokens: tokens per chunk (None: ~DEFAULT_FUSED_CHUNK_ELEMENTS fp32 per chunk buffer).
-        keep_softmax_bytes: with grad, keep the forward's fp32 exp(logits) chunks for backward when they
-            total at most this many bytes (one [tokens, V_local] fp32 tensor, in chunks) instead of
-            projecting again; 0 always recomputes (the smallest memory).
+        keep_softmax_bytes: with grad, keep the forward's fp32 exp(logits) for backward when they take at
+            most this many bytes (one [tokens, V_local] fp32 tensor) instead of projecting again; 0 always
+            recomputes (the smallest memory). Without grad and with the automatic chunk, rows whose logits
+            fit this budget are projected in one product.
 
     Differentiable w.r.t. ``hidden`` and ``weight_shard`` when grad is enabled.
     """
@@ -262,6 +270,10 @@ def fused_output_logprobs(
         logp_NK = _FusedOutputLogProb.apply(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
                                             float(temperature), chunk, block, keep)
     else:
+        # no backward to feed: with the automatic chunk, all rows in one product when their logits fit the
+        # same budget (the weight is streamed once instead of once per chunk), else chunk by chunk
+        if chunk_tokens is None and layout.n_tokens * v_local * 4 <= keep_softmax_bytes:
+            chunk = max(1, layout.n_tokens)
         with torch.no_grad():
             stats, _, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
                                          float(temperature), chunk, block)
