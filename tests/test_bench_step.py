@@ -32,7 +32,27 @@ def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
         assert stage in rec["stages_s"], stage
     assert "recompute" not in rec["stages_s"]  # selection off: the gaps come out of the training forward
     assert rec["params"] == 1 * (32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 2 * 64 * 32 + 32
+    # the train stage's FLOP floor beside the measurement: 3 x (layers over 8 x 36 positions + output layer over
+    # the 8 x 4 response positions), at a matmul rate measured in the same process
+    linear = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64
+    flops = 3 * (8 * (2 * linear * 36 + 4 * 36 * 36 * 32) + 2 * 8 * 4 * 64 * 32)
+    floor = rec["floor"]
+    assert floor["train_gflop"] == round(flops / 1e9, 2) and floor["matmul_gflops"] > 0
+    assert floor["train_floor_s"] > 0 and floor["train_over_floor"] > 0
     json.dumps(rec)  # the --json line
+
+
+def test_train_floor_counts_the_qwen_vocabulary_output_layer():
+    from camopd_megatron.bench.step import SIZES, train_stage_flops
+
+    d = SIZES["qwen"]
+    cfg = {"model": {"hidden_size": d["hidden"], "ffn_hidden_size": d["ffn"], "vocab_size": d["vocab"],
+                     "num_layers": d["layers"], "num_attention_heads": d["heads"], "num_query_groups": d["kv_heads"]},
+           "rollout": {"prompts_per_step": 8, "max_new_tokens": d["new_tokens"]}, "data": {"max_prompt_tokens": 32}}
+    f = train_stage_flops(cfg)
+    assert d["vocab"] == 151936
+    assert f["output_layer"] == 3 * 2 * 8 * 64 * 151936 * 256  # forward + dL/dh + dL/dW over the 512 scored tokens
+    assert 110e9 < f["output_layer"] < 130e9 and f["layers"] < 0.15 * f["total"]
 
 
 def test_prompt_and_tokenizer_files_match_the_peer(tmp_path):

@@ -14,6 +14,7 @@ Llama-style: RMSNorm, RoPE, SwiGLU, GQA, untied embeddings, no QKV bias):
 
 * small: hidden 256, 4 layers, 4 heads / 2 kv heads, FFN 688, vocab 8192, 64 new tokens;
 * large: hidden 512, 8 layers, 8 heads / 4 kv heads, FFN 1376, vocab 32000, 128 new tokens;
+* qwen: small's model with the Qwen-family vocabulary, 151936 (``run_peer.py --vocab 151936``);
 
 batch 8 (``rollout.prompts_per_step``), 32-token prompts, fp32, T = 1 sampling without top-k/top-p.
 Prompts are 32 random words of a word-level ``tokenizer.json`` built here (vocabulary ``<pad> <eos>
@@ -40,7 +41,15 @@ the final checkpoint save after the loop is outside it. The first step is report
 steady mean is over steps 2..N. Peak RSS is ``VmHWM`` at the end of the last step (summed over the
 ranks for sep4, each rank read when its ``train`` returns). Fields match the peer's JSON
 (``step_s_steady_mean``, ``gen_tokens_per_s``, ``train_tokens_per_s`` = (prompt + response tokens)
-/ ``wall_s``, ``peak_rss_mb``) plus ``stages_s``: the steady mean of every ``time/*`` metric.
+/ ``wall_s``, ``peak_rss_mb``) plus ``stages_s``: the steady mean of every ``time/*`` metric, and (one
+process) ``floor``: the train stage's matmul FLOPs (:func:`train_stage_flops`) over this machine's fp32
+matmul rate on the output layer's product, measured in the same process before and after the loop (the
+best of both, :func:`train_floor`), beside the measured train stage (``train_over_floor``).
+
+Environment: ``python -m camopd_megatron.bench.step`` sets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` to
+``--threads`` and ``THP_MEM_ALLOC_ENABLE=1`` (torch's CPU allocator then backs every allocation of 2 MiB or
+more with transparent huge pages: a fresh 300 MB logits-sized buffer page-faults 512x fewer times) unless
+they are set already; ``bench.vs_trl`` gives the peer the same environment.
 """
 from __future__ import annotations
 
@@ -65,8 +74,10 @@ SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
 SIZES: dict[str, dict[str, int]] = {
     "small": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 688, "vocab": 8192, "new_tokens": 64},
     "large": {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 4, "ffn": 1376, "vocab": 32000, "new_tokens": 128},
+    "qwen": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 688, "vocab": 151936, "new_tokens": 64},
 }
-"""The peer's two settings (``run_peer.py`` defaults and ``run_all.sh``'s LARGE)."""
+"""The peer's two settings (``run_peer.py`` defaults and ``run_all.sh``'s LARGE), and ``qwen``: small's model with
+the Qwen-family vocabulary (151,936), where the output layer is most of the work."""
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = {"single": 1, "sep2": 2, "sep4": 4}
@@ -246,6 +257,62 @@ def _count_params(cfg_dict: dict[str, Any]) -> int:
     return layers * per_layer + 2 * v * h + h  # + embedding, output layer, final norm
 
 
+def train_stage_flops(cfg_dict: dict[str, Any]) -> dict[str, float]:
+    """Matmul FLOPs of one step's train stage (forward + backward of the student, TP = 1), by part.
+
+    Forward, per row of T = prompt + response positions: every layer's linear products (2 FLOPs per weight
+    per position: QKV, projection, SwiGLU fc1 (2 × FFN), fc2) and its attention products (QKᵀ and AV over
+    the full T × T scores, as the training forward computes them); the output layer over the response
+    window only (the scored positions, 2·V·H per position, ``ops/fused_output.py``). Backward is twice the
+    forward (dL/dinput and dL/dweight of every product). Elementwise work (norms, softmax, RoPE, the
+    optimizer) is not counted: the floor is what the matmuls alone would take.
+    """
+    m, r = cfg_dict["model"], cfg_dict["rollout"]
+    h, ffn, v, layers = m["hidden_size"], m["ffn_hidden_size"], m["vocab_size"], m["num_layers"]
+    kv = m["num_query_groups"] * (h // m["num_attention_heads"])
+    rows, new = r["prompts_per_step"], r["max_new_tokens"]
+    t = cfg_dict["data"]["max_prompt_tokens"] + new
+    linear = h * (h + 2 * kv) + h * h + 3 * h * ffn
+    fwd_layers = rows * layers * (2 * linear * t + 4 * t * t * h)
+    fwd_output = 2.0 * rows * new * v * h
+    return {"layers": 3.0 * fwd_layers, "output_layer": 3.0 * fwd_output, "total": 3.0 * (fwd_layers + fwd_output)}
+
+
+def matmul_flops_per_s(rows: int, hidden: int, vocab: int, reps: int = 3) -> float:
+    """This machine's fp32 matmul rate on the output layer's forward product ([rows, H] × [H, V]), FLOP/s:
+    the best of ``reps`` timed calls after a warm-up (the least disturbed by other load), at the threads set."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, hidden, generator=gen), torch.randn(vocab, hidden, generator=gen)
+    out = torch.empty(rows, vocab)
+    torch.mm(a, b.t(), out=out)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b.t(), out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * rows * hidden * vocab / best
+
+
+def output_matmul_rate(cfg_dict: dict[str, Any]) -> float:
+    """:func:`matmul_flops_per_s` on the output layer's product of a benchmark config (FLOP/s)."""
+    m, r = cfg_dict["model"], cfg_dict["rollout"]
+    return matmul_flops_per_s(r["prompts_per_step"] * r["max_new_tokens"], m["hidden_size"], m["vocab_size"])
+
+
+def train_floor(cfg_dict: dict[str, Any], train_s: Optional[float], rates: list[float]) -> dict[str, Any]:
+    """The train stage's FLOP floor at this machine's matmul rate, beside the measured stage time. ``rates``:
+    :func:`output_matmul_rate` measured before and after the loop; the best is used (the floor is then the
+    lowest, and train / floor the least flattering, when other load comes and goes)."""
+    flops = train_stage_flops(cfg_dict)
+    rate = max(rates)
+    floor_s = flops["total"] / rate
+    return {"train_gflop": round(flops["total"] / 1e9, 2), "output_layer_gflop": round(flops["output_layer"] / 1e9, 2),
+            "matmul_gflops": round(rate / 1e9, 1), "train_floor_s": round(floor_s, 4),
+            "train_over_floor": round(train_s / floor_s, 3) if train_s is not None else None}
+
+
 # ---------------------------------------------------------------------------------- launchers
 def _worker_main(cfg_path: str, out_dir: str, threads: int) -> None:
     """One torchrun rank: run the trainer, write ``rank<r>.json``."""
@@ -281,9 +348,11 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
             import torch
 
             torch.set_num_threads(threads)
+            rate_before = output_matmul_rate(cfg_dict)  # same process, same threads, outside the timed loop
             raw = run_trainer(cfg_dict)
             rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
-            return {**rec, **setting}
+            floor = train_floor(cfg_dict, rec["stages_s"].get("train"), [rate_before, output_matmul_rate(cfg_dict)])
+            return {**rec, **setting, "floor": floor}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -311,7 +380,10 @@ def format_record(r: dict[str, Any]) -> str:
             f"steady {r['step_s_steady_mean']:.3f}\n"
             f"  gen tok/s {r['gen_tokens_per_s']}  train tok/s (e2e) {r['train_tokens_per_s']} "
             f"(steady {r['train_tokens_per_s_steady']})  peak RSS {r['peak_rss_mb']} MB\n"
-            f"  steady stage means (s): {stages}")
+            f"  steady stage means (s): {stages}"
+            + (f"\n  train stage FLOP floor {r['floor']['train_floor_s']:.3f}s ({r['floor']['train_gflop']} GFLOP at the "
+               f"measured {r['floor']['matmul_gflops']} GFLOP/s): train / floor {r['floor']['train_over_floor']}"
+               if r.get("floor") else ""))
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -352,4 +424,5 @@ if __name__ == "__main__":
         _threads = "1" if ("sep4" in sys.argv or "sep2" in sys.argv) else "2"
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
     os.environ.setdefault("MKL_NUM_THREADS", _threads)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read once, at torch's first allocation
     main()

@@ -1,6 +1,7 @@
 """Ours vs TRL's on-policy ``DistillationTrainer``, back to back and alternating, ratio per setting.
 
     python -m camopd_megatron.bench.vs_trl                                  # small + large
+    python -m camopd_megatron.bench.vs_trl --sizes qwen small large         # + the Qwen vocabulary (151,936)
     python -m camopd_megatron.bench.vs_trl --sizes small --reps 3 --steps-small 10 --peer-dir PEER --trl-python PY
 
 The peer is a checkout of the TRL baseline (``run_peer.py`` and its README) outside this repository:
@@ -13,7 +14,9 @@ both sides have no QKV bias) then ``python -m camopd_megatron.bench.step --json`
 teacher, one process), alternating the order every repetition so a drift in machine load hits both
 sides alike. ``--camopd`` adds our two-teacher ``camopd`` preset as an extra (unpaired) row.
 Ratios are medians over the repetitions of the paired per-repetition ratio of end-to-end train
-tokens/s (higher is better for us) and of peak RSS (ours / TRL, lower is better for us).
+tokens/s (higher is better for us) and of peak RSS (ours / TRL, lower is better for us). Our rows also
+give the steady stage medians and the train stage's FLOP floor at the matmul rate measured in the same
+process (``bench.step``'s ``floor``). Both sides run with the same thread and allocator environment.
 ``--jsonl`` appends every raw record to a file.
 """
 from __future__ import annotations
@@ -36,13 +39,16 @@ PEER_ARGS = {
     "small": [],
     "large": ["--hidden", "512", "--layers", "8", "--heads", "8", "--kv-heads", "4", "--vocab", "32000",
               "--max-new-tokens", "128"],
+    "qwen": ["--vocab", "151936"],
 }
-"""run_peer.py arguments of each size (its README's LARGE); our sizes are ``bench.step.SIZES``."""
+"""run_peer.py arguments of each size (its README's LARGE; ``qwen`` is small's model with the Qwen-family
+vocabulary); our sizes are ``bench.step.SIZES``."""
 
 
 def _env(threads: int) -> dict[str, str]:
+    # the same torch settings on both sides: threads, and huge pages behind torch's large CPU allocations
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "THP_MEM_ALLOC_ENABLE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
@@ -73,6 +79,17 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _stages(recs: list[dict[str, Any]]) -> str:
+    """Our steady stage medians and the train stage's FLOP floor (``bench.step``'s ``floor``); blank for the peer."""
+    if not recs or "stages_s" not in recs[0]:
+        return ""
+    st = {k: _med([r["stages_s"].get(k, 0.0) for r in recs]) for k in ("rollout", "teacher", "train", "optimizer")}
+    floors = [r["floor"] for r in recs if r.get("floor")]
+    fl = (f" [{_med([f['train_floor_s'] for f in floors]):.3f}, {_med([f['train_over_floor'] for f in floors]):.2f}x]"
+          if floors else "")
+    return f"{st['rollout']:.3f} / {st['teacher']:.3f} / {st['train']:.3f}{fl} / {st['optimizer']:.3f}"
+
+
 def compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, trl_python: str, peer_dir: Path,
             camopd: bool = False, jsonl: Optional[str] = None, student_logprobs: str = "recompute") -> str:
     """Run the matrix and return the Markdown table (the peer writes into a scratch directory)."""
@@ -92,7 +109,8 @@ def _compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, t
                     run_ours(size, steps[size], threads, student_logprobs=student_logprobs)
                 (peer_r if who == "peer" else ours_r).append(rec)
                 print(f"[{size} rep {rep}] {who}: train tok/s {rec['train_tokens_per_s']} "
-                      f"s/step {rec['step_s_steady_mean']} RSS {rec['peak_rss_mb']} MB", file=sys.stderr, flush=True)
+                      f"s/step {rec['step_s_steady_mean']} RSS {rec['peak_rss_mb']} MB {_stages([rec])}", file=sys.stderr,
+                      flush=True)
             if camopd:
                 extra_r.append(run_ours(size, steps[size], threads, teachers=2, student_logprobs=student_logprobs))
         if jsonl:
@@ -113,9 +131,11 @@ def _compare(sizes: list[str], reps: int, steps: dict[str, int], threads: int, t
                 f"{_med([r['gen_tokens_per_s'] for r in recs]):.0f} | "
                 f"{_med([r['train_tokens_per_s'] for r in recs]):.0f} | "
                 f"{_med([r['peak_rss_mb'] for r in recs]):.0f} | "
-                + (f"{_med(r_tok):.2f}x [{min(r_tok):.2f}-{max(r_tok):.2f}] | {_med(r_rss):.2f} |" if r_tok else "| |"))
+                + (f"{_med(r_tok):.2f}x [{min(r_tok):.2f}-{max(r_tok):.2f}] | {_med(r_rss):.2f} |" if r_tok else "| |")
+                + f" {_stages(recs)} |")
     head = ("| size | trainer | steps x reps | s/step (steady) | gen tok/s | train tok/s (e2e) | peak RSS MB "
-            "| train tok/s ours/TRL | RSS ours/TRL |\n|---|---|---|---|---|---|---|---|---|")
+            "| train tok/s ours/TRL | RSS ours/TRL | stages s: rollout / teacher / train [FLOP floor, x floor] / optimizer |"
+            "\n|---|---|---|---|---|---|---|---|---|---|")
     table = head + "\n" + "\n".join(rows)
     print(table, flush=True)
     return table
@@ -132,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--steps-small", type=int, default=10)
     p.add_argument("--steps-large", type=int, default=5)
+    p.add_argument("--steps-qwen", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--camopd", action="store_true", help="also run our two-teacher camopd preset")
     p.add_argument("--student-logprobs", choices=("recompute", "rollout"), default="recompute",
@@ -145,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     if not Path(trl_python).is_file():
         raise ValueError(f"--trl-python={trl_python!r} does not exist; create the peer venv as the README in "
                          f"{peer_dir} says, or pass --trl-python")
-    return compare(a.sizes, a.reps, {"small": a.steps_small, "large": a.steps_large}, a.threads, trl_python, peer_dir,
+    return compare(a.sizes, a.reps, {"small": a.steps_small, "large": a.steps_large, "qwen": a.steps_qwen}, a.threads, trl_python, peer_dir,
                    camopd=a.camopd, jsonl=a.jsonl, student_logprobs=a.student_logprobs)
 
 
