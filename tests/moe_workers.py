@@ -95,7 +95,9 @@ def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Opt
     mine = tokens[pg_rank(pgc.dp) * rows:(pg_rank(pgc.dp) + 1) * rows]
     batches = [b for b in make_microbatches({"tokens": mine}, MICRO) for _ in range(repeat)]
     zero_grad_buffers(ddp, opt)
-    routing = RoutingStats.of(model) if stats else None
+    routing = RoutingStats.of(model)  # also sizes megatron's process-wide aux-loss tracker for this depth
+    if not stats:
+        routing = None
     outs = run_microbatches(ddp[0], pgc, batches, _loss_fn(pgc, tokens.shape[0] * (SEQ - 1) * repeat, main),
                             forward_only=False)
     loss = sum(o["loss"] for o in outs) if tp_rank == 0 else 0.0
