@@ -126,7 +126,7 @@ def test_tiny_moe_student_forward_backward_one_rank():
 def equivalence() -> dict:
     from tests import moe_workers
 
-    return run_on_ranks(moe_workers.parallel_equivalence, 4, timeout_s=420, pg_timeout_s=120)[0]
+    return run_on_ranks(moe_workers.parallel_equivalence, 4, timeout_s=900, pg_timeout_s=300)[0]
 
 
 @pytest.mark.parametrize("layout", ["ep2", "tp2_ep2_sp", "pp2_ep2"])
