@@ -167,7 +167,7 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
     out = run_on_ranks(moe_workers.reshard_ep, 2, args=(str(tmp_path / "ckpt"),), timeout_s=600)
     for r in out:
         assert r["diffs"] == {"params": 0.0}, r
-        assert len(r["experts_here"]) == 8  # 2 layers x 4 experts, all local at EP = 1
+        assert len(r["experts_here"]) == 16  # 2 layers x 4 experts x fc1, fc2: all local at EP = 1
         assert r["saved_moments"] > 0
     manifest = json.loads((tmp_path / "ckpt" / "camopd.json").read_text())
     assert manifest["model"]["moe"] == asdict(MoEConfig(**TINY_MOE))
