@@ -115,11 +115,13 @@ print(json.dumps({"applied": list(compat.applied_patches()),
 
 
 def test_with_cuda_only_the_cuda_independent_patches_are_applied():
-    """A GPU process without TE/apex keeps megatron's CUDA paths but gets the torch-Adam fixes."""
+    """A GPU process without TE/apex keeps megatron's CUDA paths but gets the torch-Adam fixes (and the gloo
+    wrappers, which check the group's backend at each call)."""
     out = subprocess.run([sys.executable, "-c", _CUDA_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"applied": ["distopt_torch_adam_checkpoint", "gpt_model_deprecation_logged_once"],
+    assert res == {"applied": ["distopt_torch_adam_checkpoint", "gloo_uneven_first_dim_collectives",
+                               "gpt_model_deprecation_logged_once"],
                    "rng_untouched": True, "torch_untouched": True, "adam_fixed": True}
 
 

@@ -90,7 +90,17 @@ class RoutingStats:
         if stats is None:
             stats = cls(model)
             setattr(inner, cls._ATTR, stats)
+        stats._size_tracker()
         return stats
+
+    def _size_tracker(self) -> None:
+        """megatron's MoE metrics tracker is process-wide and sizes its per-layer tensor by the first model
+        that records: make it hold this model's layers (another MoE model in the process may be shallower)."""
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        entry = get_moe_metrics_tracker().metrics.get("load_balancing_loss")
+        if entry is not None and entry.values.numel() < self.num_layers:
+            entry.values = torch.zeros(self.num_layers, dtype=entry.values.dtype, device=entry.values.device)
 
     def _hook(self, router: torch.nn.Module, _inputs: Any, output: Any) -> None:
         if not router.training or not torch.is_grad_enabled():
