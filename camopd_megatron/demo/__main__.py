@@ -65,7 +65,7 @@ def check_testbed(art: TeacherArtifacts) -> list[str]:
     """Sanity bars of the teachers this run built, as human-readable lines (prefix FAIL when missed): both
     teachers know their own tasks, and the domain teacher has forgotten part of the general ones. The bars
     sit below the recorded v3 testbed (general teacher 91.7, domain teacher 90.0, 9.6 points forgotten;
-    results/NOTES.md), so a miss means this build differs from the recorded one. Scores are graded credit
+    examples/demo/results/NOTES.md), so a miss means this build differs from the recorded one. Scores are graded credit
     (exact-match rates in parentheses)."""
     g, d = art.metrics["general_teacher"], art.metrics["domain_teacher"]
     drop = g["acc/general"] - d["acc/general"]
