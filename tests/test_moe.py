@@ -89,6 +89,16 @@ def test_moe_is_read_from_the_checkpoint_and_must_agree():
     dense = dict(saved, moe=None)
     _, problems = other.from_saved(dense, key="teachers[0].model", path="ckpt")
     assert problems and "a dense model" in problems[0] and problems[0].startswith("teachers[0].model.moe:")
+    # how the run trains the experts is its own choice: other coefficients / dispatcher are kept, not refused
+    run = MoEConfig(**{**TINY_MOE, "aux_loss_coeff": 0.02, "z_loss_coeff": 0.001, "token_dispatcher": "allgather",
+                       "capacity_factor": 1.5})
+    resolved, problems = ModelConfig(init="checkpoint", checkpoint="ckpt", moe=run).from_saved(saved, key="model", path="ckpt")
+    assert problems == [] and resolved.moe == run
+    from camopd_megatron.checkpoint.dist import CheckpointError, check_arch
+
+    check_arch({"model": saved}, resolved, "ckpt")  # the load-time check agrees
+    with pytest.raises(CheckpointError, match="moe"):
+        check_arch({"model": saved}, other, "ckpt")
 
 
 def _build_and_step(rank: int, world_size: int) -> dict:

@@ -55,6 +55,7 @@ from camopd_megatron.checkpoint.integrity import (
     record_files, summarize,
 )
 from camopd_megatron.config import ModelConfig
+from camopd_megatron.config.moe import moe_arch
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ def check_arch(manifest: dict[str, Any], model_cfg: ModelConfig, path: str, *, k
     """Refuse a checkpoint whose architecture differs from ``model_cfg`` (names every field)."""
     saved = manifest.get("model", {})
     want = arch_dict(model_cfg)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {want[k]!r}" for k in ARCH_KEYS if saved.get(k) != want[k]]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {want[k]!r}" for k in ARCH_KEYS
+             if (moe_arch(saved.get(k)) != moe_arch(want[k]) if k == "moe" else saved.get(k) != want[k])]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path!r} does not match {key}: " + "; ".join(diffs)

@@ -13,7 +13,13 @@ from typing import Any, Literal, Optional
 
 from camopd_megatron.config.errors import problem
 
-__all__ = ["MoEConfig", "expert_layout_problems", "moe_from_saved", "lock_step_needed"]
+__all__ = ["MoEConfig", "expert_layout_problems", "moe_from_saved", "moe_arch", "MOE_ARCH_FIELDS", "lock_step_needed"]
+
+MOE_ARCH_FIELDS = ("num_experts", "router_topk", "ffn_hidden_size", "shared_expert_ffn_hidden_size",
+                   "shared_expert_gate", "layer_pattern", "router_pre_softmax")
+"""The :class:`MoEConfig` fields that are the model's architecture: a checkpoint and the config that loads it
+must agree on them. The others (loss coefficients, capacity, dispatcher, routing replay) are how a run
+trains it, and the run's config may change them."""
 
 
 @dataclass
@@ -96,6 +102,14 @@ class MoEConfig:
     def has_dense_layers(self) -> bool:
         """Some layers are dense (they use ``model.ffn_hidden_size``)."""
         return self.layer_pattern is not None and 0 in self.layer_pattern
+
+
+def moe_arch(moe: Any) -> Optional[dict[str, Any]]:
+    """The architecture part (:data:`MOE_ARCH_FIELDS`) of a :class:`MoEConfig` or a recorded dict; None: dense."""
+    if moe is None:
+        return None
+    get = (lambda k: moe.get(k)) if isinstance(moe, dict) else (lambda k: getattr(moe, k))
+    return {k: get(k) for k in MOE_ARCH_FIELDS}
 
 
 def moe_from_saved(value: Any) -> Optional[MoEConfig]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from camopd_megatron.config.errors import problem
-from camopd_megatron.config.moe import MoEConfig, moe_from_saved
+from camopd_megatron.config.moe import MOE_ARCH_FIELDS, MoEConfig, moe_arch, moe_from_saved
 
 __all__ = [
     "RunConfig",
@@ -229,13 +229,15 @@ class ModelConfig:
             theirs = moe_from_saved(saved[name]) if name == "moe" else saved[name]
             if mine is None:
                 values[name] = theirs
-            elif mine != theirs:
+            elif (moe_arch(mine) != moe_arch(theirs)) if name == "moe" else mine != theirs:
+                # moe: only its architecture must agree; the run keeps its own training settings
                 problems.append(problem(
                     f"{key}.{name}", mine, f"the checkpoint's value {theirs!r} ({path})",
                     f"drop {key}.{name} (it is read from the checkpoint) or set it to {theirs!r}",
                 ) if name != "moe" else problem(
                     f"{key}.moe", mine, f"the checkpoint's value {theirs!r} ({path})",
-                    f"drop {key}.moe (it is read from the checkpoint) or make it equal to the checkpoint's"
+                    f"drop {key}.moe (it is read from the checkpoint) or make its architecture fields "
+                    f"({', '.join(MOE_ARCH_FIELDS)}) equal to the checkpoint's"
                     + ("" if theirs is not None else " (a dense model: no moe)"),
                 ))
         return replace(self, **values), problems
