@@ -48,6 +48,8 @@ def test_moe_config_loads_and_validates():
     ({**_moe(), "parallel": {"tp": 2, "etp": 4, "sequence_parallel": True}}, "parallel.etp", "a divisor of parallel.tp=2"),
     ({**_moe(ffn_hidden_size=30), "parallel": {"tp": 4, "sequence_parallel": True}}, "parallel.etp",
      "a divisor of model.moe.ffn_hidden_size=30"),
+    ({**_moe(token_dispatcher="allgather"), "parallel": {"ep": 2, "dp": 2}}, "model.moe.token_dispatcher",
+     "span data-parallel replicas"),
     ({"parallel": {"ep": 2}}, "parallel.ep", "model.moe is not set"),
     ({"teachers": [{"name": "general", "init": "random", "branches": ["general"], "placement": "separate", "ep": 2},
                    {"name": "domain", "init": "random", "branches": ["domain"]}]},

@@ -181,6 +181,14 @@ def expert_layout_problems(
                 f"{keys['etp']}) = {ep // inside} must divide {keys['dp']}={dp}",
                 f"choose {keys['ep']} and {keys['dp']} so that it divides (e.g. {keys['dp']}: a multiple of {ep // inside})",
             ))
+    if moe.token_dispatcher == "allgather" and lock_step_needed(tp, ep, etp):
+        # the allgather dispatcher gathers equal-size token blocks over the EP group, but DP replicas hold
+        # micro-batches of their own lengths (rollout decode, selection): only alltoall exchanges counts
+        problems.append(problem(
+            f"{moe_key}.token_dispatcher", "allgather", f"alltoall: with {keys['ep']}={ep} the expert groups span "
+            "data-parallel replicas, whose micro-batches differ in length",
+            f"set {moe_key}.token_dispatcher: alltoall, or keep {keys['ep']} x {keys['etp']} within {keys['tp']}",
+        ))
     if sequence_parallel is not None and tp > 1 and not sequence_parallel:
         problems.append(problem(
             keys["sp"], False, f"true: megatron-core trains an MoE model ({moe_key}) with {keys['tp']}={tp} only under "
