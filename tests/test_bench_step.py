@@ -31,11 +31,12 @@ def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
     for stage in ("data", "rollout", "teacher", "select", "train", "optimizer", "step"):
         assert stage in rec["stages_s"], stage
     assert "recompute" not in rec["stages_s"]  # selection off: the gaps come out of the training forward
-    assert rec["params"] == 1 * (32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 2 * 64 * 32 + 32
+    # the vocabulary of 64 is padded to 128 rows (model.vocab_pad_multiple), as megatron builds and multiplies it
+    assert rec["params"] == 1 * (32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32) + 2 * 128 * 32 + 32
     # the train stage's FLOP floor beside the measurement: 3 x (layers over 8 x 36 positions + output layer over
     # the 8 x 4 response positions), at a matmul rate measured in the same process
     linear = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64
-    flops = 3 * (8 * (2 * linear * 36 + 4 * 36 * 36 * 32) + 2 * 8 * 4 * 64 * 32)
+    flops = 3 * (8 * (2 * linear * 36 + 4 * 36 * 36 * 32) + 2 * 8 * 4 * 128 * 32)
     floor = rec["floor"]
     assert floor["train_gflop"] == round(flops / 1e9, 2) and floor["matmul_gflops"] > 0
     assert floor["train_floor_s"] > 0 and floor["train_over_floor"] > 0
@@ -53,6 +54,24 @@ def test_train_floor_counts_the_qwen_vocabulary_output_layer():
     assert d["vocab"] == 151936
     assert f["output_layer"] == 3 * 2 * 8 * 64 * 151936 * 256  # forward + dL/dh + dL/dW over the 512 scored tokens
     assert 110e9 < f["output_layer"] < 130e9 and f["layers"] < 0.15 * f["total"]
+
+
+def test_an_moe_student_setting_is_a_valid_config_and_counts_its_active_experts(tmp_path):
+    """``--moe-experts 4 --moe-topk 2``: every layer has 4 experts of FFN/2, so a token's matmuls are the dense
+    ones plus the router; the parameters count all 4 experts."""
+    from camopd_megatron.bench.step import _count_params, bench_config_dict, train_stage_flops
+    from camopd_megatron.config import config_from_dict
+
+    dense = bench_config_dict(tmp_path / "d", size="small", teachers=2, layout="single", steps=2, dims=MICRO)
+    moe = bench_config_dict(tmp_path / "m", size="small", teachers=2, layout="single", steps=2, dims=MICRO,
+                            moe_experts=4, moe_topk=2)
+    model = config_from_dict(moe).model
+    assert model.moe is not None and (model.moe.num_experts, model.moe.router_topk, model.moe.ffn_hidden_size) == (4, 2, 32)
+    router = 4 * 32
+    assert _count_params(moe) - _count_params(dense) == 4 * 3 * 32 * 32 - 3 * 32 * 64 + router
+    f_dense, f_moe = train_stage_flops(dense), train_stage_flops(moe)
+    assert f_moe["output_layer"] == f_dense["output_layer"]
+    assert f_moe["layers"] - f_dense["layers"] == 3 * 8 * 2 * 36 * router
 
 
 def test_prompt_and_tokenizer_files_match_the_peer(tmp_path):

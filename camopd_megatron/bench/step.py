@@ -116,14 +116,17 @@ def write_prompts(path: Path, n: int, prompt_len: int, vocab_size: int, seed: in
 def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, steps: int, batch: int = 8,
                       prompt_len: int = 32, new_tokens: Optional[int] = None, seed: int = 1234,
                       dims: Optional[dict[str, int]] = None, student_logprobs: str = "recompute",
-                      rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True) -> dict[str, Any]:
+                      rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True,
+                      moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
     """The trainer config (a plain dict for ``config_from_dict``) of one benchmark setting.
 
     Writes the tokenizer and the prompt files under ``work``. ``dims`` overrides entries of
     :data:`SIZES` (tests use a micro model). ``student_logprobs``: ``selection.student_logprobs``
     (the presets' ``recompute``, or ``rollout``: μ for the gaps, one student forward fewer).
     ``rollout_micro_batch``: ``rollout.micro_batch_size`` (None: the whole batch at once);
-    ``overlap_teachers``: ``rollout.overlap_teachers``.
+    ``overlap_teachers``: ``rollout.overlap_teachers``. ``moe_experts`` > 0: every layer of the student
+    (and of its random teachers, which take its architecture) is an MoE layer of that many experts, top
+    ``moe_topk``, each expert FFN/top-k wide (a token's active FFN width stays the dense one), EP = 1.
     """
     from camopd_megatron.config import config_to_dict, load_config
     from camopd_megatron.config.loader import deep_merge
@@ -150,7 +153,9 @@ def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, step
         "model": {"init": "random", "checkpoint": None, "arch": "llama", "num_layers": d["layers"], "hidden_size": d["hidden"],
                   "num_attention_heads": d["heads"], "num_query_groups": d["kv_heads"], "ffn_hidden_size": d["ffn"],
                   "vocab_size": d["vocab"], "seq_length": prompt_len + new, "tie_embeddings": False,
-                  "transformer_impl": "local"},
+                  "transformer_impl": "local",
+                  **({"moe": {"num_experts": moe_experts, "router_topk": moe_topk,
+                              "ffn_hidden_size": max(d["ffn"] // moe_topk, 1)}} if moe_experts else {})},
         "parallel": {"tp": 2 if layout == "sep4" else 1, "pp": 1, "backend": "gloo"},
         "teachers": [{"name": b, "init": "random", "branches": [b], "placement": placement,
                       **({"group": "teachers"} if layout == "sep2" else {})} for b in branches],
@@ -247,14 +252,19 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
     }
 
 
+def _student_model(cfg_dict: dict[str, Any]) -> Any:
+    """The student's :class:`~camopd_megatron.config.ModelConfig` of a benchmark config dict."""
+    from camopd_megatron.config import ModelConfig
+
+    fields = {k: v for k, v in cfg_dict["model"].items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{**fields, "init": "random"})
+
+
 def _count_params(cfg_dict: dict[str, Any]) -> int:
-    """Parameters of one (full, TP=1) student from the model dims (megatron's Llama layout, untied)."""
-    m = cfg_dict["model"]
-    h, ffn, v, layers = m["hidden_size"], m["ffn_hidden_size"], m["vocab_size"], m["num_layers"]
-    head = h // m["num_attention_heads"]
-    kv = m["num_query_groups"] * head
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn + 2 * h  # qkv, proj, SwiGLU (fc1 is 2 ffn), 2 norms
-    return layers * per_layer + 2 * v * h + h  # + embedding, output layer, final norm
+    """Parameters of one (full, TP=1) student (the planner's count; all experts of an MoE student)."""
+    from camopd_megatron.planner import count_params
+
+    return count_params(_student_model(cfg_dict))
 
 
 def train_stage_flops(cfg_dict: dict[str, Any]) -> dict[str, float]:
@@ -263,18 +273,18 @@ def train_stage_flops(cfg_dict: dict[str, Any]) -> dict[str, float]:
     Forward, per row of T = prompt + response positions: every layer's linear products (2 FLOPs per weight
     per position: QKV, projection, SwiGLU fc1 (2 × FFN), fc2) and its attention products (QKᵀ and AV over
     the full T × T scores, as the training forward computes them); the output layer over the response
-    window only (the scored positions, 2·V·H per position, ``ops/fused_output.py``). Backward is twice the
+    window only (the scored positions, 2·V·H per position, ``ops/fused_output.py``), as the planner counts
+    them (``planner.counts.forward_flops``; an MoE student's top-k experts). Backward is twice the
     forward (dL/dinput and dL/dweight of every product). Elementwise work (norms, softmax, RoPE, the
     optimizer) is not counted: the floor is what the matmuls alone would take.
     """
-    m, r = cfg_dict["model"], cfg_dict["rollout"]
-    h, ffn, v, layers = m["hidden_size"], m["ffn_hidden_size"], m["vocab_size"], m["num_layers"]
-    kv = m["num_query_groups"] * (h // m["num_attention_heads"])
+    from camopd_megatron.planner.counts import forward_flops
+
+    m, r = _student_model(cfg_dict), cfg_dict["rollout"]
     rows, new = r["prompts_per_step"], r["max_new_tokens"]
     t = cfg_dict["data"]["max_prompt_tokens"] + new
-    linear = h * (h + 2 * kv) + h * h + 3 * h * ffn
-    fwd_layers = rows * layers * (2 * linear * t + 4 * t * t * h)
-    fwd_output = 2.0 * rows * new * v * h
+    fwd_layers = rows * forward_flops(m, t, 0)  # the planner's count (active experts of an MoE student)
+    fwd_output = rows * forward_flops(m, t, new) - fwd_layers
     return {"layers": 3.0 * fwd_layers, "output_layer": 3.0 * fwd_output, "total": 3.0 * (fwd_layers + fwd_output)}
 
 
@@ -328,7 +338,8 @@ def _worker_main(cfg_path: str, out_dir: str, threads: int) -> None:
 def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: int,
                 work: Optional[Path] = None, dims: Optional[dict[str, int]] = None,
                 new_tokens: Optional[int] = None, student_logprobs: str = "recompute",
-                rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True) -> dict[str, Any]:
+                rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True,
+                moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
     """Run one benchmark setting and return the summary record.
 
     ``single`` runs in this process (set ``OMP_NUM_THREADS`` before torch is imported; the CLI
@@ -340,8 +351,10 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
     try:
         cfg_dict = bench_config_dict(work, size=size, teachers=teachers, layout=layout, steps=steps, dims=dims,
                                      new_tokens=new_tokens, student_logprobs=student_logprobs,
-                                     rollout_micro_batch=rollout_micro_batch, overlap_teachers=overlap_teachers)
+                                     rollout_micro_batch=rollout_micro_batch, overlap_teachers=overlap_teachers,
+                                     moe_experts=moe_experts, moe_topk=moe_topk)
         setting = {"student_logprobs": student_logprobs, "rollout_micro_batch": cfg_dict["rollout"]["micro_batch_size"],
+                   **({"moe": f"{moe_experts} experts, top-{moe_topk}"} if moe_experts else {}),
                    "overlap_teachers": overlap_teachers}
         params = _count_params(cfg_dict)
         if layout == "single":
@@ -375,7 +388,8 @@ def format_record(r: dict[str, Any]) -> str:
     """A human-readable block for one summary record."""
     stages = " ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items() if k != "step")
     return (f"{r['size']} teachers={r['teachers']} layout={r['layout']} threads={r['threads']} params={r['params']} "
-            f"rollout_micro_batch={r.get('rollout_micro_batch')} overlap_teachers={r.get('overlap_teachers')}\n"
+            f"rollout_micro_batch={r.get('rollout_micro_batch')} overlap_teachers={r.get('overlap_teachers')}"
+            + (f" moe={r['moe']}" if r.get("moe") else "") + "\n"
             f"  steps {r['steps']}  wall {r['wall_s']:.2f}s  s/step first {r['step_s_first']:.3f} "
             f"steady {r['step_s_steady_mean']:.3f}\n"
             f"  gen tok/s {r['gen_tokens_per_s']}  train tok/s (e2e) {r['train_tokens_per_s']} "
@@ -400,6 +414,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--rollout-micro-batch", type=int, default=None,
                    help="rollout.micro_batch_size (default: the whole batch); 2+ micro-batches let the teachers overlap")
     p.add_argument("--no-overlap-teachers", action="store_true", help="rollout.overlap_teachers: false")
+    p.add_argument("--moe-experts", type=int, default=0,
+                   help="an MoE student: experts per layer (0: dense); each FFN/top-k wide, EP = 1")
+    p.add_argument("--moe-topk", type=int, default=2, help="experts per token with --moe-experts")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the text block")
     p.add_argument("--worker", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -412,7 +429,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise ValueError(f"--steps={a.steps} must be >= 1")
     rec = run_setting(size=a.size, teachers=a.teachers, layout=a.layout, steps=a.steps, threads=threads,
                       new_tokens=a.new_tokens, student_logprobs=a.student_logprobs,
-                      rollout_micro_batch=a.rollout_micro_batch, overlap_teachers=not a.no_overlap_teachers)
+                      rollout_micro_batch=a.rollout_micro_batch, overlap_teachers=not a.no_overlap_teachers,
+                      moe_experts=a.moe_experts, moe_topk=a.moe_topk)
     print(json.dumps(rec) if a.json else format_record(rec), flush=True)
     return rec
 
