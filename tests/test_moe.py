@@ -178,8 +178,11 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
 
     out = run_on_ranks(moe_workers.reshard_ep, 2, args=(str(tmp_path / "ckpt"),), timeout_s=600)
     for r in out:
-        assert r["diffs"] == {"params": 0.0}, r
+        # weights, Adam exp_avg / exp_avg_sq / step of every parameter, and the next update agree
+        assert r["diffs"]["params"] == 0.0 and r["diffs"]["adam"] == 0.0, r
+        assert r["diffs"]["next_step"] < 1e-6, r
+        assert r["steps"] == [1.0], r
         assert len(r["experts_here"]) == 16  # 2 layers x 4 experts x fc1, fc2: all local at EP = 1
-        assert r["saved_moments"] > 0
+        assert r["saved_moments"] == 3 * r["n_params"]  # exp_avg, exp_avg_sq, step of each parameter
     manifest = json.loads((tmp_path / "ckpt" / "camopd.json").read_text())
     assert manifest["model"]["moe"] == asdict(MoEConfig(**TINY_MOE))
