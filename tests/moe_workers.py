@@ -223,9 +223,16 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
+def _steps(part: dict) -> list[float]:
+    """The distinct Adam step counts of every parameter state on this rank (any optimizer format)."""
+    parts = getattr(part["opt"], "chained_optimizers", [part["opt"]])
+    return sorted({float(s["step"]) for o in parts for s in o.optimizer.state.values()})
+
+
+def reshard_ep(rank: int, world_size: int, ckpt_dir: str, distopt: bool = False) -> dict:
     """World 2: one update at EP = 2 (DP 2), save model + optimizer, load both at EP = 1 (DP 2) from another
-    seed: the same weights and Adam state (moments, step) under global names, and the same next update."""
+    seed: the same weights and Adam state (moments and step by global name; the distributed optimizer's state
+    holds flat DP shards, so there the step counts only) and the same next update."""
     from camopd_megatron.checkpoint.dist import load_sharded, model_sharded_state_dict, save_checkpoint
     from camopd_megatron.models.optimizer import load_optimizer_state, optimizer_sharded_state_dict, optimizer_step
 
@@ -236,23 +243,24 @@ def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
         return {"model": msd, "optimizer": optimizer_sharded_state_dict(part["opt"], msd, is_loading=is_loading,
                                                                         pg_collection=part["pgc"])}
 
-    saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True)
+    saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True, distopt=distopt)
     optimizer_step(saved["opt"], saved["sched"])
-    before = {"params": _weights(saved), "adam": _adam_state(saved)}
+    before = {"params": _weights(saved), "adam": {} if distopt else _adam_state(saved)}
     save_checkpoint(ckpt_dir, state(saved, False), model_cfg=cfg, step=1)
     _train_step(saved)  # the update after the checkpoint, at EP = 2
     next_ep2 = _weights(saved)
 
-    loaded = run_layout(1, 1, 2, 1, cfg=cfg, seed=SEED + 7, keep=True)
+    loaded = run_layout(1, 1, 2, 1, cfg=cfg, seed=SEED + 7, keep=True, distopt=distopt)
     got = load_sharded(ckpt_dir, state(loaded, True), process_group=loaded["pgc"].intra_dist_opt)
     loaded["ddp"][0].module.load_state_dict({k.removeprefix("module."): v for k, v in got["model"].items()}, strict=False)
     load_optimizer_state(loaded["opt"], got["optimizer"])
     loaded["sched"].load_state_dict({"num_steps": 1})  # the lr cursor travels in the trainer's common state
-    after = {"params": _weights(loaded), "adam": _adam_state(loaded)}
+    after = {"params": _weights(loaded), "adam": {} if distopt else _adam_state(loaded)}
+    steps = _steps(loaded)
     _train_step(loaded)  # the same update, resumed at EP = 1
-    diffs = {kind: _max_diff(before[kind], after[kind]) for kind in ("params", "adam")}
+    diffs = {kind: _max_diff(before[kind], after[kind]) for kind in ("params", "adam") if after[kind]}
     diffs["next_step"] = _max_diff(next_ep2, _weights(loaded))
     dist.barrier()
     return {"diffs": diffs, "n_params": len(after["params"]), "saved_moments": len(before["adam"]),
-            "steps": sorted({float(v) for k, v in after["adam"].items() if k[1] == "step"}),
+            "steps": steps,
             "experts_here": sorted({k[0] for k in after["params"] if "local_experts" in k[0]})}

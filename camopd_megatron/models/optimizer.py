@@ -618,14 +618,13 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
       same keys exist at every EP (a repeated key is written once, loaded into each group);
       ``is_expert_parallel`` (and ``params``) stay as built.
 
-    The distributed optimizer keeps its param groups and steps in one ``optimizer`` object per part;
-    that layout is left as megatron makes it.
+    The distributed optimizer's parts (``{"optimizer": {"param_groups"}, "param_state", ...}``, its step
+    in every param group) get the same param-group keys; its other plain items (the sharding type) one key
+    each. Its ``fully_reshardable`` param state already carries the model's keys.
     """
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
 
     parts = list(sharded.values()) if sharded and all(isinstance(k, int) for k in sharded) else [sharded]
-    if not all(isinstance(p, dict) and "state" in p and "param_groups" in p for p in parts):
-        return  # the distributed optimizer's format
     rank = dist.get_rank(group)
     written: set[str] = set()
 
@@ -636,10 +635,15 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
         return ShardedObject(key, value, (1,), (0,), replica_id=replica)
 
     for part in parts:
-        state = part["state"]
-        if "common_step" in state:
-            state["common_step"] = owned(f"{common_key}.state.common_step", state["common_step"])
-        for g in part["param_groups"]:
+        if "param_state" in part:  # distributed optimizer: {optimizer: {param_groups}, param_state, ...}
+            groups = part["optimizer"]["param_groups"]
+            for field in [f for f in part if f not in ("optimizer", "param_state")]:  # sharding type, grad scaler
+                part[field] = owned(f"{common_key}.{field}", part[field])
+        else:  # plain optimizer: {state: {..., common_step}, param_groups}
+            groups = part["param_groups"]
+            if "common_step" in part["state"]:
+                part["state"]["common_step"] = owned(f"{common_key}.state.common_step", part["state"]["common_step"])
+        for g in groups:
             sig = "wd{}_lr{}_{}".format(g.get("wd_mult", 1.0), g.get("lr_mult", 1.0),
                                         "decoupled" if g.get("is_decoupled_lr") else "shared")
             for field, value in list(g.items()):
