@@ -28,7 +28,9 @@ optimizer; :func:`build_ddp_and_optimizer` redirects that gather to the role's o
 Optimizer state checkpointing goes through :func:`optimizer_sharded_state_dict` and
 :func:`load_optimizer_state` (dist_checkpointing; the DistributedOptimizer uses the
 ``fully_reshardable`` format); the torch-native-Adam fixes it relies on live in
-:mod:`camopd_megatron.compat.optim`.
+:mod:`camopd_megatron.compat.optim`. An MoE model's optimizer state is saved in one layout at every
+expert-parallel size (megatron chains a dense and an expert optimizer only at EP > 1), so it reshards
+across EP like the weights (:func:`_ep_independent_common`).
 
 Per-branch Adam moments (``optim.branch_state: per_branch``, :class:`BranchMoments`): one megatron
 optimizer, whose inner optimizer's state object (param → exp_avg, exp_avg_sq, step) is swapped by
