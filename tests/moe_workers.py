@@ -69,7 +69,7 @@ def _loss_fn(pgc: Any, n_tokens: int, main: bool = True):
 
 def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Optional[dict[str, torch.Tensor]] = None,
                rank_offset: int = 0, tokens: Optional[torch.Tensor] = None, repeat: int = 1, main: bool = True,
-               seed: int = SEED, keep: bool = False, stats: bool = False) -> Optional[dict]:
+               seed: int = SEED, keep: bool = False, stats: bool = False, distopt: bool = False) -> Optional[dict]:
     """Build the layout (collective over the world), copy ``src`` in by global name, one forward/backward of
     this DP rank's rows (``repeat`` copies of each micro-batch). Returns loss (this rank's share), the
     finalised gradients and the weights by (global name, TP rank); None on ranks outside the layout."""
@@ -88,7 +88,7 @@ def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Opt
         with torch.no_grad():
             for name, p in global_names(model, pgc).items():
                 p.copy_(src[(name, tp_rank)])
-    ddp, opt, sched = build_ddp_and_optimizer([model], OptimConfig(lr=1e-2, clip_grad=0.0), ParallelConfig(tp=tp, pp=pp, dp=dp),
+    ddp, opt, sched = build_ddp_and_optimizer([model], OptimConfig(lr=1e-2, clip_grad=0.0), ParallelConfig(tp=tp, pp=pp, dp=dp, use_distributed_optimizer=distopt),
                                               pgc, total_steps=2)
     tokens = global_tokens() if tokens is None else tokens
     rows = tokens.shape[0] // dp
@@ -186,11 +186,55 @@ def aux_loss_scale(rank: int, world_size: int) -> dict:
     return out
 
 
-def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
-    """World 2: one update at EP = 2 (DP 2), save model + optimizer, load the weights at EP = 1 (DP 2) from
-    another seed: the same weights under global names."""
+def _train_step(part: dict) -> None:
+    """One more forward/backward of the global batch (this DP rank's rows) and an update on a kept layout."""
+    from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
+    from camopd_megatron.models.pipeline import make_microbatches, run_microbatches
+
+    pgc, tokens = part["pgc"], global_tokens()
+    rows = tokens.shape[0] // pg_size(pgc.dp)
+    mine = tokens[pg_rank(pgc.dp) * rows:(pg_rank(pgc.dp) + 1) * rows]
+    zero_grad_buffers(part["ddp"], part["opt"])
+    run_microbatches(part["ddp"][0], pgc, make_microbatches({"tokens": mine}, MICRO),
+                     _loss_fn(pgc, tokens.shape[0] * (SEQ - 1)), forward_only=False)
+    assert optimizer_step(part["opt"], part["sched"])[0]
+
+
+def _adam_state(part: dict) -> dict:
+    """This rank's Adam moments and step by (global name, kind), every DP/EP rank merged."""
+    names = {id(p): n for n, p in global_names(part["model"], part["pgc"]).items()}
+    out = {}
+    for opt in getattr(part["opt"], "chained_optimizers", [part["opt"]]):  # dense + expert optimizers at EP > 1
+        inner = opt.optimizer
+        for g in inner.param_groups:
+            for p in g["params"]:
+                for kind in ("exp_avg", "exp_avg_sq", "step"):
+                    out[(names[id(p)], kind)] = inner.state[p][kind].detach().clone().reshape(-1)
+    return _merged({"s": out}, "s")
+
+
+def _weights(part: dict) -> dict:
+    return _merged({"p": {(n, 0): p.detach().clone() for n, p in global_names(part["model"], part["pgc"]).items()}},
+                   "p")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _steps(part: dict) -> list[float]:
+    """The distinct Adam step counts of every parameter state on this rank (any optimizer format)."""
+    parts = getattr(part["opt"], "chained_optimizers", [part["opt"]])
+    return sorted({float(s["step"]) for o in parts for s in o.optimizer.state.values()})
+
+
+def reshard_ep(rank: int, world_size: int, ckpt_dir: str, distopt: bool = False) -> dict:
+    """World 2: one update at EP = 2 (DP 2), save model + optimizer, load both at EP = 1 (DP 2) from another
+    seed: the same weights and Adam state (moments and step by global name; the distributed optimizer's state
+    holds flat DP shards, so there the step counts only) and the same next update."""
     from camopd_megatron.checkpoint.dist import load_sharded, model_sharded_state_dict, save_checkpoint
-    from camopd_megatron.models.optimizer import optimizer_sharded_state_dict, optimizer_step
+    from camopd_megatron.models.optimizer import load_optimizer_state, optimizer_sharded_state_dict, optimizer_step
 
     cfg = model_cfg()
 
@@ -199,31 +243,24 @@ def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
         return {"model": msd, "optimizer": optimizer_sharded_state_dict(part["opt"], msd, is_loading=is_loading,
                                                                         pg_collection=part["pgc"])}
 
-    def moments(part: dict) -> dict:
-        names = {id(p): n for n, p in global_names(part["model"], part["pgc"]).items()}
-        tp_rank = pg_rank(part["pgc"].tp)
-        out = {}
-        for opt in getattr(part["opt"], "chained_optimizers", [part["opt"]]):  # dense + expert optimizers
-            inner = opt.optimizer
-            out.update({(names[id(p)], tp_rank): inner.state[p]["exp_avg"].clone() for g in inner.param_groups
-                        for p in g["params"] if p in inner.state})
-        return out
-
-    saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True)
+    saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True, distopt=distopt)
     optimizer_step(saved["opt"], saved["sched"])
-    before = {"params": _merged({"p": {(n, 0): p.detach().clone() for n, p in global_names(saved["model"],
-                                                                                          saved["pgc"]).items()}}, "p"),
-              "exp_avg": _merged({"m": moments(saved)}, "m")}
+    before = {"params": _weights(saved), "adam": {} if distopt else _adam_state(saved)}
     save_checkpoint(ckpt_dir, state(saved, False), model_cfg=cfg, step=1)
-    loaded = run_layout(1, 1, 2, 1, cfg=cfg, seed=SEED + 7, keep=True)
-    # the weights only: megatron's optimizer state is a ChainedOptimizer (dense + expert) at EP > 1 and one
-    # optimizer at EP = 1, with different keys, so the Adam moments do not reshard across EP yet
-    template = {"model": model_sharded_state_dict(loaded["ddp"][0], loaded["pgc"])}
-    got = load_sharded(ckpt_dir, template, process_group=loaded["pgc"].intra_dist_opt)
+    _train_step(saved)  # the update after the checkpoint, at EP = 2
+    next_ep2 = _weights(saved)
+
+    loaded = run_layout(1, 1, 2, 1, cfg=cfg, seed=SEED + 7, keep=True, distopt=distopt)
+    got = load_sharded(ckpt_dir, state(loaded, True), process_group=loaded["pgc"].intra_dist_opt)
     loaded["ddp"][0].module.load_state_dict({k.removeprefix("module."): v for k, v in got["model"].items()}, strict=False)
-    after = {"params": {(n, 0): p.detach().clone() for n, p in global_names(loaded["model"], loaded["pgc"]).items()}}
-    diffs = {kind: max(float((before[kind][k] - after[kind][k]).abs().max()) for k in after[kind])
-             for kind in ("params",)}
+    load_optimizer_state(loaded["opt"], got["optimizer"])
+    loaded["sched"].load_state_dict({"num_steps": 1})  # the lr cursor travels in the trainer's common state
+    after = {"params": _weights(loaded), "adam": {} if distopt else _adam_state(loaded)}
+    steps = _steps(loaded)
+    _train_step(loaded)  # the same update, resumed at EP = 1
+    diffs = {kind: _max_diff(before[kind], after[kind]) for kind in ("params", "adam") if after[kind]}
+    diffs["next_step"] = _max_diff(next_ep2, _weights(loaded))
     dist.barrier()
-    return {"diffs": diffs, "n_params": len(after["params"]), "saved_moments": len(before["exp_avg"]),
+    return {"diffs": diffs, "n_params": len(after["params"]), "saved_moments": len(before["adam"]),
+            "steps": steps,
             "experts_here": sorted({k[0] for k in after["params"] if "local_experts" in k[0]})}

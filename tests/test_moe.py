@@ -173,13 +173,20 @@ def test_aux_loss_gradient_is_independent_of_micro_batches_and_dp():
     assert one["moe/tokens_per_expert_max"] >= one["moe/tokens_per_expert_mean"]
 
 
-def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
+@pytest.mark.parametrize("distopt", [False, True], ids=["plain", "distopt"])
+def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path, distopt):
     from tests import moe_workers
 
-    out = run_on_ranks(moe_workers.reshard_ep, 2, args=(str(tmp_path / "ckpt"),), timeout_s=600)
+    out = run_on_ranks(moe_workers.reshard_ep, 2, args=(str(tmp_path / "ckpt"), distopt), timeout_s=600)
     for r in out:
-        assert r["diffs"] == {"params": 0.0}, r
+        # the weights, the Adam step (and, plain optimizer, exp_avg / exp_avg_sq of every parameter by
+        # global name) and the first update after the resume at EP = 1 equal the EP = 2 run's
+        assert r["diffs"]["params"] == 0.0, r
+        assert r["diffs"]["next_step"] < 1e-6, r
+        assert r["steps"] == [1.0], r
         assert len(r["experts_here"]) == 16  # 2 layers x 4 experts x fc1, fc2: all local at EP = 1
-        assert r["saved_moments"] > 0
+        if not distopt:
+            assert r["diffs"]["adam"] == 0.0, r
+            assert r["saved_moments"] == 3 * r["n_params"]  # exp_avg, exp_avg_sq, step of each parameter
     manifest = json.loads((tmp_path / "ckpt" / "camopd.json").read_text())
     assert manifest["model"]["moe"] == asdict(MoEConfig(**TINY_MOE))

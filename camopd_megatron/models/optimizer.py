@@ -28,7 +28,9 @@ optimizer; :func:`build_ddp_and_optimizer` redirects that gather to the role's o
 Optimizer state checkpointing goes through :func:`optimizer_sharded_state_dict` and
 :func:`load_optimizer_state` (dist_checkpointing; the DistributedOptimizer uses the
 ``fully_reshardable`` format); the torch-native-Adam fixes it relies on live in
-:mod:`camopd_megatron.compat.optim`.
+:mod:`camopd_megatron.compat.optim`. An MoE model's optimizer state is saved in one layout at every
+expert-parallel size (megatron chains a dense and an expert optimizer only at EP > 1), so it reshards
+across EP like the weights (:func:`_ep_independent_common`).
 
 Per-branch Adam moments (``optim.branch_state: per_branch``, :class:`BranchMoments`): one megatron
 optimizer, whose inner optimizer's state object (param → exp_avg, exp_avg_sq, step) is swapped by
@@ -351,6 +353,9 @@ def build_ddp_and_optimizer(
         optimizer = get_megatron_optimizer(
             optimizer_config, ddp_chunks, use_gloo_process_groups=False, pg_collection=pg_collection
         )
+    # megatron's sub-optimizers do not all keep their model chunks: record here whether the state is an MoE
+    # model's (saved in the EP-independent layout, _ep_independent_common)
+    setattr(optimizer, _MOE_TAG, bool(getattr(config, "num_moe_experts", None)))
     lr_scheduler = LRScheduler(optimizer, optim_cfg, total_steps)
     logger.debug(
         "built %s (distributed optimizer: %s) for %d chunk(s)",
@@ -569,13 +574,87 @@ def load_optimizer_state(optimizer: MegatronOptimizer, loaded: dict, moments: Op
 def _sharded_optimizer_state(optimizer: MegatronOptimizer, model_sharded_sd: dict, is_loading: bool,
                              pg_collection: ProcessGroupCollection, common_key: str, key_prefix: str = "") -> dict:
     metadata = {"distrib_optim_sharding_type": DISTOPT_SHARDING_TYPE, "dp_cp_group": pg_collection.dp_cp}
+    moe = _has_experts(optimizer)
+    if moe:  # no ``chained_<i>.`` prefix: the state tensors keep the model's (EP-independent) keys
+        metadata["chained_optim_avoid_prefix"] = True
     sharded = optimizer.sharded_state_dict(model_sharded_sd, is_loading=is_loading, metadata=metadata)
     _always_common_step(sharded)
+    if moe:
+        _ep_independent_common(sharded, common_key, _role_group(pg_collection))
     if key_prefix:
         from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 
         add_prefix_for_sharding(sharded, key_prefix)
     return shard_common_state(sharded, key_prefix=common_key, group=_role_group(pg_collection))
+
+
+_MOE_TAG = "camopd_moe_state"
+"""Attribute :func:`build_ddp_and_optimizer` sets on the optimizer: True for an MoE model's."""
+
+
+def _has_experts(optimizer: MegatronOptimizer) -> bool:
+    """Whether the optimizer's model chunks are MoE models (their optimizer state uses the EP-independent
+    layout of :func:`_ep_independent_common`)."""
+    return bool(getattr(optimizer, _MOE_TAG, False))
+
+
+_LAYOUT_FIELDS = ("is_expert_parallel",)
+"""Param-group fields that describe megatron's optimizer split, not the run: kept as built, never loaded."""
+
+
+def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
+    """Give an MoE optimizer's plain (non-distributed) state the same checkpoint keys at every EP size.
+
+    megatron-core 0.19.2 splits an MoE model's parameters into a dense and an expert-parallel optimizer
+    (a ChainedOptimizer of two, state ``{0: dense, 1: expert}``) only at EP > 1: expert parameters are
+    marked ``allreduce=False`` there; at EP = 1 they join the dense param groups of one optimizer. The
+    state tensors already carry the model's keys (no ``chained_<i>.`` prefix, ``chained_optim_avoid_prefix``),
+    which reshard across EP like the weights. The rest is made layout-free here, in place:
+
+    * ``state.common_step`` (torch Adam's per-parameter step, one value per optimizer; the ChainedOptimizer
+      synchronises it across its parts before saving) is one key, ``<common_key>.state.common_step``,
+      written by the first part and loaded into every part;
+    * each param group's fields are keyed by the group's configuration (``wd_mult``, ``lr_mult``,
+      ``is_decoupled_lr``), not by its position: at EP = 1 the experts' weights share the dense
+      weights' group, at EP > 1 the expert optimizer has a group of the same configuration, so the
+      same keys exist at every EP (a repeated key is written once, loaded into each group);
+      ``is_expert_parallel`` (and ``params``) stay as built.
+
+    The distributed optimizer's parts (``{"optimizer": {"param_groups"}, "param_state", ...}``, its step
+    in every param group) get the same param-group keys; its other plain items (the sharding type) one key
+    each. Its ``fully_reshardable`` param state already carries the model's keys.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+
+    parts = list(sharded.values()) if sharded and all(isinstance(k, int) for k in sharded) else [sharded]
+    rank = dist.get_rank(group)
+    written: set[str] = set()
+
+    def owned(key: str, value: Any) -> Any:
+        # the role's rank 0 writes each key once; a repeat (another part, another group) only loads it
+        replica = (rank, 0) if key not in written else (rank, 1)
+        written.add(key)
+        return ShardedObject(key, value, (1,), (0,), replica_id=replica)
+
+    for part in parts:
+        if "param_state" in part:  # distributed optimizer: {optimizer: {param_groups}, param_state, ...}
+            groups = part["optimizer"]["param_groups"]
+            for field in [f for f in part if f not in ("optimizer", "param_state")]:  # sharding type, grad scaler
+                part[field] = owned(f"{common_key}.{field}", part[field])
+        else:  # plain optimizer: {state: {..., common_step}, param_groups}
+            groups = part["param_groups"]
+            if "common_step" in part["state"]:
+                part["state"]["common_step"] = owned(f"{common_key}.state.common_step", part["state"]["common_step"])
+        for g in groups:
+            sig = "wd{}_lr{}_{}".format(g.get("wd_mult", 1.0), g.get("lr_mult", 1.0),
+                                        "decoupled" if g.get("is_decoupled_lr") else "shared")
+            for field, value in list(g.items()):
+                if field == "params":
+                    continue
+                if field in _LAYOUT_FIELDS:
+                    g[field] = LocalNonpersistentObject(value)
+                else:
+                    g[field] = owned(f"{common_key}.param_groups.{sig}.{field}", value)
 
 
 def _always_common_step(sharded: Any) -> None:
