@@ -612,12 +612,12 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
     which reshard across EP like the weights. The rest is made layout-free here, in place:
 
     * ``state.common_step`` (torch Adam's per-parameter step, one value per optimizer; the ChainedOptimizer
-      synchronises it across its parts before saving) is one key, ``<common_key>.state.common_step``,
-      written by the first part and loaded into every part;
+      synchronises it across its parts before saving) is one key, ``<common_key>.state.common_step``
+      (the expert part's, at EP > 1, ``<...>.common_step.1``; a load at EP = 1 reads the first);
     * each param group's fields are keyed by the group's configuration (``wd_mult``, ``lr_mult``,
       ``is_decoupled_lr``), not by its position: at EP = 1 the experts' weights share the dense
       weights' group, at EP > 1 the expert optimizer has a group of the same configuration, so the
-      same keys exist at every EP (a repeated key is written once, loaded into each group);
+      same keys exist at every EP (a repeat is numbered, ``<key>.1``, and read back only at EP > 1);
       ``is_expert_parallel`` (and ``params``) stay as built.
 
     The distributed optimizer's parts (``{"optimizer": {"param_groups"}, "param_state", ...}``, its step
@@ -628,13 +628,15 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
 
     parts = list(sharded.values()) if sharded and all(isinstance(k, int) for k in sharded) else [sharded]
     rank = dist.get_rank(group)
-    written: set[str] = set()
+    written: dict[str, int] = {}
 
     def owned(key: str, value: Any) -> Any:
-        # the role's rank 0 writes each key once; a repeat (another part, another group) only loads it
-        replica = (rank, 0) if key not in written else (rank, 1)
-        written.add(key)
-        return ShardedObject(key, value, (1,), (0,), replica_id=replica)
+        # the role's rank 0 writes each key. A repeat (the expert part's step, its group of the same
+        # configuration: EP > 1 only) gets its own numbered key, so one rank never holds two objects of one
+        # key (the loader refuses that); EP = 1 has the un-numbered ones only, which an EP > 1 save also has.
+        n = written.get(key, 0)
+        written[key] = n + 1
+        return ShardedObject(key if n == 0 else f"{key}.{n}", value, (1,), (0,), replica_id=(rank, 0))
 
     for part in parts:
         if "param_state" in part:  # distributed optimizer: {optimizer: {param_groups}, param_state, ...}
