@@ -17,22 +17,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from camopd_megatron.bench import set_thread_env
 
-def _median_s(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm-up (page faults, thread pool)
+
+def time_call(fn: Callable[[], Any], reps: int, pick: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds of one ``fn()``: ``pick`` (median; ``min`` for the least disturbed) of ``reps`` timed calls after
+    one warm-up (page faults, thread pool)."""
+    fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return pick(times)
+
+
+def matmul_rate(m: int, k: int, n: int, reps: int = 5, pick: Callable[[list[float]], float] = statistics.median) -> float:
+    """fp32 FLOP/s of ``[m, k] @ [n, k]ᵀ`` (a Linear layer's product; 2·m·k·n FLOPs) at the threads set."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    out = torch.empty(m, n)
+    return 2.0 * m * k * n / time_call(lambda: torch.mm(a, b.t(), out=out), reps, pick)
 
 
 def measure(threads: int, sizes: tuple[int, ...] = (1024, 2048), mib: int = 512, reps: int = 5) -> dict[str, Any]:
@@ -40,16 +52,9 @@ def measure(threads: int, sizes: tuple[int, ...] = (1024, 2048), mib: int = 512,
     import torch
 
     torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(0)
-    matmul = {}
-    for n in sizes:
-        a = torch.randn(n, n, generator=gen)
-        b = torch.randn(n, n, generator=gen)
-        out = torch.empty(n, n)
-        matmul[n] = 2.0 * n ** 3 / _median_s(lambda: torch.mm(a, b, out=out), reps)
-        del a, b, out
+    matmul = {n: matmul_rate(n, n, n, reps) for n in sizes}
     x = torch.ones(mib * 2**18)  # mib MiB of fp32
-    bw = x.numel() * 4 / _median_s(lambda: x.sum(), reps)
+    bw = x.numel() * 4 / time_call(lambda: x.sum(), reps)
     del x
     peak = max(matmul.values())
     return {
@@ -81,7 +86,5 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _t = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--threads"), "2")
-    os.environ.setdefault("OMP_NUM_THREADS", _t)
-    os.environ.setdefault("MKL_NUM_THREADS", _t)
+    set_thread_env("2")
     main()

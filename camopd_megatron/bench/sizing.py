@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from camopd_megatron.bench import set_thread_env
 
 STAGES = ("rollout", "teacher", "recompute", "train", "optimizer")
 
@@ -125,7 +125,5 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    _t = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--threads"), "2")
-    os.environ.setdefault("OMP_NUM_THREADS", _t)
-    os.environ.setdefault("MKL_NUM_THREADS", _t)
+    set_thread_env("2")
     main()

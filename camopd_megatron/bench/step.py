@@ -66,6 +66,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from camopd_megatron.bench import set_thread_env
+from camopd_megatron.bench.calibrate import matmul_rate
+
 logger = logging.getLogger(__name__)
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -291,18 +294,7 @@ def train_stage_flops(cfg_dict: dict[str, Any]) -> dict[str, float]:
 def matmul_flops_per_s(rows: int, hidden: int, vocab: int, reps: int = 3) -> float:
     """This machine's fp32 matmul rate on the output layer's forward product ([rows, H] × [H, V]), FLOP/s:
     the best of ``reps`` timed calls after a warm-up (the least disturbed by other load), at the threads set."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(rows, hidden, generator=gen), torch.randn(vocab, hidden, generator=gen)
-    out = torch.empty(rows, vocab)
-    torch.mm(a, b.t(), out=out)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b.t(), out=out)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * rows * hidden * vocab / best
+    return matmul_rate(rows, hidden, vocab, reps, pick=min)
 
 
 def output_matmul_rate(cfg_dict: dict[str, Any]) -> float:
@@ -437,10 +429,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     # thread env before torch is imported (the peer does the same)
-    _threads = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--threads"), None)
-    if _threads is None:
-        _threads = "1" if ("sep4" in sys.argv or "sep2" in sys.argv) else "2"
-    os.environ.setdefault("OMP_NUM_THREADS", _threads)
-    os.environ.setdefault("MKL_NUM_THREADS", _threads)
+    set_thread_env("1" if ("sep4" in sys.argv or "sep2" in sys.argv) else "2")
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read once, at torch's first allocation
     main()
