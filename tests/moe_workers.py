@@ -10,6 +10,7 @@ DP ranks, 2 rows per micro-batch, so every layout sees the same micro-batches.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -69,10 +70,13 @@ def _loss_fn(pgc: Any, n_tokens: int, main: bool = True):
 
 def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Optional[dict[str, torch.Tensor]] = None,
                rank_offset: int = 0, tokens: Optional[torch.Tensor] = None, repeat: int = 1, main: bool = True,
-               seed: int = SEED, keep: bool = False, stats: bool = False, distopt: bool = False) -> Optional[dict]:
+               seed: int = SEED, keep: bool = False, stats: bool = False, distopt: bool = False,
+               extra: Optional[dict[str, torch.Tensor]] = None, batches: Optional[list[dict]] = None,
+               config_extra: Optional[dict] = None) -> Optional[dict]:
     """Build the layout (collective over the world), copy ``src`` in by global name, one forward/backward of
-    this DP rank's rows (``repeat`` copies of each micro-batch). Returns loss (this rank's share), the
-    finalised gradients and the weights by (global name, TP rank); None on ranks outside the layout."""
+    this DP rank's rows (``repeat`` copies of each micro-batch; ``extra``: more per-row tensors of the global
+    batch, split like the tokens; ``batches``: these micro-batches instead). Returns loss (this rank's share),
+    the finalised gradients and the weights by (global name, TP rank); None on ranks outside the layout."""
     from camopd_megatron.models.gpt import build_gpt_model, init_model_rng
     from camopd_megatron.models.groups import in_collection
     from camopd_megatron.models.optimizer import build_ddp_and_optimizer, zero_grad_buffers
@@ -82,7 +86,7 @@ def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Opt
     if not in_collection(pgc):
         return None
     init_model_rng(seed, pgc)
-    model = build_gpt_model(cfg, pgc, sequence_parallel=tp > 1)
+    model = build_gpt_model(cfg, pgc, sequence_parallel=tp > 1, config_extra=config_extra)
     tp_rank = pg_rank(pgc.tp)
     if src is not None:
         with torch.no_grad():
@@ -92,8 +96,10 @@ def run_layout(tp: int, pp: int, dp: int, ep: int, *, cfg: ModelConfig, src: Opt
                                               pgc, total_steps=2)
     tokens = global_tokens() if tokens is None else tokens
     rows = tokens.shape[0] // dp
-    mine = tokens[pg_rank(pgc.dp) * rows:(pg_rank(pgc.dp) + 1) * rows]
-    batches = [b for b in make_microbatches({"tokens": mine}, MICRO) for _ in range(repeat)]
+    lo = pg_rank(pgc.dp) * rows
+    mine = {"tokens": tokens[lo:lo + rows], **{k: v[lo:lo + rows] for k, v in (extra or {}).items()}}
+    if batches is None:
+        batches = [b for b in make_microbatches(mine, MICRO) for _ in range(repeat)]
     zero_grad_buffers(ddp, opt)
     routing = RoutingStats.of(model)  # also sizes megatron's process-wide aux-loss tracker for this depth
     if not stats:
@@ -149,8 +155,27 @@ def parallel_equivalence(rank: int, world_size: int) -> dict:
     cfg4 = model_cfg(num_layers=4, layer_pattern=[0, 1, 1, 0])
     ref_pp = run_layout(1, 1, 4, 1, cfg=cfg4)
     out["pp2_ep2"] = _compare(ref_pp, run_layout(1, 2, 2, 2, cfg=cfg4, src=ref_pp["params"]))
+    out.update(replay_under_recompute(ref_pp["params"]))
     dist.barrier()
     return out
+
+
+def replay_under_recompute(src: dict) -> dict:
+    """World 4, PP = 2 x EP = 2 (DP 2), two micro-batches per replica (1F1B runs the second forward before the
+    first backward), routing replay of fixed expert choices: full recompute (which runs each layer's forward
+    again in the backward) gives the gradients of no recompute, and the replayed choices are not the router's."""
+    from camopd_megatron.models.gpt import recompute_kwargs
+
+    cfg = model_cfg(num_layers=4, layer_pattern=[0, 1, 1, 0], routing_replay=True)
+    gen = torch.Generator().manual_seed(5)
+    # [rows, positions, this stage's MoE layers (one per stage), top-k]: k distinct experts per token
+    routes = torch.rand(ROWS, SEQ, 1, cfg.moe.num_experts, generator=gen).argsort(dim=-1)[..., :cfg.moe.router_topk]
+    extra = {"routes": routes, "seq_lens": torch.full((ROWS,), SEQ + 1)}  # every position trains: no padding
+    full = recompute_kwargs(replace(cfg, recompute="full", recompute_num_layers=1))
+    plain = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra)
+    recomputed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra, config_extra=full)
+    routed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra={"seq_lens": extra["seq_lens"]})  # nothing to replay
+    return {"replay_recompute": _compare(plain, recomputed), "replay_vs_routed": _compare(plain, routed)}
 
 
 def aux_loss_scale(rank: int, world_size: int) -> dict:
@@ -181,9 +206,24 @@ def aux_loss_scale(rank: int, world_size: int) -> dict:
         "main": router_grads(run_layout(1, 1, 2, 1, cfg=no_aux, tokens=both)),
         "metrics_dp1_mb1": stats_dp1[rank]["moe_metrics"],
         "metrics_dp2_mb2": stats_dp2["moe_metrics"],
+        **padding_cases(aux, tokens, solo),
     }
     dist.barrier()
     return out
+
+
+def padding_cases(cfg: ModelConfig, tokens: torch.Tensor, solo: Any) -> dict:
+    """The aux-loss gradient (DP 1, aux loss alone) of ``tokens`` whose last position is padding by ``seq_lens``,
+    of the same rows cut before it with two all-padding rows added, and of the first without ``seq_lens``."""
+    b, t = tokens.shape
+    lens = torch.full((b,), t)  # the last position (the last token) predicts nothing: padding
+    cut = torch.cat([tokens[:, :t - 1], torch.zeros((2, t - 1), dtype=tokens.dtype)])
+    cut_batch = {"tokens": cut, "seq_lens": torch.cat([lens, torch.zeros(2, dtype=lens.dtype)]), "n_real": b}
+    return {
+        "pad_by_lens": solo(cfg=cfg, tokens=tokens, extra={"seq_lens": lens}, main=False),
+        "pad_rows": solo(cfg=cfg, tokens=tokens, batches=[cut_batch], main=False),
+        "pad_unmasked": solo(cfg=cfg, tokens=tokens, main=False),
+    }
 
 
 def _train_step(part: dict) -> None:

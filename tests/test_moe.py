@@ -38,7 +38,12 @@ def test_moe_config_loads_and_validates():
     (_moe(layer_pattern=[0, 2]), "model.moe.layer_pattern", "one 0 (dense) or 1 (MoE)"),
     (_moe(shared_expert_gate=True), "model.moe.shared_expert_gate", "shared_expert_ffn_hidden_size"),
     (_moe(aux_loss_coeff=-1.0), "model.moe.aux_loss_coeff", ">= 0"),
-    (_moe(routing_replay=True), "model.moe.routing_replay", "not supported yet"),
+    ({**_moe(), "teachers": [
+        {"name": "general", "init": "random", "branches": ["general"],
+         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
+                   "moe": {**TINY_MOE, "routing_replay": True}}},
+        {"name": "domain", "init": "random", "branches": ["domain"]}]},
+     "teachers[0].model.moe.routing_replay", "a teacher never trains"),
     ({**_moe(), "parallel": {"ep": 3, "dp": 3}}, "parallel.ep", "a divisor of model.moe.num_experts=4"),
     ({**_moe(), "parallel": {"ep": 4, "dp": 2}}, "parallel.ep", "must divide parallel.dp=2"),
     ({**_moe(), "parallel": {"tp": 2, "ep": 2, "dp": 2, "sequence_parallel": False}}, "parallel.sequence_parallel",
@@ -151,6 +156,17 @@ def test_expert_parallel_layouts_match_the_reference(equivalence, layout):
     assert r["router_grad"] > 0
 
 
+def test_routing_replay_survives_recompute_and_replaces_the_routers_choice(equivalence):
+    # full recompute replays each micro-batch's own choices in the backward (1F1B, two micro-batches per replica)
+    r = equivalence["replay_recompute"]
+    assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6), r
+    assert r["missing"] == [] and r["grad_max_diff"] <= 1e-6 * max(r["grad_scale"], 1.0), r
+    assert r["router_grad"] > 0  # the gate weights still come from the router: it trains
+    # the replayed experts are not the ones the router picks: routing by itself gives other gradients
+    routed = equivalence["replay_vs_routed"]
+    assert routed["loss"][1] != routed["loss"][0] and routed["grad_max_diff"] > 1e-3 * routed["grad_scale"], routed
+
+
 def test_aux_loss_gradient_is_independent_of_micro_batches_and_dp():
     from tests import moe_workers
 
@@ -169,6 +185,12 @@ def test_aux_loss_gradient_is_independent_of_micro_batches_and_dp():
     assert one["moe/aux_loss"] > 0 and four["moe/aux_loss"] == pytest.approx(one["moe/aux_loss"], rel=1e-6)
     assert one["moe/tokens_per_expert_mean"] == pytest.approx(2 * 12 * 2 / 4)  # rows x seq x top-2 / 4 experts
     assert four["moe/tokens_per_expert_mean"] == pytest.approx(4 * one["moe/tokens_per_expert_mean"])
+    # padding (a row's last token, all-padding rows) is left out of the aux loss: the same gradient as the
+    # rows cut before it, another one when the padding is not marked
+    by_lens, rows, unmasked = out["pad_by_lens"], out["pad_rows"], out["pad_unmasked"]
+    for k in by_lens:
+        torch.testing.assert_close(rows[k], by_lens[k], rtol=1e-5, atol=1e-9, msg=k)
+    assert max(float((unmasked[k] - by_lens[k]).abs().max()) for k in by_lens) > 1e-6
     assert four["moe/load_imbalance"] == pytest.approx(one["moe/load_imbalance"]) and one["moe/load_imbalance"] >= 1.0
     assert one["moe/tokens_per_expert_max"] >= one["moe/tokens_per_expert_mean"]
 

@@ -1,7 +1,8 @@
 """The whole CaMOPD step with an MoE student on 4 gloo ranks: trains and resumes.
 
 Student: ranks 0-1, DP = 2, EP = 2 (each EP group spans both replicas, so the step runs in lock-step,
-``models.pipeline``), distributed optimizer, KV-cached rollout; two dense teachers (their own
+``models.pipeline``), distributed optimizer, KV-cached rollout with routing replay (the update routes every
+token as the rollout did); two dense teachers (their own
 architecture) on ranks 2 and 3. An odd prompt count and ρ < 1 give the replicas unequal prompts, rollout
 micro-batches, response lengths and kept samples: a deadlock would fail the run at ``parallel.timeout_s``
 (a lock-step all-reduce is bounded) and the launcher's own bound, never hang it. Resume: 2 steps, saved,
@@ -16,7 +17,8 @@ from camopd_megatron.testing.multiproc import run_on_ranks
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = {"init": "random", "checkpoint": None, "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
            "ffn_hidden_size": 64, "vocab_size": 128, "seq_length": 64,
-           "moe": {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 32, "layer_pattern": [1, 1]}}
+           "moe": {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 32, "layer_pattern": [1, 1],
+                   "routing_replay": True}}
 TEACHER = {"init": "random", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 96,
            "vocab_size": 128}
 

@@ -53,9 +53,11 @@ class MoEConfig:
     """megatron token dispatcher. Both run on CPU/gloo; ``alltoall`` sends each token only to the EP ranks
     holding its experts, ``allgather`` gathers every token on every EP rank."""
     routing_replay: bool = False
-    """Route the training forward as the rollout did (megatron ``moe_enable_routing_replay``). Reserved: not
-    wired into the step yet (the rollout's routing would have to be recorded per layer and replayed per
-    training micro-batch), so ``true`` is refused by validation instead of silently doing nothing."""
+    """Route the update as the rollout did (megatron's routing replay, ``moe_enable_routing_replay``): the
+    rollout records every MoE layer's top-k experts per token and the training forwards (and the pre-update
+    log-prob recompute) send each token to those experts, with gate weights from the current router. Without
+    it a token may reach other experts in training than in sampling, one source of rollout/training mismatch
+    in MoE RL. Costs int16 [tokens, MoE layers, top-k] per rollout. The student's only (teachers never train)."""
 
     def validate(self, prefix: str = "model.moe", *, num_layers: Optional[int] = None) -> list[str]:
         """In-section problems (empty when valid); ``num_layers`` checks :attr:`layer_pattern`'s length."""
@@ -77,11 +79,6 @@ class MoEConfig:
             problems.append(problem(
                 f"{prefix}.shared_expert_gate", True, f"a shared expert to gate ({prefix}.shared_expert_ffn_hidden_size)",
                 f"set {prefix}.shared_expert_ffn_hidden_size or drop {prefix}.shared_expert_gate",
-            ))
-        if self.routing_replay:
-            problems.append(problem(
-                f"{prefix}.routing_replay", True, "false: routing replay is not supported yet (the rollout's expert "
-                "choices are not recorded and replayed in the update)", f"set {prefix}.routing_replay: false",
             ))
         pattern = self.layer_pattern
         if pattern is not None:

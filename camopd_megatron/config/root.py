@@ -318,6 +318,12 @@ class Config:
                 continue  # read from the checkpoint first
             problems += expert_layout_problems(tm.moe, tp=tp, dp=dp, ep=t.ep or 1, etp=t.etp, keys=tkeys,
                                                moe_key=f"{key}.moe")
+        for i in range(len(self.teachers)):
+            tm, key = self.teacher_model(i)
+            if key != "model" and tm.moe is not None and tm.moe.routing_replay:
+                problems.append(problem(f"{key}.moe.routing_replay", True, "false: routing replay replays the "
+                                        "student's rollout in its own update; a teacher never trains",
+                                        f"drop {key}.moe.routing_replay"))
         return problems
 
 

@@ -57,6 +57,11 @@ one-token forward outside its KV cache (``_dummy_forward``) per step. Real rows 
 (no token dropping), so the tokens and μ are those decoded without lock-step. Under lock-step the
 megatron path decodes (the lean decoder runs dense models only).
 
+Routing replay (an MoE student with ``model.moe.routing_replay``): every forward records each MoE layer's
+top-k expert choices and the decode keeps those of the positions it fed (prefill: all, then one per step;
+with full recompute the newest one), as ``RolloutBatch.routes_BTLK``; the update replays them
+(``models.moe.RouterFeed``). Lock-step dummy forwards are not kept.
+
 Sampling and randomness: see :mod:`~camopd_megatron.distill.sampling` (inverse-CDF draws, Gumbel-max
 for top-k/top-p, keyed on (seed, step, sample_id, response position): samples do not depend on the DP
 layout, batch composition, order or micro-batch size; greedy ties → lower token id).
@@ -70,6 +75,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
@@ -80,6 +86,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from camopd_megatron.distill.sampling import FINISH_REASONS, SamplingParams, row_keys, sample_with_logprobs
 from camopd_megatron.models import lean_decode
 from camopd_megatron.models.gpt import sequence_parallel_off, stage_info, unwrap_model
+from camopd_megatron.models.moe import ROUTE_DTYPE, RouterFeed
 from camopd_megatron.models.pipeline import (
     group_max, last_stage_to_all, model_forward, recv_from_previous_stage, run_microbatches, send_to_next_stage,
     wire_device,
@@ -111,6 +118,10 @@ class RolloutBatch:
         finish_reasons: 'eos' | 'stop' | 'length' per sample.
         sample_ids: the global sample index of each row.
         off_policy: generated with top-k / top-p / greedy / T != 1.
+        routes_BTLK: with MoE routing replay (``model.moe.routing_replay``), the expert choices of every fed
+            position, int16 ``[B, T, L, k]`` over THIS rank's MoE layers (its pipeline stage's, so it differs
+            between stages; ``models.moe.RouterFeed``); positions never fed (a sequence's last token, padding)
+            hold arbitrary values. None otherwise.
     """
 
     tokens_BT: torch.Tensor
@@ -121,6 +132,7 @@ class RolloutBatch:
     finish_reasons: list[str]
     sample_ids: list[int]
     off_policy: bool
+    routes_BTLK: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.tokens_BT.shape[0])
@@ -158,6 +170,7 @@ class RolloutBatch:
             self, tokens_BT=self.tokens_BT.to(device), prompt_lens_B=self.prompt_lens_B.to(device),
             response_lens_B=self.response_lens_B.to(device), loss_mask_BT=self.loss_mask_BT.to(device),
             rollout_logp_BT=self.rollout_logp_BT.to(device),
+            routes_BTLK=None if self.routes_BTLK is None else self.routes_BTLK.to(device),
         )
 
     def select(self, indices: Sequence[int]) -> "RolloutBatch":
@@ -177,6 +190,7 @@ class RolloutBatch:
             rollout_logp_BT=self.rollout_logp_BT[sel, :t].clone(),
             finish_reasons=[self.finish_reasons[i] for i in idx], sample_ids=[self.sample_ids[i] for i in idx],
             off_policy=self.off_policy,
+            routes_BTLK=None if self.routes_BTLK is None else self.routes_BTLK[sel.to(self.routes_BTLK.device), :t].clone(),
         )
 
     def split(self, micro_batch_size: int) -> list["RolloutBatch"]:
@@ -237,6 +251,7 @@ class _Decode:
     resp_B: torch.Tensor  # CPU int64 response lengths so far
     done_B: torch.Tensor  # CPU bool
     reasons: list[str]
+    routes_BTLK: Optional[torch.Tensor] = None  # CPU: routing replay's record (models.moe.RouterFeed)
 
 
 class _Generator:
@@ -261,6 +276,9 @@ class _Generator:
         self.stop_ids = torch.tensor(sorted(params.stop_set), dtype=torch.int64)
         self.forward_calls = 0
         self.sample_ids_mb: list[int] = []
+        # MoE routing replay: record each fed position's expert choices on this stage (RouterFeed)
+        feed = RouterFeed.of(model)
+        self.feed = feed if feed is not None and feed.replay else None
 
     # -- forwards: logits [B, V] of the last fed position, on the last stage (None elsewhere) --
     def _full_logits(self, tokens_BT: torch.Tensor) -> Optional[torch.Tensor]:
@@ -273,6 +291,13 @@ class _Generator:
             forward_only=True,
         )
         return out[0]["logits_BV"] if self.stage.is_last else None
+
+    def _record(self, st: _Decode, fed_start: int, lo: int, hi: int) -> None:
+        """Routing replay: keep positions ``[lo, hi)`` of the last forward, which fed ``[fed_start, ...)``."""
+        if self.feed is None or st.routes_BTLK is None or not self.feed.num_layers:
+            return
+        rec = self.feed.recorded(st.buf_BT.shape[0])
+        st.routes_BTLK[:, lo:hi] = rec[:, lo - fed_start:hi - fed_start]
 
     def _kv_logits(self, ctx: Union[StaticInferenceContext, lean_decode.LeanDecoder], tokens_BT: torch.Tensor,
                    start: int) -> torch.Tensor:
@@ -363,8 +388,9 @@ class _Generator:
                     st.reasons[r] = "length"
                 st.done_B[r] = True
 
-    def run(self, prompts: Sequence[Sequence[int]], sample_ids: Sequence[int]) -> list[tuple[list[int], list[float], str]]:
-        """Decode one micro-batch; per sample (response ids, μ per response token, finish reason)."""
+    def run(self, prompts: Sequence[Sequence[int]], sample_ids: Sequence[int]) -> list["_Row"]:
+        """Decode one micro-batch; per sample (response ids, μ per response token, finish reason, recorded
+        routes or None)."""
         b = len(prompts)
         self.sample_ids_mb = list(sample_ids)
         plen_B = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
@@ -375,12 +401,15 @@ class _Generator:
             buf_BT[i, : len(p)] = torch.tensor(list(p), dtype=torch.int64)
         st = _Decode(buf_BT.to(self.device), plen_B, limit_B, torch.zeros(b, t_max), torch.zeros(b, dtype=torch.int64),
                      torch.zeros(b, dtype=torch.bool), [""] * b)
+        if self.feed is not None:
+            st.routes_BTLK = torch.zeros((b, t_max, self.feed.num_layers, self.feed.topk), dtype=ROUTE_DTYPE)
         t = int(plen_B.min())  # prefill [0, t), then produce position t
         if self.lean:
             ctx = lean_decode.LeanDecoder(self.model, b, t_max)
         else:
             ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=t_max) if self.kv else None
         logits_BV = self._kv_logits(ctx, st.buf_BT[:, :t], 0) if self.kv else self._full_logits(st.buf_BT[:, :t])
+        self._record(st, 0, 0, t)
         done = False
         while True:
             if not done:
@@ -393,17 +422,24 @@ class _Generator:
                 self._dummy_forward()
             elif self.kv:
                 logits_BV = self._kv_logits(ctx, st.buf_BT[:, t - 1 : t], t - 1)
+                self._record(st, t - 1, t - 1, t)
             else:
                 logits_BV = self._full_logits(st.buf_BT[:, :t])
+                self._record(st, 0, t - 1, t)  # the earlier positions were recorded when they were new
         out = []
         buf = st.buf_BT.cpu()
         for i in range(b):
             p, r = int(plen_B[i]), int(st.resp_B[i])
-            out.append((buf[i, p : p + r].tolist(), st.mu_BT[i, p : p + r].tolist(), st.reasons[i]))
+            routes = None if st.routes_BTLK is None else st.routes_BTLK[i, : p + r]
+            out.append((buf[i, p : p + r].tolist(), st.mu_BT[i, p : p + r].tolist(), st.reasons[i], routes))
         return out
 
 
-def _assemble(prompts: Sequence[Sequence[int]], results: list[tuple[list[int], list[float], str]],
+_Row = tuple[list[int], list[float], str, Optional[torch.Tensor]]
+"""One decoded row: response ids, μ per response token, finish reason, routing replay's record ([P + R, L, k])."""
+
+
+def _assemble(prompts: Sequence[Sequence[int]], results: list[_Row],
               sample_ids: Sequence[int], off_policy: bool) -> RolloutBatch:
     b = len(prompts)
     plen_B = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
@@ -412,7 +448,11 @@ def _assemble(prompts: Sequence[Sequence[int]], results: list[tuple[list[int], l
     tokens_BT = torch.full((b, t), PAD_ID, dtype=torch.int64)
     mask_BT = torch.zeros(b, t, dtype=torch.float32)
     logp_BT = torch.zeros(b, t, dtype=torch.float32)
-    for i, (p, (resp, mu, _)) in enumerate(zip(prompts, results)):
+    first = results[0][3] if results else None
+    routes_BTLK = None if first is None else torch.zeros((b, t) + tuple(first.shape[1:]), dtype=first.dtype)
+    for i, (p, (resp, mu, _, routes)) in enumerate(zip(prompts, results)):
+        if routes_BTLK is not None and routes is not None:
+            routes_BTLK[i, : routes.shape[0]] = routes[:t]
         n_p, n_r = len(p), len(resp)
         tokens_BT[i, :n_p] = torch.tensor(list(p), dtype=torch.int64)
         if n_r:
@@ -421,7 +461,7 @@ def _assemble(prompts: Sequence[Sequence[int]], results: list[tuple[list[int], l
             mask_BT[i, n_p - 1 : n_p + n_r - 1] = 1.0
             logp_BT[i, n_p - 1 : n_p + n_r - 1] = torch.tensor(mu, dtype=torch.float32)
     return RolloutBatch(tokens_BT, plen_B, rlen_B, mask_BT, logp_BT, [r[2] for r in results],
-                        [int(s) for s in sample_ids], off_policy)
+                        [int(s) for s in sample_ids], off_policy, routes_BTLK)
 
 
 @torch.no_grad()
@@ -489,12 +529,13 @@ def generate(
     # lock-step: as many micro-batches as the group's longest list (the extra ones are dummies)
     n_runs = group_max(n_mb, lock_step, timeout_s=timeout_s, what="rollout micro-batch count") if lock_step else n_mb
     order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths decode together
-    results: list[Optional[tuple[list[int], list[float], str]]] = [None] * n
+    results: list[Optional[_Row]] = [None] * n
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
-        with sequence_parallel_off(model):  # module docstring: decoding runs without sequence parallelism
+        recording = gen.feed.recording() if gen.feed is not None else nullcontext()
+        with sequence_parallel_off(model), recording:  # module docstring: decoding without sequence parallelism
             for k in range(n_runs):
                 if k >= n_mb:
                     gen.run_dummy()

@@ -274,13 +274,24 @@ def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[in
     )
 
 
+def _router_tensors(batch: RolloutBatch, rows: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The MoE router inputs of ``batch``'s ``rows`` (all: None) for ``models.pipeline``'s micro-batches: each row's
+    length (the padding mask) and, with routing replay, the rollout's expert choices."""
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows.to(x.device)])
+    out = {"seq_lens": pick(batch.prompt_lens_B + batch.response_lens_B)}
+    if batch.routes_BTLK is not None:
+        out["routes"] = pick(batch.routes_BTLK)
+    return out
+
+
 def student_logprobs(student: StudentState, batch: RolloutBatch, settings: StepSettings,
                      temperature: float) -> torch.Tensor:
-    """log π_θ of the rollout tokens with the current weights (no grad), [B, T] on every stage."""
+    """log π_θ of the rollout tokens with the current weights (no grad), [B, T] on every stage (an MoE
+    student with routing replay routes as the rollout did)."""
     logp_BT = score_logprobs(student.model, student.pg_collection, batch.tokens_BT, batch.loss_mask_BT,
                              micro_batch=settings.micro_batch_size, vocab_size=student.vocab_size,
                              temperature=temperature, timeout_s=settings.timeout_s,
-                             lock_step=student.lock_step(settings))
+                             lock_step=student.lock_step(settings), extra=_router_tensors(batch))
     return cast(torch.Tensor, logp_BT)  # to_all_stages (the default): a tensor on every stage
 
 
@@ -503,8 +514,10 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
     }
     if gap_BT is not None:
         tensors["gap"] = gap_BT[keep]
+    tensors.update(_router_tensors(batch, keep))
     if not tensors["tokens"].shape[1]:
-        tensors = {k: (v if v.dim() == 1 else v.new_zeros((v.shape[0], 1))) for k, v in tensors.items()}
+        tensors = {k: (v if v.dim() == 1 else v.new_zeros((v.shape[0], 1) + tuple(v.shape[2:])))
+                   for k, v in tensors.items()}
     tp = student.pg_collection.tp
     n_global = max(sel.num_kept_global, 1)
     temperature = settings.sampling.logprob_temperature

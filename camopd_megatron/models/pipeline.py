@@ -50,6 +50,11 @@ replica agrees on the same maximum with its own DP group; a synchronous step wai
 replica anyway. The alltoall dispatcher needs only equal counts; the allgather dispatcher would also
 need equal token counts per forward.
 
+MoE router inputs. A micro-batch may carry ``"seq_lens"`` ``[B]`` (each row's prompt + response length) and,
+with routing replay, ``"routes"`` ``[B, T, L, k]`` (the rollout's expert choices); every MoE layer of the
+forward then gets its padding mask and replay indices for this rank's positions
+(:class:`camopd_megatron.models.moe.RouterFeed`, :func:`router_inputs`).
+
 Last stage → other stages. Only the last stage holds a pipeline's result (log-probs, sampled tokens);
 :func:`last_stage_to_all` copies it to the earlier stages of the same TP rank with one bounded
 broadcast (:func:`group_broadcast`): a stage that died or hung surfaces as a :class:`CollectiveError`
@@ -58,7 +63,7 @@ naming the peer instead of an unbounded wait.
 from __future__ import annotations
 
 import datetime
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -69,7 +74,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from camopd_megatron.models.gpt import run_forward_pre_hooks, stage_info, unwrap_model
-from camopd_megatron.models.moe import is_moe, set_aux_loss_scale
+from camopd_megatron.models.moe import RouterFeed, is_moe, set_aux_loss_scale
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -97,6 +102,42 @@ def sequence_length(config: Any, t: int) -> int:
         return t
     tp = config.tensor_model_parallel_size
     return -(-t // tp) * tp
+
+
+def padding_positions(batch: dict[str, Any], t: int) -> torch.Tensor:
+    """``[B, t]`` bool, True where no loss reads the position's output: at or after each row's last token
+    (``seq_lens``), and every position of a row past ``n_real`` (padding rows, lock-step dummies). Without
+    ``seq_lens`` only the rows past ``n_real``."""
+    b = batch["tokens"].shape[0]
+    pos_T = torch.arange(t, device=batch["tokens"].device)
+    if "seq_lens" in batch:
+        padding_BT = pos_T.unsqueeze(0) >= (batch["seq_lens"].to(pos_T.device).unsqueeze(1) - 1)
+    else:
+        padding_BT = torch.zeros((b, t), dtype=torch.bool, device=pos_T.device)
+    padding_BT[int(batch.get("n_real", b)):] = True
+    return padding_BT
+
+
+def router_inputs(feed: RouterFeed, config: Any, batch: dict[str, Any],
+                  tp_group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """This rank's MoE padding mask ``[B, s]`` and (routing replay, a batch with ``routes``) indices ``[B, s, L, k]`` of ``batch``: the
+    sequence run at :func:`sequence_length` (the pad positions are padding), cut to this TP rank's shard under
+    sequence parallelism (the tokens its MoE layers route)."""
+    t = batch["tokens"].shape[1]
+    t_run = sequence_length(config, t)
+    padding_BT = F.pad(padding_positions(batch, t), (0, t_run - t), value=True)
+    routes = None
+    recorded = batch.get("routes")
+    if feed.replay and recorded is not None:
+        if recorded.shape[1] != t_run:
+            recorded = F.pad(recorded, (0, 0, 0, 0, 0, t_run - recorded.shape[1]))
+        routes = feed.fill_routes(recorded, padding_BT)
+    if getattr(config, "sequence_parallel", False) and tp_group is not None and dist.get_world_size(tp_group) > 1:
+        shard = t_run // dist.get_world_size(tp_group)
+        lo = dist.get_rank(tp_group) * shard
+        padding_BT = padding_BT[:, lo:lo + shard]
+        routes = None if routes is None else routes[:, lo:lo + shard]
+    return padding_BT.contiguous(), routes
 
 
 def _window_hidden(lo: int, hi: int, sp_group: Optional[dist.ProcessGroup]) -> Callable[..., torch.Tensor]:
@@ -194,10 +235,17 @@ def run_microbatches(
     stage = stage_info(pg_collection)
     config = unwrap_model(model).config
     n = len(batches)
+    feed = RouterFeed.of(model)  # an MoE model: padding mask and replayed routes per micro-batch
+    if feed is not None and feed.is_recording:
+        feed = None  # a rollout forward (routing replay records): routed as megatron does
+    if feed is not None:
+        feed.new_run()
 
     def forward_step(data_iterator: Iterator[dict[str, Any]], chunk: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         batch = next(data_iterator)
-        with moe_aux_losses_off(chunk, enabled=is_dummy(batch)):  # a dummy adds no router loss either
+        routing = (feed.micro_batch(*router_inputs(feed, config, batch, getattr(pg_collection, "tp", None)))
+                   if feed is not None else nullcontext())
+        with moe_aux_losses_off(chunk, enabled=is_dummy(batch)), routing:  # a dummy adds no router loss either
             output = model_forward(chunk, batch["tokens"], batch.get("position_ids"),
                                    window=batch.get("output_window"))
 

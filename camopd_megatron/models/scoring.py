@@ -47,6 +47,7 @@ def score_logprobs(
     to_all_stages: bool = True,
     timeout_s: Optional[float] = None,
     lock_step: Optional["dist.ProcessGroup"] = None,
+    extra: Optional[dict[str, torch.Tensor]] = None,
 ) -> Optional[torch.Tensor]:
     """Sampled-token log-probs fp32 ``[B, T]`` of a frozen forward (module docstring).
 
@@ -66,6 +67,8 @@ def score_logprobs(
         lock_step: the model's DP group when its replicas must run the same number of forwards (an
             expert-parallel MoE model, ``models.pipeline`` "Lock-step"): a replica with fewer rows, or
             none, runs dummy micro-batches. None: each replica runs its own.
+        extra: more per-row tensors ``[B, ...]`` for the micro-batches (an MoE model's ``seq_lens`` and
+            replayed ``routes``, ``models.pipeline`` "MoE router inputs").
     """
     b = tokens_BT.shape[0]
     is_last = stage_info(pg_collection).is_last
@@ -76,9 +79,12 @@ def score_logprobs(
         busy = b > 0  # every rank of the replica has the same B
     if not busy:  # nobody runs the schedule
         return empty if to_all_stages or is_last else None
+    extra = dict(extra or {})
     if b == 0:  # a dummy-only replica: its placeholder needs one column to run
         tokens_BT, mask_BT = (torch.zeros((0, max(1, tokens_BT.shape[1])), dtype=x.dtype, device=x.device)
                               for x in (tokens_BT, mask_BT))
+        extra = {k: v.new_zeros((0,) + ((tokens_BT.shape[1],) if v.dim() > 1 else ()) + tuple(v.shape[2:]))
+                 for k, v in extra.items()}
     weight = output_weight(model) if is_last else None
 
     def loss_fn(mb: dict[str, Any], hidden_BWH: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -87,7 +93,7 @@ def score_logprobs(
                                       first_position=mb["output_window"][0], output_weight=weight)
         return logp_BT.new_zeros(()), {"logp": logp_BT[: mb["n_real"]]}
 
-    batches = make_microbatches({"tokens": tokens_BT, "mask": mask_BT}, micro_batch, device=device)
+    batches = make_microbatches({"tokens": tokens_BT, "mask": mask_BT, **extra}, micro_batch, device=device)
     was_training = model.training
     model.eval()
     try:
