@@ -188,6 +188,9 @@ def test_calibrate_writes_a_loadable_profile(tmp_path):
     assert not {"matmul_rates", "elementwise_rate"} & set(json.loads(f.read_text()))
     # at a run config's shapes: micro-batch 4 of 24 tokens, 8 scored (module docstring's model)
     assert calibrate.config_grid(_cfg()) == ((24, 32, 96), (16, 24, 64, 128), (16, 24, 64, 128, 256))
+    # a table too costly to measure (a large model's shapes) is refused before anything runs
+    with pytest.raises(SystemExit):
+        calibrate.main(["--grid-m", "4096", "--grid-k", "4096", "--grid-n", "151936", "--out", str(f)])
 
 
 TABLE = DeviceProfile("test-table", peak_flops=9e12, mem_bandwidth=1e10, device_type="cpu",

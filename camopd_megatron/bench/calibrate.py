@@ -13,8 +13,10 @@ against, see BENCHMARKS.md):
   of ``--grid-m``, ``--grid-k`` and ``--grid-n`` (default :data:`DEFAULT_GRID`: token counts of a
   micro-batch, inner and output widths of a layer up to an output layer's vocabulary), or, with
   ``--config``, of the shapes of that run's student and teacher forwards (``planner.counts.forward_matmuls``
-  at its micro-batch: QKV, attention, projection, MLP, output layer); stored as ``matmul_rates``,
-  where the planner interpolates each product's rate;
+  at its micro-batch: QKV, attention, projection, MLP, output layer; the model's dimensions must be
+  in the config); stored as ``matmul_rates``, where the planner interpolates each product's rate. A
+  table costing more than ``--max-gflop`` (default 2000) GFLOP per repetition is refused: a large
+  model's shapes take hours on a CPU, and the planner takes a shape beyond the grid at its edge;
 * **elementwise** — single-pass ops a layer's non-matmul work is made of (add, multiply, silu, exp,
   row max, row sum) over an fp32 ``[n / 1024, 1024]`` activation (``--elementwise-numel``, default
   2^20 elements, 4 MiB); ``elementwise_rate`` = element operations (one per element of an op's
@@ -72,9 +74,16 @@ def config_grid(cfg: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
     ``seq_length``), the output layer at the response positions."""
     from camopd_megatron.planner.counts import forward_matmuls
 
+    models = [("model", cfg.model)] + [(f"teachers[{i}].model", cfg.teacher_model(i)[0]) for i in range(len(cfg.teachers))]
+    for key, model in models:
+        unset = [f for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size")
+                 if getattr(model, f) is None]
+        if unset:
+            raise ValueError(f"{key}: {', '.join(unset)} not set in the config (read from the checkpoint at run time); "
+                             "set them, or calibrate on a grid instead (--grid-m / --grid-k / --grid-n)")
     new = cfg.rollout.max_new_tokens
     axes: tuple[set[int], set[int], set[int]] = (set(), set(), set())
-    for model in [cfg.model] + [cfg.teacher_model(i)[0] for i in range(len(cfg.teachers))]:
+    for _, model in models:
         seq = min(model.seq_length, cfg.data.max_prompt_tokens + new)
         for prod in forward_matmuls(model, seq, min(new, seq)):
             for axis, x in zip(axes, prod.shape(1, cfg.optim.micro_batch_size)):
@@ -148,6 +157,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--grid-k", type=int, nargs="+", default=list(DEFAULT_GRID[1]), help="the table's inner widths")
     p.add_argument("--grid-n", type=int, nargs="+", default=list(DEFAULT_GRID[2]), help="the table's output widths")
     p.add_argument("--no-table", action="store_true", help="no matmul table (every product at peak_flops)")
+    p.add_argument("--max-gflop", type=float, default=2000.0,
+                   help="refuse a table costing more than this many GFLOP per repetition (a large model's shapes)")
     p.add_argument("--elementwise-numel", type=int, default=2**20,
                    help="elements of the elementwise benchmark's tensor (0: no elementwise_rate)")
     p.add_argument("--out", help="write the profile JSON here (for --device-profile); default: print it")
@@ -155,9 +166,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if a.config:
         from camopd_megatron.config import load_config
 
-        grid = config_grid(load_config(a.config))
+        try:
+            grid = config_grid(load_config(a.config))
+        except ValueError as e:
+            p.error(f"--config {a.config}: {e}")
     else:
         grid = (tuple(a.grid_m), tuple(a.grid_k), tuple(a.grid_n))
+    cost = 2.0 * sum(grid[0]) * sum(grid[1]) * sum(grid[2]) / 1e9
+    if not a.no_table and cost > a.max_gflop:
+        p.error(f"the matmul table over m {grid[0]}, k {grid[1]}, n {grid[2]} is {cost:.0f} GFLOP per repetition, "
+                f"over --max-gflop {a.max_gflop:g}: pass smaller --grid-m / --grid-k / --grid-n (the planner takes a "
+                "larger shape at the grid's edge rate) or raise --max-gflop")
     rec = measure(a.threads, tuple(a.sizes), a.mib, a.reps, None if a.no_table else grid, a.elementwise_numel or None)
     if a.out:
         Path(a.out).write_text(profile_json(rec) + "\n", encoding="utf-8")

@@ -7,7 +7,8 @@ ranks that share it. Compute seconds: FLOPs / ``peak_flops`` for a profile witho
 (``counts.forward_matmuls``: QKV, attention scores and context, projection, MLP or experts, output
 layer) of each product's FLOPs at the table's rate for its shape, plus, where the profile has an
 ``elementwise_rate``, the non-matmul element operations (``counts.forward_elementwise``: norms, RoPE,
-softmax, SwiGLU's activation, log-softmax) at that rate. Not counted: communication (TP all-reduces, the all-to-all of expert
+softmax, SwiGLU's activation, log-softmax) at that rate. A decode step's compute stays FLOPs / peak (it
+is bandwidth bound). Not counted: communication (TP all-reduces, the all-to-all of expert
 parallelism, pipeline sends and bubbles, DP gradient reduction, teacher ↔ student transfers), kernel
 launch and Python overhead, load imbalance between experts. Counts: :mod:`camopd_megatron.planner.counts`.
 
@@ -28,7 +29,8 @@ output layer at the R response positions; every sample assumed to run to R token
 * **recompute** — one no-grad student forward over the replica's samples, when the gaps need
   log π_θ before the update (``selection.student_logprobs: recompute`` and a selection that depends
   on the gaps); none when the recompute is fused into the training forward or μ is used.
-* **train** — forward + backward ≈ 3 forwards (backward = 2 × forward: input and weight gradients),
+* **train** — forward + backward ≈ 3 forwards (backward = 2 × forward: input and weight gradients;
+  with a matmul table, at the forward products' shapes, the elementwise work 2 × too),
   output layer included; ``model.recompute: full`` re-runs the forward (4×), ``selective`` the
   attention scores.
 * **optimizer** — memory bound: per parameter of the rank (divided by DP for the distributed
