@@ -280,3 +280,31 @@ def test_profile_json_round_trip_and_old_files(tmp_path):
     f.write_text(json.dumps({"name": "x", "peak_flops": 1.0, "mem_bandwidth": 1.0, "elementwise_rate": 0}))
     with pytest.raises(ValueError, match="elementwise_rate must be positive"):
         load_profile(str(f))
+
+
+def test_sizing_combines_calibrations_and_prints_the_ratios():
+    """bench.sizing's profile arithmetic (no training here): the mean / median of several calibrations rate by
+    rate, the peak-only cut, and the report line with the target verdict."""
+    import statistics
+
+    from camopd_megatron.bench import sizing
+
+    def cal(x: float) -> dict:
+        return {"name": "cpu-1t", "device_type": "cpu", "peak_flops": x, "mem_bandwidth": 2 * x, "elementwise_rate": 3 * x,
+                "matmul_rates": [{"m": 1, "k": 1, "n": n, "flops": n * x} for n in (1, 2)], "raw": {}}
+
+    mean = sizing.combine([cal(1.0), cal(3.0)], statistics.mean)
+    assert (mean["peak_flops"], mean["mem_bandwidth"], mean["elementwise_rate"]) == (2.0, 4.0, 6.0)
+    assert [r["flops"] for r in mean["matmul_rates"]] == [2.0, 4.0]
+    assert profile_from_dict(mean).matmul_flops(1, 1, 2) == 4.0
+    assert set(sizing.peak_only(mean)) == {"name", "device_type", "peak_flops", "mem_bandwidth", "raw"}
+    row = {"size": "small", "teachers": 1, "threads": 1, "steps": 6,
+           "calibration": {"peak_flops": [1e11] * 3, "mem_bandwidth": [1e10] * 3, "elementwise_rate": [3e9] * 3,
+                           "matmul_table": {"shapes": 72, "median_flops": [9e10, 1.8e11]}},
+           "stages": {"teacher": {"estimate_s": 0.06, "measured_s": 0.07, "ratio": 0.85, "ratio_range": [0.8, 0.9],
+                                  "ratio_median_calibration": 0.8, "ratio_peak_only": 0.59},
+                      "train": {"estimate_s": 0.1, "measured_s": 0.2, "ratio": 0.5, "ratio_range": [0.4, 0.6],
+                                "ratio_median_calibration": 0.5, "ratio_peak_only": 0.4}}}
+    text = sizing.format_row(row)
+    assert "at the median calibration 0.80 (peak FLOP/s only: 0.59)" in text
+    assert text.splitlines()[-1].endswith("teacher 0.80 yes, train 0.50 NO")

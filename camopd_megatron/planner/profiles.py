@@ -21,6 +21,7 @@ neither: their estimate is FLOPs / peak.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -92,6 +93,7 @@ class DeviceProfile:
         return json.dumps(self.to_dict(), indent=1)
 
 
+@functools.lru_cache(maxsize=32)
 def _grid(rates: tuple[tuple[float, ...], ...]) -> tuple[list[list[float]], dict[tuple[float, float, float], float]]:
     """The sorted axes and the rate by ``(m, k, n)`` of a table; ValueError unless it covers every combination."""
     if not rates:
