@@ -15,7 +15,8 @@ from camopd_megatron import cli
 from camopd_megatron.config import config_from_dict
 from camopd_megatron.parallel import RoleLayout
 from camopd_megatron.planner import (GPU_PROFILES, DeviceProfile, count_params, estimate_stages, forward_flops,
-                                     load_profile, plan, suggest_teacher_dp)
+                                     load_profile, plan, profile_from_dict, suggest_teacher_dp)
+from camopd_megatron.planner.counts import forward_elementwise, forward_matmuls
 from camopd_megatron.planner.stages import optimizer_bytes_per_param
 
 TINY = {"init": "random", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
@@ -163,13 +164,147 @@ def test_cli_dry_run_with_profile(tmp_path, capsys):
 
 
 def test_calibrate_writes_a_loadable_profile(tmp_path):
-    """bench.calibrate measures only a matmul and a memory read; its JSON is what --device-profile takes."""
+    """bench.calibrate measures only micro-benchmarks (matmuls, elementwise ops, a memory read); its JSON is
+    what --device-profile takes, the matmul table and the elementwise rate included."""
     from camopd_megatron.bench import calibrate
 
-    rec = calibrate.measure(1, sizes=(64, 128), mib=4, reps=2)
+    rec = calibrate.measure(1, sizes=(64, 128), mib=4, reps=2, grid=((8, 16), (8,), (8, 16)), elementwise_numel=4096)
     assert rec["peak_flops"] == max(rec["raw"]["matmul_flops"].values()) > 0 and rec["mem_bandwidth"] > 0
+    assert [(r["m"], r["k"], r["n"]) for r in rec["matmul_rates"]] == [(8, 8, 8), (8, 8, 16), (16, 8, 8), (16, 8, 16)]
+    assert all(r["flops"] > 0 for r in rec["matmul_rates"]) and rec["elementwise_rate"] > 0
+    assert profile_from_dict(rec).matmul_flops(16, 8, 8) == rec["matmul_rates"][2]["flops"]
     f = tmp_path / "cpu.json"
-    calibrate.main(["--threads", "1", "--sizes", "64", "--mib", "4", "--reps", "1", "--out", str(f)])
+    calibrate.main(["--threads", "1", "--sizes", "64", "--mib", "4", "--reps", "1", "--grid-m", "8", "--grid-k", "8",
+                    "--grid-n", "8", "16", "--elementwise-numel", "2048", "--out", str(f)])
+    written = json.loads(f.read_text())
+    assert [(r["m"], r["k"], r["n"]) for r in written["matmul_rates"]] == [(8, 8, 8), (8, 8, 16)]
     prof = load_profile(str(f))
     assert prof.device_type == "cpu" and prof.dtype == "fp32" and prof.peak_flops > 0
+    assert len(prof.matmul_rates) == 2 and prof.elementwise_rate == written["elementwise_rate"] > 0
     assert plan(_cfg(), 1, profile=prof).stages.stage("train").seconds > 0
+    # without a table or elementwise rate (the flags), the profile is the old two-number one
+    calibrate.main(["--threads", "1", "--sizes", "64", "--mib", "4", "--reps", "1", "--no-table",
+                    "--elementwise-numel", "0", "--out", str(f)])
+    assert not {"matmul_rates", "elementwise_rate"} & set(json.loads(f.read_text()))
+    # at a run config's shapes: micro-batch 4 of 24 tokens, 8 scored (module docstring's model)
+    assert calibrate.config_grid(_cfg()) == ((24, 32, 96), (16, 24, 64, 128), (16, 24, 64, 128, 256))
+    # a table too costly to measure (a large model's shapes) is refused before anything runs
+    with pytest.raises(SystemExit):
+        calibrate.main(["--grid-m", "4096", "--grid-k", "4096", "--grid-n", "151936", "--out", str(f)])
+
+
+TABLE = DeviceProfile("test-table", peak_flops=9e12, mem_bandwidth=1e10, device_type="cpu",
+                      matmul_rates=((1, 1, 64, 1e11), (1, 1, 256, 4e11)), elementwise_rate=1e9)
+"""A table whose rate depends on n alone (one m, one k): 1e11 FLOP/s at n <= 64, 4e11 at n >= 256."""
+
+
+def test_matmul_table_lookup():
+    # corners exactly; between two grid values linear in log(rate) over log(n): n = 128 is halfway, sqrt(1e11 4e11)
+    assert TABLE.matmul_flops(1, 1, 64) == 1e11 and TABLE.matmul_flops(1, 1, 256) == 4e11
+    assert TABLE.matmul_flops(1, 1, 128) == pytest.approx(2e11)
+    assert TABLE.matmul_flops(1, 1, 90.5) == pytest.approx(1e11 * 4 ** 0.25, rel=1e-3)
+    # clamped outside the grid, in every dimension
+    assert TABLE.matmul_flops(5000, 3, 16) == 1e11 and TABLE.matmul_flops(1, 1, 10 ** 6) == 4e11
+    # trilinear: a 2 x 2 x 2 grid, rate = 1e9 * m * k * n at the corners, so at the geometric centre it is the
+    # same product of the centre's values
+    cube = DeviceProfile("cube", 1.0, 1.0, matmul_rates=tuple((m, k, n, 1e9 * m * k * n) for m in (1, 4)
+                                                              for k in (1, 16) for n in (2, 8)))
+    assert cube.matmul_flops(2, 4, 4) == pytest.approx(1e9 * 2 * 4 * 4)
+    assert cube.matmul_flops(4, 1, 2) == 1e9 * 8
+    # no table: the peak (what the GPU data-sheet profiles have)
+    assert CPU.matmul_flops(7, 7, 7) == CPU.peak_flops
+    with pytest.raises(ValueError, match="do not form a grid"):
+        DeviceProfile("x", 1.0, 1.0, matmul_rates=((1, 1, 64, 1e11), (2, 1, 256, 4e11)))
+
+
+def test_gpu_profiles_unchanged():
+    """The data-sheet profiles carry no table and no elementwise rate: every stage at FLOPs / peak, as before."""
+    for prof in GPU_PROFILES.values():
+        assert prof.matmul_rates is None and prof.elementwise_rate is None
+        assert "matmul_rates" not in json.loads(prof.to_json())
+    h100 = GPU_PROFILES["h100"]
+    est = plan(_cfg(), 1, profile=h100).stages
+    assert est.stage("train").seconds == 3 * 8 * _fwd(24, 8) / 989e12
+    t = est.stage("teacher general")
+    assert t.seconds == max(8 * _fwd(24, 8) / 989e12, t.bytes / 3.35e12)
+    sel = plan(_cfg(model__recompute="selective"), 1, profile=h100).stages
+    assert sel.stage("train").seconds == pytest.approx((3 * 8 * _fwd(24, 8) + 8 * 2 * 4 * 24 * 24 * 4 * 16) / 989e12)
+
+
+def test_table_profile_sums_the_matmuls():
+    """With a table, a pass is the sum over its products of FLOPs / rate(shape), plus the elementwise work.
+    The module docstring's model at T = 24, W = 8 (rates by n: TABLE's docstring)."""
+    names = [p.name for p in forward_matmuls(_cfg().model, 24, 8)]
+    assert names == 2 * ["qkv", "attention scores", "attention context", "attention projection", "fc1", "fc2"] \
+        + ["output layer"]
+    per_layer = (2 * 24 * 64 * 128 / 2e11  # QKV, n = (4 + 2·2)·16 = 128: halfway, 2e11
+                 + 2 * (2 * 24 * 4 * 16 * 24) / 1e11  # scores (n = 24 keys) and context (n = d = 16), per head
+                 + 2 * 24 * 64 * 64 / 1e11  # projection, n = h = 64
+                 + 2 * 24 * 64 * 256 / 4e11  # fc1 (gate + up), n = 2f = 256
+                 + 2 * 24 * 128 * 64 / 1e11)  # fc2, n = h
+    matmul_s = 2 * per_layer + 2 * 8 * 64 * 256 / 4e11  # + the output layer at the 8 scored positions, n = V
+    # element operations per position and layer: norms 8h + residual 2h + QKV split (a + 2kv)d + RoPE 5(a + kv)d
+    # + mask/softmax 3·a·T + SwiGLU 3f = 640 + 128 + 480 + 288 + 384 = 1920; final norm 4h; log-softmax 4V
+    elementwise = 24 * (2 * 1920 + 4 * 64) + 8 * 4 * 256
+    assert forward_elementwise(_cfg().model, 24, 8) == elementwise == 106_496
+    est = plan(_cfg(), 1, profile=TABLE).stages
+    assert est.stage("train").seconds == pytest.approx(3 * 8 * (matmul_s + elementwise / 1e9))
+    assert est.stage("train").flops == 3 * 8 * _fwd(24, 8)  # the FLOPs themselves are unchanged
+    assert est.stage("teacher general").seconds == pytest.approx(8 * (matmul_s + elementwise / 1e9))
+    text = est.render()
+    assert "table of 2 shapes" in text and "1 G element-ops/s" in text
+    # TP splits the shape: at tp 2 the QKV's n is 64 on a rank (1e11), fc1's 128 (2e11)
+    fc1 = next(p for p in forward_matmuls(_cfg().model, 24, 8) if p.name == "fc1")
+    assert fc1.shape(2, batch=4) == (96.0, 64.0, 128.0) and TABLE.matmul_flops(*fc1.shape(2)) == pytest.approx(2e11)
+
+
+def test_profile_json_round_trip_and_old_files(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(TABLE.to_json())
+    assert json.loads(f.read_text())["matmul_rates"][1] == {"m": 1, "k": 1, "n": 256, "flops": 4e11}
+    assert load_profile(str(f)) == TABLE
+    # a profile written before the table (two numbers) loads as it did, the estimate at peak
+    f.write_text(json.dumps({"name": "cpu-2t", "device_type": "cpu", "dtype": "fp32", "peak_flops": 1e12,
+                             "mem_bandwidth": 1e10, "memory_gib": None, "source": "old"}))
+    old = load_profile(str(f))
+    assert old.matmul_rates is None and old.elementwise_rate is None
+    assert plan(_cfg(), 1, profile=old).stages.stage("train").seconds == pytest.approx(3 * 8 * _fwd(24, 8) / 1e12)
+    f.write_text(json.dumps({"name": "x", "peak_flops": 1.0, "mem_bandwidth": 1.0, "matmul_rates": [{"m": 1}]}))
+    with pytest.raises(ValueError, match=r"p.json: matmul_rates must be a list"):
+        load_profile(str(f))
+    f.write_text(json.dumps({"name": "x", "peak_flops": 1.0, "mem_bandwidth": 1.0,
+                             "matmul_rates": [{"m": 1, "k": 1, "n": 1, "flops": 1.0},
+                                              {"m": 2, "k": 2, "n": 1, "flops": 1.0}]}))
+    with pytest.raises(ValueError, match=r"p.json: matmul_rates: 2 entries do not form a grid"):
+        load_profile(str(f))
+    f.write_text(json.dumps({"name": "x", "peak_flops": 1.0, "mem_bandwidth": 1.0, "elementwise_rate": 0}))
+    with pytest.raises(ValueError, match="elementwise_rate must be positive"):
+        load_profile(str(f))
+
+
+def test_sizing_combines_calibrations_and_prints_the_ratios():
+    """bench.sizing's profile arithmetic (no training here): the mean / median of several calibrations rate by
+    rate, the peak-only cut, and the report line with the target verdict."""
+    import statistics
+
+    from camopd_megatron.bench import sizing
+
+    def cal(x: float) -> dict:
+        return {"name": "cpu-1t", "device_type": "cpu", "peak_flops": x, "mem_bandwidth": 2 * x, "elementwise_rate": 3 * x,
+                "matmul_rates": [{"m": 1, "k": 1, "n": n, "flops": n * x} for n in (1, 2)], "raw": {}}
+
+    mean = sizing.combine([cal(1.0), cal(3.0)], statistics.mean)
+    assert (mean["peak_flops"], mean["mem_bandwidth"], mean["elementwise_rate"]) == (2.0, 4.0, 6.0)
+    assert [r["flops"] for r in mean["matmul_rates"]] == [2.0, 4.0]
+    assert profile_from_dict(mean).matmul_flops(1, 1, 2) == 4.0
+    assert set(sizing.peak_only(mean)) == {"name", "device_type", "peak_flops", "mem_bandwidth", "raw"}
+    row = {"size": "small", "teachers": 1, "threads": 1, "steps": 6,
+           "calibration": {"peak_flops": [1e11] * 3, "mem_bandwidth": [1e10] * 3, "elementwise_rate": [3e9] * 3,
+                           "matmul_table": {"shapes": 72, "median_flops": [9e10, 1.8e11]}},
+           "stages": {"teacher": {"estimate_s": 0.06, "measured_s": 0.07, "ratio": 0.85, "ratio_range": [0.8, 0.9],
+                                  "ratio_median_calibration": 0.8, "ratio_peak_only": 0.59},
+                      "train": {"estimate_s": 0.1, "measured_s": 0.2, "ratio": 0.5, "ratio_range": [0.4, 0.6],
+                                "ratio_median_calibration": 0.5, "ratio_peak_only": 0.4}}}
+    text = sizing.format_row(row)
+    assert "at the median calibration 0.80 (peak FLOP/s only: 0.59)" in text
+    assert text.splitlines()[-1].endswith("teacher 0.80 yes, train 0.50 NO")

@@ -8,9 +8,9 @@
 from camopd_megatron.planner.counts import (active_params, count_params, dtype_bytes, expert_params, forward_flops,
                                             stage_params)
 from camopd_megatron.planner.memory import GIB, MemoryItem, Plan, RoleMemory, activation_bytes, dispatcher_bytes, plan
-from camopd_megatron.planner.profiles import GPU_PROFILES, DeviceProfile, load_profile
+from camopd_megatron.planner.profiles import GPU_PROFILES, DeviceProfile, load_profile, profile_from_dict
 from camopd_megatron.planner.stages import StageEstimate, StageTime, estimate, estimate_stages, suggest_teacher_dp
 
 __all__ = ["plan", "Plan", "RoleMemory", "MemoryItem", "activation_bytes", "dispatcher_bytes", "GIB", "count_params", "active_params",
            "expert_params", "stage_params", "forward_flops", "dtype_bytes", "DeviceProfile", "GPU_PROFILES",
-           "load_profile", "StageEstimate", "StageTime", "estimate", "estimate_stages", "suggest_teacher_dp"]
+           "load_profile", "profile_from_dict", "StageEstimate", "StageTime", "estimate", "estimate_stages", "suggest_teacher_dp"]

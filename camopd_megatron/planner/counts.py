@@ -15,7 +15,10 @@ over TP, untied output layer on the last stage. An MoE layer (``model.moe``, spa
 experts. FLOPs count 2 per multiply-add of each matmul (embedding lookups and norms are free):
 per token, ``2 × active matmul parameters`` of the layers, plus the attention scores and their
 weighted sum, ``4 · T · a · d`` per layer for a sequence of T tokens (the full T × T square, as the
-local core attention computes it), plus the output layer ``2 · h · V`` at each scored position.
+local core attention computes it), plus the output layer ``2 · h · V`` at each scored position
+(:func:`forward_matmuls` lists the products one by one). The non-matmul work (norms, RoPE, softmax,
+SwiGLU's activation, the output layer's log-softmax) is counted apart, in element operations
+(:func:`forward_elementwise`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Optional
 from camopd_megatron.config import ModelConfig
 
 __all__ = ["dtype_bytes", "LayerParams", "layer_params", "stage_params", "count_params", "active_params", "expert_params",
-           "moe_layers", "forward_flops"]
+           "moe_layers", "CORE_ATTENTION", "Matmul", "forward_matmuls", "forward_flops", "forward_elementwise"]
 
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -133,12 +136,103 @@ def active_params(m: ModelConfig) -> int:
     return count_params(m) - sum(lp.experts - lp.active_experts for lp in _layers(m))
 
 
+CORE_ATTENTION = ("attention scores", "attention context")
+"""The :func:`forward_matmuls` names of the attention products (what selective recompute re-runs)."""
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """One matrix product of a forward, ``[rows, k] @ [k, n]`` in all, run as ``calls`` equal products of
+    ``rows / calls`` rows each (attention: one per head; routed experts: one per expert)."""
+
+    name: str
+    rows: float
+    k: float
+    n: float
+    calls: int = 1
+    shard: str = ""
+    """What TP splits: ``n`` (column-parallel), ``k`` (row-parallel), ``calls`` (attention heads), ``""`` (kept whole)."""
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.rows * self.k * self.n
+
+    def shape(self, tp: int = 1, batch: int = 1) -> tuple[float, float, float]:
+        """``(m, k, n)`` of one of the products on one of ``tp`` ranks, for a micro-batch of ``batch``
+        sequences (their rows stacked into one product; attention's stay one product per sequence and head)."""
+        m, k, n = self.rows / self.calls, float(self.k), float(self.n)
+        if self.shard != "calls":
+            m *= batch
+        if self.shard == "n":
+            n = max(n / tp, 1.0)
+        elif self.shard == "k":
+            k = max(k / tp, 1.0)
+        return m, k, n
+
+
+def forward_matmuls(m: ModelConfig, tokens: int, scored: int, context: Optional[float] = None) -> list[Matmul]:
+    """The matrix products of one forward over ``tokens`` positions (:func:`forward_flops` is their sum):
+    per layer fused QKV, attention scores ``Q Kᵀ`` and context ``P V`` (per head, ``context`` keys,
+    default ``tokens``), output projection, and the SwiGLU MLP (fc1 = gate + up, fc2) or, in an MoE
+    layer, the router, the shared expert and its gate, and the top-k experts' products (spread over
+    the E experts); then the output layer at the ``scored`` positions. Bias and norm weights are no
+    matmul."""
+    h, a, kv, d = m.hidden_size, m.num_attention_heads, m.kv_heads, m.kv_channels
+    ctx = tokens if context is None else context
+    out: list[Matmul] = []
+    for sparse in moe_layers(m):
+        out += [Matmul("qkv", tokens, h, (a + 2 * kv) * d, shard="n"),
+                Matmul("attention scores", tokens * a, d, ctx, calls=a, shard="calls"),
+                Matmul("attention context", tokens * a, ctx, d, calls=a, shard="calls"),
+                Matmul("attention projection", tokens, a * d, h, shard="k")]
+        moe = m.moe
+        if not sparse or moe is None:
+            out += [Matmul("fc1", tokens, h, 2 * m.ffn_hidden_size, shard="n"),
+                    Matmul("fc2", tokens, m.ffn_hidden_size, h, shard="k")]
+            continue
+        out.append(Matmul("router", tokens, h, moe.num_experts))
+        if moe.shared_expert_ffn_hidden_size:
+            fs = moe.shared_expert_ffn_hidden_size
+            out += [Matmul("shared fc1", tokens, h, 2 * fs, shard="n"), Matmul("shared fc2", tokens, fs, h, shard="k")]
+            if moe.shared_expert_gate:
+                out.append(Matmul("shared gate", tokens, h, 1))
+        routed = tokens * moe.router_topk
+        out += [Matmul("expert fc1", routed, h, 2 * moe.ffn_hidden_size, calls=moe.num_experts, shard="n"),
+                Matmul("expert fc2", routed, moe.ffn_hidden_size, h, calls=moe.num_experts, shard="k")]
+    out.append(Matmul("output layer", scored, h, m.padded_vocab_size, shard="n"))
+    return out
+
+
 def forward_flops(m: ModelConfig, tokens: int, scored: int, context: Optional[float] = None) -> float:
     """FLOPs of one forward over ``tokens`` positions of a sequence with the output layer at ``scored``
-    positions (the response window), all ranks together (module docstring). Each position attends
-    to ``context`` keys (default ``tokens``: the full square; a decode step: the cache length)."""
-    layers = _layers(m)
-    matmul = sum(lp.active - lp.elementwise for lp in layers)
+    positions (the response window), all ranks together (module docstring): the sum over
+    :func:`forward_matmuls`. Each position attends to ``context`` keys (default ``tokens``: the full
+    square; a decode step: the cache length)."""
+    return sum(p.flops for p in forward_matmuls(m, tokens, scored, context))
+
+
+def forward_elementwise(m: ModelConfig, tokens: int, scored: int, context: Optional[float] = None) -> float:
+    """Element operations of one forward's non-matmul work (one per element of an op's operand), all ranks
+    together, counted from the layer as the local (CPU) implementation runs it. Per position and layer:
+
+    * the two RMSNorms, 4 passes over h each (square, mean, scale by the inverse RMS, weight), and
+      the two residual adds (h each);
+    * the split of the fused QKV output ((a + 2·kv)·d) and RoPE on q and k, 5 passes over
+      (a + kv)·d (cos, rotate-half negation and concatenation, sin, add);
+    * the attention probabilities: mask and softmax, 3 passes over the a·context scores;
+    * SwiGLU: the split of fc1's output, silu and the product, 3 passes over f (an MoE layer: the
+      shared expert's and the top-k experts' f, plus the dispatch and combine copies, h per expert);
+
+    then the final norm (4·h) at every position and the log-softmax of the output layer (max,
+    subtract, exp, sum: 4 passes over V) at the ``scored`` positions."""
+    h, a, kv, d = m.hidden_size, m.num_attention_heads, m.kv_heads, m.kv_channels
     ctx = tokens if context is None else context
-    attention = 4.0 * ctx * m.num_attention_heads * m.kv_channels * len(layers)
-    return 2.0 * tokens * matmul + tokens * attention + 2.0 * scored * m.hidden_size * m.padded_vocab_size
+    per_token = 0.0
+    for sparse in moe_layers(m):
+        per_token += 8 * h + 2 * h + (a + 2 * kv) * d + 5 * (a + kv) * d + 3 * a * ctx
+        moe = m.moe
+        if not sparse or moe is None:
+            per_token += 3 * m.ffn_hidden_size
+            continue
+        per_token += 3 * (moe.shared_expert_ffn_hidden_size or 0) + moe.router_topk * (3 * moe.ffn_hidden_size + 2 * h)
+    return tokens * (per_token + 4 * h) + scored * 4.0 * m.padded_vocab_size

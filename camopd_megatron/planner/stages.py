@@ -1,8 +1,14 @@
 """Stage-time estimate of one CaMOPD step and teacher rank counts that keep the teachers off the critical path.
 
 An ESTIMATE: each stage's floor at a :class:`~camopd_megatron.planner.profiles.DeviceProfile`'s rates,
-``max(FLOPs / peak_flops, bytes / mem_bandwidth)`` per pass, with the work split evenly over the
-ranks that share it. Not counted: communication (TP all-reduces, the all-to-all of expert
+``max(compute seconds, bytes / mem_bandwidth)`` per pass, with the work split evenly over the
+ranks that share it. Compute seconds: FLOPs / ``peak_flops`` for a profile without a matmul table
+(the GPU data sheets); with one (a calibrated CPU), the sum over the pass's matrix products
+(``counts.forward_matmuls``: QKV, attention scores and context, projection, MLP or experts, output
+layer) of each product's FLOPs at the table's rate for its shape, plus, where the profile has an
+``elementwise_rate``, the non-matmul element operations (``counts.forward_elementwise``: norms, RoPE,
+softmax, SwiGLU's activation, log-softmax) at that rate. A decode step's compute stays FLOPs / peak (it
+is bandwidth bound). Not counted: communication (TP all-reduces, the all-to-all of expert
 parallelism, pipeline sends and bubbles, DP gradient reduction, teacher ↔ student transfers), kernel
 launch and Python overhead, load imbalance between experts. Counts: :mod:`camopd_megatron.planner.counts`.
 
@@ -23,7 +29,8 @@ output layer at the R response positions; every sample assumed to run to R token
 * **recompute** — one no-grad student forward over the replica's samples, when the gaps need
   log π_θ before the update (``selection.student_logprobs: recompute`` and a selection that depends
   on the gaps); none when the recompute is fused into the training forward or μ is used.
-* **train** — forward + backward ≈ 3 forwards (backward = 2 × forward: input and weight gradients),
+* **train** — forward + backward ≈ 3 forwards (backward = 2 × forward: input and weight gradients;
+  with a matmul table, at the forward products' shapes, the elementwise work 2 × too),
   output layer included; ``model.recompute: full`` re-runs the forward (4×), ``selective`` the
   attention scores.
 * **optimizer** — memory bound: per parameter of the rank (divided by DP for the distributed
@@ -44,7 +51,8 @@ from typing import Optional
 from camopd_megatron.config import Config, ModelConfig
 from camopd_megatron.config.moe import expert_layout_problems
 from camopd_megatron.parallel import RoleLayout
-from camopd_megatron.planner.counts import dtype_bytes, expert_params, forward_flops, stage_params
+from camopd_megatron.planner.counts import (CORE_ATTENTION, dtype_bytes, expert_params, forward_elementwise,
+                                            forward_flops, forward_matmuls, stage_params)
 from camopd_megatron.planner.profiles import DeviceProfile
 
 __all__ = ["StageTime", "StageEstimate", "estimate", "estimate_stages", "suggest_teacher_dp", "optimizer_bytes_per_param",
@@ -90,6 +98,11 @@ class StageEstimate:
         out = [f"stage times per step — ESTIMATE (floors at the profile's rates; communication, pipeline bubbles, "
                f"launch/Python overhead not counted)",
                f"  profile {p.name}: {p.peak_flops / 1e12:.3g} TFLOP/s ({p.dtype}), {p.mem_bandwidth / 1e9:.4g} GB/s"
+               + (f", matmuls at a table of {len(p.matmul_rates)} shapes "
+                  f"({min(r[3] for r in p.matmul_rates) / 1e9:.4g}-{max(r[3] for r in p.matmul_rates) / 1e9:.4g} "
+                  f"GFLOP/s)" if p.matmul_rates else "")
+               + (f", non-matmul work at {p.elementwise_rate / 1e9:.3g} G element-ops/s"
+                  if p.elementwise_rate is not None else "")
                + (f" — {p.source}" if p.source else "")]
         w = max(len(s.name) for s in self.stages)
         for s in self.stages:
@@ -113,8 +126,10 @@ def optimizer_bytes_per_param(param_bytes: int) -> int:
     return 2 * 4 + 16 + 8 + (param_bytes if param_bytes < 4 else 0) + 4
 
 
-def _time(name: str, flops: float, nbytes: float, prof: DeviceProfile, note: str) -> StageTime:
-    tc, tm = flops / prof.peak_flops, nbytes / prof.mem_bandwidth
+def _time(name: str, flops: float, nbytes: float, prof: DeviceProfile, note: str,
+          compute_s: Optional[float] = None) -> StageTime:
+    """``compute_s``: the compute seconds (default FLOPs / peak); the stage takes the larger of those and the bytes'."""
+    tc, tm = (flops / prof.peak_flops if compute_s is None else compute_s), nbytes / prof.mem_bandwidth
     return StageTime(name, max(tc, tm), flops, nbytes, "compute" if tc >= tm else "memory", note)
 
 
@@ -126,8 +141,23 @@ def _hit_fraction(m: ModelConfig, tokens: int) -> float:
     return 1.0 - (1.0 - moe.router_topk / moe.num_experts) ** max(tokens, 1)
 
 
-def _forward(m: ModelConfig, tokens: int, scored: int, rows: int) -> float:
-    return rows * forward_flops(m, tokens, scored)
+def _forward(m: ModelConfig, tokens: int, scored: int, rows: int, prof: DeviceProfile, tp: int,
+             ranks: int, batch: int, attention_only: bool = False) -> tuple[float, float]:
+    """FLOPs and compute seconds on one rank of ``rows`` forwards in micro-batches of ``batch``, the work
+    split evenly over ``ranks`` (TP splits each product's shape; module docstring). ``attention_only``:
+    the attention scores and context products alone (selective recompute)."""
+    if attention_only:
+        products = [p for p in forward_matmuls(m, tokens, scored) if p.name in CORE_ATTENTION]
+        flops = rows * sum(p.flops for p in products) / ranks
+    else:
+        flops = rows * forward_flops(m, tokens, scored) / ranks
+        if not prof.matmul_rates and prof.elementwise_rate is None:
+            return flops, flops / prof.peak_flops
+        products = forward_matmuls(m, tokens, scored)
+    seconds = sum(p.flops / prof.matmul_flops(*p.shape(tp, max(1, min(batch, rows)))) for p in products)
+    if prof.elementwise_rate is not None and not attention_only:
+        seconds += forward_elementwise(m, tokens, scored) / prof.elementwise_rate
+    return flops, rows * seconds / ranks
 
 
 def _decode(m: ModelConfig, *, prompt: int, new: int, rows: int, tp: int, pp: int, ep: int, etp: Optional[int],
@@ -167,12 +197,13 @@ def estimate_stages(cfg: Config, layout: RoleLayout, prof: DeviceProfile, *, tea
     # rollout: prefill (compute) + decode (bandwidth), per rollout micro-batch
     rmb = min(cfg.rollout.micro_batch_size, rows)
     passes = -(-rows // rmb)
-    pre = _forward(m, prompt, 1, rows) / tp  # one micro-batch: the pipeline stages run one after another
+    # one micro-batch: the pipeline stages run one after another
+    pre, pre_s = _forward(m, prompt, 1, rows, prof, tp, tp, rmb)
     dec_s, dec_f, dec_b = _decode(m, prompt=prompt, new=new, rows=rmb, tp=tp, pp=pp, ep=ep, etp=etp, wbytes=pbytes,
                                   prof=prof)
-    roll_s = pre / prof.peak_flops + passes * dec_s
+    roll_s = pre_s + passes * dec_s
     stages = [StageTime("rollout", roll_s, pre + passes * dec_f, passes * dec_b,
-                        "memory" if passes * dec_s > pre / prof.peak_flops else "compute",
+                        "memory" if passes * dec_s > pre_s else "compute",
                         f"{rows} rows/replica: prefill {prompt} tokens + {passes} x {new} decode steps of {rmb} rows")]
 
     # teachers
@@ -188,23 +219,26 @@ def estimate_stages(cfg: Config, layout: RoleLayout, prof: DeviceProfile, *, tea
             t_tp, t_pp, t_rows, where = r.tp, r.pp, -(-global_rows // t_dp), f"group {r.name} dp {t_dp}"
             t_ep, t_etp = r.ep, r.expert_tp
         tb = dtype_bytes(t.dtype, dev)
-        f = _forward(mt, seq, new, t_rows) / (t_tp * t_pp)
+        f, f_s = _forward(mt, seq, new, t_rows, prof, t_tp, t_tp * t_pp, cfg.optim.micro_batch_size)
         # the weights are read once per scoring micro-batch (optim.micro_batch_size rows)
         wbytes = max(stage_params(mt, t_tp, t_pp, t_ep, t_etp)) * tb * -(-t_rows // cfg.optim.micro_batch_size)
         stages.append(_time(f"teacher {t.name}", f, wbytes, prof,
-                            f"{t_rows} samples x {seq} tokens, {where} (worst case: whole batch of its branch)"))
+                            f"{t_rows} samples x {seq} tokens, {where} (worst case: whole batch of its branch)", f_s))
 
     if cfg.selection.student_logprobs == "recompute" and not gap_free(cfg):
-        stages.append(_time("recompute", _forward(m, seq, new, rows) / ranks, 0.0, prof,
-                            f"{rows} samples x {seq} tokens, no-grad forward"))
+        rf, rf_s = _forward(m, seq, new, rows, prof, tp, ranks, cfg.optim.micro_batch_size)
+        stages.append(_time("recompute", rf, 0.0, prof, f"{rows} samples x {seq} tokens, no-grad forward", rf_s))
     factor = {"full": 4.0, "selective": 3.0, "none": 3.0}[m.recompute]
-    train_f = factor * _forward(m, seq, new, rows) / ranks
+    fwd_f, fwd_s = _forward(m, seq, new, rows, prof, tp, ranks, cfg.optim.micro_batch_size)
+    train_f, train_s = factor * fwd_f, factor * fwd_s
     if m.recompute == "selective":  # the attention scores re-run in the backward
-        train_f += rows * 4.0 * seq * seq * m.num_attention_heads * m.kv_channels * m.num_layers / ranks
+        att_f, att_s = _forward(m, seq, new, rows, prof, tp, ranks, cfg.optim.micro_batch_size,
+                                attention_only=True)
+        train_f, train_s = train_f + att_f, train_s + att_s
     stages.append(_time("train", train_f, 0.0, prof,
                         f"{rows} samples x {seq} tokens, fwd+bwd = {factor:g} forwards"
                         + (" (full recompute)" if m.recompute == "full" else "")
-                        + (", the recompute fused in" if gap_free(cfg) else "")))
+                        + (", the recompute fused in" if gap_free(cfg) else ""), train_s))
     n_rank = max(stage_params(m, tp, pp, ep, etp))
     n_exp = max(expert_params(m, tp, pp, ep, etp))
     if par.use_distributed_optimizer:
