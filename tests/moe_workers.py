@@ -172,10 +172,12 @@ def replay_under_recompute(src: dict) -> dict:
     routes = torch.rand(ROWS, SEQ, 1, cfg.moe.num_experts, generator=gen).argsort(dim=-1)[..., :cfg.moe.router_topk]
     extra = {"routes": routes, "seq_lens": torch.full((ROWS,), SEQ + 1)}  # every position trains: no padding
     full = recompute_kwargs(replace(cfg, recompute="full", recompute_num_layers=1))
-    plain = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra)
+    plain = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra, stats=True)
     recomputed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra, config_extra=full)
     routed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra={"seq_lens": extra["seq_lens"]})  # nothing to replay
-    return {"replay_recompute": _compare(plain, recomputed), "replay_vs_routed": _compare(plain, routed)}
+    metrics = _merged({"m": plain["moe_metrics"]} if plain is not None else None, "m")
+    return {"replay_recompute": _compare(plain, recomputed), "replay_vs_routed": _compare(plain, routed),
+            "replay_metrics": metrics}
 
 
 def aux_loss_scale(rank: int, world_size: int) -> dict:

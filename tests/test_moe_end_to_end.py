@@ -72,6 +72,8 @@ def test_moe_student_ep2_with_separate_dense_teachers_trains_and_resumes(tmp_pat
     for h in a:
         assert h["update_skipped"] == 0.0 and h["train/loss"] == h["train/loss"]  # finite, applied
     assert any(h["select/kept_fraction"] < 1.0 for h in a)  # ρ < 1: unequal kept counts across the replicas
+    # replayed: the rollout ran the weights the update starts from, so the router agrees with its record
+    assert all(0.0 <= h["moe/replay_mismatch"] < 0.05 for h in a), [h.get("moe/replay_mismatch") for h in a]
     for k in ("train/loss", "grad_norm", "select/kept_fraction", "rollout/response_len_mean"):
         assert a[2][k] == b[0][k], (k, a[2][k], b[0][k])  # resume is exact
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000002" / "camopd.json").is_file()

@@ -154,8 +154,11 @@ def test_dp2_equals_dp1_on_the_same_global_batch(general_ckpt, tmp_path):
     for a, b in zip(h1, h2):
         assert a["select/kept"] == b["select/kept"]
         assert a["select/kept_fraction"] == b["select/kept_fraction"]
+        # DP = 2 sums the gradient in another order; Adam's m / sqrt(v) turns that rounding into whole-lr steps
+        # on elements whose gradient is near zero (measured 2.5e-5 on 12.7 after 2 steps on one CPU, 0 on another,
+        # while one step moves param_proj by 0.43): a DP bug moves it by a step's size
         for k in ("eval/param_norm", "eval/param_proj"):
-            assert abs(a[k] - b[k]) <= 1e-6 * abs(a[k]), (k, a[k], b[k])
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5
 
 

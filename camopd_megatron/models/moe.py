@@ -17,7 +17,9 @@ it afterwards), so the scale above is the one that applies.
 Metrics. :class:`RoutingStats` counts the tokens routed to each expert in training forwards (a forward
 hook on every router) and reads the aux loss megatron records in its MoE metrics tracker;
 :meth:`RoutingStats.metrics` reduces both over the role and returns ``moe/aux_loss``,
-``moe/tokens_per_expert_max``, ``moe/tokens_per_expert_mean`` and ``moe/load_imbalance`` (max / mean).
+``moe/tokens_per_expert_max``, ``moe/tokens_per_expert_mean`` and ``moe/load_imbalance`` (max / mean),
+and with routing replay ``moe/replay_mismatch``: the share of replayed (token, expert) choices the current
+router would not make itself (how far training would route away from the rollout without replay).
 Padding tokens (:class:`RouterFeed`) are not counted.
 
 Per-micro-batch router inputs. :class:`RouterFeed` hands every MoE layer of a training forward two
@@ -86,6 +88,21 @@ def set_aux_loss_scale(config: Any, num_microbatches: int, pg_collection: Any) -
     config.moe_grad_scale_func = moe_grad_scale
 
 
+def _attached(cls: Any, model: torch.nn.Module) -> Any:
+    """The ``cls`` object attached to ``model``'s GPTModel under ``cls._ATTR`` (built and attached on first use:
+    its hooks go on once); None for a dense model."""
+    from camopd_megatron.models.gpt import unwrap_model
+
+    inner = unwrap_model(model)
+    if not is_moe(inner.config):
+        return None
+    obj = getattr(inner, cls._ATTR, None)
+    if obj is None:
+        obj = cls(model)
+        setattr(inner, cls._ATTR, obj)
+    return obj
+
+
 class RoutingStats:
     """Tokens per expert and aux loss of one model's training forwards (see the module docstring).
 
@@ -107,6 +124,8 @@ class RoutingStats:
         self.num_experts = int(self.config.num_moe_experts)
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
         self.calls = torch.zeros(self.num_layers, dtype=torch.float64)
+        # routing replay: (token, expert) assignments replayed, and those the router itself would not pick
+        self.replayed = torch.zeros(2, dtype=torch.float64)
         self.routers = [m for m in inner.modules() if isinstance(m, TopKRouter)]
         for router in self.routers:
             router.register_forward_hook(self._hook)
@@ -114,16 +133,9 @@ class RoutingStats:
     @classmethod
     def of(cls, model: torch.nn.Module) -> Optional["RoutingStats"]:
         """The stats attached to ``model`` (attached now on first use); None for a dense model."""
-        from camopd_megatron.models.gpt import unwrap_model
-
-        inner = unwrap_model(model)
-        if not is_moe(inner.config):
-            return None
-        stats = getattr(inner, cls._ATTR, None)
-        if stats is None:
-            stats = cls(model)
-            setattr(inner, cls._ATTR, stats)
-        stats._size_tracker()
+        stats = _attached(cls, model)
+        if stats is not None:
+            stats._size_tracker()
         return stats
 
     def _size_tracker(self) -> None:
@@ -145,6 +157,12 @@ class RoutingStats:
         layer = int(router.layer_number) - 1
         self.counts[layer] += routing_map.sum(dim=0).to(device="cpu", dtype=torch.float64)
         self.calls[layer] += 1
+        if _replaying(router):  # what the router would pick itself (its top-k logits: the score functions keep the order)
+            with torch.no_grad():
+                logits = router.gating(inputs[0]).reshape(-1, routing_map.shape[1])
+                own = torch.zeros_like(routing_map).scatter_(1, logits.topk(router.topk, dim=1).indices, True)
+            self.replayed += torch.tensor([float(routing_map.sum()), float((routing_map & ~own).sum())],
+                                          dtype=torch.float64)
 
     def metrics(self, group: Optional[dist.ProcessGroup], tp_group: Optional[dist.ProcessGroup]) -> dict[str, float]:
         """Role-wide MoE metrics since the last call (SUM all-reduce over ``group``, the role's ranks).
@@ -163,14 +181,16 @@ class RoutingStats:
         tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         share = 1.0 if (self.config.sequence_parallel or tp_rank == 0) else 0.0
         first = 1.0 if tp_rank == 0 else 0.0
-        flat = torch.cat([self.counts.flatten() * share, aux * share, self.calls * first])
+        flat = torch.cat([self.counts.flatten() * share, aux * share, self.calls * first, self.replayed * share])
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(flat, group=group)
         n = self.num_layers * self.num_experts
         counts = flat[:n].view(self.num_layers, self.num_experts)
-        aux, calls = flat[n:n + self.num_layers], flat[n + self.num_layers:]
+        aux, calls = flat[n:n + self.num_layers], flat[n + self.num_layers:n + 2 * self.num_layers]
+        replayed, changed = (float(v) for v in flat[n + 2 * self.num_layers:])
         self.counts.zero_()
         self.calls.zero_()
+        self.replayed.zero_()
         used = calls > 0  # the MoE layers (dense layers have no router)
         if not bool(used.any()):
             return {}
@@ -181,10 +201,21 @@ class RoutingStats:
             "moe/tokens_per_expert_mean": float(per_layer.mean()),
             "moe/load_imbalance": float((per_layer.max(dim=1).values / mean).max()),
         }
+        if replayed > 0:  # the share of replayed expert choices the current router would not make
+            out["moe/replay_mismatch"] = changed / replayed
         if self.config.moe_aux_loss_coeff and entry is not None:
             # the coefficient-free aux loss, mean over MoE layers, micro-batches and DP replicas
             out["moe/aux_loss"] = float(aux[used].sum() / calls[used].sum())
         return out
+
+
+def _replaying(router: torch.nn.Module) -> bool:
+    """The router routes by replayed indices (megatron's REPLAY_FORWARD / REPLAY_BACKWARD action)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    rr = getattr(router, "router_replay", None)
+    return rr is not None and rr.router_replay_action in (RouterReplayAction.REPLAY_FORWARD,
+                                                          RouterReplayAction.REPLAY_BACKWARD)
 
 
 def _in_backward() -> bool:
@@ -225,16 +256,7 @@ class RouterFeed:
     @classmethod
     def of(cls, model: torch.nn.Module) -> Optional["RouterFeed"]:
         """The feed attached to ``model`` (attached now on first use); None for a dense model."""
-        from camopd_megatron.models.gpt import unwrap_model
-
-        inner = unwrap_model(model)
-        if not is_moe(inner.config):
-            return None
-        feed = getattr(inner, cls._ATTR, None)
-        if feed is None:
-            feed = cls(model)
-            setattr(inner, cls._ATTR, feed)
-        return feed
+        return _attached(cls, model)
 
     @property
     def num_layers(self) -> int:
