@@ -1,5 +1,5 @@
 """Rank functions for tests/test_moe.py (spawned by run_on_ranks): a tiny MoE student under expert,
-tensor, sequence and pipeline parallelism, its aux-loss gradient, and a checkpoint resharded across EP.
+tensor, sequence and pipeline parallelism, its aux-loss gradient, and checkpoints resharded across EP and PP.
 
 Layouts are compared parameter by parameter under *global* names: a pipeline stage's local layer i is
 layer ``layer_number - 1``, EP rank r's local expert j is expert ``r * local + j``. A layout under test
@@ -271,38 +271,58 @@ def _steps(part: dict) -> list[float]:
     return sorted({float(s["step"]) for o in parts for s in o.optimizer.state.values()})
 
 
-def reshard_ep(rank: int, world_size: int, ckpt_dir: str, distopt: bool = False) -> dict:
-    """World 2: one update at EP = 2 (DP 2), save model + optimizer, load both at EP = 1 (DP 2) from another
-    seed: the same weights and Adam state (moments and step by global name; the distributed optimizer's state
-    holds flat DP shards, so there the step counts only) and the same next update."""
+RESHARD = {  # case: (saved, loaded) layouts as (tp, pp, dp, ep) over 4 ranks, the model's number of layers
+    "ep2_to_ep1": ((1, 1, 4, 2), (1, 1, 4, 1), 2),
+    "ep1_to_ep2": ((1, 1, 4, 1), (1, 1, 4, 2), 2),
+    "pp2_ep2_to_pp1_ep1": ((1, 2, 2, 2), (1, 1, 4, 1), 4),
+}
+"""The resharded resumes :func:`reshard_ep` checks (the 4-layer model: a dense and an MoE layer per stage)."""
+
+
+def _local_experts(part: dict) -> int:
+    """How many expert weight tensors this rank's part of a kept layout holds."""
+    return sum("local_experts" in n for n, _ in part["model"].named_parameters())
+
+
+def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    """World 4: for each :data:`RESHARD` case and each optimizer (plain, distributed), one update at the saved
+    layout, save model + optimizer, load both at the other layout from another seed: the same weights and
+    Adam state (moments and step by global name; the distributed optimizer's state holds flat DP shards, so
+    there the step counts only) and the same next update as the run that did not reshard."""
     from camopd_megatron.checkpoint.dist import load_sharded, model_sharded_state_dict, save_checkpoint
     from camopd_megatron.models.optimizer import load_optimizer_state, optimizer_sharded_state_dict, optimizer_step
-
-    cfg = model_cfg()
 
     def state(part: dict, is_loading: bool) -> dict:
         msd = model_sharded_state_dict(part["ddp"][0], part["pgc"])
         return {"model": msd, "optimizer": optimizer_sharded_state_dict(part["opt"], msd, is_loading=is_loading,
                                                                         pg_collection=part["pgc"])}
 
-    saved = run_layout(1, 1, 2, 2, cfg=cfg, keep=True, distopt=distopt)
-    optimizer_step(saved["opt"], saved["sched"])
-    before = {"params": _weights(saved), "adam": {} if distopt else _adam_state(saved)}
-    save_checkpoint(ckpt_dir, state(saved, False), model_cfg=cfg, step=1)
-    _train_step(saved)  # the update after the checkpoint, at EP = 2
-    next_ep2 = _weights(saved)
+    out = {}
+    for distopt in (False, True):
+        for case, (src, dst, layers) in RESHARD.items():
+            cfg = model_cfg(num_layers=layers, layer_pattern=[0, 1, 1, 0] if layers == 4 else None)
+            optimizer = "distopt" if distopt else "plain"
+            path = f"{ckpt_dir}/{case}_{optimizer}"
+            saved = run_layout(*src, cfg=cfg, keep=True, distopt=distopt)
+            optimizer_step(saved["opt"], saved["sched"])
+            before = {"params": _weights(saved), "adam": {} if distopt else _adam_state(saved)}
+            save_checkpoint(path, state(saved, False), model_cfg=cfg, step=1)
+            _train_step(saved)  # the update after the checkpoint, in the saved layout
+            next_saved = _weights(saved)
 
-    loaded = run_layout(1, 1, 2, 1, cfg=cfg, seed=SEED + 7, keep=True, distopt=distopt)
-    got = load_sharded(ckpt_dir, state(loaded, True), process_group=loaded["pgc"].intra_dist_opt)
-    loaded["ddp"][0].module.load_state_dict({k.removeprefix("module."): v for k, v in got["model"].items()}, strict=False)
-    load_optimizer_state(loaded["opt"], got["optimizer"])
-    loaded["sched"].load_state_dict({"num_steps": 1})  # the lr cursor travels in the trainer's common state
-    after = {"params": _weights(loaded), "adam": {} if distopt else _adam_state(loaded)}
-    steps = _steps(loaded)
-    _train_step(loaded)  # the same update, resumed at EP = 1
-    diffs = {kind: _max_diff(before[kind], after[kind]) for kind in ("params", "adam") if after[kind]}
-    diffs["next_step"] = _max_diff(next_ep2, _weights(loaded))
-    dist.barrier()
-    return {"diffs": diffs, "n_params": len(after["params"]), "saved_moments": len(before["adam"]),
-            "steps": steps,
-            "experts_here": sorted({k[0] for k in after["params"] if "local_experts" in k[0]})}
+            loaded = run_layout(*dst, cfg=cfg, seed=SEED + 7, keep=True, distopt=distopt)
+            got = load_sharded(path, state(loaded, True), process_group=loaded["pgc"].intra_dist_opt)
+            loaded["ddp"][0].module.load_state_dict({k.removeprefix("module."): v for k, v in got["model"].items()},
+                                                    strict=False)
+            load_optimizer_state(loaded["opt"], got["optimizer"])
+            loaded["sched"].load_state_dict({"num_steps": 1})  # the lr cursor travels in the trainer's common state
+            after = {"params": _weights(loaded), "adam": {} if distopt else _adam_state(loaded)}
+            steps = _steps(loaded)
+            _train_step(loaded)  # the same update, resumed in the other layout
+            diffs = {kind: _max_diff(before[kind], after[kind]) for kind in ("params", "adam") if after[kind]}
+            diffs["next_step"] = _max_diff(next_saved, _weights(loaded))
+            out[f"{case}/{optimizer}"] = {
+                "diffs": diffs, "n_params": len(after["params"]), "saved_moments": len(before["adam"]),
+                "steps": steps, "local_experts": (_local_experts(saved), _local_experts(loaded))}
+            dist.barrier()
+    return out

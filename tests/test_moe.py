@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,20 +198,33 @@ def test_aux_loss_gradient_is_independent_of_micro_batches_and_dp():
     assert one["moe/tokens_per_expert_max"] >= one["moe/tokens_per_expert_mean"]
 
 
-@pytest.mark.parametrize("distopt", [False, True], ids=["plain", "distopt"])
-def test_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path, distopt):
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory) -> tuple[list[dict], str]:
     from tests import moe_workers
 
-    out = run_on_ranks(moe_workers.reshard_ep, 2, args=(str(tmp_path / "ckpt"), distopt), timeout_s=600)
-    for r in out:
+    root = tmp_path_factory.mktemp("reshard")
+    return run_on_ranks(moe_workers.reshard_ep, 4, args=(str(root),), timeout_s=900, pg_timeout_s=300), str(root)
+
+
+@pytest.mark.parametrize("optimizer", ["plain", "distopt"])
+@pytest.mark.parametrize("case, experts", [  # expert weights (fc1, fc2) on each rank, saved / loaded layout:
+    ("ep2_to_ep1", (8, 16)),  # 2 MoE layers x 4 experts, half of them at EP = 2
+    ("ep1_to_ep2", (16, 8)),
+    ("pp2_ep2_to_pp1_ep1", (4, 16)),  # layers [dense, MoE | MoE, dense]: one MoE layer per stage
+])
+def test_checkpoint_reshards_across_ep_and_pp(resharded, case, experts, optimizer):
+    out, root = resharded
+    for rank, results in enumerate(out):
+        r = results[f"{case}/{optimizer}"]
         # the weights, the Adam step (and, plain optimizer, exp_avg / exp_avg_sq of every parameter by
-        # global name) and the first update after the resume at EP = 1 equal the EP = 2 run's
+        # global name) and the first update after the resume in the other layout equal the saved run's
         assert r["diffs"]["params"] == 0.0, r
         assert r["diffs"]["next_step"] < 1e-6, r
         assert r["steps"] == [1.0], r
-        assert len(r["experts_here"]) == 16  # 2 layers x 4 experts x fc1, fc2: all local at EP = 1
-        if not distopt:
+        assert r["local_experts"] == experts, (rank, r)
+        if optimizer == "plain":
             assert r["diffs"]["adam"] == 0.0, r
             assert r["saved_moments"] == 3 * r["n_params"]  # exp_avg, exp_avg_sq, step of each parameter
-    manifest = json.loads((tmp_path / "ckpt" / "camopd.json").read_text())
-    assert manifest["model"]["moe"] == asdict(MoEConfig(**TINY_MOE))
+    manifest = json.loads((Path(root) / f"{case}_{optimizer}" / "camopd.json").read_text())
+    pattern = [0, 1, 1, 0] if case.startswith("pp") else None
+    assert manifest["model"]["moe"] == asdict(MoEConfig(**TINY_MOE, layer_pattern=pattern))

@@ -560,13 +560,14 @@ def optimizer_sharded_state_dict(
 def load_optimizer_state(optimizer: MegatronOptimizer, loaded: dict, moments: Optional[BranchMoments] = None) -> None:
     """Load what ``dist_checkpointing.load`` returned for :func:`optimizer_sharded_state_dict`."""
     if moments is None:
-        optimizer.load_state_dict(loaded)
+        optimizer.load_state_dict(_resolve_repeats(loaded))
         return
     was = moments.active
     try:
         for branch in moments.branches:
             moments.use(branch)
-            optimizer.load_state_dict(loaded[branch])  # replaces the live state object: use() parks the new one
+            # replaces the live state object: use() parks the new one
+            optimizer.load_state_dict(_resolve_repeats(loaded[branch]))
     finally:
         moments.use(was)
 
@@ -602,6 +603,45 @@ _LAYOUT_FIELDS = ("is_expert_parallel",)
 """Param-group fields that describe megatron's optimizer split, not the run: kept as built, never loaded."""
 
 
+class _SameAs:
+    """The loaded value of an optimizer state item that another item of the same checkpoint key holds
+    (:func:`_ep_independent_common`): ``path`` from the root of the optimizer's state dict."""
+
+    def __init__(self, path: tuple) -> None:
+        self.path = path
+
+
+def _resolve_repeats(loaded: Any) -> Any:
+    """Replace every :class:`_SameAs` in ``loaded`` (what ``dist_checkpointing.load`` returned for one
+    optimizer state dict) by the loaded value it names, in place; returns ``loaded``."""
+
+    def at(path: tuple) -> Any:
+        node = loaded
+        for step in path:
+            node = node[step]
+        return node
+
+    def walk(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in list(items):
+            if isinstance(v, _SameAs):
+                node[k] = at(v.path)
+            else:
+                walk(v)
+
+    walk(loaded)
+    return loaded
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two optimizer state items (numbers, tensors, tuples of them) hold the same value."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    return a == b
+
+
 def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
     """Give an MoE optimizer's plain (non-distributed) state the same checkpoint keys at every EP size.
 
@@ -612,13 +652,16 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
     which reshard across EP like the weights. The rest is made layout-free here, in place:
 
     * ``state.common_step`` (torch Adam's per-parameter step, one value per optimizer; the ChainedOptimizer
-      synchronises it across its parts before saving) is one key, ``<common_key>.state.common_step``
-      (the expert part's, at EP > 1, ``<...>.common_step.1``; a load at EP = 1 reads the first);
+      synchronises it across its parts before saving) is one key, ``<common_key>.state.common_step``;
     * each param group's fields are keyed by the group's configuration (``wd_mult``, ``lr_mult``,
       ``is_decoupled_lr``), not by its position: at EP = 1 the experts' weights share the dense
-      weights' group, at EP > 1 the expert optimizer has a group of the same configuration, so the
-      same keys exist at every EP (a repeat is numbered, ``<key>.1``, and read back only at EP > 1);
+      weights' group, at EP > 1 the expert optimizer has a group of the same configuration;
       ``is_expert_parallel`` (and ``params``) stay as built.
+
+    A key met again on this rank (the expert part's step and its groups of a configuration the dense part
+    also has: EP > 1 only) is the same state: it is not saved (a different value is logged) and, loading,
+    takes the value the first item of its key loads (:class:`_SameAs`, resolved by
+    :func:`load_optimizer_state`). So a save at any EP holds exactly the keys a load at any EP asks for.
 
     The distributed optimizer's parts (``{"optimizer": {"param_groups"}, "param_state", ...}``, its step
     in every param group) get the same param-group keys; its other plain items (the sharding type) one key
@@ -626,28 +669,33 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
     """
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
 
-    parts = list(sharded.values()) if sharded and all(isinstance(k, int) for k in sharded) else [sharded]
+    chained = bool(sharded) and all(isinstance(k, int) for k in sharded)
+    parts = [((i,), part) for i, part in sharded.items()] if chained else [((), sharded)]
     rank = dist.get_rank(group)
-    written: dict[str, int] = {}
+    first: dict[str, tuple[tuple, Any]] = {}  # key -> (path from the root, value) of its first item
 
-    def owned(key: str, value: Any) -> Any:
-        # the role's rank 0 writes each key. A repeat (the expert part's step, its group of the same
-        # configuration: EP > 1 only) gets its own numbered key, so one rank never holds two objects of one
-        # key (the loader refuses that); EP = 1 has the un-numbered ones only, which an EP > 1 save also has.
-        n = written.get(key, 0)
-        written[key] = n + 1
-        return ShardedObject(key if n == 0 else f"{key}.{n}", value, (1,), (0,), replica_id=(rank, 0))
+    def owned(key: str, value: Any, path: tuple) -> Any:
+        # the role's rank 0 writes each key, once: a repeat never becomes a second object of one key on one
+        # rank (the loader refuses that)
+        if key not in first:
+            first[key] = (path, value)
+            return ShardedObject(key, value, (1,), (0,), replica_id=(rank, 0))
+        if not _same_value(first[key][1], value):
+            logger.warning("optimizer state %s differs between the parts of the chained optimizer (%r, %r): the "
+                           "checkpoint keeps the first", key, first[key][1], value)
+        return LocalNonpersistentObject(_SameAs(first[key][0]))
 
-    for part in parts:
+    for root, part in parts:
         if "param_state" in part:  # distributed optimizer: {optimizer: {param_groups}, param_state, ...}
-            groups = part["optimizer"]["param_groups"]
+            groups, groups_path = part["optimizer"]["param_groups"], (*root, "optimizer", "param_groups")
             for field in [f for f in part if f not in ("optimizer", "param_state")]:  # sharding type, grad scaler
-                part[field] = owned(f"{common_key}.{field}", part[field])
+                part[field] = owned(f"{common_key}.{field}", part[field], (*root, field))
         else:  # plain optimizer: {state: {..., common_step}, param_groups}
-            groups = part["param_groups"]
+            groups, groups_path = part["param_groups"], (*root, "param_groups")
             if "common_step" in part["state"]:
-                part["state"]["common_step"] = owned(f"{common_key}.state.common_step", part["state"]["common_step"])
-        for g in groups:
+                part["state"]["common_step"] = owned(f"{common_key}.state.common_step", part["state"]["common_step"],
+                                                     (*root, "state", "common_step"))
+        for gi, g in enumerate(groups):
             sig = "wd{}_lr{}_{}".format(g.get("wd_mult", 1.0), g.get("lr_mult", 1.0),
                                         "decoupled" if g.get("is_decoupled_lr") else "shared")
             for field, value in list(g.items()):
@@ -656,7 +704,7 @@ def _ep_independent_common(sharded: Any, common_key: str, group: Any) -> None:
                 if field in _LAYOUT_FIELDS:
                     g[field] = LocalNonpersistentObject(value)
                 else:
-                    g[field] = owned(f"{common_key}.param_groups.{sig}.{field}", value)
+                    g[field] = owned(f"{common_key}.param_groups.{sig}.{field}", value, (*groups_path, gi, field))
 
 
 def _always_common_step(sharded: Any) -> None:
