@@ -52,9 +52,9 @@ from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, 
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
 from camopd_megatron.distributed import destroy_distributed, init_distributed
 from camopd_megatron.models.gpt import build_gpt_model, finish_param_gather, init_model_rng, recompute_kwargs, unwrap_model
-from camopd_megatron.models.optimizer import (
-    BranchMoments, branch_state_mismatch, branch_state_record, build_ddp_and_optimizer, load_optimizer_state,
-    optimizer_sharded_state_dict,
+from camopd_megatron.models.optimizer import BranchMoments, build_ddp_and_optimizer
+from camopd_megatron.models.optimizer_state import (
+    branch_state_mismatch, branch_state_record, load_optimizer_state, optimizer_sharded_state_dict,
 )
 from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.models.precision import detect_device, precision_kwargs

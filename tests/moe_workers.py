@@ -290,7 +290,8 @@ def reshard_ep(rank: int, world_size: int, ckpt_dir: str) -> dict:
     Adam state (moments and step by global name; the distributed optimizer's state holds flat DP shards, so
     there the step counts only) and the same next update as the run that did not reshard."""
     from camopd_megatron.checkpoint.dist import load_sharded, model_sharded_state_dict, save_checkpoint
-    from camopd_megatron.models.optimizer import load_optimizer_state, optimizer_sharded_state_dict, optimizer_step
+    from camopd_megatron.models.optimizer import optimizer_step
+    from camopd_megatron.models.optimizer_state import load_optimizer_state, optimizer_sharded_state_dict
 
     def state(part: dict, is_loading: bool) -> dict:
         msd = model_sharded_state_dict(part["ddp"][0], part["pgc"])

@@ -14,15 +14,8 @@ import torch.distributed as dist
 
 from camopd_megatron.config.sections import ModelConfig, OptimConfig, ParallelConfig
 from camopd_megatron.models.groups import in_collection, pg_rank, pg_size, simple_pg_collection
-from camopd_megatron.models.optimizer import (
-    BranchMoments,
-    build_ddp_and_optimizer,
-    load_optimizer_state,
-    optimizer_sharded_state_dict,
-    optimizer_step,
-    shard_common_state,
-    zero_grad_buffers,
-)
+from camopd_megatron.models.optimizer import BranchMoments, build_ddp_and_optimizer, optimizer_step, zero_grad_buffers
+from camopd_megatron.models.optimizer_state import load_optimizer_state, optimizer_sharded_state_dict, shard_common_state
 
 # after camopd_megatron, whose import prepares `import megatron.core` (no triton here)
 from megatron.core import dist_checkpointing

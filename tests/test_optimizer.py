@@ -184,7 +184,7 @@ def test_per_branch_moments_resume_exact_and_at_another_dp(tmp_path):
 
 def test_branch_state_record_and_mismatch():
     """A checkpoint resumes only with the optimizer-state layout it was saved with."""
-    from camopd_megatron.models.optimizer import branch_state_mismatch, branch_state_record
+    from camopd_megatron.models.optimizer_state import branch_state_mismatch, branch_state_record
 
     class _Moments:
         branches = ("general", "domain")
