@@ -318,8 +318,10 @@ class RouterFeed:
                 if layer.training:  # a training forward (under recompute it runs without grad): its backward
                     self._queues[i].append((padding, per_layer))  # may run it again
                 action = RouterReplayAction.REPLAY_FORWARD
-            else:
-                return None  # a forward outside our training runs (rollout, scoring): as megatron does it
+            else:  # a forward outside our schedule runs: routed as megatron does it (recorded while recording)
+                if self.replays and not self.is_recording:
+                    self.replays[i].clear_router_replay_action()  # never a stale replay target
+                return None
             if per_layer is not None:
                 rr = self.replays[i]
                 if action is RouterReplayAction.REPLAY_FORWARD:
