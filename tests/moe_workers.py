@@ -174,10 +174,45 @@ def replay_under_recompute(src: dict) -> dict:
     full = recompute_kwargs(replace(cfg, recompute="full", recompute_num_layers=1))
     plain = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra, stats=True)
     recomputed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra=extra, config_extra=full)
-    routed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra={"seq_lens": extra["seq_lens"]})  # nothing to replay
+    routed = run_layout(1, 2, 2, 2, cfg=cfg, src=src, extra={"seq_lens": extra["seq_lens"]}, keep=True)
     metrics = _merged({"m": plain["moe_metrics"]} if plain is not None else None, "m")
     return {"replay_recompute": _compare(plain, recomputed), "replay_vs_routed": _compare(plain, routed),
-            "replay_metrics": metrics}
+            "replay_metrics": metrics, "pp_record": _record_per_stage(routed)}
+
+
+def _record_per_stage(part: dict) -> list[dict]:
+    """PP = 2 x EP = 2, lock-step KV-cached rollout of unequal prompts per replica: each stage records its own MoE
+    layer's choices, which are the experts a forward of the decoded tokens routes to (positions a loss reads).
+    Every rank's result."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from camopd_megatron.distill.rollout import SamplingParams, generate
+    from camopd_megatron.models.scoring import score_logprobs
+
+    model, pgc = part["model"], part["pgc"]
+    dp = pg_rank(pgc.dp)
+    prompts = [[(3 * i + j) % (VOCAB - 1) + 1 for j in range(3 + 2 * i + dp)] for i in range(2 + dp)]
+    batch = generate(model, pgc, prompts, SamplingParams(max_new_tokens=5), sample_ids=list(range(len(prompts))),
+                     seed=1, step=0, vocab_size=VOCAB, max_seq_len=SEQ, micro_batch_size=2, timeout_s=60.0,
+                     lock_step=pgc.dp)
+    (router,) = [m for m in model.modules() if isinstance(m, TopKRouter)]  # one MoE layer per stage
+    maps: list[torch.Tensor] = []
+    hook = router.register_forward_hook(lambda m, i, o: maps.append(o[1].detach().clone()))
+    try:  # one micro-batch of every row (the other replica's extra forwards are lock-step dummies, after it)
+        score_logprobs(model, pgc, batch.tokens_BT, batch.loss_mask_BT, micro_batch=len(prompts), vocab_size=VOCAB,
+                       lock_step=pgc.dp, timeout_s=60.0)
+    finally:
+        hook.remove()
+    b, t = batch.tokens_BT.shape
+    natural = maps[0].view(t, b, -1).transpose(0, 1)
+    rec = batch.routes_BTLK
+    recorded = torch.zeros_like(natural).scatter_(2, rec[:, :, 0].long(), True)
+    trained = torch.arange(t).unsqueeze(0) < (batch.prompt_lens_B + batch.response_lens_B - 1).unsqueeze(1)
+    mine = {"shape": tuple(rec.shape), "positions": int(trained.sum()),
+            "equal": bool(torch.equal(natural[trained], recorded[trained]))}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def aux_loss_scale(rank: int, world_size: int) -> dict:

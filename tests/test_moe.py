@@ -166,6 +166,10 @@ def test_routing_replay_survives_recompute_and_replaces_the_routers_choice(equiv
     # the replayed experts are not the ones the router picks: routing by itself gives other gradients
     routed = equivalence["replay_vs_routed"]
     assert routed["loss"][1] != routed["loss"][0] and routed["grad_max_diff"] > 1e-3 * routed["grad_scale"], routed
+    # PP = 2: each stage records its own MoE layer's choices in a lock-step KV-cached rollout, and they are the
+    # experts a forward of the decoded tokens routes to
+    for r in equivalence["pp_record"]:
+        assert r["shape"][2:] == (1, 2) and r["positions"] > 10 and r["equal"], r
     # logged: random choices of 2 of 4 experts share one expert with the router's on average
     assert 0.3 < equivalence["replay_metrics"]["moe/replay_mismatch"] < 0.7, equivalence["replay_metrics"]
 
