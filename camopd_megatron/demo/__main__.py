@@ -23,6 +23,7 @@ from camopd_megatron.demo.study import (
 )
 from camopd_megatron.demo.teachers import StageSettings, TeacherArtifacts, prepare_teachers
 from camopd_megatron.demo.tasks import GENERAL_TASKS
+from camopd_megatron.utils.logging import quiet_chatty_libraries
 
 logger = logging.getLogger("camopd_megatron.demo")
 
@@ -83,6 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the demo; returns the process exit code."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_chatty_libraries(args.log_level)  # megatron's per-group INFO lines, as in a training run
     if args.threads:
         import torch
 

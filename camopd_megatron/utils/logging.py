@@ -116,7 +116,14 @@ def setup_logging(rank: int = 0, level: str = "INFO", verbose_ranks: tuple[int, 
     root.addHandler(handler)
     root.setLevel(numeric if rank in verbose_ranks else max(numeric, logging.WARNING))
     root.propagate = False
-    # megatron logs every optimizer config and process group at INFO: keep those for DEBUG runs
-    for name in _CHATTY_LIBRARIES:
-        logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING)
+    quiet_chatty_libraries(level)
     quiet_checked_messages(numeric > logging.DEBUG)
+
+
+def quiet_chatty_libraries(level: str) -> None:
+    """megatron (and absl, under it) log every optimizer config and process group at INFO: keep those for
+    DEBUG runs, WARNING and above otherwise."""
+    numeric = logging.getLevelName(level.upper())
+    debug = isinstance(numeric, int) and numeric <= logging.DEBUG
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
