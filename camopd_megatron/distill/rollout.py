@@ -294,7 +294,7 @@ class _Generator:
 
     def _record(self, st: _Decode, fed_start: int, lo: int, hi: int) -> None:
         """Routing replay: keep positions ``[lo, hi)`` of the last forward, which fed ``[fed_start, ...)``."""
-        if self.feed is None or st.routes_BTLK is None or not self.feed.num_layers:
+        if self.feed is None or not self.feed.num_layers:  # replay off, or no MoE layer on this stage
             return
         rec = self.feed.recorded(st.buf_BT.shape[0])
         st.routes_BTLK[:, lo:hi] = rec[:, lo - fed_start:hi - fed_start]
@@ -448,11 +448,11 @@ def _assemble(prompts: Sequence[Sequence[int]], results: list[_Row],
     tokens_BT = torch.full((b, t), PAD_ID, dtype=torch.int64)
     mask_BT = torch.zeros(b, t, dtype=torch.float32)
     logp_BT = torch.zeros(b, t, dtype=torch.float32)
-    first = results[0][3] if results else None
+    first = results[0][3] if results else None  # every row has routes, or none has
     routes_BTLK = None if first is None else torch.zeros((b, t) + tuple(first.shape[1:]), dtype=first.dtype)
     for i, (p, (resp, mu, _, routes)) in enumerate(zip(prompts, results)):
-        if routes_BTLK is not None and routes is not None:
-            routes_BTLK[i, : routes.shape[0]] = routes[:t]
+        if routes_BTLK is not None:
+            routes_BTLK[i, : routes.shape[0]] = routes
         n_p, n_r = len(p), len(resp)
         tokens_BT[i, :n_p] = torch.tensor(list(p), dtype=torch.int64)
         if n_r:

@@ -272,15 +272,13 @@ class RouterFeed:
             rr.clear_indices()
             rr.clear_router_replay_action()
 
-    def fill_routes(self, routes_BTLK: Optional[torch.Tensor], padding_BT: torch.Tensor) -> torch.Tensor:
+    def fill_routes(self, routes_BTLK: torch.Tensor, padding_BT: torch.Tensor) -> torch.Tensor:
         """The replay indices of a micro-batch ``[B, T, L, k]`` (int64): the recorded ones, and the first k
-        experts at padding positions (which the rollout never fed) or everywhere when nothing was recorded
-        (a lock-step dummy, a padding row)."""
+        experts at padding positions (which the rollout never fed: a sequence's last token, padding rows,
+        lock-step dummies)."""
         b, t = padding_BT.shape
         first_k = torch.arange(self.topk, dtype=torch.int64, device=padding_BT.device)
         filler = first_k.expand(b, t, self.num_layers, self.topk)
-        if routes_BTLK is None:
-            return filler.clone()
         if tuple(routes_BTLK.shape) != (b, t, self.num_layers, self.topk):
             raise ValueError(f"routing replay: recorded routes have shape {tuple(routes_BTLK.shape)}, expected "
                              f"{(b, t, self.num_layers, self.topk)} (rows, positions, this stage's MoE layers, "
@@ -294,10 +292,8 @@ class RouterFeed:
         positions, i.e. its sequence-parallel shard, True = padding) and, with replay, the indices
         ``routes_BTLK`` (``[b, s, L, k]``, the same positions; from :meth:`fill_routes`). Without routes the
         layers route as megatron does (a teacher's scoring, a replica's empty placeholder)."""
-        per_layer = None
-        if self.replay and routes_BTLK is not None:
-            k = self.topk
-            per_layer = [routes_BTLK[:, :, i, :].transpose(0, 1).reshape(-1, k) for i in range(self.num_layers)]
+        per_layer = None if routes_BTLK is None else [
+            routes_BTLK[:, :, i, :].transpose(0, 1).reshape(-1, self.topk) for i in range(self.num_layers)]
         self._current = (padding_BT, per_layer)
         try:
             yield

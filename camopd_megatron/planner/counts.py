@@ -51,8 +51,6 @@ class LayerParams:
     """All routed experts (sharded over EP × ETP)."""
     active_experts: int = 0
     """The top-k experts one token goes through."""
-    elementwise: int = 0
-    """The part of ``tp`` + ``replicated`` that is no matmul weight (norm weights, QKV bias): no matmul FLOPs."""
 
     @property
     def total(self) -> int:
@@ -81,20 +79,18 @@ def layer_params(m: ModelConfig, sparse: bool) -> LayerParams:
     replicated = 2 * h  # input_layernorm + pre_mlp_layernorm
     if m.qk_layernorm:
         replicated += 2 * d
-    elementwise = replicated
     if m.add_qkv_bias:
         tp += qkv_out
-        elementwise += qkv_out
     moe = m.moe
     if not sparse or moe is None:
-        return LayerParams(tp + 3 * h * m.ffn_hidden_size, replicated, elementwise=elementwise)
+        return LayerParams(tp + 3 * h * m.ffn_hidden_size, replicated)
     expert = 3 * h * moe.ffn_hidden_size  # SwiGLU: fc1 (gate + up) h x 2f, fc2 f x h
     replicated += moe.num_experts * h  # router
     if moe.shared_expert_ffn_hidden_size:
         tp += 3 * h * moe.shared_expert_ffn_hidden_size
         if moe.shared_expert_gate:
             replicated += h
-    return LayerParams(tp, replicated, moe.num_experts * expert, moe.router_topk * expert, elementwise)
+    return LayerParams(tp, replicated, moe.num_experts * expert, moe.router_topk * expert)
 
 
 def _layers(m: ModelConfig) -> list[LayerParams]:

@@ -146,14 +146,10 @@ def _forward(m: ModelConfig, tokens: int, scored: int, rows: int, prof: DevicePr
     """FLOPs and compute seconds on one rank of ``rows`` forwards in micro-batches of ``batch``, the work
     split evenly over ``ranks`` (TP splits each product's shape; module docstring). ``attention_only``:
     the attention scores and context products alone (selective recompute)."""
-    if attention_only:
-        products = [p for p in forward_matmuls(m, tokens, scored) if p.name in CORE_ATTENTION]
-        flops = rows * sum(p.flops for p in products) / ranks
-    else:
-        flops = rows * forward_flops(m, tokens, scored) / ranks
-        if not prof.matmul_rates and prof.elementwise_rate is None:
-            return flops, flops / prof.peak_flops
-        products = forward_matmuls(m, tokens, scored)
+    products = [p for p in forward_matmuls(m, tokens, scored) if not attention_only or p.name in CORE_ATTENTION]
+    flops = rows * sum(p.flops for p in products) / ranks
+    if not prof.matmul_rates and prof.elementwise_rate is None:  # a data-sheet profile: everything at the peak
+        return flops, flops / prof.peak_flops
     seconds = sum(p.flops / prof.matmul_flops(*p.shape(tp, max(1, min(batch, rows)))) for p in products)
     if prof.elementwise_rate is not None and not attention_only:
         seconds += forward_elementwise(m, tokens, scored) / prof.elementwise_rate
