@@ -4,7 +4,7 @@ uninterrupted one.
 
 ``examples/launch/single_node.sh`` with 4 processes: the student at DP = 2 on ranks 0-1 (two replicas
 send each teacher the end of every step), the general and the domain teacher on ranks 2 and 3. Five
-launches of 7 steps in all: the uninterrupted run, then one chain in one output directory:
+launches of 20 steps in all: the uninterrupted run, then one chain in one output directory:
 
 1. SIGTERM to the torchrun agent (it forwards the signal to its workers),
 2. resumed; SIGUSR1 to the domain teacher's process only (no student rank sees a signal),
@@ -31,7 +31,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 7  # the signal arrives after the first step of a run: a stop after at most 2 more, so before the end
+# A signal is sent once a run has logged its first step. Steps take ~0.04 s here, so the run may finish one or two
+# more before the signal reaches every worker (CI saw 2): 20 steps leave each of the three stops ample room
+# before the end, where a run ends normally and says no "stopping after".
+STEPS = 20
 OVERRIDES = [
     "parallel.tp=1", "rollout.prompts_per_step=4", "rollout.max_new_tokens=6", "data.max_prompt_tokens=40",
     "eval.interval=0", "checkpoint.save_interval=0", "checkpoint.keep_last=0", "logging.progress_bar=false",
