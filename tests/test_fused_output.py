@@ -1,7 +1,7 @@
 """The fused output-projection log-prob (hidden states × vocab-sharded weight, no logits tensor).
 
 Reference: torch's own ``log_softmax(h Wᵀ / T)`` over the real vocabulary with autograd. Checked in one
-process (fp32 and bf16, chunking, temperature, ignored targets, padding rows, large logits) and on 4 gloo
+process (fp32 and bf16, row chunks and vocab blocks, temperature, ignored targets, padding rows, large logits) and on 4 gloo
 ranks as TP = 2 (two groups) and TP = 4 (the last shard all padding): values, dL/dh (all-reduced over the
 group) and each rank's dL/dW rows, against a float64 reference.
 
@@ -49,16 +49,18 @@ def reference(case: dict) -> dict:
     return {"logp": logp.detach(), "dh": h.grad, "dw": w.grad}
 
 
-def run_fused(case: dict, group, rank: int, tp: int, *, dtype=torch.float32, chunk=None, keep: int = 2**28) -> dict:
+def run_fused(case: dict, group, rank: int, tp: int, *, dtype=torch.float32, chunk=None, keep: int = 2**28,
+              vb=None) -> dict:
     rows = case["P"] // tp
     h = case["hidden"].to(dtype).clone().requires_grad_(True)
     w = case["weight"][rank * rows:(rank + 1) * rows].to(dtype).clone().requires_grad_(True)
     logp = fused_output_logprobs(h, w, case["targets"], group, vocab_size=case["V"],
-                                 temperature=case["temperature"], chunk_tokens=chunk, keep_softmax_bytes=keep)
+                                 temperature=case["temperature"], chunk_tokens=chunk, keep_softmax_bytes=keep,
+                                 vocab_block=vb)
     (logp * case["upstream"]).sum().backward()
     with torch.no_grad():  # the no-grad path (teachers) gives the same values
         nograd = fused_output_logprobs(h, w, case["targets"], group, vocab_size=case["V"],
-                                       temperature=case["temperature"], chunk_tokens=chunk)
+                                       temperature=case["temperature"], chunk_tokens=chunk, vocab_block=vb)
     return {"logp": logp.detach(), "nograd": nograd, "dh": h.grad, "dw": w.grad, "rows": (rank * rows, (rank + 1) * rows)}
 
 
@@ -76,16 +78,17 @@ def check(ours: dict, ref: dict, *, tol: float, offset: float = 0.0) -> None:
 @pytest.mark.parametrize("offset", [1e4, -3e4])
 def test_large_logits_keep_fp32_precision(offset, keep):
     case = make_case(6, 19, V=50, P=64, offset=offset)
-    check(run_fused(case, None, 0, 1, chunk=5, keep=keep), reference(case), tol=1e-5, offset=offset)
+    check(run_fused(case, None, 0, 1, chunk=5, keep=keep, vb=6), reference(case), tol=1e-5, offset=offset)
 
 
 @pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
-def test_single_process_matches_torch(temperature, chunk, keep):
+@pytest.mark.parametrize("vb", [None, 7, 16], ids=["one_block", "vb7", "vb16"])  # 64 = 4 x 16; 7: a ragged last
+def test_single_process_matches_torch(temperature, chunk, keep, vb):
     case = make_case(3, 23, V=50, P=64, temperature=temperature)
     ref = reference(case)
-    check(run_fused(case, None, 0, 1, chunk=chunk, keep=keep), ref, tol=1e-5)
+    check(run_fused(case, None, 0, 1, chunk=chunk, keep=keep, vb=vb), ref, tol=1e-5)
     assert ref["dw"][50:].abs().sum() == 0  # padding rows get no gradient
     assert (ref["logp"][::5] == 0).all()
 
@@ -93,6 +96,10 @@ def test_single_process_matches_torch(temperature, chunk, keep):
 def test_bf16_and_shapes_and_errors():
     case = make_case(4, 12, V=40, P=48)
     check(run_fused(case, None, 0, 1, dtype=torch.bfloat16, chunk=5), reference(case), tol=5e-2)
+    for keep in (0, 2**28):  # several vocab blocks: dL/dh sums them in fp32
+        check(run_fused(case, None, 0, 1, dtype=torch.bfloat16, chunk=5, keep=keep, vb=6), reference(case), tol=5e-2)
+    with pytest.raises(ValueError, match="vocab_block"):
+        fused_output_logprobs(case["hidden"], case["weight"], case["targets"], None, vocab_size=40, vocab_block=0)
     h3 = case["hidden"].view(3, 4, H)
     out = fused_output_logprobs(h3, case["weight"], case["targets"].view(3, 4), None, vocab_size=40)
     assert out.shape == (3, 4) and out.dtype == torch.float32
@@ -120,9 +127,10 @@ def test_weight_gradient_goes_into_megatron_main_grad():
     w = case["weight"].clone().requires_grad_(True)
     w.main_grad = torch.full_like(w, 0.25)
     w.grad_added_to_main_grad = False
-    for _ in range(2):
+    for keep in (0, 2**28):  # row chunks of 4 adding in turn, then all rows from the kept tiles
         h = case["hidden"].clone().requires_grad_(True)
-        logp = fused_output_logprobs(h, w, case["targets"], None, vocab_size=30, chunk_tokens=4)
+        logp = fused_output_logprobs(h, w, case["targets"], None, vocab_size=30, chunk_tokens=4, vocab_block=5,
+                                     keep_softmax_bytes=keep)
         (logp * case["upstream"]).sum().backward()
         torch.testing.assert_close(h.grad.double(), ref["dh"], atol=1e-5, rtol=1e-5)
     assert w.grad_added_to_main_grad is True
@@ -145,7 +153,8 @@ def _tp_worker(rank: int, world_size: int) -> dict:
     out = {}
     for seed, n, V, P, temp, offset in CASES:
         case = make_case(seed, n, V, P, temperature=temp, offset=offset)
-        out[(seed, 2)] = run_fused(case, groups2[rank // 2], rank % 2, 2, chunk=4, keep=0 if rank < 2 else 2**28)
+        out[(seed, 2)] = run_fused(case, groups2[rank // 2], rank % 2, 2, chunk=4, keep=0 if rank < 2 else 2**28,
+                                   vb=5)  # 32 local columns: 7 blocks, the last 2 wide
         out[(seed, 4)] = run_fused(case, group4, rank, 4, keep=0)
     return out
 
@@ -166,3 +175,36 @@ def test_output_layer_benchmark_smoke():
     table = main(["--quick", "--threads", "1"])
     rows = [line for line in table.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 2 and "fwd+bwd" in rows[1]
+
+
+def test_kept_buffer_is_reused_and_never_shared_by_two_live_forwards():
+    """Consecutive forward/backward pairs reuse one buffer; a second forward while the first still awaits
+    its backward gets its own memory (both backwards right); results equal those without the buffer."""
+    from camopd_megatron.ops import KeptSoftmaxBuffer
+
+    case = make_case(7, 21, V=50, P=64)
+    ref = reference(case)
+    kept = KeptSoftmaxBuffer()
+
+    def forward():
+        h = case["hidden"].clone().requires_grad_(True)
+        logp = fused_output_logprobs(h, case["weight"], case["targets"], None, vocab_size=50, vocab_block=16,
+                                     kept_buffer=kept)
+        return h, (logp * case["upstream"]).sum()
+
+    ptrs = []
+    for _ in range(2):
+        h, loss = forward()
+        ptrs.append(kept._buf.data_ptr())
+        loss.backward()
+        torch.testing.assert_close(h.grad.double(), ref["dh"], atol=1e-5, rtol=1e-5)
+    assert ptrs[0] == ptrs[1] and not kept._held
+    h1, loss1 = forward()  # holds the buffer ...
+    h2, loss2 = forward()  # ... so this one gets fresh memory
+    assert kept._held
+    loss2.backward()
+    loss1.backward()
+    del loss1, loss2
+    assert not kept._held
+    for h in (h1, h2):
+        torch.testing.assert_close(h.grad.double(), ref["dh"], atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The lean TP=1 decoder gives megatron's tokens and μ (it reads the same weights)."""
+"""The lean TP=1 decoder gives megatron's tokens and μ (it reads the same weights), on MKL-packed weights
+as on the plain ones."""
 from __future__ import annotations
 
 import torch
@@ -39,10 +40,28 @@ def _compare(rank: int, world_size: int) -> list[dict]:
                                       vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_length)
             finally:
                 lean_decode.supported = supported
-        out.append({"supported": lean_decode.supported(model, pgc),
+        packed = _packed_vs_plain(model, lean_decode)
+        out.append({**packed, "supported": lean_decode.supported(model, pgc),
                     "same_tokens": torch.equal(runs[True].tokens_BT, runs[False].tokens_BT),
                     "mu_diff": (runs[True].rollout_logp_BT - runs[False].rollout_logp_BT).abs().max().item()})
     return out
+
+
+def _packed_vs_plain(model, lean_decode) -> dict:
+    """The decoder on MKL-packed weights against the same decoder on the plain ones (prefill, then decode
+    steps), and the packs shared by two micro-batches of one rollout."""
+    packs, plain = lean_decode.WeightPacks(), lean_decode.WeightPacks()
+    plain.enabled = False
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    dec = {name: lean_decode.LeanDecoder(model, 2, 16, p) for name, p in (("packed", packs), ("plain", plain))}
+    diff = 0.0
+    for start, n in ((0, 3), (3, 1), (4, 1)):
+        feed = tokens[:, :n] if start == 0 else tokens[:, start - 3:start - 2]
+        a, b = (dec[k].logits(feed, start) for k in ("packed", "plain"))
+        diff = max(diff, (a - b).abs().max().item())
+    again = lean_decode.LeanDecoder(model, 2, 16, packs)  # the next micro-batch of the same size
+    return {"packed_diff": diff, "packed_used": dec["packed"].out.packed is not None,
+            "packs_shared": again.out.packed is dec["packed"].out.packed}
 
 
 def test_lean_decoder_matches_megatron_inference():
@@ -51,3 +70,6 @@ def test_lean_decoder_matches_megatron_inference():
         assert r["supported"], kw
         assert r["same_tokens"], (kw, r)
         assert r["mu_diff"] <= 1e-5, (kw, r)
+        assert r["packed_diff"] <= 1e-5, (kw, r)
+        if torch.backends.mkl.is_available():  # x86 torch builds: the decode steps run on packed weights
+            assert r["packed_used"] and r["packs_shared"], (kw, r)

@@ -268,3 +268,30 @@ def test_build_rejects_incomplete_collection():
                                 total_steps=1)
     with pytest.raises(ValueError, match="model_chunks"):
         build_ddp_and_optimizer([], OptimConfig(), ParallelConfig(), ProcessGroupCollection(), total_steps=1)
+
+
+def test_cpu_adam_steps_fused_also_after_a_state_load():
+    """megatron's torch Adam (no TE/apex) runs torch's fused CPU kernel: the same update as the per-tensor
+    loop within fp32 rounding, and again fused after load_state_dict replaced the param groups."""
+    from types import SimpleNamespace
+
+    from camopd_megatron.models.optimizer import use_fused_cpu_adam
+
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(1000, generator=g)
+    params = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    fused, loop = (torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1) for p in params)
+    holder = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=fused), SimpleNamespace(optimizer=None)])
+    for _ in range(3):
+        grad = torch.randn(1000, generator=g)
+        for p in params:
+            p.grad = grad.clone()
+        use_fused_cpu_adam(holder)
+        fused.step()
+        loop.step()
+    assert fused.param_groups[0]["fused"] is True and not loop.param_groups[0]["fused"]
+    torch.testing.assert_close(params[0].detach(), params[1].detach(), atol=1e-6, rtol=1e-6)
+    fused.load_state_dict(loop.state_dict())  # a resume: the saved groups say fused=None
+    assert not fused.param_groups[0]["fused"]
+    use_fused_cpu_adam(holder)
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["foreach"] is False

@@ -270,6 +270,7 @@ class _Generator:
         # TP = PP = 1: our lean decoder on the model's own weights (models/lean_decode.py), ~2x faster on CPU.
         # Under lock-step (an expert-parallel MoE model, which it does not run) megatron's path decodes.
         self.lean = self.kv and lock_step is None and lean_decode.supported(model, pgc)
+        self.packs = lean_decode.WeightPacks() if self.lean else None  # packed once, for every micro-batch
         self.device = _model_device(model)
         config = unwrap_model(model).config
         self.hidden_size, self.wire_dtype = config.hidden_size, config.pipeline_dtype or config.params_dtype
@@ -405,7 +406,7 @@ class _Generator:
             st.routes_BTLK = torch.zeros((b, t_max, self.feed.num_layers, self.feed.topk), dtype=ROUTE_DTYPE)
         t = int(plen_B.min())  # prefill [0, t), then produce position t
         if self.lean:
-            ctx = lean_decode.LeanDecoder(self.model, b, t_max)
+            ctx = lean_decode.LeanDecoder(self.model, b, t_max, self.packs)
         else:
             ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=t_max) if self.kv else None
         logits_BV = self._kv_logits(ctx, st.buf_BT[:, :t], 0) if self.kv else self._full_logits(st.buf_BT[:, :t])

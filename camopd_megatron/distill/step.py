@@ -60,6 +60,7 @@ from camopd_megatron.models.moe import RoutingStats
 from camopd_megatron.models.optimizer import optimizer_step, zero_grad_buffers
 from camopd_megatron.models.pipeline import last_stage_to_all, make_microbatches, run_microbatches
 from camopd_megatron.models.scoring import score_logprobs
+from camopd_megatron.ops.fused_output import KeptSoftmaxBuffer
 from camopd_megatron.ops.gaps import sample_gap_scores, token_gaps
 
 if TYPE_CHECKING:
@@ -141,6 +142,8 @@ class StudentState:
     max_seq_len: int
     moments: Optional["BranchMoments"] = None
     """Per-branch Adam moments (``optim.branch_state: per_branch``); None: one shared state."""
+    kept_softmax: KeptSoftmaxBuffer = field(default_factory=KeptSoftmaxBuffer)
+    """The training forward's kept softmax tiles, in memory reused from step to step (ops/fused_output.py)."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -532,7 +535,7 @@ def train_on_selection(student: StudentState, batch: RolloutBatch, teacher_logp_
         mask = mb["mask"][:n]
         logp = next_token_logprobs(hidden[:n], mb["tokens"][:n], tp, vocab_size=student.vocab_size,
                                    temperature=temperature, mask_BT=mask, first_position=mb["output_window"][0],
-                                   output_weight=weight)
+                                   output_weight=weight, kept_buffer=student.kept_softmax)
         teacher = mb["teacher"][:n] if deferred is None else deferred.get()[mb["row"][:n]][:, : mask.shape[1]]
         gap = token_gaps(teacher, logp, mask) if from_forward else mb["gap"][:n]
         loss, m = camopd_branch_loss(logp, teacher, mb["mu"][:n], mask, mb["scale"][:n],

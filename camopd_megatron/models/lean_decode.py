@@ -16,6 +16,15 @@ Math (identical to the local spec, fp32 statistics as there): per layer
 then logits = RMSNorm_final(x) W_out. ``tests/test_rollout.py`` checks the tokens and μ against
 megatron's own forward.
 
+Packed weights (CPU, fp32, torch built with MKL): a decode step multiplies B rows by every weight, and at
+small B MKL's ordinary GEMM repacks the weight on every call: at B = 8 the [151,936, 256] output product took
+42 ms against 12 ms to read the weight once. Each linear weight is therefore packed once per rollout for
+the micro-batch's row count (MKL's packed GEMM, ``torch.ops.mkl._mkl_reorder_linear_weight``) and the
+decode steps run on the packed copy: 16 ms for that product (BENCHMARKS.md). Products over another row
+count (the prefill, B x prompt rows) take the ordinary path. The packs live as long as the rollout
+(:class:`WeightPacks`, held by its caller): about 2.5x the output weight's bytes, more for small weights.
+Only the rounding of the products changes (another summation order).
+
 Only used when :func:`supported` says the model is exactly this architecture; otherwise rollout
 keeps megatron's StaticInferenceContext path. Shapes: B batch, n fed tokens, S cache length, G kv
 groups, H query heads, D head dim, V (padded) vocab.
@@ -68,18 +77,54 @@ def _norm(norm: torch.nn.RMSNorm) -> tuple[torch.Tensor, float]:
     return norm.weight, eps
 
 
+def _mkl_packing() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+
+class WeightPacks:
+    """MKL-packed copies of the decoder's weights for one row count, made on first use and kept for the
+    rollout (every micro-batch of the same size reuses them; the weights do not change within a rollout).
+    Weights that cannot be packed (not CPU fp32, or torch without MKL) are left to ``F.linear``."""
+
+    def __init__(self) -> None:
+        self._packs: dict[tuple[int, int], torch.Tensor] = {}
+        self.enabled = _mkl_packing()
+
+    def linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> "_Linear":
+        if not (self.enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
+                and weight.dim() == 2 and rows > 0):
+            return _Linear(weight, bias, None, rows)
+        key = (id(weight), rows)
+        if key not in self._packs:
+            self._packs[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+        return _Linear(weight, bias, self._packs[key], rows)
+
+
+class _Linear(NamedTuple):
+    """x Wᵀ (+ b): on the packed weight when the product has the rows it was packed for (MKL falls back to
+    the ordinary product for any other row count)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    packed: Optional[torch.Tensor]
+    rows: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+
+
 class _Layer(NamedTuple):
     """One transformer layer's parameters, looked up once."""
 
     input_norm: tuple[torch.Tensor, float]
-    qkv_w: torch.Tensor
-    qkv_b: Optional[torch.Tensor]
+    qkv: _Linear
     qk_norms: Optional[tuple[torch.nn.Module, torch.nn.Module]]  # qwen3's q/k RMSNorm modules
-    proj_w: torch.Tensor
-    proj_b: Optional[torch.Tensor]
+    proj: _Linear
     mlp_norm: tuple[torch.Tensor, float]
-    fc1_w: torch.Tensor
-    fc2_w: torch.Tensor
+    fc1: _Linear
+    fc2: _Linear
 
 
 class LeanDecoder:
@@ -89,7 +134,7 @@ class LeanDecoder:
     and MLP norms are called as ``torch.rms_norm``, and q and k are rotated in one call: in megatron's
     fused QKV layout each kv group holds its query heads then its key head, adjacent."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, packs: Optional[WeightPacks] = None) -> None:
         # every weight is read directly, never through a module's forward: wait for megatron DDP's
         # pending parameter all-gathers (parallel.overlap_param_gather) as the forward pre-hooks would
         finish_param_gather(model)
@@ -106,22 +151,25 @@ class LeanDecoder:
         self.v_LBGSD = torch.zeros_like(self.k_LBGSD)
         self.embed = model.embedding.word_embeddings.weight
         self.final_norm = _norm(model.decoder.final_layernorm)
-        self.out_weight = output_weight(model)
+        packs = packs if packs is not None else WeightPacks()
+        self.out = packs.linear(output_weight(model), None, batch)  # one decode step: B rows
         self.layers = []
         for layer in model.decoder.layers:
-            att = layer.self_attention
+            att, mlp = layer.self_attention, layer.mlp
             q_ln = getattr(att, "q_layernorm", None)
             self.layers.append(_Layer(
-                _norm(layer.input_layernorm), att.linear_qkv.weight, att.linear_qkv.bias,
-                (q_ln, att.k_layernorm) if q_ln is not None else None, att.linear_proj.weight, att.linear_proj.bias,
-                _norm(layer.pre_mlp_layernorm), layer.mlp.linear_fc1.weight, layer.mlp.linear_fc2.weight,
+                _norm(layer.input_layernorm), packs.linear(att.linear_qkv.weight, att.linear_qkv.bias, batch),
+                (q_ln, att.k_layernorm) if q_ln is not None else None,
+                packs.linear(att.linear_proj.weight, att.linear_proj.bias, batch),
+                _norm(layer.pre_mlp_layernorm), packs.linear(mlp.linear_fc1.weight, None, batch),
+                packs.linear(mlp.linear_fc2.weight, None, batch),
             ))
 
     def _attention(self, i: int, x_BnC: torch.Tensor, start: int) -> torch.Tensor:
         p = self.layers[i]
         b, n, c = x_BnC.shape
         h_BnC = torch.rms_norm(x_BnC, (c,), *p.input_norm)
-        qkv = F.linear(h_BnC, p.qkv_w, p.qkv_b).view(b, n, self.groups, self.per_group + 2, self.dim)
+        qkv = p.qkv(h_BnC).view(b, n, self.groups, self.per_group + 2, self.dim)
         cos, sin = self.cos_SD[start:start + n, None, None, :], self.sin_SD[start:start + n, None, None, :]
         if p.qk_norms is None:  # rotate the query heads and the key head of every group in one call
             qk = _rotate(qkv[:, :, :, : self.per_group + 1], cos, sin)
@@ -141,7 +189,7 @@ class LeanDecoder:
             mask = torch.ones(n, end, dtype=torch.bool, device=x_BnC.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim)
-        return F.linear(out, p.proj_w, p.proj_b)
+        return p.proj(out)
 
     @torch.no_grad()
     def logits(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
@@ -150,7 +198,7 @@ class LeanDecoder:
         c = x.shape[-1]
         for i, p in enumerate(self.layers):
             x = x + self._attention(i, x, start)
-            gate, up = F.linear(torch.rms_norm(x, (c,), *p.mlp_norm), p.fc1_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, p.fc2_w)
+            gate, up = p.fc1(torch.rms_norm(x, (c,), *p.mlp_norm)).chunk(2, dim=-1)
+            x = x + p.fc2(F.silu(gate) * up)
         w, eps = self.final_norm
-        return F.linear(torch.rms_norm(x[:, -1], (c,), w, eps), self.out_weight)
+        return self.out(torch.rms_norm(x[:, -1], (c,), w, eps))

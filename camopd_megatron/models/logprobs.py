@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from camopd_megatron.ops import fused_output_logprobs, sampled_token_logprobs
+from camopd_megatron.ops import KeptSoftmaxBuffer, fused_output_logprobs, sampled_token_logprobs
 
 
 def vocab_start(logits_BTV: torch.Tensor, tp_group: Any) -> int:
@@ -31,6 +31,7 @@ def next_token_logprobs(
     chunk_tokens: Optional[int] = None,
     first_position: int = 0,
     output_weight: Optional[torch.Tensor] = None,
+    kept_buffer: Optional[KeptSoftmaxBuffer] = None,
 ) -> torch.Tensor:
     """``out[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`` for t < T-1; column T-1 is 0.
 
@@ -48,6 +49,7 @@ def next_token_logprobs(
         output_weight: this rank's output weight rows ``[V / TP, H]`` (``models.gpt.output_weight``):
             the input is hidden states and the projection is fused into the log-prob
             (:func:`camopd_megatron.ops.fused_output_logprobs`; no logits tensor is built).
+        kept_buffer: with ``output_weight`` and grad, the memory its kept softmax reuses from call to call.
     Returns:
         fp32 ``[B, T]`` (differentiable w.r.t. the logits when they require grad).
     """
@@ -62,7 +64,7 @@ def next_token_logprobs(
     targets_BW = targets_BT[:, first_position:first_position + w]
     if output_weight is not None:
         logp_BW = fused_output_logprobs(logits_BTV, output_weight, targets_BW, tp_group, vocab_size=vocab_size,
-                                        temperature=temperature, chunk_tokens=chunk_tokens)
+                                        temperature=temperature, chunk_tokens=chunk_tokens, kept_buffer=kept_buffer)
     else:
         logp_BW = sampled_token_logprobs(
             logits_BTV, targets_BW, tp_group, vocab_start=vocab_start(logits_BTV, tp_group), vocab_size=vocab_size,

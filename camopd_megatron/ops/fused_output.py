@@ -6,7 +6,7 @@
 the final hidden states ``h`` [..., H] (replicated over the TP group, as megatron's output layer
 receives them) and this rank's output weight shard ``W`` [V_local, H], and never builds the
 [tokens, V_local] logits: the output projection, the softmax statistics and, in backward, the logit
-gradient run chunk by chunk. On a CPU the full logits were the step's largest memory traffic: at
+gradient run tile by tile. On a CPU the full logits were the step's largest memory traffic: at
 h512 / vocab 32000 / 1024 scored tokens, their fp32 copy, transpose, zero-filled gradient and slice
 copies were ~40 % of the training forward + backward (BENCHMARKS.md). The math and the collectives
 are those of the logits kernel (two all-reduces in forward, whatever the chunking; the same
@@ -15,23 +15,25 @@ and large logits keep fp32 precision); backward adds the
 all-reduce SUM of dL/dh over the TP group that megatron's column-parallel output layer does.
 
 Gradients, with p = softmax(x) and g the incoming gradient per token:
-    G = (onehot(y) − p) · g / T            [C, V_local], one chunk (or all rows) at a time
+    G = (onehot(y) − p) · g / T            [C, W], one tile at a time
     dL/dh = Σ_r G_r W_r    (all-reduce over TP),    dL/dW_r = Gᵀ h
 
-Backward needs p again: it keeps the forward's exp(x − shift) when it is small enough
-(``keep_softmax_bytes``, one fp32 [tokens, V_local] tensor at most, as megatron's cross-entropy keeps its
-softmax), and otherwise projects each chunk again.
+Tiles. The [N, V_local] logits are worked through in tiles of C rows x W vocab columns (a vocab block):
+the product of one tile (h_C W_blockᵀ) writes ~2 MiB (``DEFAULT_TILE_ELEMENTS``), and the softmax
+passes over it (max, exp, sum; in backward the scale and the one-hot) run while it is still in cache,
+in backward right before the tile's two products (dL/dh += G W_block, dL/dW_block += Gᵀ h). Each block's
+max and Σexp are kept per row ([blocks, N], a few floats per row and block) and combined into the row's
+(max, Σexp) once, so the rows' statistics never need a second pass over the logits. Each product is
+over a whole block of the vocabulary, so the weight is still read once per chunk of rows.
 
-Chunks. Kept: the forward projects all rows in one product into one [N, V_local] buffer, and backward
-turns that buffer into dL/dx in place and runs each of its two products once over all rows (dL/dW is
-read and written once, not once per chunk; the weight is streamed once per product). Not kept:
-``chunk_tokens`` rows per product, into one buffer reused chunk after chunk (a fresh allocation of that
-size is page-faulted in every time); the default keeps it near ``DEFAULT_FUSED_CHUNK_ELEMENTS`` (32 MiB),
-larger than the logits kernel's default on purpose: every chunk adds into the whole [V_local, H] weight
-gradient, so fewer chunks move less memory. Without grad, rows whose logits fit ``keep_softmax_bytes``
-take one product. Either way the elementwise softmax passes (max, exp, sum; in backward the scale and the
-one-hot) run ``DEFAULT_BLOCK_ELEMENTS`` (~4 MiB) at a time, so that the passes over a block stay in cache.
-The products are the same; only their blocking, hence the fp32 rounding of the sums, depends on the path.
+Backward needs p again: it keeps the forward's exp(x − block max) when the tiles are small enough
+together (``keep_softmax_bytes``, one fp32 [tokens, V_local] buffer at most, as megatron's cross-entropy
+keeps its softmax; then all rows are one chunk and dL/dW is read and written once), and otherwise
+projects each tile again, ``chunk_tokens`` rows at a time (``DEFAULT_CHUNK_ROWS``) into one reused tile
+buffer. Without grad nothing is kept: one reused tile buffer whatever the vocabulary (at V = 151,936 the
+teacher stage no longer page-faults in a fresh 311 MB logits buffer per call). dL/dh is summed over the
+blocks in fp32 whatever the weight's dtype. The products are the same whatever the path; only their
+blocking, hence the fp32 rounding of the sums, depends on it.
 
 The weight is used directly, not through the output layer module, so the caller owns what that
 module's forward would do first: with megatron's ``overlap_param_gather`` the weight's all-gather is
@@ -43,11 +45,13 @@ Under megatron's DDP the weight gradient is added straight into the parameter's 
 buffer (megatron's gradient-accumulation-fusion contract: ``grad_added_to_main_grad`` is set and a dummy
 gradient is returned, which the DDP hook skips).
 
-Shape legend: N tokens (leading dims flattened), H hidden, V = V_local, C tokens per chunk, K = 1.
+Shape legend: N tokens (leading dims flattened), H hidden, V = V_local, C rows per chunk, W columns per
+vocab block, J blocks, K = 1.
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -65,74 +69,150 @@ from camopd_megatron.ops.vocab_parallel import (
     reduce_stats,
 )
 
-__all__ = ["DEFAULT_FUSED_CHUNK_ELEMENTS", "DEFAULT_KEEP_SOFTMAX_BYTES", "fused_output_logprobs"]
+__all__ = ["DEFAULT_CHUNK_ROWS", "DEFAULT_KEEP_SOFTMAX_BYTES", "KeptSoftmaxBuffer", "fused_output_logprobs"]
 
-DEFAULT_FUSED_CHUNK_ELEMENTS = 2**23
+DEFAULT_CHUNK_ROWS = 1024
+"""Rows per chunk where the softmax is not kept (no grad, or over ``keep_softmax_bytes``): the weight is read
+once per chunk of rows (and, with grad, dL/dW read and written once per chunk), so chunks are large; the
+tiles inside a chunk keep the memory to one [rows, vocab block] buffer whatever the vocabulary."""
 DEFAULT_KEEP_SOFTMAX_BYTES = 2**29
 """Keep the forward's exp(logits) for backward up to 512 MiB (one fp32 [tokens, V_local]); beyond that,
 backward projects again. Keeping trades N·V·4 bytes for a whole projection, 2·N·V·H FLOPs: at h512 / V 32000
 / 1024 tokens (131 MB) it saved ~12 % of the training forward + backward on CPU; at the Qwen vocabulary
 (V 151,936, 512 scored tokens, 311 MB) the projection it saves is 40 GFLOP, a quarter of the output layer's
 training work (BENCHMARKS.md)."""
-DEFAULT_BLOCK_ELEMENTS = 2**20
-"""Rows per pass of the elementwise softmax work (max, exp, sum; in backward the scale and the one-hot),
-~4 MiB of fp32: the passes over one block run in the last-level cache instead of streaming a whole
-[chunk, V_local] buffer from memory once per pass."""
+DEFAULT_TILE_ELEMENTS = 2**19
+"""Elements of one tile, [rows, vocab block] (2 MiB of fp32, the size of a core's L2 here): the product writes
+it and the softmax passes (max, exp, sum; in backward the scale and the one-hot) read it while it is still in
+cache, right before (backward) the two products that read it again. Vocab blocks are at least
+``_MIN_VOCAB_BLOCK`` columns wide, so that each product stays efficient."""
+_MIN_VOCAB_BLOCK = 128
 
 
-def _project_(h_CH: torch.Tensor, weight_VH: torch.Tensor, out_CV: torch.Tensor, layout,
+def _vocab_block(v_local: int, rows: int, vocab_block: Optional[int]) -> int:
+    if vocab_block is not None:
+        return max(1, min(vocab_block, v_local))
+    return max(1, min(v_local, max(_MIN_VOCAB_BLOCK, DEFAULT_TILE_ELEMENTS // max(rows, 1))))
+
+
+def _project_(h_CH: torch.Tensor, weight_WH: torch.Tensor, out_CW: torch.Tensor, pad_from: int,
               temperature: float) -> torch.Tensor:
-    """``out_CV`` ← fp32 scaled logits of the rows ``h_CH``, padding columns at -inf. The buffer is reused
-    chunk after chunk: a fresh [chunk, V_local] allocation is mapped and page-faulted in every time, at a
-    fraction of the memory bandwidth."""
-    if h_CH.dtype == torch.float32 and weight_VH.dtype == torch.float32:
-        torch.mm(h_CH, weight_VH.t(), out=out_CV)
+    """``out_CW`` ← fp32 scaled logits of the rows ``h_CH`` over one vocab block, columns from ``pad_from`` on
+    (padding) at -inf."""
+    if h_CH.dtype == torch.float32 and weight_WH.dtype == torch.float32:
+        torch.mm(h_CH, weight_WH.t(), out=out_CW)
     else:
-        out_CV.copy_(F.linear(h_CH, weight_VH))
+        out_CW.copy_(F.linear(h_CH, weight_WH))
     if temperature != 1.0:
-        out_CV.div_(temperature)
-    if layout.pad_from < layout.v_local:
-        out_CV[:, layout.pad_from:] = float("-inf")
-    return out_CV
+        out_CW.div_(temperature)
+    if pad_from < out_CW.shape[1]:
+        out_CW[:, max(pad_from, 0):] = float("-inf")
+    return out_CW
 
 
-def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, block,
-                   keep: bool = False) -> tuple[RowStats, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The group's RowStats (max, log Σexp, target logits). Projects ``chunk`` rows at a time into one
-    reused buffer; with ``keep``, all rows in one product into one [N, V_local] buffer that is returned
-    holding exp(x − shift_N), with shift_N (backward then needs no second projection). The softmax passes
-    run ``block`` rows at a time."""
-    n, v = layout.n_tokens, weight_VH.shape[0]
+class KeptSoftmaxBuffer:
+    """Memory for the kept softmax tiles, reused from one training forward to the next.
+
+    A fresh [N, V_local] fp32 buffer is new memory every step: the kernel maps and zero-fills it page by page
+    on first touch, which on this CPU cost 0.3-0.6 s of the Qwen-vocabulary train stage (311 MB) whenever it
+    was not given huge pages (BENCHMARKS.md). The owner (the student's training state) holds one buffer of
+    the largest size asked so far, so it stays allocated between steps (at most ``keep_softmax_bytes``). A
+    forward whose tiles are still awaiting their backward holds it; a second forward meanwhile (more than one
+    micro-batch in flight) gets a fresh buffer, never the held one. Released when the tiles are dropped."""
+
+    def __init__(self) -> None:
+        self._buf: Optional[torch.Tensor] = None
+        self._held = False
+
+    def take(self, numel: int, device: torch.device) -> tuple[torch.Tensor, Optional[Callable[[], None]]]:
+        """A flat fp32 buffer of ``numel`` and the call that gives it back (None for a fresh one)."""
+        if self._held:
+            return torch.empty(numel, dtype=torch.float32, device=device), None
+        if self._buf is None or self._buf.numel() < numel or self._buf.device != device:
+            self._buf = None  # the old one goes before the new one is allocated
+            self._buf = torch.empty(numel, dtype=torch.float32, device=device)
+        self._held = True
+        return self._buf[:numel], self._give_back
+
+    def _give_back(self) -> None:
+        self._held = False
+
+
+class _Tiles:
+    """The tiles of the [N, V_local] logits: row chunks of ``rows`` x vocab blocks of ``vb`` columns. With
+    ``keep`` (one chunk of all rows) each tile is a contiguous slab of one [N·V_local] buffer, block after
+    block, which backward consumes; without, every tile is written into one reused [rows, vb] buffer."""
+
+    def __init__(self, n: int, v: int, rows: int, vb: int, keep: bool, device: torch.device,
+                 kept_buffer: Optional[KeptSoftmaxBuffer] = None) -> None:
+        self.n, self.v, self.rows, self.vb, self.keep = n, v, max(rows, 1), vb, keep
+        self.n_blocks = -(-v // vb) if v else 0
+        if keep and self.rows < n:
+            raise ValueError("fused_output_logprobs: a kept softmax is one chunk of all rows")
+        if keep and kept_buffer is not None:
+            self.buf, give_back = kept_buffer.take(n * v, device)
+            if give_back is not None:
+                weakref.finalize(self, give_back)
+        else:
+            size = n * v if keep else min(self.rows, n) * min(vb, v)
+            self.buf = torch.empty(size, dtype=torch.float32, device=device)
+
+    def chunks(self) -> range:
+        return range(0, self.n, self.rows)
+
+    def columns(self, j: int) -> tuple[int, int]:
+        return j * self.vb, min(self.v, (j + 1) * self.vb)
+
+    def tile(self, c0: int, j: int) -> torch.Tensor:
+        c1, (v0, v1) = min(c0 + self.rows, self.n), self.columns(j)
+        if self.keep:
+            return self.buf[self.n * v0:self.n * v1].view(self.n, v1 - v0)
+        return self.buf[: (c1 - c0) * (v1 - v0)].view(c1 - c0, v1 - v0)
+
+
+def _block_targets(tgt_local_NK: torch.Tensor, owned_NK: torch.Tensor, c0: int, c1: int, vb: int,
+                   n_blocks: int) -> list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """For each vocab block, the targets of rows [c0, c1) this rank owns there: (row in the chunk, k, column
+    in the block); None for a block without any."""
+    r, k = owned_NK[c0:c1].nonzero(as_tuple=True)
+    col = tgt_local_NK[c0:c1][r, k]
+    blk = torch.div(col, vb, rounding_mode="floor")
+    order = torch.argsort(blk, stable=True)
+    r, k, col, blk = r[order], k[order], col[order], blk[order]
+    out: list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+    i = 0
+    for j, count in enumerate(torch.bincount(blk, minlength=n_blocks).tolist()):
+        out.append((r[i:i + count], k[i:i + count], col[i:i + count] - j * vb) if count else None)
+        i += count
+    return out
+
+
+def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature,
+                   tiles: _Tiles) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
+    """The group's RowStats (max, log Σexp, target logits), tile by tile; returns them with each block's max
+    and shift ([blocks, N]). With ``tiles.keep`` the tiles are left holding exp(x − that block's shift)."""
+    n = layout.n_tokens
     dev = hidden_NH.device
-    m_N = torch.empty(n, dtype=torch.float32, device=dev)
-    s_N = torch.empty_like(m_N)
+    m_JN = torch.full((tiles.n_blocks, n), float("-inf"), dtype=torch.float32, device=dev)
+    shift_JN = torch.zeros_like(m_JN)
+    s_JN = torch.zeros_like(m_JN)
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
-    shift_N = torch.empty_like(m_N) if keep else None
-    rows = n if keep else min(chunk, n)
-    buf = torch.empty(rows, v, dtype=torch.float32, device=dev)
-    for c0 in range(0, n, max(rows, 1)):
-        c1 = min(c0 + rows, n)
-        x_CV = _project_(hidden_NH[c0:c1], weight_VH, buf[: c1 - c0], layout, temperature)
-        for b0 in range(c0, c1, block):
-            b1 = min(b0 + block, c1)
-            x_BV = x_CV[b0 - c0:b1 - c0]
-            owned_BK, tgt_BK = owned_NK[b0:b1], tgt_local_NK[b0:b1]
-            idx_BK = torch.where(owned_BK, tgt_BK, torch.zeros_like(tgt_BK))
-            tgt_NK[b0:b1] = torch.where(owned_BK, x_BV.gather(1, idx_BK), torch.zeros_like(idx_BK, dtype=torch.float32))
-            m_N[b0:b1], shift_B, s_N[b0:b1] = exp_shifted_(x_BV)  # x_BV now holds exp(x − shift)
-            if keep:
-                shift_N[b0:b1] = shift_B
-    return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), shift_N, (buf if keep else None)
-
-
-def _grad_logits_(p_BV: torch.Tensor, neg_g_scale_B: torch.Tensor, idx_BK: torch.Tensor, src_BK: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
-    """In place exp(x − shift) → dL/dx = (onehot(y) − p) · g / T for one block of rows."""
-    p_BV.mul_(neg_g_scale_B.unsqueeze(-1))  # −p · g
-    p_BV.scatter_add_(1, idx_BK, src_BK)  # + onehot · g
-    if temperature != 1.0:
-        p_BV.div_(temperature)
-    return p_BV
+    for c0 in tiles.chunks():
+        c1 = min(c0 + tiles.rows, n)
+        owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+        for j in range(tiles.n_blocks):
+            v0, v1 = tiles.columns(j)
+            x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
+                             temperature)
+            if owned[j] is not None:
+                r, k, col = owned[j]
+                tgt_NK[c0 + r, k] = x_CW[r, col]
+            m_JN[j, c0:c1], shift_JN[j, c0:c1], s_JN[j, c0:c1] = exp_shifted_(x_CW)
+    # the blocks' (max, Σexp) into one per row (a block of padding only has s = 0 and shift 0)
+    m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
+    shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)
+    s_N = torch.where(s_JN > 0, s_JN * torch.exp(shift_JN - shift_N), torch.zeros_like(s_JN)).sum(dim=0)
+    return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), m_JN, shift_JN
 
 
 def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
@@ -147,74 +227,87 @@ def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
 
 
 class _FusedOutputLogProb(torch.autograd.Function):
-    """Saves the hidden states, the weight (both held by the graph anyway), M_N and log S_N, and with ``keep`` the
-    forward's [N, V_local] exp buffer (consumed in place by the one backward)."""
+    """Saves the hidden states, the weight (both held by the graph anyway), M_N and log S_N, each block's max
+    and shift, and with ``tiles.keep`` the forward's exp tiles (consumed in place by the one backward)."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, chunk, block, keep):
-        stats, shift_N, kept = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
-                                              temperature, chunk, block, keep)
-        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, stats.max_N, stats.log_sum_N,
-                              shift_N if keep else stats.max_N.new_empty(0))
-        ctx.layout, ctx.tp_group, ctx.temperature, ctx.chunk, ctx.block = layout, tp_group, temperature, chunk, block
-        ctx.keep, ctx.kept = keep, kept
+    def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, tiles):
+        stats, m_JN, shift_JN = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
+                                               temperature, tiles)
+        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, stats.max_N, stats.log_sum_N, m_JN,
+                              shift_JN)
+        ctx.layout, ctx.tp_group, ctx.temperature, ctx.tiles = layout, tp_group, temperature, tiles
         return stats.logprobs(stats.target_NK, _live(tgt_local_NK))
 
     @staticmethod
     def backward(ctx, g_logp_NK):
-        hidden_NH, weight_VH, tgt_local_NK, owned_NK, max_N, log_sum_N, shift_N = ctx.saved_tensors
-        stats = RowStats(max_N, log_sum_N, None)
-        if ctx.keep and ctx.kept is None:
-            raise RuntimeError("fused_output_logprobs: backward ran twice on a graph that kept its softmax chunks "
+        hidden_NH, weight_VH, tgt_local_NK, owned_NK, max_N, log_sum_N, m_JN, shift_JN = ctx.saved_tensors
+        tiles = ctx.tiles
+        if tiles is None:
+            raise RuntimeError("fused_output_logprobs: backward ran twice on a graph that kept its softmax tiles "
                                "(they are consumed in place); recompute the forward instead of retain_graph=True")
-        kept, ctx.kept = ctx.kept, None
-        layout, temperature, chunk, block = ctx.layout, ctx.temperature, ctx.chunk, ctx.block
+        if tiles.keep:
+            ctx.tiles = None
+        stats = RowStats(max_N, log_sum_N, None)
+        layout, temperature, n = ctx.layout, ctx.temperature, ctx.layout.n_tokens
         g_NK = torch.where(_live(tgt_local_NK), g_logp_NK.float(), torch.zeros_like(g_logp_NK, dtype=torch.float32))
-        # p = exp(x − shift) · probs_scale(shift): with the forward's kept buffer shift is the local max,
-        # when projecting again it is M itself (probs_scale = 1 / S)
-        neg_g_N = -g_NK.sum(dim=-1)
-        neg_g_scale_N = neg_g_N * stats.probs_scale(shift_N if ctx.keep else max_N)
-        idx_NK = torch.where(owned_NK, tgt_local_NK, torch.zeros_like(tgt_local_NK))
         src_NK = torch.where(owned_NK, g_NK, torch.zeros_like(g_NK))
+        neg_g_N = -g_NK.sum(dim=-1)
+        # p = exp(x − shift) · probs_scale(shift): kept tiles hold exp(x − their block's shift) (0 for a block
+        # of padding only, whose scale is then never formed), recomputed ones exp(x − M)
+        if tiles.keep:
+            scale_JN = torch.where(torch.isinf(m_JN), torch.zeros_like(m_JN),
+                                   neg_g_N * stats.probs_scale(shift_JN))
+        else:
+            scale_N = neg_g_N * stats.probs_scale(max_N)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
+        fp32 = weight_VH.dtype == torch.float32
+        # dL/dh accumulates over the vocab blocks in fp32 whatever the weight's dtype
+        grad_h_NH = torch.zeros(hidden_NH.shape, dtype=torch.float32, device=hidden_NH.device) if need_h else None
         into_main = need_w and _accumulates_into_main_grad(weight_VH)
-        grad_w_VH = weight_VH.main_grad if into_main else None  # else allocated by the first chunk's product
-        n = layout.n_tokens
-        # with the kept buffer: the logit gradient of all rows in place, then each product once over all N
-        # rows (fp32; other dtypes cast ``chunk`` rows at a time); one pass over dL/dW instead of one per chunk
-        rows = (n if weight_VH.dtype == torch.float32 else chunk) if ctx.keep else min(chunk, n)
-        buf = None if ctx.keep else torch.empty(rows, weight_VH.shape[0], dtype=torch.float32, device=hidden_NH.device)
-        for c0 in range(0, n, max(rows, 1)):
-            c1 = min(c0 + rows, n)
+        grad_w_VH = None
+        if need_w:
+            grad_w_VH = weight_VH.main_grad if into_main else torch.empty(
+                weight_VH.shape, dtype=torch.float32, device=weight_VH.device)
+        for c0 in tiles.chunks():
+            c1 = min(c0 + tiles.rows, n)
             h_CH = hidden_NH[c0:c1]
-            if ctx.keep:  # the forward's exp(x − shift) rows
-                x_CV = kept[c0:c1]
-            else:
-                x_CV = _project_(h_CH, weight_VH, buf[: c1 - c0], layout, temperature)
-            for b0 in range(c0, c1, block):
-                b1 = min(b0 + block, c1)
-                x_BV = x_CV[b0 - c0:b1 - c0]
-                if not ctx.keep:
-                    x_BV.sub_(max_N[b0:b1].unsqueeze(-1)).exp_()
-                _grad_logits_(x_BV, neg_g_scale_N[b0:b1], idx_NK[b0:b1], src_NK[b0:b1], temperature)
-            if need_h:
-                torch.mm(x_CV.to(weight_VH.dtype), weight_VH, out=grad_h_NH[c0:c1])
-            if need_w:  # from the fp32 logit gradient (no round trip through a bf16 weight's dtype)
-                g_t, h_f = x_CV.t(), h_CH.float()
-                grad_w_VH = torch.mm(g_t, h_f) if grad_w_VH is None else grad_w_VH.addmm_(g_t, h_f)
-            del x_CV
-        del kept, buf
+            h_f = h_CH if h_CH.dtype == torch.float32 else h_CH.float()
+            owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+            for j in range(tiles.n_blocks):
+                v0, v1 = tiles.columns(j)
+                w_WH = weight_VH[v0:v1]
+                if tiles.keep:
+                    x_CW = tiles.tile(c0, j).mul_(scale_JN[j].unsqueeze(-1))
+                else:
+                    x_CW = _project_(h_CH, w_WH, tiles.tile(c0, j), layout.pad_from - v0, temperature)
+                    x_CW.sub_(max_N[c0:c1].unsqueeze(-1)).exp_().mul_(scale_N[c0:c1].unsqueeze(-1))
+                # x now holds −p·g; + onehot·g, then / T: dL/dx of this tile
+                if owned[j] is not None:
+                    r, k, col = owned[j]
+                    x_CW.index_put_((r, col), src_NK[c0 + r, k], accumulate=True)
+                if temperature != 1.0:
+                    x_CW.div_(temperature)
+                if need_h:
+                    grad_h_NH[c0:c1].addmm_(x_CW, w_WH if fp32 else w_WH.float())
+                if need_w:  # from the fp32 logit gradient; the first chunk writes, later ones add
+                    if into_main or c0 > 0:
+                        grad_w_VH[v0:v1].addmm_(x_CW.t(), h_f)
+                    else:
+                        torch.mm(x_CW.t(), h_f, out=grad_w_VH[v0:v1])
+        del tiles
         if need_h and layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
             dist.all_reduce(grad_h_NH, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        if need_h:
+            grad_h_NH = grad_h_NH.to(hidden_NH.dtype)
         if into_main:  # megatron's gradient-accumulation-fusion contract: a dummy grad the DDP hook skips
             weight_VH.grad_added_to_main_grad = True
-            return grad_h_NH, torch.empty_like(weight_VH), None, None, None, None, None, None, None, None
-        if need_w and grad_w_VH is None:  # no tokens
-            grad_w_VH = torch.zeros_like(weight_VH)
+            return grad_h_NH, torch.empty_like(weight_VH), None, None, None, None, None, None
+        if need_w and n == 0:  # no tokens
+            grad_w_VH.zero_()
         if need_w and grad_w_VH.dtype != weight_VH.dtype:
             grad_w_VH = grad_w_VH.to(weight_VH.dtype)
-        return grad_h_NH, grad_w_VH, None, None, None, None, None, None, None, None
+        return grad_h_NH, grad_w_VH, None, None, None, None, None, None
 
 
 def fused_output_logprobs(
@@ -228,6 +321,8 @@ def fused_output_logprobs(
     chunk_tokens: Optional[int] = None,
     ignore_index: int = IGNORE_INDEX,
     keep_softmax_bytes: int = DEFAULT_KEEP_SOFTMAX_BYTES,
+    vocab_block: Optional[int] = None,
+    kept_buffer: Optional[KeptSoftmaxBuffer] = None,
 ) -> torch.Tensor:
     """log p(targets) fp32 [...] from hidden states [..., H] and this rank's output weight rows.
 
@@ -239,11 +334,13 @@ def fused_output_logprobs(
         tp_group: the group the vocabulary is sharded over (None: unsharded, no communication).
         vocab_size: the real vocabulary.
         temperature: the softmax is over logits / temperature.
-        chunk_tokens: tokens per chunk (None: ~DEFAULT_FUSED_CHUNK_ELEMENTS fp32 per chunk buffer).
+        chunk_tokens: tokens per chunk where the softmax is not kept (None: ``DEFAULT_CHUNK_ROWS``).
         keep_softmax_bytes: with grad, keep the forward's fp32 exp(logits) for backward when they take at
-            most this many bytes (one [tokens, V_local] fp32 tensor) instead of projecting again; 0 always
-            recomputes (the smallest memory). Without grad and with the automatic chunk, rows whose logits
-            fit this budget are projected in one product.
+            most this many bytes (one [tokens, V_local] fp32 tensor; all tokens in one chunk) instead of
+            projecting again; 0 always recomputes (the smallest memory).
+        vocab_block: columns per tile (None: ~``DEFAULT_TILE_ELEMENTS`` per tile, at least 128 columns).
+        kept_buffer: where a kept softmax goes (reused from call to call, :class:`KeptSoftmaxBuffer`);
+            None: a fresh buffer.
 
     Differentiable w.r.t. ``hidden`` and ``weight_shard`` when grad is enabled.
     """
@@ -261,21 +358,22 @@ def fused_output_logprobs(
     stand_in = hidden.new_zeros(()).expand(*lead, v_local)
     layout = _validate(stand_in, targets, None, tp_group, vocab_start=tp_rank * v_local, vocab_size=vocab_size,
                        temperature=temperature, chunk_tokens=chunk_tokens, ignore_index=ignore_index)
-    chunk = chunk_tokens if chunk_tokens is not None else max(1, DEFAULT_FUSED_CHUNK_ELEMENTS // v_local)
-    block = min(chunk, max(1, DEFAULT_BLOCK_ELEMENTS // v_local))
-    hidden_NH = hidden.reshape(layout.n_tokens, hidden.shape[-1])
+    if vocab_block is not None and (not isinstance(vocab_block, int) or vocab_block < 1):
+        raise ValueError(f"vocab_block: got {vocab_block!r}, expected a positive int or None (automatic)")
+    n = layout.n_tokens
+    hidden_NH = hidden.reshape(n, hidden.shape[-1])
     tgt_local_NK, owned_NK = _prepare_targets(targets, None, layout, ignore_index, hidden.device)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad):
-        keep = layout.n_tokens * v_local * 4 <= keep_softmax_bytes
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad)
+    keep = grad and n * v_local * 4 <= keep_softmax_bytes
+    rows = n if keep else (chunk_tokens or DEFAULT_CHUNK_ROWS)
+    tiles = _Tiles(n, v_local, rows, _vocab_block(v_local, min(rows, max(n, 1)), vocab_block), keep, hidden.device,
+                   kept_buffer)
+    if grad:
         logp_NK = _FusedOutputLogProb.apply(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
-                                            float(temperature), chunk, block, keep)
-    else:
-        # no backward to feed: with the automatic chunk, all rows in one product when their logits fit the
-        # same budget (the weight is streamed once instead of once per chunk), else chunk by chunk
-        if chunk_tokens is None and layout.n_tokens * v_local * 4 <= keep_softmax_bytes:
-            chunk = max(1, layout.n_tokens)
+                                            float(temperature), tiles)
+    else:  # no backward to feed: one reused tile buffer, nothing saved
         with torch.no_grad():
             stats, _, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
-                                         float(temperature), chunk, block)
+                                         float(temperature), tiles)
             logp_NK = stats.logprobs(stats.target_NK, _live(tgt_local_NK))
     return logp_NK.view(lead)
