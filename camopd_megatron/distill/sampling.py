@@ -328,17 +328,19 @@ def _inverse_cdf_sample(logits_BV: torch.Tensor, keys_B2: torch.Tensor, tp_group
     b = logits_BV.shape[0]
     real = max(0, min(v_local, vocab_size - vocab_start))  # local columns >= vocab_size are padding
     dev = logits_BV.device
-    s_BV = logits_BV[:, :real].to(torch.float64)
-    if temperature != 1.0:
-        s_BV = s_BV / float(temperature)
-    if real:
-        m_B = s_BV.amax(dim=-1)
-        cum_BV = (s_BV - m_B.unsqueeze(1)).exp_().cumsum_(dim=-1)
+    def scaled(x: torch.Tensor) -> torch.Tensor:  # logits / T in float64 (a fresh tensor)
+        x = x.to(torch.float64, copy=True)
+        return x.div_(float(temperature)) if temperature != 1.0 else x
+
+    if real:  # one float64 buffer, turned in place into the cumulative masses (the picked logit is read again)
+        cum_BV = scaled(logits_BV[:, :real])
+        m_B = cum_BV.amax(dim=-1)
+        cum_BV.sub_(m_B.unsqueeze(1)).exp_().cumsum_(dim=-1)
         mass_B = cum_BV[:, -1]
     if tp_size == 1:  # the whole row here: the same draw without the cross-rank bookkeeping
         target_B1 = (row_uniforms(keys_B2).to(dev) * mass_B).unsqueeze(1)
         col_B1 = torch.searchsorted(cum_BV, target_B1, right=True).clamp_(max=real - 1)
-        mu_B = s_BV.gather(1, col_B1).squeeze(1) - m_B - mass_B.log()
+        mu_B = scaled(logits_BV.gather(1, col_B1)).squeeze(1) - m_B - mass_B.log()
         return col_B1.squeeze(1), mu_B.float()
     if not real:  # a shard of padding only: no mass
         m_B = torch.full((b,), float("-inf"), dtype=torch.float64, device=dev)
@@ -366,7 +368,7 @@ def _inverse_cdf_sample(logits_BV: torch.Tensor, keys_B2: torch.Tensor, tp_group
         local_target_B = torch.where(mine_B, (target_B - before_B) / scale_RB[tp_rank].clamp_min(1e-300),
                                      torch.zeros_like(target_B))
         col_B = torch.searchsorted(cum_BV, local_target_B.unsqueeze(1), right=True).squeeze(1).clamp_(max=real - 1)
-        pick_B = s_BV.gather(1, col_B.unsqueeze(1)).squeeze(1)
+        pick_B = scaled(logits_BV.gather(1, col_B.unsqueeze(1))).squeeze(1)
     else:
         col_B = torch.zeros(b, dtype=torch.int64, device=dev)
         pick_B = torch.zeros(b, dtype=torch.float64, device=dev)
