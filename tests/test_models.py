@@ -286,3 +286,58 @@ def test_last_stage_to_all_is_a_bounded_broadcast():
     msg = out[0]["error"]
     assert "the step's gaps" in msg and "global rank 1" in msg and "parallel.timeout_s" in msg, msg
     assert out[0]["waited_s"] < 6.0
+
+
+def _main_grad_worker(rank: int, world_size: int) -> dict:
+    """One training backward through megatron DDP (fused output projection, embedding lookup into main_grad)
+    against plain autograd through the logits, untied and tied; and the embedding module's class."""
+    from camopd_megatron.config.sections import OptimConfig, ParallelConfig
+    from camopd_megatron.models.gpt import MainGradEmbedding, build_gpt_model, init_model_rng, output_weight
+    from camopd_megatron.models.groups import simple_pg_collection
+    from camopd_megatron.models.logprobs import next_token_logprobs
+    from camopd_megatron.models.optimizer import build_ddp_and_optimizer, zero_grad_buffers
+    from camopd_megatron.models.pipeline import make_microbatches, run_microbatches
+
+    pgc = simple_pg_collection(1, 1, 1)
+    out = {}
+    for tie in (False, True):
+        cfg = ModelConfig(**{**CFG, "tie_embeddings": tie})
+        init_model_rng(3, pgc)
+        model = build_gpt_model(cfg, pgc)
+        ref = build_gpt_model(cfg, pgc)
+        ref.load_state_dict(model.state_dict())
+        ddp, opt, _ = build_ddp_and_optimizer([model], OptimConfig(lr=1e-3), ParallelConfig(), pgc, total_steps=1)
+        tokens = torch.cat([_batch(), _batch()[:, :4]], dim=1)  # repeated ids: rows added twice
+        mask = torch.ones(tokens.shape)
+        mask[:, :3] = 0
+        weight = output_weight(model)
+
+        def loss_fn(mb, hidden):
+            logp = next_token_logprobs(hidden, mb["tokens"], None, vocab_size=cfg.vocab_size, mask_BT=mb["mask"],
+                                       first_position=mb["output_window"][0], output_weight=weight)
+            return -logp.sum(), {}
+
+        for _ in range(2):  # the second step's buffers were zeroed (flag reset) like the first's
+            zero_grad_buffers(ddp, opt)
+            run_microbatches(ddp[0], pgc, make_microbatches({"tokens": tokens, "mask": mask}, 2), loss_fn,
+                             forward_only=False)
+        t = tokens.shape[1]
+        logits = ref(tokens, torch.arange(t).unsqueeze(0).expand_as(tokens), None)[..., : cfg.vocab_size]
+        logp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(2, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        (-(logp * mask[:, :-1]).sum()).backward()  # the mask is aligned with the log-probs
+        emb, ref_emb = model.embedding.word_embeddings, ref.embedding.word_embeddings
+        out[tie] = {"cls": type(emb).__name__, "emb": (emb.weight.main_grad - ref_emb.weight.grad).abs().max().item(),
+                    "scale": ref_emb.weight.grad.abs().max().item()}
+        if not tie:
+            out[tie]["out"] = (model.output_layer.weight.main_grad - ref.output_layer.weight.grad).abs().max().item()
+    return out
+
+
+def test_embedding_and_output_gradients_go_into_main_grad():
+    """The embedding lookup and the fused output projection add their weight gradients into megatron's
+    main_grad (no dense [V, H] gradient): equal to plain autograd through the logits, untied and tied."""
+    (res,) = run_on_ranks(_main_grad_worker, 1, timeout_s=240)
+    for tie, r in res.items():
+        assert r["cls"] == "MainGradEmbedding", r
+        assert r["emb"] <= 1e-5 * max(1.0, r["scale"]), (tie, r)
+        assert r.get("out", 0.0) <= 1e-4, (tie, r)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -40,6 +41,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from camopd_megatron.config import ConfigError, ModelConfig
 from camopd_megatron.config.sections import MCORE_LLAMA3_ROPE
 from camopd_megatron.deps import resolve_transformer_impl
+from camopd_megatron.ops.embedding import embedding_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +288,20 @@ def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_scaling": True, "rope_scaling_factor": float(scaling.get("factor", 8.0))}
 
 
+class MainGradEmbedding(VocabParallelEmbedding):
+    """megatron's vocab-parallel embedding whose lookup, on an unsharded table (TP = 1, no sequence-parallel
+    scatter, megatron's non-deterministic mode), adds its weight gradient into the looked-up rows of the DDP
+    ``main_grad`` instead of a dense [V, H] gradient (:func:`camopd_megatron.ops.embedding.embedding_lookup`).
+    Every other case runs megatron's own forward. Same parameters, state dict and checkpoint layout: the
+    builder only switches the class of the module megatron built."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if (self.tp_group.size() > 1 or self.reduce_scatter_embeddings or self.deterministic_mode
+                or getattr(self, "gtp_remat_size", 1) > 1 or not torch.is_grad_enabled()):
+            return super().forward(input_)
+        return embedding_lookup(input_, self.weight)
+
+
 def build_gpt_model(
     model_cfg: ModelConfig,
     pg_collection: Any,
@@ -336,6 +352,8 @@ def build_gpt_model(
         pg_collection=pg_collection,
         **_rope_kwargs(model_cfg),
     )
+    if model.pre_process and type(model.embedding.word_embeddings) is VocabParallelEmbedding:
+        model.embedding.word_embeddings.__class__ = MainGradEmbedding
     if params_dtype != torch.float32:
         model = model.to(params_dtype)
     if torch.cuda.is_available():

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from camopd_megatron.ops.main_grad import accumulates_into_main_grad, added_to_main_grad
 from camopd_megatron.ops.vocab_parallel import (
     IGNORE_INDEX,
     ProcessGroup,
@@ -215,17 +216,6 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
     return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), m_JN, shift_JN
 
 
-def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
-    """True for a parameter of megatron's DDP (an fp32 ``main_grad`` buffer and the
-    ``grad_added_to_main_grad`` flag): backward then adds dL/dW into ``main_grad`` in place, as megatron's
-    linear layers do with gradient-accumulation fusion, instead of allocating a [V, H] gradient that the
-    DDP hook adds in a second pass."""
-    main = getattr(weight, "main_grad", None)
-    return (isinstance(main, torch.Tensor) and hasattr(weight, "grad_added_to_main_grad")
-            and not getattr(weight, "zero_out_wgrad", False) and main.dtype == torch.float32
-            and main.shape == weight.shape)
-
-
 class _FusedOutputLogProb(torch.autograd.Function):
     """Saves the hidden states, the weight (both held by the graph anyway), M_N and log S_N, each block's max
     and shift, and with ``tiles.keep`` the forward's exp tiles (consumed in place by the one backward)."""
@@ -264,7 +254,7 @@ class _FusedOutputLogProb(torch.autograd.Function):
         fp32 = weight_VH.dtype == torch.float32
         # dL/dh accumulates over the vocab blocks in fp32 whatever the weight's dtype
         grad_h_NH = torch.zeros(hidden_NH.shape, dtype=torch.float32, device=hidden_NH.device) if need_h else None
-        into_main = need_w and _accumulates_into_main_grad(weight_VH)
+        into_main = need_w and accumulates_into_main_grad(weight_VH)
         grad_w_VH = None
         if need_w:
             grad_w_VH = weight_VH.main_grad if into_main else torch.empty(
@@ -301,8 +291,7 @@ class _FusedOutputLogProb(torch.autograd.Function):
         if need_h:
             grad_h_NH = grad_h_NH.to(hidden_NH.dtype)
         if into_main:  # megatron's gradient-accumulation-fusion contract: a dummy grad the DDP hook skips
-            weight_VH.grad_added_to_main_grad = True
-            return grad_h_NH, torch.empty_like(weight_VH), None, None, None, None, None, None
+            return grad_h_NH, added_to_main_grad(weight_VH), None, None, None, None, None, None
         if need_w and n == 0:  # no tokens
             grad_w_VH.zero_()
         if need_w and grad_w_VH.dtype != weight_VH.dtype:
