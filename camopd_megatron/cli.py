@@ -27,6 +27,7 @@ import sys
 from typing import Optional, Sequence
 
 from camopd_megatron.config import Config, ConfigError, load_config
+from camopd_megatron.config.errors import report_user_error
 from camopd_megatron.deps import MissingDependencyError
 
 __all__ = [
@@ -185,13 +186,6 @@ def _student_aborted(e: Exception) -> bool:
     return isinstance(e, StudentAborted)
 
 
-def _where() -> str:
-    """``rank R/W: `` under torchrun (each failing rank prints its line), else nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
-
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, load the config, then dry-run or train; returns the exit status (argparse exits itself on --help)."""
     args = build_parser().parse_intermixed_args(argv)
@@ -210,8 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if code is None:
             raise
         # the message names the key/file and the fix; a traceback from deep inside the stack would bury it
-        kind = "" if isinstance(e, ConfigError) else f"{type(e).__name__}: "  # ConfigError lists its own problems
-        print(f"camopd-train: {_where()}{kind}{e}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # the trainer prints input problems before the ranks agree
+            report_user_error(e)
         return code
 
 

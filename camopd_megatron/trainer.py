@@ -40,17 +40,18 @@ import torch.distributed as dist
 from camopd_megatron.checkpoint.dist import (
     CheckpointError, load_model, load_rank_state, load_sharded, model_sharded_state_dict, save_checkpoint,
 )
-from camopd_megatron.checkpoint.inputs import resolve_inputs
+from camopd_megatron.checkpoint.inputs import INPUTS_SOURCE, resolve_inputs
 from camopd_megatron.checkpoint.manager import CheckpointManager
 from camopd_megatron.checkpoint.resume import select_checkpoint
-from camopd_megatron.config import Config, dump_config
+from camopd_megatron.config import Config, ConfigError, dump_config
+from camopd_megatron.config.errors import report_user_error
 from camopd_megatron.data import build_prompt_sources, model_tokenizer
 from camopd_megatron.distill.evaluate import eval_prompt_sets, evaluate_branches
 from camopd_megatron.distill.probe import probe_branch_conflict, probe_coherence
 from camopd_megatron.distill.scheduler import BranchScheduler, StepPlan
 from camopd_megatron.distill.step import StepOutput, StudentState, camopd_step, settings_from_config
 from camopd_megatron.teachers import TeacherClient, TeacherHost, build_teachers
-from camopd_megatron.distributed import destroy_distributed, init_distributed
+from camopd_megatron.distributed import DistEnv, destroy_distributed, init_distributed
 from camopd_megatron.models.gpt import build_gpt_model, finish_param_gather, init_model_rng, recompute_kwargs, unwrap_model
 from camopd_megatron.models.optimizer import BranchMoments, build_ddp_and_optimizer
 from camopd_megatron.models.optimizer_state import (
@@ -123,6 +124,24 @@ class _StopRequest:
         self._previous.clear()
 
 
+def _inputs_agreed(problem: Optional[BaseException], env: DistEnv) -> None:
+    """Every rank has checked its inputs before any rank stops: one that exited first would have torchrun kill
+    the others before they print their own problems. Raises this rank's problem; on a rank whose inputs were
+    fine while others' were not, a ConfigError naming those ranks (a path missing on one node only)."""
+    if isinstance(problem, ConfigError):
+        report_user_error(problem)  # on screen before this rank waits, so before any rank can exit
+    bad = torch.zeros(env.world_size, device=env.device)
+    bad[env.rank] = float(problem is not None)
+    if env.world_size > 1:
+        dist.all_reduce(bad)
+    if problem is not None:
+        raise problem
+    ranks = bad.nonzero().flatten().tolist()
+    if ranks:
+        raise ConfigError([f"rank(s) {ranks} found problems in their inputs (their own lines say which); this "
+                           f"rank's inputs are fine"], source=INPUTS_SOURCE)
+
+
 def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None, on_step: Optional[StepFn] = None) -> TrainResult:
     """Run CaMOPD training for ``cfg`` on this process (under torchrun, or alone as a world of 1)."""
     owns_world = not dist.is_initialized()  # a caller that set up the world keeps it afterwards
@@ -130,7 +149,11 @@ def train(cfg: Config, *, eval_fn: Optional[EvalFn] = None, on_step: Optional[St
     stop = _StopRequest(cfg.run.exit_duration_min)
     try:
         setup_logging(env.rank, cfg.run.log_level.upper())
-        cfg = resolve_inputs(cfg)  # every rank, before any model: paths, manifests, tokenizer; architectures
+        try:  # every rank, before any model: paths, manifests, tokenizer; architectures
+            cfg, problem = resolve_inputs(cfg), None
+        except Exception as e:  # raised again below, once every rank has checked its own
+            problem = e
+        _inputs_agreed(problem, env)
         layout = RoleLayout.from_config(cfg, env.world_size)
         if env.rank == 0:
             logger.info("rank map:\n%s", layout.rank_map())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["ConfigError", "problem", "show", "closest"]
+__all__ = ["ConfigError", "problem", "show", "closest", "report_user_error"]
 
 
 class ConfigError(ValueError):
@@ -56,3 +58,16 @@ def closest(word: str, choices: Iterable[str]) -> Optional[str]:
         return close[0]
     prefixed = [c for c in options if c and (word.startswith(c) or c.startswith(word))] if word else []
     return prefixed[0] if len(prefixed) == 1 else None
+
+
+def report_user_error(e: BaseException) -> None:
+    """Print a user-input error as the CLI's one headline, ``camopd-train: [rank R/W: ]<message>``, on stderr
+    (a ConfigError lists its own problems; other kinds are prefixed with their type), and mark it reported so
+    that the CLI does not print it again: the trainer prints input problems before its ranks wait for each
+    other, so that no rank exits (and has torchrun kill the rest) before every rank has printed its own."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+    kind = "" if isinstance(e, ConfigError) else f"{type(e).__name__}: "
+    print(f"camopd-train: {where}{kind}{e}", file=sys.stderr, flush=True)
+    setattr(e, "reported", True)
+
