@@ -68,6 +68,15 @@ def report_user_error(e: BaseException) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
     kind = "" if isinstance(e, ConfigError) else f"{type(e).__name__}: "
-    print(f"camopd-train: {where}{kind}{e}", file=sys.stderr, flush=True)
+    text = f"camopd-train: {where}{kind}{e}\n"
+    try:  # one write of the whole report: the ranks print at the same moment into one pipe
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests)
+        fd = None
+    sys.stderr.flush()
+    if fd is None:
+        sys.stderr.write(text)
+    else:
+        os.write(fd, text.encode())
     setattr(e, "reported", True)
 
