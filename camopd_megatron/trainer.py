@@ -128,12 +128,15 @@ def _inputs_agreed(problem: Optional[BaseException], env: DistEnv) -> None:
     """Every rank has checked its inputs before any rank stops: one that exited first would have torchrun kill
     the others before they print their own problems. Raises this rank's problem; on a rank whose inputs were
     fine while others' were not, a ConfigError naming those ranks (a path missing on one node only)."""
+    if env.world_size == 1:  # nobody to wait for: the CLI reports it
+        if problem is not None:
+            raise problem
+        return
     if isinstance(problem, ConfigError):
         report_user_error(problem)  # on screen before this rank waits, so before any rank can exit
     bad = torch.zeros(env.world_size, device=env.device)
     bad[env.rank] = float(problem is not None)
-    if env.world_size > 1:
-        dist.all_reduce(bad)
+    dist.all_reduce(bad)
     if problem is not None:
         raise problem
     ranks = bad.nonzero().flatten().tolist()

@@ -297,7 +297,7 @@ class MainGradEmbedding(VocabParallelEmbedding):
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         if (self.tp_group.size() > 1 or self.reduce_scatter_embeddings or self.deterministic_mode
-                or getattr(self, "gtp_remat_size", 1) > 1 or not torch.is_grad_enabled()):
+                or getattr(self, "gtp_remat_size", 1) > 1):
             return super().forward(input_)
         return embedding_lookup(input_, self.weight)
 

@@ -389,6 +389,13 @@ def optimizer_step(optimizer: MegatronOptimizer, lr_scheduler: LRScheduler, *,
     return bool(ok), (None if grad_norm is None else float(grad_norm)), num_zeros
 
 
+def _torch_parts(optimizer: MegatronOptimizer) -> list[Any]:
+    """megatron's parts that hold a torch optimizer (``.optimizer``): one per (dtype, expert) group, usually under
+    a ChainedOptimizer; a stub (no params on this rank) has none."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in parts if getattr(o, "optimizer", None) is not None]
+
+
 def use_fused_cpu_adam(optimizer: MegatronOptimizer) -> None:
     """Run torch's fused Adam kernel for every torch-Adam part whose parameters are all CPU fp32 tensors.
 
@@ -399,11 +406,10 @@ def use_fused_cpu_adam(optimizer: MegatronOptimizer) -> None:
     rounding of the update differs. Set at every step, not only at build, because loading a checkpoint
     replaces the param groups (and their ``fused`` entry) with the saved ones; the per-param state
     (``exp_avg``, ``exp_avg_sq``, the fp32 ``step``) is the same in both implementations."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+    for part in _torch_parts(optimizer):
+        if not isinstance(part.optimizer, torch.optim.Adam):  # AdamW included
             continue
-        for group in inner.param_groups:
+        for group in part.optimizer.param_groups:
             if group.get("fused") or group.get("differentiable") or group.get("capturable"):
                 continue
             if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in group["params"]):
@@ -439,10 +445,7 @@ class BranchMoments:
         if not branches or len(set(branches)) != len(branches):
             raise ValueError(f"BranchMoments: branches={list(branches)} must be a non-empty list of distinct names")
         self.branches = tuple(branches)
-        # megatron wraps one torch optimizer per (dtype, expert) part, usually under a ChainedOptimizer;
-        # a stub (no params on this rank) has no inner optimizer
-        self._parts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
-                       if getattr(o, "optimizer", None) is not None]
+        self._parts = _torch_parts(optimizer)
         self.active = self.branches[0]
         self._parked: dict[str, list[tuple[Any, list[Any]]]] = {}
         for part in self._parts:  # the live state becomes the first branch's

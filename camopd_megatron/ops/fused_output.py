@@ -142,14 +142,16 @@ class KeptSoftmaxBuffer:
 class _Tiles:
     """The tiles of the [N, V_local] logits: row chunks of ``rows`` x vocab blocks of ``vb`` columns. With
     ``keep`` (one chunk of all rows) each tile is a contiguous slab of one [N·V_local] buffer, block after
-    block, which backward consumes; without, every tile is written into one reused [rows, vb] buffer."""
+    block, which backward consumes; without, every tile is written into one reused [rows, vb] buffer. Each
+    chunk's targets per block (:func:`_block_targets`) are found once, by the forward, for the backward too."""
 
-    def __init__(self, n: int, v: int, rows: int, vb: int, keep: bool, device: torch.device,
+    def __init__(self, n: int, v: int, rows: int, vocab_block: Optional[int], keep: bool, device: torch.device,
                  kept_buffer: Optional[KeptSoftmaxBuffer] = None) -> None:
-        self.n, self.v, self.rows, self.vb, self.keep = n, v, max(rows, 1), vb, keep
+        self.n, self.v, self.keep = n, v, keep
+        self.rows = max(n, 1) if keep else max(rows, 1)
+        self.vb = vb = _vocab_block(v, min(self.rows, max(n, 1)), vocab_block)
         self.n_blocks = -(-v // vb) if v else 0
-        if keep and self.rows < n:
-            raise ValueError("fused_output_logprobs: a kept softmax is one chunk of all rows")
+        self.targets: dict[int, list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {}
         if keep and kept_buffer is not None:
             self.buf, give_back = kept_buffer.take(n * v, device)
             if give_back is not None:
@@ -200,7 +202,7 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
     for c0 in tiles.chunks():
         c1 = min(c0 + tiles.rows, n)
-        owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+        owned = tiles.targets[c0] = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
         for j in range(tiles.n_blocks):
             v0, v1 = tiles.columns(j)
             x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
@@ -263,7 +265,7 @@ class _FusedOutputLogProb(torch.autograd.Function):
             c1 = min(c0 + tiles.rows, n)
             h_CH = hidden_NH[c0:c1]
             h_f = h_CH if h_CH.dtype == torch.float32 else h_CH.float()
-            owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+            owned = tiles.targets[c0]
             for j in range(tiles.n_blocks):
                 v0, v1 = tiles.columns(j)
                 w_WH = weight_VH[v0:v1]
@@ -354,9 +356,8 @@ def fused_output_logprobs(
     tgt_local_NK, owned_NK = _prepare_targets(targets, None, layout, ignore_index, hidden.device)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad)
     keep = grad and n * v_local * 4 <= keep_softmax_bytes
-    rows = n if keep else (chunk_tokens or DEFAULT_CHUNK_ROWS)
-    tiles = _Tiles(n, v_local, rows, _vocab_block(v_local, min(rows, max(n, 1)), vocab_block), keep, hidden.device,
-                   kept_buffer)
+    rows = chunk_tokens or DEFAULT_CHUNK_ROWS  # a kept softmax is one chunk of all rows
+    tiles = _Tiles(n, v_local, rows, vocab_block, keep, hidden.device, kept_buffer)
     if grad:
         logp_NK = _FusedOutputLogProb.apply(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
                                             float(temperature), tiles)
