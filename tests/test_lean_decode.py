@@ -1,5 +1,6 @@
 """The lean TP=1 decoder gives megatron's tokens and μ (it reads the same weights), on MKL-packed weights
-as on the plain ones."""
+as on the plain ones; a teacher scoring through it block by block (``models.scoring.IncrementalScorer``)
+gives the log-probs of one forward over the whole sequences."""
 from __future__ import annotations
 
 import torch
@@ -42,6 +43,7 @@ def _compare(rank: int, world_size: int) -> list[dict]:
                 lean_decode.supported = supported
         packed = _packed_vs_plain(model, lean_decode)
         out.append({**packed, "supported": lean_decode.supported(model, pgc),
+                    "incremental_diff": _incremental_vs_whole(model, pgc, cfg.vocab_size),
                     "same_tokens": torch.equal(runs[True].tokens_BT, runs[False].tokens_BT),
                     "mu_diff": (runs[True].rollout_logp_BT - runs[False].rollout_logp_BT).abs().max().item()})
     return out
@@ -64,6 +66,28 @@ def _packed_vs_plain(model, lean_decode) -> dict:
             "packs_shared": again.out.packed is dec["packed"].out.packed}
 
 
+def _incremental_vs_whole(model, pgc, vocab_size: int) -> float:
+    """A teacher's stream: sequences scored block by block through the KV cache (blocks of 3, 1, 6, 0 and 9
+    columns, the first two with nothing to score) against one forward of the whole sequences."""
+    from camopd_megatron.models.scoring import IncrementalScorer, score_logprobs
+
+    tokens = torch.randint(0, vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 20)
+    mask[0, 4:19], mask[1, 7:12], mask[2, 5:19] = 1, 1, 1
+    diff = 0.0
+    for temperature in (1.0, 0.7):
+        whole = score_logprobs(model, pgc, tokens, mask, micro_batch=None, vocab_size=vocab_size,
+                               temperature=temperature)
+        scorer = IncrementalScorer(model, rows=3, capacity=20, vocab_size=vocab_size, temperature=temperature)
+        parts, start = [], 0
+        for n in (3, 1, 6, 0, 9):
+            parts.append(scorer.extend(tokens[:, start:start + n + 1], mask[:, start:start + n]))
+            start += n
+        diff = max(diff, (torch.cat(parts, dim=1) - whole[:, :19]).abs().max().item())
+        assert bool((torch.cat(parts, dim=1)[mask[:, :19] == 0] == 0).all())
+    return diff
+
+
 def test_lean_decoder_matches_megatron_inference():
     (res,) = run_on_ranks(_compare, 1, timeout_s=240)
     for kw, r in zip(VARIANTS, res):
@@ -71,5 +95,6 @@ def test_lean_decoder_matches_megatron_inference():
         assert r["same_tokens"], (kw, r)
         assert r["mu_diff"] <= 1e-5, (kw, r)
         assert r["packed_diff"] <= 1e-5, (kw, r)
+        assert r["incremental_diff"] <= 1e-5, (kw, r)  # a teacher's stream scores as one whole forward
         if torch.backends.mkl.is_available():  # x86 torch builds: the decode steps run on packed weights
             assert r["packed_used"] and r["packs_shared"], (kw, r)

@@ -4,20 +4,23 @@ One launch of 3 gloo ranks trains 2 steps (5 prompts, rollout micro-batches of 2
 and off, in three layouts:
 
 * ``sep1``: the camopd preset (one branch per step, ρ-selection, the recompute before the gather),
-  student DP = 1 on rank 0, the ``general`` and ``domain`` teachers separate on ranks 1, 2 (3 chunks);
-* ``sep2``: the vanilla_mopd preset (both branches in every chunk, gap-free: the replies are gathered
-  inside the training forward), student DP = 2 on ranks 0-1 (3 + 2 prompts: 2 chunks and 1, the
-  second replica pads with empty requests), both teachers time-sharing rank 2, which serves the two
-  replicas in turn;
+  student DP = 1 on rank 0, the ``general`` and ``domain`` teachers separate on ranks 1, 2 (3 micro-batches
+  streamed in blocks of 4 positions; ``general`` extends its KV cache per block, ``domain`` is made to
+  keep its blocks and score each micro-batch whole, the path of a teacher the cache cannot serve);
+* ``sep2``: the vanilla_mopd preset (both branches in every micro-batch, gap-free: the replies are
+  gathered inside the training forward), student DP = 2 on ranks 0-1 (3 + 2 prompts: 2 micro-batches
+  and 1, the second replica pads with an empty one), both teachers time-sharing rank 2, which serves the
+  two replicas in turns, one micro-batch's streams each (blocks of 3 positions: the two teachers' blocks
+  interleave, the cached one answering at once, the other at its last block);
 * ``colo``: both teachers colocated, student DP = 3, the overlap on (nothing to overlap: it must
   simply work).
 
-Overlapped == not overlapped: the same tokens, kept sample ids and teacher log-probs, gap/loss
-metrics and final parameters within 1e-6 (float noise; on this machine they are bitwise equal). The
-overlapped path really ran: ``TeacherClient.submit`` (instrumented, calling through) saw earlier
-requests of the step still in flight, and the teacher answered a chunk before the student had
-submitted the step's last one (whose decode the instrument stretches by 0.3 s). Last, a student that fails with requests in flight: the teachers get
-its abort (with its message) within seconds instead of timing out.
+Overlapped == not overlapped: the same tokens and kept sample ids; teacher log-probs and gap/loss metrics
+within 1e-5 (float rounding: the cached teacher's blocked forward sums in another order than megatron's
+whole one; measured ~1e-6), final parameters within 1e-4 and 99.9 % of them within 1e-6 (Adam's normalised
+step amplifies rounding where a gradient is near zero; lr 3e-3). The overlapped path really ran: the teacher answered blocks of a
+micro-batch before the student had decoded its last one. Last, a student that fails with streams open:
+the teachers get its abort (with its message) within seconds instead of timing out.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ MODEL = {"init": "random", "checkpoint": None, "num_layers": 2, "hidden_size": 6
 TEACHER_MODELS = {"general": {**MODEL, "ffn_hidden_size": 96}, "domain": {**MODEL, "num_layers": 1}}
 """Random-init teachers of other architectures than the student: real gaps from the first step."""
 LAYOUTS = ("sep1", "sep2", "colo")
-TOL = 1e-6
+BLOCK = {"sep1": 4, "sep2": 3, "colo": 4}
+STRETCH = {"on": False}
+TOL = 1e-5
 
 
 def _cfg(out: str, layout: str, overlap: bool):
@@ -52,7 +57,8 @@ def _cfg(out: str, layout: str, overlap: bool):
         "run": {"steps": 2, "output_dir": out, "seed": 5, "log_level": "WARNING"},
         "model": MODEL, "teachers": teachers, "parallel": {"timeout_s": 60},
         **({"scheduler": {"pattern": ["general", "domain"]}} if preset == "camopd" else {}),
-        "rollout": {"prompts_per_step": 5, "max_new_tokens": 6, "micro_batch_size": 2, "overlap_teachers": overlap},
+        "rollout": {"prompts_per_step": 5, "max_new_tokens": 6, "micro_batch_size": 2, "overlap_teachers": overlap,
+                    "teacher_block_positions": BLOCK[layout]},
         "optim": {"lr": 3e-3, "micro_batch_size": 2},
         "data": {"max_prompt_tokens": 24},
         "logging": {"progress_bar": False},
@@ -61,26 +67,30 @@ def _cfg(out: str, layout: str, overlap: bool):
 
 
 def _instrument(log: list) -> None:
-    """Record, per ``submit`` (called through), the step's requests still in flight and the time, and
-    per teacher answer its time."""
-    from camopd_megatron.teachers.client import TeacherClient
-    from camopd_megatron.teachers.host import TeacherHost
+    """Record each block the student sends (called through) and each block a teacher answers, with the
+    time; make the ``domain`` teacher keep its blocks and score each micro-batch whole."""
+    from camopd_megatron.teachers.client import PendingScore
+    from camopd_megatron.teachers.host import TeacherHost, TeacherModel
 
-    def submit(self, *a, _orig=TeacherClient.submit, **k):
-        if len(self._inflight) >= 2:  # sep1's last chunk: as if its decode took a while longer
-            time.sleep(0.3)
-        log.append(("submit", len(self._inflight), time.time()))
-        return _orig(self, *a, **k)
+    def extend(self, start, tokens, mask, _orig=PendingScore.extend, **k):
+        if k["last"] and STRETCH["on"]:  # as if the micro-batch's last positions took a while to decode
+            time.sleep(0.2)
+        log.append(("block", int(k["last"]), mask.shape[1] * mask.shape[0], time.time()))
+        _orig(self, start, tokens, mask, **k)
 
-    def answer(self, *a, _orig=TeacherHost._answer, **k):
+    def answer(self, *a, _orig=TeacherHost._reply, **k):
         _orig(self, *a, **k)
-        log.append(("answered", 0, time.time()))
+        log.append(("answered", 0, 0, time.time()))
 
-    TeacherClient.submit, TeacherHost._answer = submit, answer
+    def init(self, *a, _orig=TeacherModel.__init__, **k):
+        _orig(self, *a, **k)
+        self.incremental = self.incremental and self.name != "domain"
+
+    PendingScore.extend, TeacherHost._reply, TeacherModel.__init__ = extend, answer, init
 
 
 def _worker(rank: int, world: int, tmp: str) -> dict:
-    from camopd_megatron.distill.step import ChunkedScoring
+    from camopd_megatron.distill.step import StreamedScoring
     from camopd_megatron.teachers import StudentAborted
     from camopd_megatron.trainer import train
 
@@ -101,18 +111,21 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
                 return {}
 
             log.clear()
+            STRETCH["on"] = layout == "sep1"
             res = train(_cfg(f"{tmp}/{layout}_{overlap}", layout, overlap), eval_fn=eval_fn, on_step=on_step)
             out[(layout, overlap)] = {"role": res.role, "history": res.history, "records": records,
                                       "params": final.get("params"), "log": list(log)}
 
-    # a student failing with requests in flight: after the first chunk of step 1
-    real_submit = ChunkedScoring.submit
+    # a student failing with streams open: after the second block of step 1's first micro-batch
+    real_block, blocks = StreamedScoring.block, []
 
-    def failing(self, rows, chunk):
-        real_submit(self, rows, chunk)
-        raise RuntimeError("injected student failure after a chunk")
+    def failing(self, *a, **k):
+        real_block(self, *a, **k)
+        blocks.append(1)
+        if len(blocks) == 2:
+            raise RuntimeError("injected student failure after a block")
 
-    ChunkedScoring.submit = failing
+    StreamedScoring.block = failing
     t0 = time.time()
     try:
         train(_cfg(f"{tmp}/abort", "sep1", True))
@@ -155,7 +168,10 @@ def test_overlapped_step_equals_the_plain_step(runs, layout):
             assert a.keys() == b.keys()
             for k in a:
                 assert abs(a[k] - b[k]) <= TOL * (1 + abs(b[k])), (layout, k, a[k], b[k])
-        assert _close(on["params"], off["params"])
+        # Adam's normalised step turns the teacher's ~1e-6 rounding into up to ~1 % of an lr-sized step
+        # where a gradient is near zero: a few weights move by ~1e-5 (lr 3e-3)
+        diff = (on["params"] - off["params"]).abs()
+        assert float(diff.max()) <= 1e-4 and float((diff <= 1e-6).float().mean()) >= 0.999, float(diff.max())
     gaps = [h["gap/general/mean"] for h in students[0][(layout, True)]["history"] if "gap/general/mean" in h]
     assert gaps and abs(gaps[0]) > 1e-3  # the teachers differ from the student: real gaps were compared
 
@@ -165,29 +181,39 @@ def test_colocated_teachers_with_the_overlap_on(runs):
     for r in runs:
         run = r[("colo", True)]
         assert run["role"] == "student" and len(run["records"]) == 2
-        assert not [e for e in run["log"] if e[0] == "submit"]
+        assert not [e for e in run["log"] if e[0] == "block"]
         assert all(torch.isfinite(x["teacher"]).all() for x in run["records"])
         assert abs(run["history"][1]["gap/general/mean"]) > 1e-3
     assert torch.equal(runs[0][("colo", True)]["params"], runs[2][("colo", True)]["params"])
 
 
-def test_requests_were_in_flight_while_the_rollout_went_on(runs):
+def test_blocks_were_scored_while_the_rollout_went_on(runs):
     student = runs[0]
-    submits = [e for e in student[("sep1", True)]["log"] if e[0] == "submit"]
-    assert len(submits) == 2 * 3  # 2 steps x 3 chunks, one branch per step
-    assert max(n for _, n, _ in submits) >= 2  # chunks 0 and 1 in flight when chunk 2 was sent
-    # step 2 (domain, rank 2, ready since step 1): chunk 0 answered before the last chunk was sent
-    last_submit = submits[5][2]
-    answered = [t for e, _, t in runs[2][("sep1", True)]["log"] if e == "answered"]
-    assert len(answered) == 3 and answered[0] < last_submit, (answered, submits)
-    # the plain step scores with score(), nothing submitted
-    assert [e[1] for e in student[("sep1", False)]["log"] if e[0] == "submit"] == []
-    # DP = 2, both replicas on one teacher replica: each sends the same number (2 chunks, one padded)
+    blocks = [e for e in student[("sep1", True)]["log"] if e[0] == "block"]
+    lasts = [i for i, e in enumerate(blocks) if e[1]]
+    assert len(lasts) == 2 * 3  # 2 steps x 3 micro-batches, one branch per step
+    assert len(blocks) > len(lasts)  # blocks of 4 positions were sent before each micro-batch ended
+    # step 1 (general, rank 1, extending its KV cache): blocks of the first micro-batch answered before the
+    # student sent that micro-batch's last block, and every block answered
+    first_last_t = blocks[lasts[0]][3]
+    answered = [t for e, _, _, t in runs[1][("sep1", True)]["log"] if e == "answered"]
+    assert answered and answered[0] < first_last_t, (answered, blocks)
+    step1 = blocks[: lasts[2] + 1]
+    assert len(answered) == len([e for e in step1 if e[2]])
+    # step 2 (domain, rank 2, scoring each micro-batch whole): every block answered, none before its
+    # micro-batch's last block was sent
+    step2 = blocks[lasts[2] + 1:]
+    answered = [t for e, _, _, t in runs[2][("sep1", True)]["log"] if e == "answered"]
+    assert len(answered) == len([e for e in step2 if e[2]])
+    assert answered[0] > step2[lasts[3] - lasts[2] - 1][3]
+    # the plain step scores with score(), nothing streamed
+    assert not [e for e in student[("sep1", False)]["log"] if e[0] == "block"]
+    # DP = 2, both replicas on one teacher replica: each streams 2 micro-batches per step (one padded) x 2 branches
     for r in runs[:2]:
-        assert len([e for e in r[("sep2", True)]["log"] if e[0] == "submit"]) == 2 * 2 * 2  # x 2 branches
+        assert len([e for e in r[("sep2", True)]["log"] if e[0] == "block" and e[1]]) == 2 * 2 * 2
 
 
-def test_a_student_failure_with_requests_in_flight_reaches_the_teachers(runs):
+def test_a_student_failure_with_streams_open_reaches_the_teachers(runs):
     assert runs[0]["abort"].startswith("RuntimeError: injected student failure"), runs[0]["abort"]
     for r in runs[1:]:
         assert r["abort"].startswith("StudentAborted") and "injected student failure" in r["abort"], r["abort"]

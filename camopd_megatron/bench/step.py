@@ -31,8 +31,8 @@ not change the work done per step. ``--layout single`` is one process (world 1, 
 student at TP = 2 on ranks 0-1 and each teacher on its own rank (``placement: separate``); ``sep2``
 launches 2 ranks, the student (TP = 1) on rank 0 and the teacher(s) on rank 1 (``placement:
 separate``, time-shared when 2). ``--rollout-micro-batch`` (``rollout.micro_batch_size``, default the
-whole batch) and ``--no-overlap-teachers`` (``rollout.overlap_teachers: false``) measure the
-teachers overlapped with the rollout: it needs 2 or more rollout micro-batches (BENCHMARKS.md).
+whole batch), ``--no-overlap-teachers`` (``rollout.overlap_teachers: false``) and ``--teacher-block``
+(``rollout.teacher_block_positions``) measure the teachers overlapped with the rollout (BENCHMARKS.md).
 
 Timing boundary (the peer's): imports, model and optimizer construction are excluded. An
 ``eval_fn`` hook, which the trainer calls before step 1 and after every step, stamps the loop's
@@ -120,14 +120,15 @@ def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, step
                       prompt_len: int = 32, new_tokens: Optional[int] = None, seed: int = 1234,
                       dims: Optional[dict[str, int]] = None, student_logprobs: str = "recompute",
                       rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True,
-                      moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
+                      teacher_block: Optional[int] = None, moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
     """The trainer config (a plain dict for ``config_from_dict``) of one benchmark setting.
 
     Writes the tokenizer and the prompt files under ``work``. ``dims`` overrides entries of
     :data:`SIZES` (tests use a micro model). ``student_logprobs``: ``selection.student_logprobs``
     (the presets' ``recompute``, or ``rollout``: μ for the gaps, one student forward fewer).
     ``rollout_micro_batch``: ``rollout.micro_batch_size`` (None: the whole batch at once);
-    ``overlap_teachers``: ``rollout.overlap_teachers``. ``moe_experts`` > 0: every layer of the student
+    ``overlap_teachers``: ``rollout.overlap_teachers``; ``teacher_block``: ``rollout.teacher_block_positions``
+    (None: the config's default). ``moe_experts`` > 0: every layer of the student
     (and of its random teachers, which take its architecture) is an MoE layer of that many experts, top
     ``moe_topk``, each expert FFN/top-k wide (a token's active FFN width stays the dense one), EP = 1.
     """
@@ -166,7 +167,8 @@ def bench_config_dict(work: Path, *, size: str, teachers: int, layout: str, step
         # one micro-batch of the whole step (the peer: batch 8, no accumulation), fixed-length responses
         "rollout": {"prompts_per_step": batch, "max_new_tokens": new, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                     "micro_batch_size": rollout_micro_batch or batch, "use_kv_cache": True,
-                    "overlap_teachers": overlap_teachers},
+                    "overlap_teachers": overlap_teachers,
+                    **({"teacher_block_positions": teacher_block} if teacher_block is not None else {})},
         # the peer's optimizer: AdamW, lr 1e-4 constant, grad clip 1.0, no weight decay
         "optim": {"lr": 1e-4, "lr_schedule": "constant", "clip_grad": 1.0, "micro_batch_size": batch,
                   "weight_decay": 0.0},
@@ -331,7 +333,7 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
                 work: Optional[Path] = None, dims: Optional[dict[str, int]] = None,
                 new_tokens: Optional[int] = None, student_logprobs: str = "recompute",
                 rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True,
-                moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
+                teacher_block: Optional[int] = None, moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
     """Run one benchmark setting and return the summary record.
 
     ``single`` runs in this process (set ``OMP_NUM_THREADS`` before torch is imported; the CLI
@@ -344,10 +346,11 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
         cfg_dict = bench_config_dict(work, size=size, teachers=teachers, layout=layout, steps=steps, dims=dims,
                                      new_tokens=new_tokens, student_logprobs=student_logprobs,
                                      rollout_micro_batch=rollout_micro_batch, overlap_teachers=overlap_teachers,
-                                     moe_experts=moe_experts, moe_topk=moe_topk)
+                                     teacher_block=teacher_block, moe_experts=moe_experts, moe_topk=moe_topk)
         setting = {"student_logprobs": student_logprobs, "rollout_micro_batch": cfg_dict["rollout"]["micro_batch_size"],
                    **({"moe": f"{moe_experts} experts, top-{moe_topk}"} if moe_experts else {}),
-                   "overlap_teachers": overlap_teachers}
+                   "overlap_teachers": overlap_teachers,
+                   "teacher_block": cfg_dict["rollout"].get("teacher_block_positions")}
         params = _count_params(cfg_dict)
         if layout == "single":
             import torch
@@ -381,6 +384,7 @@ def format_record(r: dict[str, Any]) -> str:
     stages = " ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items() if k != "step")
     return (f"{r['size']} teachers={r['teachers']} layout={r['layout']} threads={r['threads']} params={r['params']} "
             f"rollout_micro_batch={r.get('rollout_micro_batch')} overlap_teachers={r.get('overlap_teachers')}"
+            + (f" teacher_block={r['teacher_block']}" if r.get("teacher_block") is not None else "")
             + (f" moe={r['moe']}" if r.get("moe") else "") + "\n"
             f"  steps {r['steps']}  wall {r['wall_s']:.2f}s  s/step first {r['step_s_first']:.3f} "
             f"steady {r['step_s_steady_mean']:.3f}\n"
@@ -406,6 +410,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--rollout-micro-batch", type=int, default=None,
                    help="rollout.micro_batch_size (default: the whole batch); 2+ micro-batches let the teachers overlap")
     p.add_argument("--no-overlap-teachers", action="store_true", help="rollout.overlap_teachers: false")
+    p.add_argument("--teacher-block", type=int, default=None,
+                   help="rollout.teacher_block_positions: positions per block streamed to the teachers "
+                        "(default: the config's; 0: each rollout micro-batch whole)")
     p.add_argument("--moe-experts", type=int, default=0,
                    help="an MoE student: experts per layer (0: dense); each FFN/top-k wide, EP = 1")
     p.add_argument("--moe-topk", type=int, default=2, help="experts per token with --moe-experts")
@@ -422,7 +429,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rec = run_setting(size=a.size, teachers=a.teachers, layout=a.layout, steps=a.steps, threads=threads,
                       new_tokens=a.new_tokens, student_logprobs=a.student_logprobs,
                       rollout_micro_batch=a.rollout_micro_batch, overlap_teachers=not a.no_overlap_teachers,
-                      moe_experts=a.moe_experts, moe_topk=a.moe_topk)
+                      teacher_block=a.teacher_block, moe_experts=a.moe_experts, moe_topk=a.moe_topk)
     print(json.dumps(rec) if a.json else format_record(rec), flush=True)
     return rec
 

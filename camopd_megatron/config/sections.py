@@ -558,18 +558,23 @@ class RolloutConfig:
     micro_batch_size: int = 8
     """Prompts decoded together per data-parallel rank."""
     overlap_teachers: bool = True
-    """With ``placement: separate`` teachers: send each rollout micro-batch to its teacher as soon as it
-    is sampled, so the teacher scores it while the student samples the next one (and, with
-    ``selection.student_logprobs: recompute``, while the student recomputes its own log-probs). The
-    results are the same as with ``false``; it needs at least two micro-batches per data-parallel
-    replica (``micro_batch_size`` below ``prompts_per_step / dp``) to hide anything. No effect on
-    colocated teachers."""
+    """With ``placement: separate`` teachers: stream each rollout micro-batch to its teachers while it is
+    decoded, in blocks of ``teacher_block_positions`` new positions, so they score it while the student
+    samples (and, with ``selection.student_logprobs: recompute``, while the student recomputes its own
+    log-probs). A teacher at TP = PP = 1 (dense) extends a KV cache with each block, so only the last
+    block's scoring is left when the decode ends; any other teacher scores each micro-batch whole once
+    it is decoded, overlapping the next micro-batch. The results are those of ``false`` up to float
+    rounding (the blocked teacher forward sums in another order). No effect on colocated teachers."""
+    teacher_block_positions: int = 16
+    """Positions per block streamed to the teachers with ``overlap_teachers`` (0: each micro-batch whole,
+    once decoded). Smaller blocks leave less teacher work after the decode, at one more message and one
+    more pass over the teacher's weights per block."""
 
     def validate(self, prefix: str = "rollout") -> list[str]:
         """In-section problems (empty when valid)."""
         problems: list[str] = []
         _positive(problems, prefix, self, "prompts_per_step", "max_new_tokens", "micro_batch_size")
-        _non_negative(problems, prefix, self, "temperature", "top_k")
+        _non_negative(problems, prefix, self, "temperature", "top_k", "teacher_block_positions")
         _require(
             0.0 < self.top_p <= 1.0, problems, f"{prefix}.top_p", self.top_p, "a value in (0, 1]", "use 1.0 for no truncation",
         )

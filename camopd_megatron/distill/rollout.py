@@ -77,7 +77,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINISH_REASONS", "RolloutBatch", "SamplingParams", "generate", "validate_request"]
+__all__ = ["FINISH_REASONS", "DecodeListener", "RolloutBatch", "SamplingParams", "generate", "validate_request"]
 
 PAD_ID = 0
 """Token id written after a sequence's end (masked out everywhere)."""
@@ -389,9 +389,10 @@ class _Generator:
                     st.reasons[r] = "length"
                 st.done_B[r] = True
 
-    def run(self, prompts: Sequence[Sequence[int]], sample_ids: Sequence[int]) -> list["_Row"]:
+    def run(self, prompts: Sequence[Sequence[int]], sample_ids: Sequence[int], *, rows: Sequence[int] = (),
+            listener: Optional["DecodeListener"] = None, block_positions: int = 0) -> list["_Row"]:
         """Decode one micro-batch; per sample (response ids, μ per response token, finish reason, recorded
-        routes or None)."""
+        routes or None). ``listener`` (with the micro-batch's ``rows``): see :func:`generate`."""
         b = len(prompts)
         self.sample_ids_mb = list(sample_ids)
         plen_B = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
@@ -409,6 +410,9 @@ class _Generator:
             ctx = lean_decode.LeanDecoder(self.model, b, t_max, self.packs)
         else:
             ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=t_max) if self.kv else None
+        if listener is not None:
+            listener.begin(list(rows), t_max)
+        sent = 0  # columns [0, sent) were handed to the listener
         logits_BV = self._kv_logits(ctx, st.buf_BT[:, :t], 0) if self.kv else self._full_logits(st.buf_BT[:, :t])
         self._record(st, 0, 0, t)
         done = False
@@ -417,6 +421,10 @@ class _Generator:
                 self._advance(st, logits_BV, t)
                 t += 1
                 done = bool(st.done_B.all())
+                # tokens [0, t) are known: columns [0, t - 1) can be scored (column j scores token j + 1)
+                if listener is not None and block_positions and not done and t - 1 - sent >= block_positions:
+                    listener.block(sent, *_block(st, sent, t - 1), last=False)
+                    sent = t - 1
             if not self._still_decoding(done):
                 break
             if done:  # lock-step: finished here, another replica still decodes
@@ -427,6 +435,8 @@ class _Generator:
             else:
                 logits_BV = self._full_logits(st.buf_BT[:, :t])
                 self._record(st, 0, t - 1, t)  # the earlier positions were recorded when they were new
+        if listener is not None:  # the rest: columns [sent, t - 1), t - 1 being the longest row's last token
+            listener.block(sent, *_block(st, sent, t - 1), last=True)
         out = []
         buf = st.buf_BT.cpu()
         for i in range(b):
@@ -434,6 +444,34 @@ class _Generator:
             routes = None if st.routes_BTLK is None else st.routes_BTLK[i, : p + r]
             out.append((buf[i, p : p + r].tolist(), st.mu_BT[i, p : p + r].tolist(), st.reasons[i], routes))
         return out
+
+
+def _block(st: _Decode, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns [start, end) of a decode for a :class:`DecodeListener`: the tokens at positions
+    [start, end] (int64 [B, n + 1], CPU) and the loss mask of the columns (float32 [B, n]: column j scores
+    token j + 1, a response token of row b iff prompt_b <= j + 1 < prompt_b + response_b so far; every
+    token up to ``end`` is decoded, so the mask equals the finished batch's ``loss_mask_BT`` there)."""
+    tokens = st.buf_BT[:, start:end + 1].cpu()
+    nxt = torch.arange(start + 1, end + 1, dtype=torch.int64)[None, :]
+    p = st.prompt_lens_B[:, None]
+    mask = ((nxt >= p) & (nxt < p + st.resp_B[:, None])).float()
+    return tokens, mask
+
+
+class DecodeListener(Protocol):
+    """Told about each micro-batch while it is decoded (:func:`generate`'s ``listener``); the same calls
+    on every rank of the replica."""
+
+    def begin(self, rows: list[int], capacity: int) -> None:
+        """A micro-batch of ``rows`` (indices into the prompts) starts; its positions lie in [0, capacity)."""
+        ...
+
+    def block(self, start: int, tokens_Bn: torch.Tensor, mask_Bn: torch.Tensor, *, last: bool) -> None:
+        """Columns [start, start + n) are decoded: ``tokens_Bn`` int64 [B, n + 1] holds positions
+        start..start + n (pad 0 after a row's end), ``mask_Bn`` float32 [B, n] the loss mask of those
+        columns (``RolloutBatch.loss_mask_BT``'s alignment). Consecutive blocks tile the columns from 0;
+        ``last``: the micro-batch is done (its columns end at its longest row's last token)."""
+        ...
 
 
 _Row = tuple[list[int], list[float], str, Optional[torch.Tensor]]
@@ -481,7 +519,8 @@ def generate(
     micro_batch_size: int | None = None,
     timeout_s: Optional[float] = None,
     lock_step: Optional[dist.ProcessGroup] = None,
-    on_chunk: Optional[Callable[[list[int], RolloutBatch], None]] = None,
+    listener: Optional[DecodeListener] = None,
+    block_positions: int = 0,
 ) -> RolloutBatch:
     """Sample one response per prompt from the student; collective over one DP replica.
 
@@ -503,14 +542,17 @@ def generate(
         lock_step: the student's DP group when its replicas must run the same number of forwards (an
             expert-parallel MoE student; module docstring): collective over that group, every replica
             calls, one with no prompts too (it gets an empty batch). None: this replica alone.
-        on_chunk: called on every rank of the replica as soon as a micro-batch is decoded, with its rows
-            (indices into ``prompts``, in decode order) and their :class:`RolloutBatch` (the rows of the
-            result, T trimmed to the micro-batch): the step hands each one to the teachers while the
-            next is sampled (``rollout.overlap_teachers``). What is decoded does not change. Lock-step
-            dummy micro-batches are not handed over.
+        listener: told on every rank of the replica about each micro-batch while it is decoded
+            (:class:`DecodeListener`: ``begin`` with its rows, then its columns in blocks of
+            ``block_positions`` as soon as they are decoded, the rest with ``last``; 0: one block when the
+            micro-batch is done). The step streams them to the teachers (``rollout.overlap_teachers``).
+            What is decoded does not change. Lock-step dummy micro-batches are not reported.
+        block_positions: columns per :meth:`DecodeListener.block` (0: the whole micro-batch at its end).
     Returns:
         The same :class:`RolloutBatch` (CPU tensors) on every rank of the replica, in prompt order.
     """
+    if not isinstance(block_positions, int) or block_positions < 0:
+        raise ValueError(f"block_positions={block_positions!r} must be an int >= 0 (0: each micro-batch whole)")
     if lock_step is not None and not prompts:
         validate_request([[0]], params, sample_ids=[0], vocab_size=vocab_size, max_seq_len=max_seq_len,
                          micro_batch_size=micro_batch_size)
@@ -542,12 +584,10 @@ def generate(
                     gen.run_dummy()
                     continue
                 idx = order[k * mbs : (k + 1) * mbs]
-                chunk = gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx])
+                chunk = gen.run([prompts[i] for i in idx], [sample_ids[i] for i in idx], rows=idx, listener=listener,
+                                block_positions=block_positions)
                 for i, res in zip(idx, chunk):
                     results[i] = res
-                if on_chunk is not None:
-                    on_chunk(idx, _assemble([prompts[i] for i in idx], chunk, [sample_ids[i] for i in idx],
-                                            params.off_policy))
     finally:
         model.train(was_training)
     if not n:

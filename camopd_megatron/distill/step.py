@@ -20,17 +20,19 @@ Where Δ comes from (:class:`GapSource`, from ``selection.student_logprobs`` and
   the selection is known up front (every sample, r_b), each micro-batch's loss takes Δ from its own
   forward, and training returns Δ for the metrics and the ρ-rule's statistics.
 
-Teachers overlapped with the rollout (``rollout.overlap_teachers``, :class:`ChunkedScoring`): with a
-separate teacher, each rollout micro-batch is sent to it as soon as it is sampled (a request in
-flight, ``TeacherClient.submit``) and the teacher scores it while the next one is sampled; with the
-RECOMPUTE gap source the student's no-grad forward also runs before the results are gathered, while
-the teacher scores the last chunk; with TRAINING_FORWARD (every teacher separate, PP = 1) the results
-are gathered by the first micro-batch's loss, after its forward (:class:`DeferredTeacher`; a step
-with non-finite teacher log-probs is then skipped after the backward, before the optimizer).
-Nothing computed changes: the same micro-batches are decoded (the
-noise is keyed per sample and position, ``distill.sampling``), a teacher scores each row on its own
-(its log-probs do not depend on the rows it shares a request with), and the results are gathered
-into the same [B, T] before anything reads them.
+Teachers overlapped with the rollout (``rollout.overlap_teachers``, :class:`StreamedScoring`): with a
+separate teacher, each rollout micro-batch is streamed to it while it is decoded, in blocks of
+``rollout.teacher_block_positions`` new positions (``TeacherClient.stream``: the sends and the reply's
+receive are posted and the student goes on); a teacher that extends a KV cache scores each block on
+arrival, any other scores the micro-batch at its last block. With the RECOMPUTE gap source the student's
+no-grad forward also runs before the results are gathered, while the teacher scores the last block;
+with TRAINING_FORWARD (every teacher separate, PP = 1) the results are gathered by the first
+micro-batch's loss, after its forward (:class:`DeferredTeacher`; a step with non-finite teacher
+log-probs is then skipped after the backward, before the optimizer). Nothing computed changes beyond
+float rounding: the same tokens are decoded (the noise is keyed per sample and position,
+``distill.sampling``), a teacher scores each row on its own (its log-probs do not depend on the rows it
+shares a request with, nor on later positions), and the results are gathered into the same [B, T]
+before anything reads them.
 
 Every rank of the student role runs this function; collectives inside: rollout (the replica's TP/PP
 groups), teacher scoring (student ↔ teacher groups), selection (DP group), the pipeline schedule and
@@ -51,7 +53,7 @@ import torch.distributed as dist
 
 from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.distill.losses import LossOptions, camopd_branch_loss, reduce_metric_sums, summarize_loss_metrics
-from camopd_megatron.distill.rollout import RolloutBatch, SamplingParams, generate
+from camopd_megatron.distill.rollout import DecodeListener, RolloutBatch, SamplingParams, generate
 from camopd_megatron.distill.scheduler import StepPlan
 from camopd_megatron.distill.selection import SelectionPolicy, SelectionResult, apply_rule, plan_selection
 from camopd_megatron.models.gpt import finish_param_gather, output_weight, stage_info, unwrap_model
@@ -89,9 +91,9 @@ class TeacherScorer(Protocol):
         """The branch's teacher runs on its own ranks (its scoring can overlap the rollout)."""
         ...
 
-    def submit(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *,
-               temperature: float = 1.0) -> "PendingScore":
-        """:meth:`score` without waiting (a separate teacher only); ``.result()`` gives its value."""
+    def stream(self, branch: str, rows: int, capacity: int, *, temperature: float = 1.0) -> "PendingScore":
+        """Open a stream of blocks to the branch's separate teacher (``TeacherClient.stream``): ``.extend()``
+        sends a block, ``.result()`` gives what :meth:`score` would return for the whole sequences."""
         ...
 
 
@@ -192,8 +194,11 @@ class StepSettings:
     and training micro-batches, padded with dummies): an MoE student with expert parallelism, whose
     all-to-alls span replicas (``models.pipeline``, "Lock-step"). Results are those without it."""
     overlap_teachers: bool = True
-    """``rollout.overlap_teachers``: separate teachers score each rollout micro-batch while the next
-    is sampled (:class:`ChunkedScoring`)."""
+    """``rollout.overlap_teachers``: separate teachers score each rollout micro-batch while it is decoded
+    (:class:`StreamedScoring`)."""
+    teacher_block_positions: int = 0
+    """``rollout.teacher_block_positions``: positions per block streamed to the teachers (0: each rollout
+    micro-batch whole, once decoded)."""
 
     @property
     def teacher_temperature(self) -> float:
@@ -260,9 +265,10 @@ def draw_prompts(sources: Mapping[str, "PromptSource"], prompts: Mapping[str, in
 
 def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[int], settings: StepSettings, *,
             step: int, seed: int, sampling: Optional[SamplingParams] = None,
-            on_chunk: Optional[Callable[[list[int], RolloutBatch], None]] = None) -> RolloutBatch:
+            listener: Optional[DecodeListener] = None) -> RolloutBatch:
     """The student's responses to this replica's prompts (an empty batch for no prompts; collective
-    over the replica either way). ``on_chunk``: see :func:`~camopd_megatron.distill.rollout.generate`."""
+    over the replica either way). ``listener``: see :func:`~camopd_megatron.distill.rollout.generate`
+    (blocks of ``settings.teacher_block_positions``)."""
     # the rollout reads every weight first: finish the optimizer step's pending parameter all-gathers
     # (parallel.overlap_param_gather) here, on every DP rank, even one with no prompts (collective)
     finish_param_gather(student.model)
@@ -273,7 +279,8 @@ def rollout(student: StudentState, prompts: list[list[int]], sample_ids: list[in
         student.model, student.pg_collection, prompts, sampling or settings.sampling, sample_ids=sample_ids,
         seed=seed, step=step, vocab_size=student.vocab_size, max_seq_len=student.max_seq_len,
         use_kv_cache=settings.use_kv_cache, micro_batch_size=settings.rollout_micro_batch_size,
-        timeout_s=settings.timeout_s, lock_step=lock_step, on_chunk=on_chunk,
+        timeout_s=settings.timeout_s, lock_step=lock_step, listener=listener,
+        block_positions=settings.teacher_block_positions,
     )
 
 
@@ -326,15 +333,17 @@ def score_with_teachers(client: TeacherScorer, branch_order: Sequence[str], batc
     return out
 
 
-class ChunkedScoring:
-    """Teacher scoring overlapped with the rollout (module docstring): :meth:`submit` is the rollout's
-    ``on_chunk`` (one request per separate-teacher branch of the step, in ``branch_order``, with that
-    branch's rows of the chunk, possibly none); :meth:`gather` scores the colocated branches and
-    collects every reply into the [B, T] that :func:`score_with_teachers` returns.
+class StreamedScoring:
+    """Teacher scoring overlapped with the rollout (module docstring), the rollout's
+    :class:`~camopd_megatron.distill.rollout.DecodeListener`: :meth:`begin` opens one stream per separate-teacher branch of the
+    step (in ``branch_order``, with that branch's rows of the micro-batch, possibly none), :meth:`block`
+    sends each stream its rows of the newly decoded columns, :meth:`gather` scores the colocated branches
+    and collects every reply into the [B, T] that :func:`score_with_teachers` returns.
 
-    A shared teacher replica serves its student replicas in turn, one request each, so every replica
-    sends ``chunks`` × (separate branches) requests, :meth:`pad` adding empty ones: ``chunks`` is the
-    largest replica's number of rollout micro-batches (:meth:`count`), the same on every rank.
+    A shared teacher replica serves its student replicas in turn, one micro-batch each (protocol
+    "Streams"), so every replica streams ``chunks`` micro-batches, :meth:`pad` adding empty ones:
+    ``chunks`` is the largest replica's number of rollout micro-batches (:meth:`count`), the same on
+    every rank.
     """
 
     def __init__(self, client: TeacherScorer, branch_order: Sequence[str], branches: Sequence[str],
@@ -342,7 +351,10 @@ class ChunkedScoring:
         self.client, self.branches, self.temperature = client, list(branches), temperature
         self.separate = [b for b in branch_order if client.is_separate(b)]
         self.colocated = [b for b in branch_order if not client.is_separate(b)]
-        self.pending: list[tuple[list[int], "PendingScore"]] = []
+        self.streams: list[tuple[list[int], "PendingScore"]] = []
+        """Every stream of the step: (its batch rows, the stream)."""
+        self._open: list[tuple[list[int], "PendingScore"]] = []
+        """The micro-batch's streams: (their rows within the micro-batch, the stream)."""
         self.chunks = 0
 
     @staticmethod
@@ -351,31 +363,36 @@ class ChunkedScoring:
         most = -(-total_prompts // dp_size)
         return -(-most // (micro_batch_size or max(most, 1)))
 
-    def submit(self, rows: list[int], chunk: RolloutBatch) -> None:
-        """Send ``chunk`` (the batch rows ``rows``) to the separate teachers; returns at once."""
+    def begin(self, rows: list[int], capacity: int) -> None:
+        """A micro-batch of the batch rows ``rows`` starts decoding: open its streams (all before any block)."""
         self.chunks += 1
+        self._open = []
         for branch in self.separate:
             local = [i for i, r in enumerate(rows) if self.branches[r] == branch]
-            sub = chunk.select(local) if local else None
-            tokens = sub.tokens_BT if sub is not None else torch.zeros((0, 1), dtype=torch.int64)
-            mask = sub.loss_mask_BT if sub is not None else torch.zeros((0, 1), dtype=torch.float32)
-            self.pending.append(([rows[i] for i in local],
-                                 self.client.submit(branch, tokens, mask, temperature=self.temperature)))
+            stream = self.client.stream(branch, len(local), capacity, temperature=self.temperature)
+            self._open.append((local, stream))
+            self.streams.append(([rows[i] for i in local], stream))
+
+    def block(self, start: int, tokens_Bn: torch.Tensor, mask_Bn: torch.Tensor, *, last: bool) -> None:
+        """Columns [start, start + n) of the micro-batch are decoded: each stream gets its rows; returns at once."""
+        for local, stream in self._open:
+            stream.extend(start, tokens_Bn[local], mask_Bn[local], last=last)
 
     def pad(self, chunks: int) -> None:
-        """Empty requests up to ``chunks`` chunks (a replica with fewer micro-batches or no prompts)."""
+        """Empty micro-batches up to ``chunks`` (a replica with fewer micro-batches or no prompts)."""
         while self.chunks < chunks:
-            self.submit([], RolloutBatch.empty())
+            self.begin([], 1)
+            self.block(0, torch.zeros((0, 1), dtype=torch.int64), torch.zeros((0, 0)), last=True)
 
     def gather(self, batch: RolloutBatch) -> torch.Tensor:
         """log π_T [B, T] of ``batch`` (the whole rollout): colocated branches scored now, the separate
-        teachers' replies collected in the order they were submitted."""
+        teachers' replies collected in the order they were requested."""
         out = score_with_teachers(self.client, self.colocated, batch, self.branches, self.temperature)
-        for rows, pending in self.pending:
-            logp = pending.result()
+        for rows, stream in self.streams:
+            logp = stream.result()
             if rows:
                 out[rows, : logp.shape[1]] = logp.float()
-        self.pending.clear()
+        self.streams.clear()
         return out
 
 
@@ -397,26 +414,25 @@ def camopd_step(
         prompts, branches, sample_ids = draw_prompts(sources, plan.prompts, student.dp_rank, student.dp_size)
     source = settings.gap_source
     overlap = settings.overlap_teachers and any(teachers.is_separate(b) for b in plan.branches)
-    chunked = ChunkedScoring(teachers, plan.branches, branches, settings.teacher_temperature) if overlap else None
+    streamed = StreamedScoring(teachers, plan.branches, branches, settings.teacher_temperature) if overlap else None
     with timer("rollout"):
-        batch = rollout(student, prompts, sample_ids, settings, step=step, seed=settings.seed,
-                        on_chunk=chunked.submit if chunked is not None else None)
-        if chunked is not None:
-            chunked.pad(ChunkedScoring.count(sum(max(n, 0) for n in plan.prompts.values()), student.dp_size,
+        batch = rollout(student, prompts, sample_ids, settings, step=step, seed=settings.seed, listener=streamed)
+        if streamed is not None:
+            streamed.pad(StreamedScoring.count(sum(max(n, 0) for n in plan.prompts.values()), student.dp_size,
                                              settings.rollout_micro_batch_size))
     mask_BT = batch.loss_mask_BT
     student_logp_BT: Optional[torch.Tensor] = None
-    if chunked is not None and source is GapSource.RECOMPUTE:
+    if streamed is not None and source is GapSource.RECOMPUTE:
         with timer("recompute"):  # while the teachers score the last chunk
             student_logp_BT = student_logprobs(student, batch, settings, settings.sampling.logprob_temperature)
     # TRAINING_FORWARD, every teacher separate, PP = 1: the replies are first needed by the first
     # micro-batch's loss, so they are gathered there, after its forward (DeferredTeacher)
-    deferred = (chunked is not None and source is GapSource.TRAINING_FORWARD and not chunked.colocated
+    deferred = (streamed is not None and source is GapSource.TRAINING_FORWARD and not streamed.colocated
                 and stage_info(student.pg_collection).pp_size == 1)
     teacher_logp_BT: Optional[torch.Tensor] = None
     if not deferred:
         with timer("teacher"):
-            teacher_logp_BT = (chunked.gather(batch) if chunked is not None else
+            teacher_logp_BT = (streamed.gather(batch) if streamed is not None else
                                score_with_teachers(teachers, plan.branches, batch, branches,
                                                    settings.teacher_temperature))
         n_bad = _nonfinite_tokens(teacher_logp_BT, mask_BT, student.role_group)
@@ -437,7 +453,7 @@ def camopd_step(
         else:  # gap-free: every sample, r_b, whatever Δ turns out to be
             sel = settings.policy.gap_free_selection(branches, student.dp_group)
     with timer("train"):
-        teacher_in = DeferredTeacher(lambda: cast(ChunkedScoring, chunked).gather(batch), timer) if deferred \
+        teacher_in = DeferredTeacher(lambda: cast(StreamedScoring, streamed).gather(batch), timer) if deferred \
             else cast(torch.Tensor, teacher_logp_BT)
         loss_sums, gap_BT = train_on_selection(student, batch, teacher_in, sel, settings, source, gap_BT)
     if isinstance(teacher_in, DeferredTeacher):
@@ -621,4 +637,5 @@ def settings_from_config(cfg: "Config", eos_token_id: Optional[int]) -> StepSett
         clip_grad=cfg.optim.clip_grad,
         lock_step=cfg.model.moe is not None and lock_step_needed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp),
         overlap_teachers=cfg.rollout.overlap_teachers,
+        teacher_block_positions=cfg.rollout.teacher_block_positions,
     )

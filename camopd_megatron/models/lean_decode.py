@@ -84,11 +84,12 @@ def _mkl_packing() -> bool:
 class WeightPacks:
     """MKL-packed copies of the decoder's weights for one row count, made on first use and kept for the
     rollout (every micro-batch of the same size reuses them; the weights do not change within a rollout).
-    Weights that cannot be packed (not CPU fp32, or torch without MKL) are left to ``F.linear``."""
+    Weights that cannot be packed (not CPU fp32, or torch without MKL) are left to ``F.linear``, and so is
+    every weight with ``pack=False`` (a caller whose products have many rows: a teacher extending its cache)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pack: bool = True) -> None:
         self._packs: dict[tuple[int, int], torch.Tensor] = {}
-        self.enabled = _mkl_packing()
+        self.enabled = pack and _mkl_packing()
 
     def linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> "_Linear":
         if not (self.enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -191,14 +192,26 @@ class LeanDecoder:
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim)
         return p.proj(out)
 
-    @torch.no_grad()
-    def logits(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
-        """Feed positions [start, start + n); logits ``[B, V]`` of the last one."""
+    def _layers(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
         x = F.embedding(tokens_Bn, self.embed)
         c = x.shape[-1]
         for i, p in enumerate(self.layers):
             x = x + self._attention(i, x, start)
             gate, up = p.fc1(torch.rms_norm(x, (c,), *p.mlp_norm)).chunk(2, dim=-1)
             x = x + p.fc2(F.silu(gate) * up)
+        return x
+
+    @torch.no_grad()
+    def logits(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed positions [start, start + n); logits ``[B, V]`` of the last one."""
+        x = self._layers(tokens_Bn, start)
         w, eps = self.final_norm
-        return self.out(torch.rms_norm(x[:, -1], (c,), w, eps))
+        return self.out(torch.rms_norm(x[:, -1], (x.shape[-1],), w, eps))
+
+    @torch.no_grad()
+    def hidden(self, tokens_Bn: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed positions [start, start + n); the final hidden states ``[B, n, C]`` of all of them (after the
+        final norm: what the output layer multiplies, as the GPTModel's decoder returns them)."""
+        x = self._layers(tokens_Bn, start)
+        w, eps = self.final_norm
+        return torch.rms_norm(x, (x.shape[-1],), w, eps)

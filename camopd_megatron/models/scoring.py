@@ -16,6 +16,10 @@ output projection (``models.logprobs.next_token_logprobs``; no [B, T, V] logits)
 
 Alignment: ``out[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`` under softmax(logits / temperature);
 0 where ``mask_BT`` is 0 and in the last column. fp32.
+
+:class:`IncrementalScorer` gives the same log-probs for sequences that arrive block by block (a teacher
+scoring a rollout while it is decoded): each block extends a KV cache (``models.lean_decode``), so a
+block costs its own positions only. TP = PP = 1 dense models of the lean decoder's architecture.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from camopd_megatron.models import lean_decode
 from camopd_megatron.models.gpt import output_weight, stage_info
 from camopd_megatron.models.logprobs import next_token_logprobs
 from camopd_megatron.models.pipeline import (
@@ -111,3 +116,51 @@ def score_logprobs(
                else torch.zeros(tokens_BT.shape, dtype=torch.float32, device=wire))
     logp_BT = last_stage_to_all(logp_BT, pg_collection, timeout_s=timeout_s, what="scored log-probs")
     return logp_BT.to(tokens_BT.device)
+
+
+class IncrementalScorer:
+    """Sampled-token log-probs of ``rows`` sequences fed block by block through a KV cache (module docstring).
+
+        scorer = IncrementalScorer(model, rows=B, capacity=T, vocab_size=V)
+        logp_Bn = scorer.extend(tokens_Bn1, mask_Bn)      # columns [end, end + n); then the next block
+
+    Block k's ``tokens_Bn1`` holds positions end..end + n (the last one only as the target of column
+    end + n − 1), ``mask_Bn`` the scored columns. The log-probs equal :func:`score_logprobs`'s over the
+    whole sequence up to float rounding (another summation order: blocked attention over the cache, the
+    lean decoder's ops instead of megatron's modules). Frozen model, no grad; its weights are read, never
+    copied (:class:`~camopd_megatron.models.lean_decode.LeanDecoder`, unpacked: a block's products have
+    B × n rows)."""
+
+    def __init__(self, model: torch.nn.Module, *, rows: int, capacity: int, vocab_size: int,
+                 temperature: float = 1.0) -> None:
+        self.decoder = lean_decode.LeanDecoder(model, rows, capacity, lean_decode.WeightPacks(pack=False))
+        self.weight = output_weight(model)
+        self.vocab_size, self.temperature, self.capacity = vocab_size, temperature, capacity
+        self.end = 0
+        """Columns scored so far (the cache holds positions [0, end))."""
+
+    @staticmethod
+    def supported(model: torch.nn.Module, pg_collection: "ProcessGroupCollection") -> bool:
+        return lean_decode.supported(model, pg_collection)
+
+    @torch.no_grad()
+    def extend(self, tokens_Bn1: torch.Tensor, mask_Bn: torch.Tensor) -> torch.Tensor:
+        """fp32 [B, n] log-probs of columns [end, end + n) (0 where ``mask_Bn`` is 0), on the tokens' device."""
+        n = mask_Bn.shape[1]
+        if tokens_Bn1.shape != (mask_Bn.shape[0], n + 1) or self.end + n >= self.capacity + (n == 0):
+            raise ValueError(f"IncrementalScorer.extend: tokens {tuple(tokens_Bn1.shape)} and mask {tuple(mask_Bn.shape)} "
+                             f"do not form a block of columns [{self.end}, {self.end + n}) below the capacity "
+                             f"{self.capacity}")
+        device = self.weight.device
+        out = torch.zeros(mask_Bn.shape, dtype=torch.float32, device=tokens_Bn1.device)
+        if n == 0:
+            return out
+        tokens = tokens_Bn1.to(device)
+        hidden_BnC = self.decoder.hidden(tokens[:, :n], self.end)  # every position feeds the cache
+        self.end += n
+        if bool(mask_Bn.any()):  # no output product for a block of prompt positions
+            mask = torch.nn.functional.pad(mask_Bn.to(device), (0, 1))
+            logp = next_token_logprobs(hidden_BnC, tokens, None, vocab_size=self.vocab_size,
+                                       temperature=self.temperature, mask_BT=mask, output_weight=self.weight)
+            out.copy_(logp[:, :n].float())
+        return out

@@ -311,7 +311,7 @@ def estimate(cfg: Config, layout: RoleLayout, prof: DeviceProfile) -> StageEstim
     lines = []
     teachers = [s for s in stages if s.name.startswith("teacher ")]
     for s in teachers:
-        state = "off the critical path with chunked overlap" if s.seconds <= roll else "ON the critical path"
+        state = "off the critical path with the streamed overlap" if s.seconds <= roll else "ON the critical path"
         lines.append(f"{s.name}: {s.seconds:.4g} s vs rollout {roll:.4g} s — {state}")
     sug = suggest_teacher_dp(cfg, layout, prof)
     st_ranks = layout.student.tp * layout.student.pp

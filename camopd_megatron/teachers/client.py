@@ -42,8 +42,8 @@ from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.models.pipeline import wire_device
 from camopd_megatron.teachers.host import TeacherHost, TeacherModel
 from camopd_megatron.teachers.protocol import (
-    TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, TeacherServiceError, Transfer, check_batch,
-    encode_message, group_broadcast, header, p2p_irecv, p2p_isend, p2p_send, teacher_ids,
+    TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, Command, TeacherServiceError, Transfer, check_batch,
+    encode_message, group_broadcast, header, p2p_irecv, p2p_isend, p2p_send, reply_tag, teacher_ids,
 )
 
 if TYPE_CHECKING:
@@ -182,69 +182,77 @@ class TeacherClient:
         return self._request(name, tokens_BT, loss_mask_BT, temperature)
 
     def is_separate(self, branch: str) -> bool:
-        """True when ``branch``'s teacher runs on its own ranks (its requests can be in flight, see :meth:`submit`)."""
+        """True when ``branch``'s teacher runs on its own ranks (its requests can be in flight, see :meth:`stream`)."""
         return self.teacher_for(branch) not in self.colocated
 
-    def submit(self, branch: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor, *,
-               temperature: float = 1.0) -> "PendingScore":
-        """Send a :meth:`score` request to ``branch``'s separate teacher and return without waiting:
-        the teacher scores it while this replica goes on (the step samples its next rollout chunk).
-        :meth:`PendingScore.result` gives what :meth:`score` would have returned.
+    def stream(self, branch: str, rows: int, capacity: int, *, temperature: float = 1.0) -> "PendingScore":
+        """Open a stream to ``branch``'s separate teacher (protocol "Streams"): ``rows`` sequences whose
+        positions lie in [0, ``capacity``), sent block by block with :meth:`PendingScore.extend` while they
+        are decoded; :meth:`PendingScore.result` gives their log-probs as :meth:`score` would (up to float
+        rounding where the teacher scores blocks through a KV cache).
 
-        Collective like :meth:`score` (every rank of the replica submits the same batch); requests are
-        answered in the order they were submitted, and every student replica must submit the same
-        number of them to a shared teacher replica (empty ones are fine). A colocated teacher runs on
-        the student's own ranks, so there is nothing to overlap: ValueError (use :meth:`score`).
+        Collective like :meth:`score` (every rank of the replica makes the same calls; only the leader
+        sends; no collective inside). Open every stream of a micro-batch (one per separate branch, empty ones too) before sending
+        any block: that keeps the student replicas in step at a shared teacher replica.
         """
         name = self.teacher_for(branch)
         if name in self.colocated:
-            raise ValueError(f"submit: branch {branch!r} is scored by the colocated teacher {name!r} on the student's "
-                             "own ranks, so nothing can run meanwhile; call score() instead")
-        return self._post(name, tokens_BT, loss_mask_BT, temperature)
+            raise ValueError(f"stream: branch {branch!r} is scored by the colocated teacher {name!r} on the student's "
+                             "own ranks; call score() instead")
+        if rows < 0 or capacity < 1:
+            raise ValueError(f"stream: rows={rows} must be >= 0 and capacity={capacity} >= 1")
+        pending = self._pending(name, rows, 0, device=torch.device("cpu"))
+        pending.capacity = capacity
+        self._send(pending, header(Command.OPEN, self.ids[name], rows, capacity, temperature), "stream open")
+        return pending
 
     def _request(self, name: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
                  temperature: float) -> torch.Tensor:
         return self._post(name, tokens_BT, loss_mask_BT, temperature).result()
 
-    def _post(self, name: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
-              temperature: float) -> "PendingScore":
-        """Post one request (the leader: header, tokens and mask sends and the reply's receive at once)."""
+    def _pending(self, name: str, rows: int, width: int, device: torch.device) -> "PendingScore":
         if self.closed:
             raise TeacherServiceError("TeacherClient is closed; build a new one")
-        route = self.routes[name]
-        b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
-                           what=f"score for teacher {name!r}")
-        dev = wire_device()
-        out = torch.zeros((b, t), dtype=torch.float32, device=dev)
-        transfers: list[Transfer] = []
-        if self.rank == route.student_rank:
+        pending = PendingScore(self, name, self.routes[name], rows, width, device)
+        if self.rank == pending.route.student_rank:
             self.stats["requests"] += 1
-            peer_in = self._peer(route, route.teacher_input_rank)
-            transfers.append(p2p_isend(header(Command.SCORE, self.ids[name], b, t, temperature),
-                                       route.teacher_input_rank, tag=TAG_HEADER, timeout_s=self.timeout_s,
-                                       peer=peer_in, what="request header"))
-            if b * t:
-                tok = tokens_BT.to(dev)
-                msk = (loss_mask_BT != 0).to(device=dev, dtype=torch.uint8)
-                for x, tag in ((tok, TAG_TOKENS), (msk, TAG_MASK)):
-                    transfers.append(p2p_isend(x, route.teacher_input_rank, tag=tag, timeout_s=self.timeout_s,
-                                               peer=peer_in, what="request payload"))
-                    self.stats["bytes_sent"] += x.numel() * x.element_size()
-                # posted now: the teacher's reply lands here whenever it is ready, without the student waiting
-                transfers.append(p2p_irecv(out, route.teacher_output_rank, tag=TAG_VALUES, timeout_s=self.timeout_s,
-                                           peer=self._peer(route, route.teacher_output_rank), what="teacher reply"))
-                self.stats["bytes_received"] += out.numel() * out.element_size()
-        pending = PendingScore(self, name, route, out, transfers, tokens_BT.device)
         self._inflight.append(pending)
         return pending
 
+    def _send(self, pending: "PendingScore", head: torch.Tensor, what: str,
+              payload: tuple[torch.Tensor, ...] = ()) -> None:
+        """The leader posts ``head`` and ``payload`` (tokens, mask) to the teacher's input rank."""
+        route = pending.route
+        if self.rank != route.student_rank:
+            return
+        peer_in = self._peer(route, route.teacher_input_rank)
+        pending.transfers.append(p2p_isend(head, route.teacher_input_rank, tag=TAG_HEADER, timeout_s=self.timeout_s,
+                                           peer=peer_in, what=f"{what} header"))
+        for x, tag in zip(payload, (TAG_TOKENS, TAG_MASK)):
+            pending.transfers.append(p2p_isend(x, route.teacher_input_rank, tag=tag, timeout_s=self.timeout_s,
+                                               peer=peer_in, what=f"{what} payload"))
+            self.stats["bytes_sent"] += x.numel() * x.element_size()
+
+    def _post(self, name: str, tokens_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
+              temperature: float) -> "PendingScore":
+        """Post one request (the leader: header, tokens and mask sends and the reply's receive at once)."""
+        b, t = check_batch(tokens_BT, loss_mask_BT, vocab_size=self.vocab_size, group=self.pgc.mp,
+                           what=f"score for teacher {name!r}")
+        pending = self._pending(name, b, t, tokens_BT.device)
+        dev = wire_device()
+        payload = ((tokens_BT.to(dev), (loss_mask_BT != 0).to(device=dev, dtype=torch.uint8)) if b * t else ())
+        self._send(pending, header(Command.SCORE, self.ids[name], b, t, temperature), "request", payload)
+        pending._expect(0, t)
+        return pending
+
     def _drain(self) -> None:
-        """Finish the transfers of requests still in flight (a step that raised between submit and
+        """Finish the transfers of requests still in flight (a step that raised between stream and
         result), all within one ``timeout_s``, so a later abort or shutdown follows them on the wire;
         failures are logged (the caller is already handling an error)."""
         deadline = time.monotonic() + self.timeout_s
         for pending in self._inflight:
-            for tr in pending.transfers:
+            # an open stream's replies may never come (a teacher that scores the whole stream at its last block)
+            for tr in pending.transfers + (pending.receives if pending.done or not pending.capacity else []):
                 try:
                     tr.wait(max(deadline - time.monotonic(), 0.1))
                 except TeacherServiceError as e:
@@ -345,28 +353,83 @@ class TeacherClient:
 
 
 class PendingScore:
-    """A score request in flight (:meth:`TeacherClient.submit`); :meth:`result` is collective over
-    the replica like :meth:`TeacherClient.score`: the leader waits for its transfers (each bounded by
-    ``parallel.timeout_s``), then broadcasts the reply over the replica's TP × PP ranks."""
+    """A score request or a stream in flight (:meth:`TeacherClient.score`, :meth:`TeacherClient.stream`).
+    Its replies land in per-block buffers as soon as the teacher sends them; :meth:`result` is collective
+    over the replica like :meth:`TeacherClient.score`: the leader waits for its transfers (each bounded by
+    ``parallel.timeout_s``), then broadcasts the assembled [B, T] over the replica's TP × PP ranks."""
 
-    def __init__(self, client: TeacherClient, name: str, route: "Route", out: torch.Tensor,
-                 transfers: list[Transfer], device: torch.device) -> None:
-        self.client, self.name, self.route, self.out = client, name, route, out
-        self.transfers, self.device = transfers, device
+    def __init__(self, client: TeacherClient, name: str, route: "Route", rows: int, width: int,
+                 device: torch.device) -> None:
+        self.client, self.name, self.route, self.rows, self.device = client, name, route, rows, device
+        self.transfers: list[Transfer] = []
+        """The leader's posted sends."""
+        self.receives: list[Transfer] = []
+        """The leader's posted reply receives."""
+        self.pieces: list[tuple[int, torch.Tensor]] = []
+        """(first column, reply buffer [B, n]) per expected reply."""
+        self.width = width
+        self.capacity = 0
+        """A stream's positions lie in [0, capacity) (0: not a stream)."""
+        self.end = 0
+        """A stream's columns sent so far."""
+        self.done = False
+        """A stream whose last block was sent (or a request)."""
         self._value: Optional[torch.Tensor] = None
 
+    def _expect(self, start: int, n: int) -> None:
+        """A reply of columns [start, start + n) will come (every rank notes it; the leader posts the receive)."""
+        self.width = max(self.width, start + n)
+        if not self.rows * n:
+            return
+        buf = torch.zeros((self.rows, n), dtype=torch.float32, device=wire_device())
+        self.pieces.append((start, buf))
+        client, route = self.client, self.route
+        if client.rank == route.student_rank:
+            # posted now: the reply lands here whenever it is ready, without the student waiting
+            self.receives.append(p2p_irecv(buf, route.teacher_output_rank, tag=reply_tag(client.ids[self.name]),
+                                            timeout_s=client.timeout_s, what="teacher reply",
+                                            peer=client._peer(route, route.teacher_output_rank)))
+            client.stats["bytes_received"] += buf.numel() * 4
+
+    def extend(self, start: int, tokens_Bn1: torch.Tensor, mask_Bn: torch.Tensor, *, last: bool) -> None:
+        """Send a stream's next block (:meth:`TeacherClient.stream`): columns [start, start + n) with the
+        tokens at positions start..start + n (int64 [B, n + 1]) and the columns' loss mask ([B, n]);
+        ``last`` closes the stream. Returns at once (the leader posts the sends and the reply's receive)."""
+        n = mask_Bn.shape[1] if mask_Bn.dim() == 2 else -1
+        if not self.capacity or self.done:
+            raise ValueError(f"extend: {'not a stream' if not self.capacity else 'the stream is closed'} "
+                             f"(teacher {self.name!r}); open one with TeacherClient.stream")
+        if (tuple(tokens_Bn1.shape) != (self.rows, n + 1) or tuple(mask_Bn.shape) != (self.rows, n)
+                or tokens_Bn1.dtype != torch.int64 or start != self.end or start + n + (n > 0) > self.capacity):
+            raise ValueError(f"extend: a block of columns [{start}, {start + n}) needs int64 tokens [{self.rows}, n + 1] "
+                             f"and a mask [{self.rows}, n] continuing at column {self.end} below the capacity "
+                             f"{self.capacity}; got tokens {tuple(tokens_Bn1.shape)} {tokens_Bn1.dtype}, "
+                             f"mask {tuple(mask_Bn.shape)}")
+        client = self.client
+        dev = wire_device()
+        payload = ((tokens_Bn1.to(dev), (mask_Bn != 0).to(device=dev, dtype=torch.uint8)) if self.rows * n else ())
+        client._send(self, header(Command.EXTEND, client.ids[self.name], self.rows, n, start=start, last=last),
+                     "stream block", payload)
+        self._expect(start, n)
+        self.end, self.done = start + n, last
+
     def result(self) -> torch.Tensor:
-        """Teacher log-probs float32 [B, T] (:meth:`TeacherClient.score`); TeacherServiceError on a
-        timeout, a dead peer or a teacher that failed."""
+        """Teacher log-probs float32 [B, T] (:meth:`TeacherClient.score`; a stream: T = its columns);
+        TeacherServiceError on a timeout, a dead peer or a teacher that failed."""
         if self._value is not None:
             return self._value
-        client, route, out = self.client, self.route, self.out
+        client, route = self.client, self.route
+        if self.capacity and not self.done:
+            raise ValueError(f"result: the stream to teacher {self.name!r} is still open; send its last block first")
         try:
-            for tr in self.transfers:
+            for tr in self.transfers + self.receives:
                 tr.wait()
         finally:
             if self in client._inflight:
                 client._inflight.remove(self)
+        out = torch.zeros((self.rows, self.width), dtype=torch.float32, device=wire_device())
+        for start, buf in self.pieces:
+            out[:, start:start + buf.shape[1]] = buf
         if out.numel():
             # leader → the replica's other TP/PP ranks (they wait here meanwhile)
             group_broadcast(out, route.student_rank, client.pgc.mp, timeout_s=client.timeout_s,

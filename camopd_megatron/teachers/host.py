@@ -23,10 +23,10 @@ from camopd_megatron.config.moe import lock_step_needed
 from camopd_megatron.models.gpt import build_gpt_model, init_model_rng, stage_info
 from camopd_megatron.models.pipeline import compute_device, wire_device
 from camopd_megatron.models.precision import resolve_dtype, teacher_precision_kwargs
-from camopd_megatron.models.scoring import score_logprobs
+from camopd_megatron.models.scoring import IncrementalScorer, score_logprobs
 from camopd_megatron.teachers.protocol import (
-    HEADER_LEN, TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, TAG_VALUES, Command, StudentAborted,
-    TeacherServiceError, decode_message, group_broadcast, header_temperature, p2p_recv, p2p_send,
+    HEADER_LEN, TAG_HEADER, TAG_MASK, TAG_MESSAGE, TAG_TOKENS, Command, StudentAborted, TeacherServiceError,
+    decode_message, group_broadcast, header_temperature, p2p_recv, p2p_send, reply_tag,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ class TeacherModel:
         self.model.requires_grad_(False)
         if offload:
             self._move("cpu")
+        self.incremental = lock_step is None and not offload and IncrementalScorer.supported(self.model, pg_collection)
+        """Scores a stream block by block through a KV cache (``models.scoring.IncrementalScorer``); else a
+        stream is scored whole at its last block (protocol "Streams")."""
         logger.info("teacher %r (%s) ready: dtype %s, checkpoint %s, pp stage %d/%d", name, self.key, params_dtype,
                     checkpoint or "random init (run.seed)", self.stage.pp_rank, self.stage.pp_size)
 
@@ -121,6 +124,48 @@ class TeacherModel:
         return score_logprobs(self.model, self.pgc, tokens_BT, mask_BT, micro_batch=self.micro_batch_rows,
                               vocab_size=self.model_cfg.vocab_size, temperature=temperature, device=self.device,
                               to_all_stages=to_all_stages, timeout_s=timeout_s, lock_step=self.lock_step)
+
+
+# ------------------------------------------------------------------------------------------------
+# one open stream (protocol "Streams")
+# ------------------------------------------------------------------------------------------------
+class _Stream:
+    """One student replica's open stream to one teacher on this replica: its blocks scored on arrival
+    through a KV cache (:attr:`TeacherModel.incremental`), or kept and scored whole at the last one."""
+
+    def __init__(self, teacher: TeacherModel, rows: int, capacity: int, temperature: float,
+                 device: torch.device) -> None:
+        self.teacher, self.rows, self.capacity, self.temperature = teacher, rows, capacity, temperature
+        self.end = 0  # columns received
+        self.owed: list[tuple[int, int]] = []  # (start, n) of blocks whose reply is not sent yet
+        self.scorer = (IncrementalScorer(teacher.model, rows=rows, capacity=capacity,
+                                         vocab_size=teacher.model_cfg.vocab_size, temperature=temperature)
+                       if teacher.incremental and rows else None)
+        if self.scorer is None:
+            self.tokens = torch.zeros(rows, capacity, dtype=torch.int64, device=device)
+            self.mask = torch.zeros(rows, capacity, dtype=torch.uint8, device=device)
+
+    def extend(self, start: int, tokens_Bn1: torch.Tensor, mask_Bn: torch.Tensor,
+               last: bool) -> list[torch.Tensor]:
+        """Take the block of columns [start, start + n); return the replies now due, in order (none on a rank
+        off the last pipeline stage)."""
+        n = mask_Bn.shape[1]
+        self.owed.append((start, n))
+        if self.scorer is not None:
+            due = [self.scorer.extend(tokens_Bn1, mask_Bn)]
+        else:
+            self.tokens[:, start:start + n + 1] = tokens_Bn1
+            self.mask[:, start:start + n] = mask_Bn
+            if not last:
+                self.end = start + n
+                return []
+            width = start + n + 1 if self.rows else 1  # an empty stream under lock-step joins the others' forwards
+            logp = (self.teacher.logprobs(self.tokens[:, :width], self.mask[:, :width], temperature=self.temperature)
+                    if self.rows or self.teacher.lock_step is not None else None)
+            due = [] if logp is None else [logp[:, s:s + k] for s, k in self.owed]
+        self.end = start + n
+        self.owed.clear()
+        return due
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +236,8 @@ class TeacherHost:
         self.vocab_size = cfg.model.vocab_size
         self.model_cfg = cfg.model
         self.device = wire_device()
+        self.streams: dict[tuple[tuple[int, int], int], _Stream] = {}
+        """Open streams by (sender, teacher id)."""
 
     def _peer(self, student_rank: int, student_dp: int) -> str:
         return f"role 'student' rank {student_rank} (DP replica {student_dp} leader)"
@@ -219,39 +266,51 @@ class TeacherHost:
         # sequence, and this replica joins once all of them did
         save_requests: set[tuple[int, int]] = set()
         step_requests: set[tuple[int, int]] = set()
+        self.streams.clear()
+
+        def handle(sender: tuple[int, int]) -> None:
+            header = self._next_header(sender)
+            cmd, tid, b, t, temp_bits, nmsg, start, last = (int(v) for v in header.tolist())
+            if cmd == Command.SHUTDOWN:
+                open_senders.remove(sender)
+                stats.shutdowns += 1
+                return
+            if cmd == Command.ABORT:
+                open_senders.remove(sender)
+                self._abort(sender, nmsg, open_senders)
+            if cmd == Command.SAVE:
+                path = self._message(sender, nmsg, "save path")
+                save_requests.add(sender)
+                if save_requests >= set(open_senders):
+                    save_checkpoint(path, None, model_cfg=self.model_cfg, step=b, overwrite=True)
+                    save_requests.clear()
+                    stats.saves += 1
+                    stats.last_step = b
+                return
+            if cmd == Command.STEP:
+                step_requests.add(sender)
+                if step_requests >= set(open_senders):
+                    step_requests.clear()
+                    stats.last_step = b
+                    reason = on_step(b) if on_step is not None else None
+                    stats.stopped = stats.stopped or reason
+                return
+            if cmd not in (Command.SCORE, Command.OPEN, Command.EXTEND) or tid not in self.models:
+                raise TeacherServiceError(
+                    f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: "
+                    f"command {cmd}, teacher id {tid} (this group hosts ids {sorted(self.models)})")
+            if cmd == Command.SCORE:
+                self._answer(sender, self.models[tid], b, t, header_temperature(temp_bits), stats)
+            elif cmd == Command.OPEN:
+                self._open(sender, self.models[tid], b, t, header_temperature(temp_bits), stats)
+            else:
+                self._extend(sender, self.models[tid], b, t, start, bool(last), stats)
+
         while open_senders:
             for sender in list(open_senders):
-                header = self._next_header(sender)
-                cmd, tid, b, t, temp_bits, nmsg = (int(v) for v in header.tolist())
-                if cmd == Command.SHUTDOWN:
-                    open_senders.remove(sender)
-                    stats.shutdowns += 1
-                    continue
-                if cmd == Command.ABORT:
-                    open_senders.remove(sender)
-                    self._abort(sender, nmsg, open_senders)
-                if cmd == Command.SAVE:
-                    path = self._message(sender, nmsg, "save path")
-                    save_requests.add(sender)
-                    if save_requests >= set(open_senders):
-                        save_checkpoint(path, None, model_cfg=self.model_cfg, step=b, overwrite=True)
-                        save_requests.clear()
-                        stats.saves += 1
-                        stats.last_step = b
-                    continue
-                if cmd == Command.STEP:
-                    step_requests.add(sender)
-                    if step_requests >= set(open_senders):
-                        step_requests.clear()
-                        stats.last_step = b
-                        reason = on_step(b) if on_step is not None else None
-                        stats.stopped = stats.stopped or reason
-                    continue
-                if cmd != Command.SCORE or tid not in self.models:
-                    raise TeacherServiceError(
-                        f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: "
-                        f"command {cmd}, teacher id {tid} (this group hosts ids {sorted(self.models)})")
-                self._answer(sender, self.models[tid], b, t, header_temperature(temp_bits), stats)
+                handle(sender)  # one turn: a request, or every request while the sender has a stream open
+                while sender in open_senders and any(key[0] == sender for key in self.streams):
+                    handle(sender)
         logger.info("role %s rank %d: shutdown after %s", self.role.name, self.rank, stats.requests)
         return stats
 
@@ -299,6 +358,60 @@ class TeacherHost:
         raise StudentAborted(f"role {self.role.name!r} rank {self.rank}: the student aborted "
                              f"({self._peer(*sender)}): {text or 'no message'}")
 
+    def _bad_stream(self, sender: tuple[int, int], teacher: TeacherModel, why: str) -> NoReturn:
+        raise TeacherServiceError(f"role {self.role.name!r} rank {self.rank}: bad stream request from "
+                                  f"{self._peer(*sender)} for teacher {teacher.name!r}: {why}")
+
+    def _open(self, sender: tuple[int, int], teacher: TeacherModel, rows: int, capacity: int, temperature: float,
+              stats: ServeStats) -> None:
+        if (sender, teacher.index) in self.streams:
+            self._bad_stream(sender, teacher, "opened while its previous stream is still open")
+        if rows < 0 or capacity < 1:
+            self._bad_stream(sender, teacher, f"{rows} rows, capacity {capacity}")
+        stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
+        self.streams[(sender, teacher.index)] = _Stream(teacher, rows, capacity, temperature, self.device)
+
+    def _extend(self, sender: tuple[int, int], teacher: TeacherModel, b: int, n: int, start: int, last: bool,
+                stats: ServeStats) -> None:
+        stream = self.streams.get((sender, teacher.index))
+        if stream is None:
+            self._bad_stream(sender, teacher, "a block for a stream that is not open")
+        if b != stream.rows or start != stream.end or n < 0 or start + n + (n > 0) > stream.capacity:
+            self._bad_stream(sender, teacher, f"block of {b} rows, columns [{start}, {start + n}), for a stream of "
+                                              f"{stream.rows} rows at column {stream.end}, capacity {stream.capacity}")
+        peer = self._peer(*sender)
+        tokens = torch.zeros(b, n + 1, dtype=torch.int64, device=self.device)
+        mask = torch.zeros(b, n, dtype=torch.uint8, device=self.device)
+        if b * n:
+            if self.rank == self.input_rank:
+                p2p_recv(tokens, sender[0], tag=TAG_TOKENS, timeout_s=self.timeout_s, peer=peer, what="block tokens")
+                p2p_recv(mask, sender[0], tag=TAG_MASK, timeout_s=self.timeout_s, peer=peer, what="block mask")
+            for x, name in ((tokens, "tokens"), (mask, "mask")):  # every TP/PP rank of the replica needs them
+                group_broadcast(x, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(),
+                                what=f"block {name}")
+        stats.tokens += b * n
+        if last:
+            del self.streams[(sender, teacher.index)]
+        try:
+            replies = stream.extend(start, tokens, mask, last)
+        except Exception:
+            if self.rank == self.output_rank:  # +inf for every reply owed (see _answer)
+                for _, k in stream.owed:
+                    if b * k:
+                        self._reply(sender, teacher, torch.full((b, k), float("inf"), device=self.device), stats,
+                                    what="failure reply")
+            raise
+        if self.rank == self.output_rank:
+            for out in replies:
+                if out.numel():
+                    self._reply(sender, teacher, out, stats)
+
+    def _reply(self, sender: tuple[int, int], teacher: TeacherModel, out: torch.Tensor, stats: ServeStats,
+               what: str = "reply") -> None:
+        p2p_send(out.to(self.device, torch.float32).contiguous(), sender[0], tag=reply_tag(teacher.index),
+                 timeout_s=self.timeout_s, peer=self._peer(*sender), what=what)
+        stats.bytes_sent += out.numel() * 4
+
     def _answer(self, sender: tuple[int, int], teacher: TeacherModel, b: int, t: int, temperature: float,
                 stats: ServeStats) -> None:
         stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
@@ -322,9 +435,8 @@ class TeacherHost:
         except Exception:
             if self.rank == self.output_rank:  # tell the student now instead of letting it time out
                 # +inf: impossible as a log-prob, so the student can tell a failure from a NaN score
-                nan = torch.full((b, t), float("inf"), device=self.device)
-                p2p_send(nan, sender[0], tag=TAG_VALUES, timeout_s=self.timeout_s, peer=peer, what="failure reply")
+                self._reply(sender, teacher, torch.full((b, t), float("inf"), device=self.device), stats,
+                            what="failure reply")
             raise
         if self.rank == self.output_rank and out is not None:
-            p2p_send(out.contiguous(), sender[0], tag=TAG_VALUES, timeout_s=self.timeout_s, peer=peer, what="reply")
-            stats.bytes_sent += out.numel() * out.element_size()
+            self._reply(sender, teacher, out, stats)

@@ -11,7 +11,7 @@ the serving teacher replica's input rank (TP 0, first stage) and output rank (TP
                          sampled-token log-probs on the last stage (three one-float TP reductions)
     teacher output rank ──logp float32 [B, T]───────────────────────────────────▶ student leader
 
-so teacher → student moves exactly ``4 * B * T`` bytes per request. Nothing is sent when ``B * T == 0``
+so teacher → student moves exactly ``4 * B * T`` bytes per request (a stream: per block, see "Streams"). Nothing is sent when ``B * T == 0``
 beyond the header. The header's temperature field carries the float64 bits of the softmax temperature
 the teacher scores at (``loss.teacher_temperature``, see :func:`header`), so one teacher serves
 requests at any temperature.
@@ -19,13 +19,26 @@ requests at any temperature.
 Ordering. ``score`` is collective over every student rank, every student replica sending one request
 per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
 ``d mod DP_t``) in a fixed order, one request each per turn: no any-source receive, no reordering.
-A student replica may have several requests in flight (``TeacherClient.submit``, the step's
-rollout chunks, ``rollout.overlap_teachers``): it posts each request's sends and the receive of its
-reply at once, and the teacher answers them in that order (sends and receives between two ranks on
-one tag are matched in the order they were posted), so every student replica must submit the same
-number of requests per step.
+A student replica may have several requests in flight (the step's streams, ``rollout.overlap_teachers``):
+it posts each request's sends and the receive of its reply at once, and the teacher answers them in that
+order (sends and receives between two ranks on one tag are matched in the order they were posted), so
+every student replica must send the same number of turns (see "Streams") per step.
 
-Commands: ``score``, ``shutdown`` (the replica exits once every student replica routed to
+Streams (``open``, ``extend``; ``rollout.overlap_teachers``). While the student decodes a rollout
+micro-batch it streams it, per separate teacher, in blocks of newly decoded positions: ``open`` (B rows,
+positions below T) then ``extend`` blocks, each carrying the tokens at positions start..start + n (int64
+[B, n + 1]) and the mask of columns [start, start + n) (uint8 [B, n]), the last one flagged; the reply is
+that block's log-probs (float32 [B, n]). A teacher that can extend a KV cache (TP = PP = 1, a dense model
+of the lean decoder's architecture, ``models.lean_decode``) scores each block on arrival, so only the
+last block's work remains once the decode ends; any other teacher keeps the blocks and scores the whole
+sequence at the last one (the same work and result as one ``score``), then sends every block's reply.
+Replies travel on one tag per teacher (:func:`reply_tag`), so each teacher's stay in its request order.
+A teacher replica serves one student replica's *turn* at a time: one ``score``, or every request from
+that replica's first ``open`` until none of its streams is open. The student opens all the streams of a
+micro-batch (one per separate branch, empty ones too) before it sends any block, so each micro-batch is
+one turn at every teacher replica it uses and the replicas stay in step as with ``score``.
+
+Commands: ``score``, ``open``, ``extend``, ``shutdown`` (the replica exits once every student replica routed to
 it has sent one; :meth:`TeacherHost.serve` returns), ``abort`` (carries the student's error text; the
 replica waits a bounded time for the abort of each other student replica routed to it, then every
 rank of it raises :class:`StudentAborted`), ``save`` (join a world-collective checkpoint save) and
@@ -65,6 +78,7 @@ __all__ = [
     "p2p_isend",
     "p2p_recv",
     "p2p_send",
+    "reply_tag",
     "Transfer",
     "teacher_ids",
 ]
@@ -74,6 +88,10 @@ class Command:
     """Request commands (first header field)."""
 
     SCORE = 1
+    OPEN = 7
+    """Open a stream of blocks (header B = rows, T = capacity: positions lie in [0, T)); see "Streams"."""
+    EXTEND = 8
+    """A stream's next block (header B = rows, T = columns n, start = its first column, last = 1 ends the stream)."""
     SHUTDOWN = 3
     ABORT = 4
     SAVE = 5
@@ -82,10 +100,18 @@ class Command:
     """A student step ended (header B = steps done): join the world's stop agreement; see ``step_end``."""
 
 
-HEADER_LEN = 6
-"""Header fields: command, teacher id (index in ``teachers``), B, T, temperature (score: float64 bits),
-message bytes (abort, save)."""
-TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_VALUES, TAG_MESSAGE = 101, 102, 103, 104, 106
+HEADER_LEN = 8
+"""Header fields: command, teacher id (index in ``teachers``), B, T, temperature (score, open: float64 bits),
+message bytes (abort, save), start column (extend), last block (extend: 1 ends the stream)."""
+TAG_HEADER, TAG_TOKENS, TAG_MASK, TAG_MESSAGE = 101, 102, 103, 106
+_TAG_VALUES = 1000
+
+
+def reply_tag(teacher_id: int) -> int:
+    """The tag of teacher ``teacher_id``'s replies: one per teacher, so the replies of two teachers of one
+    time-shared replica, one answering blocks at once and the other at the end of its stream, cannot be
+    taken for each other's (each teacher's replies leave in the order its requests came)."""
+    return _TAG_VALUES + int(teacher_id)
 
 
 class TeacherServiceError(CollectiveError):
@@ -208,10 +234,11 @@ def decode_message(data: torch.Tensor) -> str:
 
 
 def header(cmd: int, teacher_id: int = -1, b: int = 0, t: int = 0, temperature: float = 1.0,
-           nmsg: int = 0) -> torch.Tensor:
+           nmsg: int = 0, start: int = 0, last: bool = False) -> torch.Tensor:
     """A request header (see :data:`HEADER_LEN`); ``temperature`` travels as its exact float64 bits."""
     bits = int(torch.tensor([float(temperature)], dtype=torch.float64).view(torch.int64).item())
-    return torch.tensor([cmd, teacher_id, b, t, bits, nmsg], dtype=torch.int64, device=wire_device())
+    return torch.tensor([cmd, teacher_id, b, t, bits, nmsg, start, int(last)], dtype=torch.int64,
+                        device=wire_device())
 
 
 def header_temperature(field: int) -> float:
