@@ -110,6 +110,47 @@ class _DecodeLog:
         self.logger.setLevel(self.level)
 
 
+class _Listener:
+    """Records what a DecodeListener is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def begin(self, rows, capacity):
+        self.events.append(("begin", list(rows), capacity))
+
+    def block(self, start, tokens, mask, *, last):
+        self.events.append(("block", start, tokens.clone(), mask.clone(), last))
+
+
+def _listened(model, pgc, params, kw) -> dict:
+    """Decode with a listener (micro-batches of 4, blocks of 2 columns): the batch must equal the one decoded
+    without it, and the blocks of each micro-batch must tile its columns with the batch's tokens and loss mask."""
+    plain = generate(model, pgc, PROMPTS, params, micro_batch_size=4, **kw)
+    listener = _Listener()
+    batch = generate(model, pgc, PROMPTS, params, micro_batch_size=4, listener=listener, block_positions=2, **kw)
+    same = torch.equal(batch.tokens_BT, plain.tokens_BT) and torch.equal(batch.rollout_logp_BT, plain.rollout_logp_BT)
+    ok, blocks, rows = True, 0, []
+    for event in listener.events:
+        if event[0] == "begin":
+            rows, col, ended = event[1], 0, False
+            continue
+        _, start, tokens, mask, last = event
+        n = mask.shape[1]
+        ok &= start == col and not ended and tokens.shape == (len(rows), n + 1)
+        want_tokens = torch.zeros(len(rows), n + 1, dtype=torch.int64)
+        width = max(0, min(batch.tokens_BT.shape[1] - start, n + 1))
+        want_tokens[:, :width] = batch.tokens_BT[rows, start:start + width]
+        ok &= torch.equal(tokens, want_tokens) and torch.equal(mask, batch.loss_mask_BT[rows, start:start + n])
+        col, ended, blocks = start + n, last, blocks + 1
+        if last:  # the micro-batch's columns end at its longest row's last token
+            lengths = batch.prompt_lens_B[rows] + batch.response_lens_B[rows]
+            ok &= col == int(lengths.max()) - 1
+    begins = [e for e in listener.events if e[0] == "begin"]
+    return {"same": same, "ok": bool(ok), "blocks": blocks, "micro_batches": len(begins),
+            "rows": sorted(r for e in begins for r in e[1])}
+
+
 def _rollout_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     from camopd_megatron.checkpoint.dist import load_model, model_sharded_state_dict, save_checkpoint
     from camopd_megatron.config import ModelConfig
@@ -149,6 +190,8 @@ def _rollout_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
     out["subset_t1"] = _summary(part)
     other_step = generate(m1, pgc1, PROMPTS, t1, **{**kw, "step": 4})
     out["other_step_t1"] = _summary(other_step)
+    # a listener told about each micro-batch while it decodes (the teachers' stream): blocks of 2 columns
+    out["listener"] = _listened(m1, pgc1, t1, kw)
 
     # ---------------- TP = 2 (both ranks) ----------------
     pgc2 = simple_pg_collection(2, 1, 1)
@@ -177,6 +220,7 @@ def _rollout_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
             out[f"pp2_{name}_rc"] = _summary(generate(mp, pgcp, PROMPTS, params, micro_batch_size=4,
                                                       use_kv_cache=False, **kw))
     out["pp2_paths"] = paths.lines
+    out["pp2_listener"] = _listened(mp, pgcp, t1, kw)
 
     # ---------------- distribution of the first sampled token (TP = 2, vocab-parallel Gumbel) ----------------
     # sharpen the tiny model (scale the output layer) so the test has power against a wrong distribution
@@ -230,6 +274,15 @@ def test_kv_cache_equals_full_recompute(ranks):
         assert o["tp1_greedy_kv"]["tokens"] != o["tp1_t1_kv"]["tokens"]
     reasons = {r for o in ranks for n in ("greedy", "t1", "trunc") for r in o[f"tp1_{n}_kv"]["reasons"]}
     assert "length" in reasons and reasons & {"eos", "stop"}, reasons
+
+
+def test_listener_gets_each_micro_batch_in_blocks_while_it_decodes(ranks):
+    for o in ranks:
+        for key in ("listener", "pp2_listener"):  # the lean decoder (TP = 1) and the per-stage KV path (PP = 2)
+            r = o[key]
+            assert r["same"] and r["ok"], (key, r)
+            assert r["micro_batches"] == 2 and r["rows"] == list(range(len(PROMPTS))), (key, r)
+            assert r["blocks"] > 4, (key, r)  # blocks sent while decoding, not only at the end
 
 
 def test_response_layout_and_limits(ranks):

@@ -14,6 +14,7 @@ Two multi-rank launches (each groups many checks):
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,11 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
                 tempered_diffs.append((hot - ref["domain"][i][1]).abs().max().item())
                 expected_bytes += 4 * b * t
             empty = client.score("general", torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, 5))
+            stream_diffs, stream_errors = _streams(client, ref)
+            expected_bytes += sum(4 * b * (t - 1) * 2 for b, t, _ in BATCHES) + 4 * 2 * (5 + 6)
             res.update(diffs=diffs, tempered_diffs=tempered_diffs, zeros_ok=zeros_ok, empty_shape=tuple(empty.shape),
-                       expected_score_bytes=expected_bytes, stats=dict(client.stats))
+                       expected_score_bytes=expected_bytes, stats=dict(client.stats), stream_diffs=stream_diffs,
+                       stream_errors=stream_errors)
         finally:
             client.close()
 
@@ -234,6 +238,43 @@ def _four_rank_worker(rank: int, world: int, tmp: str) -> dict:
     return res
 
 
+def _streams(client: Any, ref: dict[str, list]) -> tuple[list[float], list[str]]:
+    """Every batch streamed to both teachers (protocol "Streams": both opened, then blocks of 3, 1, 0, 2, ...
+    columns interleaved, the domain teacher at T = TEMP), against the one-rank reference; then misuse."""
+    diffs: list[float] = []
+    for i, (b, t, s) in enumerate(BATCHES):
+        tokens, mask = _batch(b, t, s)
+        streams = {"general": client.stream("general", b, t), "domain": client.stream("domain", b, t, temperature=TEMP)}
+        start, sizes = 0, itertools.cycle([3, 1, 0, 2])
+        while start < t - 1:
+            n = min(next(sizes), t - 1 - start)
+            for st in streams.values():
+                st.extend(start, tokens[:, start:start + n + 1], mask[:, start:start + n], last=start + n == t - 1)
+            start += n
+        for name, st in streams.items():
+            want = ref[name][i][0 if name == "general" else 1][:, : t - 1]
+            diffs.append((st.result() - want).abs().max().item())
+    errors = []
+    st = client.stream("general", 2, 6)
+    tokens, mask = _batch(2, 6, 9)
+    for call in (lambda: st.extend(1, tokens[:, 1:3], mask[:, 1:2], last=False),  # not at column 0
+                 lambda: st.extend(0, tokens[:, :6], mask[:, :6], last=False),  # past the capacity
+                 st.result):  # still open
+        try:
+            call()
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    st.extend(0, tokens[:, :6], mask[:, :5], last=True)
+    diffs.append((st.result() - ref_one(client, tokens, mask)[:, :5]).abs().max().item())
+    return diffs, errors
+
+
+def ref_one(client: Any, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same rows scored whole (``score``): what a stream must give."""
+    return client.score("general", tokens, mask)
+
+
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory) -> list[dict]:
     tmp = str(tmp_path_factory.mktemp("teachers4"))
@@ -245,17 +286,23 @@ def test_separate_teachers_match_single_process(four_ranks):
         assert max(r["diffs"]) <= TOL, r["diffs"]
         assert r["zeros_ok"] and r["empty_shape"] == (0, 5)
         assert max(r["tempered_diffs"]) <= TOL, r["tempered_diffs"]
+        # streamed block by block (each teacher extending its KV cache) = scored whole
+        assert len(r["stream_diffs"]) == 2 * len(BATCHES) + 1 and max(r["stream_diffs"]) <= TOL, r["stream_diffs"]
+        assert "continuing at column 0" in r["stream_errors"][0], r["stream_errors"]
+        assert "below the capacity 6" in r["stream_errors"][1], r["stream_errors"]
+        assert "still open" in r["stream_errors"][2], r["stream_errors"]
         # the tempered reference really differs from T = 1 (a teacher ignoring T would fail above)
         assert r["temperature_effect"] > 1e-2, r["temperature_effect"]
     # distinct teachers really differ (the routing is not trivially right)
-    assert four_ranks[2]["served"][0] == {"general": len(BATCHES) + 1}
-    assert four_ranks[3]["served"][0] == {"domain": 2 * len(BATCHES)}
+    assert four_ranks[2]["served"][0] == {"general": 2 * len(BATCHES) + 3}  # + streams, + the misuse stream and its check
+    assert four_ranks[3]["served"][0] == {"domain": 3 * len(BATCHES)}
 
 
 def test_one_float_per_token_moves_back(four_ranks):
     leader, other = four_ranks[0], four_ranks[1]
     assert leader["stats"]["bytes_received"] == leader["expected_score_bytes"]
-    assert four_ranks[2]["served"][1] == sum(4 * b * t for b, t, _ in BATCHES)  # general: score only
+    # general: scored whole, then streamed (columns [0, t - 1)), then the misuse check's stream and score
+    assert four_ranks[2]["served"][1] == sum(4 * b * (2 * t - 1) for b, t, _ in BATCHES) + 4 * 2 * (5 + 6)
     assert other["stats"]["bytes_received"] == 0  # only the replica leader talks to teachers
 
 
@@ -324,6 +371,20 @@ def _six_rank_worker(rank: int, world: int, tmp: str) -> dict:
                     assert logp.shape == (bj, tj)
                     if bj:
                         diffs.append((logp - ref[name][j][0]).abs().max().item())
+                # the same rows streamed in blocks of 4 columns: these teachers (TP = 2, PP = 2) keep the
+                # blocks and score each stream whole at its last one; both replicas take turns at the pool
+                streams = [(name, client.stream(branch, bj, tj)) for branch, name in
+                           (("general", "general"), ("domain", "domain"), ("code", "extra"))]
+                for start in range(0, tj - 1, 4):
+                    n = min(4, tj - 1 - start)
+                    for _, st in streams:
+                        st.extend(start, tokens[:, start:start + n + 1], mask[:, start:start + n],
+                                  last=start + n == tj - 1)
+                for name, st in streams:
+                    logp = st.result()
+                    assert logp.shape == (bj, tj - 1)
+                    if bj:
+                        diffs.append((logp - ref[name][j][0][:, : tj - 1]).abs().max().item())
             res["diffs"] = diffs
         finally:
             client.close()
@@ -346,9 +407,10 @@ def _six_rank_worker(rank: int, world: int, tmp: str) -> dict:
 def test_tp2_and_pp2_teachers_and_shared_group(tmp_path):
     out = run_on_ranks(_six_rank_worker, 6, args=(str(tmp_path),), timeout_s=400, pg_timeout_s=120)
     for r in out[:2]:
-        assert len(r["diffs"]) >= 3 * (len(BATCHES) - 1) and max(r["diffs"]) <= TOL, r["diffs"]
-    assert out[2]["served"] == out[3]["served"] == {"general": 2 * len(BATCHES)}
-    assert out[4]["served"] == out[5]["served"] == {"domain": 2 * len(BATCHES), "extra": 2 * len(BATCHES)}
+        assert len(r["diffs"]) >= 2 * 3 * (len(BATCHES) - 1) and max(r["diffs"]) <= TOL, r["diffs"]
+    # per batch and student replica: one score and one stream per teacher
+    assert out[2]["served"] == out[3]["served"] == {"general": 4 * len(BATCHES)}
+    assert out[4]["served"] == out[5]["served"] == {"domain": 4 * len(BATCHES), "extra": 4 * len(BATCHES)}
     for r in out:
         assert max(r["colocated"]) <= TOL, (r["rank"], r["colocated"])
 
