@@ -4,7 +4,9 @@ A :class:`TeacherHost` runs on every rank of a separate teacher group (see
 :mod:`camopd_megatron.teachers.protocol` for the wire protocol): its input rank receives each
 request from a student replica's leader and broadcasts it over the teacher replica, every rank runs
 the forward (:func:`camopd_megatron.models.scoring.score_logprobs`), and the output rank (TP 0 of
-the last stage) sends the log-probs back. :class:`TeacherModel` is one frozen teacher on one role's
+the last stage) sends the log-probs back. A stream (protocol "Streams") is scored block by block through
+a KV cache (:class:`~camopd_megatron.models.scoring.IncrementalScorer`) by a teacher that allows it, and
+whole at its last block by any other. :class:`TeacherModel` is one frozen teacher on one role's
 ranks; colocated teachers (:mod:`camopd_megatron.teachers.client`) use it on the student's ranks.
 """
 from __future__ import annotations
@@ -379,16 +381,7 @@ class TeacherHost:
         if b != stream.rows or start != stream.end or n < 0 or start + n + (n > 0) > stream.capacity:
             self._bad_stream(sender, teacher, f"block of {b} rows, columns [{start}, {start + n}), for a stream of "
                                               f"{stream.rows} rows at column {stream.end}, capacity {stream.capacity}")
-        peer = self._peer(*sender)
-        tokens = torch.zeros(b, n + 1, dtype=torch.int64, device=self.device)
-        mask = torch.zeros(b, n, dtype=torch.uint8, device=self.device)
-        if b * n:
-            if self.rank == self.input_rank:
-                p2p_recv(tokens, sender[0], tag=TAG_TOKENS, timeout_s=self.timeout_s, peer=peer, what="block tokens")
-                p2p_recv(mask, sender[0], tag=TAG_MASK, timeout_s=self.timeout_s, peer=peer, what="block mask")
-            for x, name in ((tokens, "tokens"), (mask, "mask")):  # every TP/PP rank of the replica needs them
-                group_broadcast(x, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(),
-                                what=f"block {name}")
+        tokens, mask = self._payload(sender, (b, n + 1), (b, n), "block")
         stats.tokens += b * n
         if last:
             del self.streams[(sender, teacher.index)]
@@ -406,6 +399,22 @@ class TeacherHost:
                 if out.numel():
                     self._reply(sender, teacher, out, stats)
 
+    def _payload(self, sender: tuple[int, int], token_shape: tuple[int, int], mask_shape: tuple[int, int],
+                 what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request's tokens and mask on every rank of the replica (none sent for an empty mask)."""
+        tokens = torch.zeros(token_shape, dtype=torch.int64, device=self.device)
+        mask = torch.zeros(mask_shape, dtype=torch.uint8, device=self.device)
+        if not mask.numel():
+            return tokens, mask
+        if self.rank == self.input_rank:
+            peer = self._peer(*sender)
+            p2p_recv(tokens, sender[0], tag=TAG_TOKENS, timeout_s=self.timeout_s, peer=peer, what=f"{what} tokens")
+            p2p_recv(mask, sender[0], tag=TAG_MASK, timeout_s=self.timeout_s, peer=peer, what=f"{what} mask")
+        for x, name in ((tokens, "tokens"), (mask, "mask")):  # every TP/PP rank of the replica needs them
+            group_broadcast(x, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(),
+                            what=f"{what} {name}")
+        return tokens, mask
+
     def _reply(self, sender: tuple[int, int], teacher: TeacherModel, out: torch.Tensor, stats: ServeStats,
                what: str = "reply") -> None:
         p2p_send(out.to(self.device, torch.float32).contiguous(), sender[0], tag=reply_tag(teacher.index),
@@ -420,15 +429,7 @@ class TeacherHost:
                 teacher.logprobs(torch.zeros((0, t), dtype=torch.int64, device=self.device),
                                  torch.zeros((0, t), dtype=torch.uint8, device=self.device), temperature=temperature)
             return
-        peer = self._peer(*sender)
-        tokens = torch.zeros(b, t, dtype=torch.int64, device=self.device)
-        mask = torch.zeros(b, t, dtype=torch.uint8, device=self.device)
-        if self.rank == self.input_rank:
-            p2p_recv(tokens, sender[0], tag=TAG_TOKENS, timeout_s=self.timeout_s, peer=peer, what="request tokens")
-            p2p_recv(mask, sender[0], tag=TAG_MASK, timeout_s=self.timeout_s, peer=peer, what="request mask")
-        for x, name in ((tokens, "tokens"), (mask, "mask")):  # every TP/PP rank of the replica needs them
-            group_broadcast(x, self.input_rank, self.pgc.mp, timeout_s=self.timeout_s, peer=self._me(),
-                            what=f"request {name}")
+        tokens, mask = self._payload(sender, (b, t), (b, t), "request")
         stats.tokens += b * t
         try:
             out = teacher.logprobs(tokens, mask, temperature=temperature)
