@@ -93,6 +93,24 @@ def test_single_process_matches_torch(temperature, chunk, keep, vb):
     assert (ref["logp"][::5] == 0).all()
 
 
+@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_rows_whose_logits_rise_block_by_block(keep, temperature):
+    """Vocab blocks whose logits sit hundreds above the first block's (more than SHIFT_HEADROOM): rows take
+    new shifts mid-row, and backward brings the tiles taken at a lower shift to the row's last one; a block
+    after the rise falls back. Dyadic entries keep the fp32 logits exact (up to ~1500), as in make_case."""
+    case = make_case(8, 13, V=50, P=64, temperature=temperature)
+    g = torch.Generator().manual_seed(9)
+    case["hidden"] = torch.randint(-8, 9, (13, H), generator=g) / 8.0
+    mult = torch.tensor([1.0, 8.0, 32.0, 2.0, 128.0, 64.0, 1.0, 1.0]).repeat_interleave(8)  # per block of 8
+    weight = torch.randint(-6, 7, (64, H), generator=g) / 8.0 * mult.unsqueeze(-1)
+    weight[50:] = 500.0  # padding rows: huge logits that must never count
+    case["weight"] = weight
+    ref = reference(case)
+    assert (ref["logp"] < -40).any()  # the rise is real: some targets are far below their row's max
+    check(run_fused(case, None, 0, 1, chunk=5, keep=keep, vb=8), ref, tol=1e-5)
+
+
 def test_bf16_and_shapes_and_errors():
     case = make_case(4, 12, V=40, P=48)
     check(run_fused(case, None, 0, 1, dtype=torch.bfloat16, chunk=5), reference(case), tol=5e-2)
@@ -137,9 +155,10 @@ def test_weight_gradient_goes_into_megatron_main_grad():
     torch.testing.assert_close(w.main_grad.double(), 0.25 + 2 * ref["dw"], atol=1e-5, rtol=1e-5)
 
 
-CASES = [  # (seed, tokens, V, P, temperature, offset): P divisible by 4; V = 41 leaves the 4th shard of 48 all padding
+CASES = [  # (seed, tokens, V, P, temperature, offset): P divisible by 4; V = 35 leaves the 4th shard of 48 all padding
     (11, 17, 60, 64, 1.0, 0.0),
-    (12, 9, 41, 48, 0.8, 0.0),
+    (12, 9, 35, 48, 0.8, 0.0),
+    (15, 7, 35, 48, 1.0, -3e4),  # all padding there, under a row max of about -3e4
     (13, 1, 64, 64, 1.0, 0.0),
     (14, 13, 60, 64, 1.0, 1e4),  # large logits
 ]
@@ -156,6 +175,7 @@ def _tp_worker(rank: int, world_size: int) -> dict:
         out[(seed, 2)] = run_fused(case, groups2[rank // 2], rank % 2, 2, chunk=4, keep=0 if rank < 2 else 2**28,
                                    vb=5)  # 32 local columns: 7 blocks, the last 2 wide
         out[(seed, 4)] = run_fused(case, group4, rank, 4, keep=0)
+        out[(seed, "4 kept")] = run_fused(case, group4, rank, 4, vb=5)  # kept tiles, also on the padding shard
     return out
 
 
@@ -164,7 +184,7 @@ def test_tp2_and_tp4_match_the_single_process_reference():
     for seed, n, V, P, temp, offset in CASES:
         ref = reference(make_case(seed, n, V, P, temperature=temp, offset=offset))
         for rank, res in enumerate(per_rank):
-            for tp in (2, 4):
+            for tp in (2, 4, "4 kept"):
                 check(res[(seed, tp)], ref, tol=1e-5, offset=offset)
 
 

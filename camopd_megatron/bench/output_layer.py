@@ -1,6 +1,7 @@
 """Benchmark: scoring the response tokens from the final hidden states, three ways (TP = 1, fp32).
 
     python -m camopd_megatron.bench.output_layer                # the TRL-peer sizes, 2 threads
+    python -m camopd_megatron.bench.output_layer --sizes qwen --threads 1   # the Qwen vocabulary
     python -m camopd_megatron.bench.output_layer --quick        # a tiny smoke run
 
 For B rows of T positions whose last W outputs are scored (the response), from hidden states
@@ -11,7 +12,11 @@ For B rows of T positions whose last W outputs are scored (the response), from h
   on the masked targets;
 * ``window``: the output layer over the W scored positions only, then the same logits kernel;
 * ``fused``: :func:`camopd_megatron.ops.fused_output_logprobs` on the W positions' hidden states (no
-  logits tensor; what the step does now).
+  logits tensor; what the step does now, with the student's reused kept-softmax buffer).
+
+``floor``: the output products alone (one in ``fwd``, three in ``fwd+bwd``: 2·B·W·V·H FLOPs each) at this
+machine's fp32 rate on the forward product ``[B·W, H] x [H, V]`` into reused memory, the best of 3 calls
+measured right after the size's runs; ``fused / floor`` is what the fused op spends beyond its products.
 
 ``fwd`` runs under no_grad (teacher scoring); ``fwd+bwd`` backpropagates a weighted sum of the log-probs
 into the hidden states and the weight (student training). Time = median of ``--repeats`` calls after one
@@ -29,12 +34,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from camopd_megatron.bench.calibrate import matmul_rate
 from camopd_megatron.bench.memory import reset_peak, status_kib
 from camopd_megatron.ops import IGNORE_INDEX, fused_output_logprobs, sampled_token_logprobs
+from camopd_megatron.ops.fused_output import KeptSoftmaxBuffer
 
 SIZES = {  # the TRL peer's settings (camopd_megatron.bench.step.SIZES): batch 8, 32-token prompts
     "small": dict(b=8, t=96, w=64, h=256, v=8192),
     "large": dict(b=8, t=160, w=128, h=512, v=32000),
+    "qwen": dict(b=8, t=96, w=64, h=256, v=151936),  # the Qwen vocabulary (bench.step's qwen size)
 }
 QUICK = {"tiny": dict(b=2, t=12, w=8, h=16, v=64)}
 METHODS = ("full", "window", "fused")
@@ -58,6 +66,7 @@ def _inputs(d: dict, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def _method(name: str, d: dict) -> Callable[..., torch.Tensor]:
     lo, hi = _scored(d)
+    kept = KeptSoftmaxBuffer()
 
     def full(h_TBH, w_VH, tgt_BT):
         logits_BTV = F.linear(h_TBH, w_VH).transpose(0, 1).contiguous()
@@ -68,7 +77,8 @@ def _method(name: str, d: dict) -> Callable[..., torch.Tensor]:
         return sampled_token_logprobs(logits_BWV, tgt_BT[:, lo:hi], None, vocab_start=0, vocab_size=d["v"])
 
     def fused(h_TBH, w_VH, tgt_BT):
-        return fused_output_logprobs(h_TBH[lo:hi].transpose(0, 1), w_VH, tgt_BT[:, lo:hi], None, vocab_size=d["v"])
+        return fused_output_logprobs(h_TBH[lo:hi].transpose(0, 1), w_VH, tgt_BT[:, lo:hi], None, vocab_size=d["v"],
+                                     kept_buffer=kept)
 
     return {"full": full, "window": window, "fused": fused}[name]
 
@@ -115,17 +125,25 @@ def main(argv: list[str] | None = None) -> str:
     sizes = QUICK if a.quick else {s: SIZES[s] for s in a.sizes}
     rows = []
     for size, d in sizes.items():
+        runs = []
         for mode in ("fwd", "fwd+bwd"):
             res = {m: measure(size, d, m, mode, 1 if a.quick else a.repeats) for m in METHODS}
             sums = [r["logp_sum"] for r in res.values()]
             if max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
                 raise RuntimeError(f"{size} {mode}: the three paths disagree (sums of log-probs {sums})")
-            rows.append((size, d, mode, res))
-    lines = ["| size | B x T (scored W) | H | V | mode | full ms | window ms | fused ms | fused / full | "
-             "full extra MiB | window extra MiB | fused extra MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for size, d, mode, r in rows:
-        lines.append(f"| {size} | {d['b']} x {d['t']} ({d['w']}) | {d['h']} | {d['v']} | {mode} | {r['full']['ms']:.1f} | "
-                     f"{r['window']['ms']:.1f} | {r['fused']['ms']:.1f} | {r['fused']['ms'] / r['full']['ms']:.2f} | "
+            runs.append((mode, res))
+        rate = matmul_rate(d["b"] * d["w"], d["h"], d["v"], reps=3, pick=min)
+        for mode, res in runs:  # the output products alone at that rate: 1 forward, 3 with backward
+            floor_ms = (3 if mode == "fwd+bwd" else 1) * 2.0 * d["b"] * d["w"] * d["v"] * d["h"] / rate * 1e3
+            rows.append((size, d, mode, res, floor_ms))
+    lines = ["| size | B x T (scored W) | H | V | mode | full ms | window ms | fused ms | fused / full | floor ms | "
+             "fused / floor | full extra MiB | window extra MiB | fused extra MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size, d, mode, r, floor_ms in rows:
+        lines.append(f"| {size} | {d['b']} x {d['t']} ({d['w']}) | {d['h']} | {d['v']} | {mode} | "
+                     f"{r['full']['ms']:.1f} | {r['window']['ms']:.1f} | {r['fused']['ms']:.1f} | "
+                     f"{r['fused']['ms'] / r['full']['ms']:.2f} | "
+                     f"{floor_ms:.1f} | {r['fused']['ms'] / floor_ms:.2f} | "
                      f"{r['full']['extra_mib']:.0f} | {r['window']['extra_mib']:.0f} | {r['fused']['extra_mib']:.0f} |")
     table = f"one process, {a.threads} thread(s), fp32, median of {a.repeats} calls\n\n" + "\n".join(lines)
     print(table)

@@ -14,26 +14,32 @@ are those of the logits kernel (two all-reduces in forward, whatever the chunkin
 and large logits keep fp32 precision); backward adds the
 all-reduce SUM of dL/dh over the TP group that megatron's column-parallel output layer does.
 
-Gradients, with p = softmax(x) and g the incoming gradient per token:
-    G = (onehot(y) − p) · g / T            [C, W], one tile at a time
-    dL/dh = Σ_r G_r W_r    (all-reduce over TP),    dL/dW_r = Gᵀ h
+Gradients, with p = softmax(x) = E · c (E = exp(x − a shift per row), c = exp(shift − M) / S) and g the
+incoming gradient per token:
+    dL/dx = (onehot(y) − p) · g / T = E · a + onehot(y) · g / T,      a = −g · c / T   (one number per row)
+    dL/dh = a ⊙ Σ_blocks E W + Σ_targets (g/T) W[y]      (all-reduce over TP)
+    dL/dW = Eᵀ (a ⊙ h) + onehot(y)ᵀ ((g/T) h)
+so backward runs the two products over each tile as it is, with no pass over it, and adds the one-hot terms
+at the targets alone.
 
 Tiles. The [N, V_local] logits are worked through in tiles of C rows x W vocab columns (a vocab block):
-the product of one tile (h_C W_blockᵀ) writes ~2 MiB (``DEFAULT_TILE_ELEMENTS``), and the softmax
-passes over it (max, exp, sum; in backward the scale and the one-hot) run while it is still in cache,
-in backward right before the tile's two products (dL/dh += G W_block, dL/dW_block += Gᵀ h). Each block's
-max and Σexp are kept per row ([blocks, N], a few floats per row and block) and combined into the row's
-(max, Σexp) once, so the rows' statistics never need a second pass over the logits. Each product is
-over a whole block of the vocabulary, so the weight is still read once per chunk of rows.
+the product of one tile (h_C W_blockᵀ, 1/T inside it) writes ~2 MiB (``DEFAULT_TILE_ELEMENTS``), and the
+softmax passes over it (max, subtract the shift, exp, sum) run while it is still in cache. A row's shift is
+its first block's max; a block whose max is more than ``SHIFT_HEADROOM`` above it is projected again and
+taken at its own (rare: logits hundreds apart across the vocabulary; backward then scales its tile once), so
+a row's tiles share one shift. Each block's max and Σexp are kept per row ([blocks, N], a few floats per row
+and block) and combined into the row's (max, Σexp) once, so the rows' statistics never need a second pass
+over the logits. Each product is over a whole block of the vocabulary, so the weight is still
+read once per chunk of rows.
 
-Backward needs p again: it keeps the forward's exp(x − block max) when the tiles are small enough
-together (``keep_softmax_bytes``, one fp32 [tokens, V_local] buffer at most, as megatron's cross-entropy
-keeps its softmax; then all rows are one chunk and dL/dW is read and written once), and otherwise
-projects each tile again, ``chunk_tokens`` rows at a time (``DEFAULT_CHUNK_ROWS``) into one reused tile
-buffer. Without grad nothing is kept: one reused tile buffer whatever the vocabulary (at V = 151,936 the
-teacher stage no longer page-faults in a fresh 311 MB logits buffer per call). dL/dh is summed over the
-blocks in fp32 whatever the weight's dtype. The products are the same whatever the path; only their
-blocking, hence the fp32 rounding of the sums, depends on it.
+Backward needs E again: it keeps the forward's tiles when they are small enough together
+(``keep_softmax_bytes``, one fp32 [tokens, V_local] buffer at most, as megatron's cross-entropy keeps its
+softmax; then all rows are one chunk and dL/dW is read and written once), and otherwise projects each tile
+again (E = exp(x − M)), ``chunk_tokens`` rows at a time (``DEFAULT_CHUNK_ROWS``) into one reused tile buffer.
+Without grad nothing is kept: one reused tile buffer whatever the vocabulary (at V = 151,936 the teacher stage
+no longer page-faults in a fresh 311 MB logits buffer per call). dL/dh is summed over the blocks in fp32
+whatever the weight's dtype. The products are the same whatever the path; only their blocking, hence the fp32
+rounding of the sums, depends on it.
 
 The weight is used directly, not through the output layer module, so the caller owns what that
 module's forward would do first: with megatron's ``overlap_param_gather`` the weight's all-gather is
@@ -66,7 +72,6 @@ from camopd_megatron.ops.vocab_parallel import (
     _live,
     _prepare_targets,
     _validate,
-    exp_shifted_,
     reduce_stats,
 )
 
@@ -84,10 +89,15 @@ backward projects again. Keeping trades N·V·4 bytes for a whole projection, 2�
 training work (BENCHMARKS.md)."""
 DEFAULT_TILE_ELEMENTS = 2**19
 """Elements of one tile, [rows, vocab block] (2 MiB of fp32, the size of a core's L2 here): the product writes
-it and the softmax passes (max, exp, sum; in backward the scale and the one-hot) read it while it is still in
-cache, right before (backward) the two products that read it again. Vocab blocks are at least
+it and the softmax passes (max, subtract the shift, exp, sum) read it while it is still in cache (in backward,
+without a kept softmax, the projection again, the shift and exp, right before the two products that read it).
+Vocab blocks are at least
 ``_MIN_VOCAB_BLOCK`` columns wide, so that each product stays efficient."""
 _MIN_VOCAB_BLOCK = 128
+SHIFT_HEADROOM = 40.0
+"""How far a block's max may rise above its row's shift (the first block's max) before the block is taken
+again at its own max: tiles hold exp(x − shift) <= exp(40) ~ 2e17, so their sums and the products over them
+stay far inside fp32's range at any vocabulary, and a usual row has one shift for all its tiles."""
 
 
 def _vocab_block(v_local: int, rows: int, vocab_block: Optional[int]) -> int:
@@ -101,11 +111,14 @@ def _project_(h_CH: torch.Tensor, weight_WH: torch.Tensor, out_CW: torch.Tensor,
     """``out_CW`` ← fp32 scaled logits of the rows ``h_CH`` over one vocab block, columns from ``pad_from`` on
     (padding) at -inf."""
     if h_CH.dtype == torch.float32 and weight_WH.dtype == torch.float32:
-        torch.mm(h_CH, weight_WH.t(), out=out_CW)
+        if temperature == 1.0:
+            torch.mm(h_CH, weight_WH.t(), out=out_CW)
+        else:  # 1/T inside the product: no pass over the tile (beta = 0: the buffer's old contents are ignored)
+            out_CW.addmm_(h_CH, weight_WH.t(), beta=0.0, alpha=1.0 / temperature)
     else:
         out_CW.copy_(F.linear(h_CH, weight_WH))
-    if temperature != 1.0:
-        out_CW.div_(temperature)
+        if temperature != 1.0:
+            out_CW.div_(temperature)
     if pad_from < out_CW.shape[1]:
         out_CW[:, max(pad_from, 0):] = float("-inf")
     return out_CW
@@ -151,7 +164,6 @@ class _Tiles:
         self.rows = max(n, 1) if keep else max(rows, 1)
         self.vb = vb = _vocab_block(v, min(self.rows, max(n, 1)), vocab_block)
         self.n_blocks = -(-v // vb) if v else 0
-        self.targets: dict[int, list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {}
         if keep and kept_buffer is not None:
             self.buf, give_back = kept_buffer.take(n * v, device)
             if give_back is not None:
@@ -191,18 +203,30 @@ def _block_targets(tgt_local_NK: torch.Tensor, owned_NK: torch.Tensor, c0: int, 
 
 
 def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature,
-                   tiles: _Tiles) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
-    """The group's RowStats (max, log Σexp, target logits), tile by tile; returns them with each block's max
-    and shift ([blocks, N]). With ``tiles.keep`` the tiles are left holding exp(x − that block's shift)."""
+                   tiles: _Tiles) -> tuple[RowStats, torch.Tensor]:
+    """The group's RowStats (max, log Σexp, target logits), tile by tile; returns them with the shift each
+    block's tile was exponentiated at ([blocks, N]). With ``tiles.keep`` the tiles are left holding
+    exp(x − that shift).
+
+    A row's shift is its first block's max (0 for a shard of padding only). A block whose max is more than
+    ``SHIFT_HEADROOM`` above it (rare: logits hundreds apart across the vocabulary) is projected again and
+    taken at its own max, so exp(x − shift) stays below exp(SHIFT_HEADROOM) in every tile."""
     n = layout.n_tokens
     dev = hidden_NH.device
     m_JN = torch.full((tiles.n_blocks, n), float("-inf"), dtype=torch.float32, device=dev)
     shift_JN = torch.zeros_like(m_JN)
     s_JN = torch.zeros_like(m_JN)
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
+
+    def exp_sum_(x_CW: torch.Tensor, j: int, c0: int, c1: int, shift_C: torch.Tensor) -> None:
+        torch.sum(x_CW.sub_(shift_C.unsqueeze(-1)).exp_(), dim=-1, out=s_JN[j, c0:c1])
+
     for c0 in tiles.chunks():
+        if not tiles.n_blocks:
+            break
         c1 = min(c0 + tiles.rows, n)
-        owned = tiles.targets[c0] = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+        owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+        shift_C = shift_JN[0, c0:c1]
         for j in range(tiles.n_blocks):
             v0, v1 = tiles.columns(j)
             x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
@@ -210,30 +234,39 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
             if owned[j] is not None:
                 r, k, col = owned[j]
                 tgt_NK[c0 + r, k] = x_CW[r, col]
-            m_JN[j, c0:c1], shift_JN[j, c0:c1], s_JN[j, c0:c1] = exp_shifted_(x_CW)
-    # the blocks' (max, Σexp) into one per row (a block of padding only has s = 0 and shift 0)
+            m_C = torch.amax(x_CW, dim=-1, out=m_JN[j, c0:c1])
+            if j == 0:
+                torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C, out=shift_C)
+            exp_sum_(x_CW, j, c0, c1, shift_C)
+        shift_JN[1:, c0:c1] = shift_C
+        over_JC = m_JN[:, c0:c1] > shift_C + SHIFT_HEADROOM
+        for j in over_JC.any(dim=1).nonzero().flatten().tolist():  # again, at the block's own max where it rose
+            v0, v1 = tiles.columns(j)
+            sh_C = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C, out=shift_JN[j, c0:c1])
+            exp_sum_(_project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
+                               temperature), j, c0, c1, sh_C)
+    # the blocks' (max, Σexp) into one per row (shifts are at most the row max; padding only: s = 0, shift 0)
     m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
     shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)
     s_N = torch.where(s_JN > 0, s_JN * torch.exp(shift_JN - shift_N), torch.zeros_like(s_JN)).sum(dim=0)
-    return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), m_JN, shift_JN
+    return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), shift_JN
 
 
 class _FusedOutputLogProb(torch.autograd.Function):
-    """Saves the hidden states, the weight (both held by the graph anyway), M_N and log S_N, each block's max
-    and shift, and with ``tiles.keep`` the forward's exp tiles (consumed in place by the one backward)."""
+    """Saves the hidden states, the weight (both held by the graph anyway), M_N and log S_N, the tiles' shifts,
+    and with ``tiles.keep`` the forward's exp tiles (consumed by the one backward)."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature, tiles):
-        stats, m_JN, shift_JN = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
-                                               temperature, tiles)
-        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, stats.max_N, stats.log_sum_N, m_JN,
-                              shift_JN)
+        stats, shift_JN = _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group,
+                                         temperature, tiles)
+        ctx.save_for_backward(hidden_NH, weight_VH, tgt_local_NK, owned_NK, stats.max_N, stats.log_sum_N, shift_JN)
         ctx.layout, ctx.tp_group, ctx.temperature, ctx.tiles = layout, tp_group, temperature, tiles
         return stats.logprobs(stats.target_NK, _live(tgt_local_NK))
 
     @staticmethod
     def backward(ctx, g_logp_NK):
-        hidden_NH, weight_VH, tgt_local_NK, owned_NK, max_N, log_sum_N, m_JN, shift_JN = ctx.saved_tensors
+        hidden_NH, weight_VH, tgt_local_NK, owned_NK, max_N, log_sum_N, shift_JN = ctx.saved_tensors
         tiles = ctx.tiles
         if tiles is None:
             raise RuntimeError("fused_output_logprobs: backward ran twice on a graph that kept its softmax tiles "
@@ -243,17 +276,19 @@ class _FusedOutputLogProb(torch.autograd.Function):
         stats = RowStats(max_N, log_sum_N, None)
         layout, temperature, n = ctx.layout, ctx.temperature, ctx.layout.n_tokens
         g_NK = torch.where(_live(tgt_local_NK), g_logp_NK.float(), torch.zeros_like(g_logp_NK, dtype=torch.float32))
-        src_NK = torch.where(owned_NK, g_NK, torch.zeros_like(g_NK))
-        neg_g_N = -g_NK.sum(dim=-1)
-        # p = exp(x − shift) · probs_scale(shift): kept tiles hold exp(x − their block's shift) (0 for a block
-        # of padding only, whose scale is then never formed), recomputed ones exp(x − M)
-        if tiles.keep:
-            scale_JN = torch.where(torch.isinf(m_JN), torch.zeros_like(m_JN),
-                                   neg_g_N * stats.probs_scale(shift_JN))
-        else:
-            scale_N = neg_g_N * stats.probs_scale(max_N)
+        # The tiles hold E = exp(x − shift) with one shift per row (kept: the row's highest, to which the rare
+        # tiles taken at a lower one are brought; recomputed: M), so p = E · c_N and
+        #   dL/dx = (onehot·g − p·Σg) / T = E · a_N + onehot · g / T,   a_N = −Σg · c_N / T:
+        # dL/dh = a ⊙ (Σ_blocks E W) and dL/dW = Eᵀ (a ⊙ h) need no pass over the tiles, and the one-hot
+        # terms are added at the targets alone.
+        shift_N = shift_JN.amax(dim=0) if tiles.keep and tiles.n_blocks else max_N
+        a_N = -g_NK.sum(dim=-1) * stats.probs_scale(shift_N) / temperature
+        if layout.pad_from <= 0:  # a shard of padding only: its tiles are 0 (and its shift says nothing)
+            a_N.zero_()
+        lower = (shift_JN != shift_N).any(dim=1).tolist() if tiles.keep else [False] * tiles.n_blocks
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fp32 = weight_VH.dtype == torch.float32
+        h_f_NH = hidden_NH if hidden_NH.dtype == torch.float32 else hidden_NH.float()
         # dL/dh accumulates over the vocab blocks in fp32 whatever the weight's dtype
         grad_h_NH = torch.zeros(hidden_NH.shape, dtype=torch.float32, device=hidden_NH.device) if need_h else None
         into_main = need_w and accumulates_into_main_grad(weight_VH)
@@ -263,39 +298,38 @@ class _FusedOutputLogProb(torch.autograd.Function):
                 weight_VH.shape, dtype=torch.float32, device=weight_VH.device)
         for c0 in tiles.chunks():
             c1 = min(c0 + tiles.rows, n)
-            h_CH = hidden_NH[c0:c1]
-            h_f = h_CH if h_CH.dtype == torch.float32 else h_CH.float()
-            owned = tiles.targets[c0]
+            ah_CH = a_N[c0:c1].unsqueeze(-1) * h_f_NH[c0:c1] if need_w else None
             for j in range(tiles.n_blocks):
                 v0, v1 = tiles.columns(j)
                 w_WH = weight_VH[v0:v1]
                 if tiles.keep:
-                    x_CW = tiles.tile(c0, j).mul_(scale_JN[j].unsqueeze(-1))
+                    e_CW = tiles.tile(c0, j)
+                    if lower[j]:  # taken at a lower shift than the row's highest: to exp(x − highest)
+                        e_CW.mul_(torch.exp(shift_JN[j] - shift_N).unsqueeze(-1))
                 else:
-                    x_CW = _project_(h_CH, w_WH, tiles.tile(c0, j), layout.pad_from - v0, temperature)
-                    x_CW.sub_(max_N[c0:c1].unsqueeze(-1)).exp_().mul_(scale_N[c0:c1].unsqueeze(-1))
-                # x now holds −p·g; + onehot·g, then / T: dL/dx of this tile
-                if owned[j] is not None:
-                    r, k, col = owned[j]
-                    x_CW.index_put_((r, col), src_NK[c0 + r, k], accumulate=True)
-                if temperature != 1.0:
-                    x_CW.div_(temperature)
+                    e_CW = _project_(hidden_NH[c0:c1], w_WH, tiles.tile(c0, j), layout.pad_from - v0, temperature)
+                    e_CW.sub_(max_N[c0:c1].unsqueeze(-1)).exp_()
                 if need_h:
-                    grad_h_NH[c0:c1].addmm_(x_CW, w_WH if fp32 else w_WH.float())
-                if need_w:  # from the fp32 logit gradient; the first chunk writes, later ones add
+                    grad_h_NH[c0:c1].addmm_(e_CW, w_WH if fp32 else w_WH.float())
+                if need_w:  # the first chunk writes, later ones add
                     if into_main or c0 > 0:
-                        grad_w_VH[v0:v1].addmm_(x_CW.t(), h_f)
+                        grad_w_VH[v0:v1].addmm_(e_CW.t(), ah_CH)
                     else:
-                        torch.mm(x_CW.t(), h_f, out=grad_w_VH[v0:v1])
+                        torch.mm(e_CW.t(), ah_CH, out=grad_w_VH[v0:v1])
         del tiles
-        if need_h and layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
-            dist.all_reduce(grad_h_NH, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        r, k = owned_NK.nonzero(as_tuple=True)  # the one-hot terms, at this rank's targets
+        col, gy = tgt_local_NK[r, k], (g_NK[r, k] / temperature).unsqueeze(-1)
         if need_h:
+            grad_h_NH.mul_(a_N.unsqueeze(-1)).index_add_(0, r, gy * weight_VH[col].float())
+            if layout.tp_size > 1:  # h was replicated over the group: its gradient sums the shards'
+                dist.all_reduce(grad_h_NH, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             grad_h_NH = grad_h_NH.to(hidden_NH.dtype)
+        if need_w:
+            if n == 0 and not into_main:  # no tokens
+                grad_w_VH.zero_()
+            grad_w_VH.index_add_(0, col, gy * h_f_NH[r])
         if into_main:  # megatron's gradient-accumulation-fusion contract: a dummy grad the DDP hook skips
             return grad_h_NH, added_to_main_grad(weight_VH), None, None, None, None, None, None
-        if need_w and n == 0:  # no tokens
-            grad_w_VH.zero_()
         if need_w and grad_w_VH.dtype != weight_VH.dtype:
             grad_w_VH = grad_w_VH.to(weight_VH.dtype)
         return grad_h_NH, grad_w_VH, None, None, None, None, None, None
@@ -363,7 +397,7 @@ def fused_output_logprobs(
                                             float(temperature), tiles)
     else:  # no backward to feed: one reused tile buffer, nothing saved
         with torch.no_grad():
-            stats, _, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
+            stats, _ = _forward_stats(hidden_NH, weight_shard, tgt_local_NK, owned_NK, layout, tp_group,
                                          float(temperature), tiles)
             logp_NK = stats.logprobs(stats.target_NK, _live(tgt_local_NK))
     return logp_NK.view(lead)
