@@ -18,9 +18,10 @@ and off, in three layouts:
 Overlapped == not overlapped: the same tokens and kept sample ids; teacher log-probs and gap/loss metrics
 within 1e-5 (float rounding: the cached teacher's blocked forward sums in another order than megatron's
 whole one; measured ~1e-6), final parameters within 1e-4 and 99.9 % of them within 1e-6 (Adam's normalised
-step amplifies rounding where a gradient is near zero; lr 3e-3). The overlapped path really ran: the teacher answered blocks of a
-micro-batch before the student had decoded its last one. Last, a student that fails with streams open:
-the teachers get its abort (with its message) within seconds instead of timing out.
+step amplifies rounding where a gradient is near zero; lr 3e-3). The overlapped path really ran: the
+teacher answered blocks of a micro-batch before the student had decoded its last one. Last, a student
+that fails with streams open: the teachers get its abort (with its message) within seconds instead of
+timing out.
 """
 from __future__ import annotations
 

@@ -335,10 +335,11 @@ def score_with_teachers(client: TeacherScorer, branch_order: Sequence[str], batc
 
 class StreamedScoring:
     """Teacher scoring overlapped with the rollout (module docstring), the rollout's
-    :class:`~camopd_megatron.distill.rollout.DecodeListener`: :meth:`begin` opens one stream per separate-teacher branch of the
-    step (in ``branch_order``, with that branch's rows of the micro-batch, possibly none), :meth:`block`
-    sends each stream its rows of the newly decoded columns, :meth:`gather` scores the colocated branches
-    and collects every reply into the [B, T] that :func:`score_with_teachers` returns.
+    :class:`~camopd_megatron.distill.rollout.DecodeListener`: :meth:`begin` opens one stream per
+    separate-teacher branch of the step (in ``branch_order``, with that branch's rows of the micro-batch,
+    possibly none), :meth:`block` sends each stream its rows of the newly decoded columns, :meth:`gather`
+    scores the colocated branches and collects every reply into the [B, T] that
+    :func:`score_with_teachers` returns.
 
     A shared teacher replica serves its student replicas in turn, one micro-batch each (protocol
     "Streams"), so every replica streams ``chunks`` micro-batches, :meth:`pad` adding empty ones:

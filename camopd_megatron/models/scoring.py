@@ -148,9 +148,9 @@ class IncrementalScorer:
         """fp32 [B, n] log-probs of columns [end, end + n) (0 where ``mask_Bn`` is 0), on the tokens' device."""
         n = mask_Bn.shape[1]
         if tokens_Bn1.shape != (mask_Bn.shape[0], n + 1) or self.end + n >= self.capacity + (n == 0):
-            raise ValueError(f"IncrementalScorer.extend: tokens {tuple(tokens_Bn1.shape)} and mask {tuple(mask_Bn.shape)} "
-                             f"do not form a block of columns [{self.end}, {self.end + n}) below the capacity "
-                             f"{self.capacity}")
+            raise ValueError(f"IncrementalScorer.extend: tokens {tuple(tokens_Bn1.shape)} and mask "
+                             f"{tuple(mask_Bn.shape)} do not form a block of columns [{self.end}, {self.end + n}) "
+                             f"below the capacity {self.capacity}")
         device = self.weight.device
         out = torch.zeros(mask_Bn.shape, dtype=torch.float32, device=tokens_Bn1.device)
         if n == 0:

@@ -192,8 +192,9 @@ class TeacherClient:
         rounding where the teacher scores blocks through a KV cache).
 
         Collective like :meth:`score` (every rank of the replica makes the same calls; only the leader
-        sends; no collective inside). Open every stream of a micro-batch (one per separate branch, empty ones too) before sending
-        any block: that keeps the student replicas in step at a shared teacher replica.
+        sends; no collective inside). Open every stream of a micro-batch (one per separate branch, empty
+        ones too) before sending any block: that keeps the student replicas in step at a shared teacher
+        replica.
         """
         name = self.teacher_for(branch)
         if name in self.colocated:
@@ -401,10 +402,10 @@ class PendingScore:
                              f"(teacher {self.name!r}); open one with TeacherClient.stream")
         if (tuple(tokens_Bn1.shape) != (self.rows, n + 1) or tuple(mask_Bn.shape) != (self.rows, n)
                 or tokens_Bn1.dtype != torch.int64 or start != self.end or start + n + (n > 0) > self.capacity):
-            raise ValueError(f"extend: a block of columns [{start}, {start + n}) needs int64 tokens [{self.rows}, n + 1] "
-                             f"and a mask [{self.rows}, n] continuing at column {self.end} below the capacity "
-                             f"{self.capacity}; got tokens {tuple(tokens_Bn1.shape)} {tokens_Bn1.dtype}, "
-                             f"mask {tuple(mask_Bn.shape)}")
+            raise ValueError(f"extend: a block of columns [{start}, {start + n}) needs int64 tokens "
+                             f"[{self.rows}, n + 1] and a mask [{self.rows}, n] continuing at column {self.end} "
+                             f"below the capacity {self.capacity}; got tokens {tuple(tokens_Bn1.shape)} "
+                             f"{tokens_Bn1.dtype}, mask {tuple(mask_Bn.shape)}")
         client = self.client
         dev = wire_device()
         payload = ((tokens_Bn1.to(dev), (mask_Bn != 0).to(device=dev, dtype=torch.uint8)) if self.rows * n else ())

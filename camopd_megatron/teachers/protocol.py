@@ -11,10 +11,10 @@ the serving teacher replica's input rank (TP 0, first stage) and output rank (TP
                          sampled-token log-probs on the last stage (three one-float TP reductions)
     teacher output rank ──logp float32 [B, T]───────────────────────────────────▶ student leader
 
-so teacher → student moves exactly ``4 * B * T`` bytes per request (a stream: per block, see "Streams"). Nothing is sent when ``B * T == 0``
-beyond the header. The header's temperature field carries the float64 bits of the softmax temperature
-the teacher scores at (``loss.teacher_temperature``, see :func:`header`), so one teacher serves
-requests at any temperature.
+so teacher → student moves exactly ``4 * B * T`` bytes per request (a stream: per block, see "Streams").
+Nothing is sent when ``B * T == 0`` beyond the header. The header's temperature field carries the float64
+bits of the softmax temperature the teacher scores at (``loss.teacher_temperature``, see :func:`header`),
+so one teacher serves requests at any temperature.
 
 Ordering. ``score`` is collective over every student rank, every student replica sending one request
 per call, so a teacher replica serves its student replicas (those ``Route`` maps to it, round-robin
