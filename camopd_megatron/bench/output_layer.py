@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from camopd_megatron.bench.calibrate import matmul_rate
 from camopd_megatron.bench.memory import reset_peak, status_kib
+from camopd_megatron.bench.step import matmul_flops_per_s
 from camopd_megatron.ops import IGNORE_INDEX, fused_output_logprobs, sampled_token_logprobs
 from camopd_megatron.ops.fused_output import KeptSoftmaxBuffer
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> str:
             if max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
                 raise RuntimeError(f"{size} {mode}: the three paths disagree (sums of log-probs {sums})")
             runs.append((mode, res))
-        rate = matmul_rate(d["b"] * d["w"], d["h"], d["v"], reps=3, pick=min)
+        rate = matmul_flops_per_s(d["b"] * d["w"], d["h"], d["v"])
         for mode, res in runs:  # the output products alone at that rate: 1 forward, 3 with backward
             floor_ms = (3 if mode == "fwd+bwd" else 1) * 2.0 * d["b"] * d["w"] * d["v"] * d["h"] / rate * 1e3
             rows.append((size, d, mode, res, floor_ms))

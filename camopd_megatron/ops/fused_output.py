@@ -29,8 +29,8 @@ its first block's max; a block whose max is more than ``SHIFT_HEADROOM`` above i
 taken at its own (rare: logits hundreds apart across the vocabulary; backward then scales its tile once), so
 a row's tiles share one shift. Each block's max and Σexp are kept per row ([blocks, N], a few floats per row
 and block) and combined into the row's (max, Σexp) once, so the rows' statistics never need a second pass
-over the logits. Each product is over a whole block of the vocabulary, so the weight is still
-read once per chunk of rows.
+over the logits. Each product is over a whole block of the vocabulary, so the weight is still read once per
+chunk of rows.
 
 Backward needs E again: it keeps the forward's tiles when they are small enough together
 (``keep_softmax_bytes``, one fp32 [tokens, V_local] buffer at most, as megatron's cross-entropy keeps its
@@ -72,6 +72,7 @@ from camopd_megatron.ops.vocab_parallel import (
     _live,
     _prepare_targets,
     _validate,
+    exp_shifted_,
     reduce_stats,
 )
 
@@ -217,16 +218,12 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
     shift_JN = torch.zeros_like(m_JN)
     s_JN = torch.zeros_like(m_JN)
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
-
-    def exp_sum_(x_CW: torch.Tensor, j: int, c0: int, c1: int, shift_C: torch.Tensor) -> None:
-        torch.sum(x_CW.sub_(shift_C.unsqueeze(-1)).exp_(), dim=-1, out=s_JN[j, c0:c1])
-
     for c0 in tiles.chunks():
         if not tiles.n_blocks:
             break
         c1 = min(c0 + tiles.rows, n)
         owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
-        shift_C = shift_JN[0, c0:c1]
+        shift_C: Optional[torch.Tensor] = None  # the first block's max sets it
         for j in range(tiles.n_blocks):
             v0, v1 = tiles.columns(j)
             x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
@@ -234,17 +231,14 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
             if owned[j] is not None:
                 r, k, col = owned[j]
                 tgt_NK[c0 + r, k] = x_CW[r, col]
-            m_C = torch.amax(x_CW, dim=-1, out=m_JN[j, c0:c1])
-            if j == 0:
-                torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C, out=shift_C)
-            exp_sum_(x_CW, j, c0, c1, shift_C)
-        shift_JN[1:, c0:c1] = shift_C
+            m_JN[j, c0:c1], shift_C, s_JN[j, c0:c1] = exp_shifted_(x_CW, shift_C)
+        shift_JN[:, c0:c1] = shift_C
         over_JC = m_JN[:, c0:c1] > shift_C + SHIFT_HEADROOM
         for j in over_JC.any(dim=1).nonzero().flatten().tolist():  # again, at the block's own max where it rose
             v0, v1 = tiles.columns(j)
-            sh_C = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C, out=shift_JN[j, c0:c1])
-            exp_sum_(_project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
-                               temperature), j, c0, c1, sh_C)
+            shift_JN[j, c0:c1] = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C)
+            x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0, temperature)
+            _, _, s_JN[j, c0:c1] = exp_shifted_(x_CW, shift_JN[j, c0:c1])
     # the blocks' (max, Σexp) into one per row (shifts are at most the row max; padding only: s = 0, shift 0)
     m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
     shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)
@@ -285,7 +279,7 @@ class _FusedOutputLogProb(torch.autograd.Function):
         a_N = -g_NK.sum(dim=-1) * stats.probs_scale(shift_N) / temperature
         if layout.pad_from <= 0:  # a shard of padding only: its tiles are 0 (and its shift says nothing)
             a_N.zero_()
-        lower = (shift_JN != shift_N).any(dim=1).tolist() if tiles.keep else [False] * tiles.n_blocks
+        lower = (shift_JN != shift_N).any(dim=1).tolist() if tiles.keep else []  # kept tiles to bring up
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fp32 = weight_VH.dtype == torch.float32
         h_f_NH = hidden_NH if hidden_NH.dtype == torch.float32 else hidden_NH.float()

@@ -171,14 +171,17 @@ def _scaled_chunk(logits_CV: torch.Tensor, layout: _Layout, temperature: float) 
     return x_CV
 
 
-def exp_shifted_(x_CV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place x ← exp(x − shift) per row; returns (local max m_C, shift_C, Σexp(x − shift)_C).
 
     shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
-    shift is 0 so that exp() gives 0, not NaN. The local half of :func:`reduce_stats`'s statistics,
-    for this kernel and the fused output projection alike."""
+    shift is 0 so that exp() gives 0, not NaN. A given ``shift_C`` (finite) is used instead (the fused
+    output projection keeps one shift per row across its vocab blocks). The local half of
+    :func:`reduce_stats`'s statistics, for this kernel and the fused output projection alike."""
     m_C = x_CV.amax(dim=-1)
-    shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
+    if shift_C is None:
+        shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
     s_C = x_CV.sub_(shift_C.unsqueeze(-1)).exp_().sum(dim=-1)
     return m_C, shift_C, s_C
 
