@@ -96,9 +96,9 @@ def test_single_process_matches_torch(temperature, chunk, keep, vb):
 @pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_rows_whose_logits_rise_block_by_block(keep, temperature):
-    """Vocab blocks whose logits sit hundreds above the first block's (more than SHIFT_HEADROOM): rows take
-    new shifts mid-row, and backward brings the tiles taken at a lower shift to the row's last one; a block
-    after the rise falls back. Dyadic entries keep the fp32 logits exact (up to ~1500), as in make_case."""
+    """Vocab blocks whose logits sit hundreds above the first block's (more than SHIFT_HEADROOM) take their own
+    shifts mid-row, and backward brings the tiles taken at a lower shift to the row's highest; a block after
+    the rise falls back. Dyadic entries keep the fp32 logits exact (up to ~1500), as in make_case."""
     case = make_case(8, 13, V=50, P=64, temperature=temperature)
     g = torch.Generator().manual_seed(9)
     case["hidden"] = torch.randint(-8, 9, (13, H), generator=g) / 8.0
