@@ -135,13 +135,13 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.mark.slow
 def _tiny_checkpoints(rank: int, world_size: int, out: str) -> None:
     from camopd_megatron.demo.tiny_checkpoints import write_tiny_checkpoints
 
     write_tiny_checkpoints(out)
 
 
+@pytest.mark.slow
 def test_signals_stop_every_rank_after_the_step_and_the_resume_matches(tmp_path):
     from camopd_megatron.testing.multiproc import run_on_ranks
 

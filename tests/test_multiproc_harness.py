@@ -41,3 +41,35 @@ def test_error_carries_traceback():
 def test_hang_times_out():
     with pytest.raises((TimeoutError, RuntimeError)):
         run_on_ranks(_hangs, 2, timeout_s=15, pg_timeout_s=5)
+
+
+def _origin(rank, world_size):
+    import os
+    import sys
+
+    import psutil
+
+    return {"ppid": os.getppid(), "parent": " ".join(psutil.Process(os.getppid()).cmdline()),
+            "mark": os.environ.get("CAMOPD_HARNESS_MARK"), "threads": torch.get_num_threads(),
+            "preloaded": "megatron.core.tensor_parallel" in sys.modules}
+
+
+def test_ranks_fork_from_a_preloaded_server_or_spawn_fresh(monkeypatch):
+    """By default ranks are forked by the fork server, which imported PRELOAD (torch and megatron-core)
+    before any rank; ``start="spawn"`` starts fresh interpreters that read the caller's environment now."""
+    import os
+
+    from camopd_megatron.testing.multiproc import PRELOAD
+
+    forked = run_on_ranks(_origin, 2, threads=1)
+    assert forked[0]["ppid"] == forked[1]["ppid"] != os.getpid()
+    assert "multiprocessing.forkserver" in forked[0]["parent"] and all(m in forked[0]["parent"] for m in PRELOAD)
+    assert all(r["threads"] == 1 and r["preloaded"] for r in forked)
+    again = run_on_ranks(_origin, 1)
+    assert again[0]["ppid"] == forked[0]["ppid"]  # one server per process
+
+    monkeypatch.setenv("CAMOPD_HARNESS_MARK", "now")
+    spawned = run_on_ranks(_origin, 2, start="spawn")
+    assert all(r["ppid"] == os.getpid() and r["mark"] == "now" for r in spawned)
+    with pytest.raises(ValueError, match="start='fork'"):
+        run_on_ranks(_origin, 1, start="fork")

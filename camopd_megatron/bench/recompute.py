@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> str:
     # of heap space freed by the warm-up and reused (the rank process reads this at start-up)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
 
-    rows = run_on_ranks(_bench_worker, 1, args=(vars(a),), timeout_s=3600, threads=a.threads)[0]
+    rows = run_on_ranks(_bench_worker, 1, args=(vars(a),), timeout_s=3600, threads=a.threads, start="spawn")[0]
     mib = float(2**20)
     none = {k: rows[0][k] for k in ("peak", "saved", "planner")}
     head = (f"model: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, ffn {4 * a.hidden}, vocab {a.vocab}, fp32, "

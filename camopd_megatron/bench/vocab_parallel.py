@@ -157,7 +157,8 @@ def measure(cfgs: list[BenchConfig], fresh: bool, max_mem_frac: float = 0.7) -> 
             logger.warning("skipping %s: estimated %.1f GiB > %.0f%% of MemAvailable", group_cfgs, need / 2**30,
                            100 * max_mem_frac)
             continue
-        per_rank = run_on_ranks(_bench_rank, group_cfgs[0].tp, args=(group_cfgs,), timeout_s=1800, pg_timeout_s=600)
+        per_rank = run_on_ranks(_bench_rank, group_cfgs[0].tp, args=(group_cfgs,), timeout_s=1800, pg_timeout_s=600,
+                                start="spawn")
         for i, cfg in enumerate(group_cfgs):
             rows.append(dict(asdict(cfg), extra_mib=max(r[i]["extra_mib"] for r in per_rank),
                              time_s=max(r[i]["time_s"] for r in per_rank)))

@@ -3,11 +3,20 @@
     results = run_on_ranks(check_fn, world_size=4, args=(cfg,))
 
 ``check_fn(rank, world_size, *args)`` must be importable (a module-level function) because
-ranks are started with the ``spawn`` method. Each rank: env vars set, one torch thread,
+ranks are started with the ``forkserver`` method. Each rank: env vars set, one torch thread,
 :func:`camopd_megatron.distributed.init_distributed` with a short process-group timeout, the
 function, then teardown in ``finally``. A rank that raises makes the whole call raise with that
 rank's traceback; a rank that hangs is killed after ``timeout_s`` and the error names it.
-Launching costs ~3 s (torch + megatron imports), so put several checks into one function.
+
+Importing torch and megatron-core takes a process several seconds of CPU. The fork server imports
+them once (:data:`PRELOAD`, the first call in a process starts it) and forks each rank from there,
+so every later launch starts ranks with those modules loaded, in a fresh state: the server imports
+and runs nothing else (no process group, no compatibility patch, no tensor work, so no thread pool
+to inherit). Each launch still costs a process group and the function's own setup: put several
+checks into one function. A forked rank's environment is the server's (the caller's when the first
+call started it) plus what ``_worker`` sets; ``start="spawn"`` gives each rank a fresh interpreter
+that reads the caller's environment now, for settings read at process start (glibc's ``MALLOC_*``
+in the memory benchmarks).
 """
 from __future__ import annotations
 
@@ -20,6 +29,10 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from camopd_megatron.distributed import find_free_port
+
+PRELOAD = ("camopd_megatron.testing.multiproc", "megatron.core", "camopd_megatron.trainer")
+"""What the fork server imports before it forks ranks (``camopd_megatron`` first: importing it
+prepares ``import megatron.core``); the trainer brings the rest of the package a check uses."""
 
 
 def _worker(fn, rank, world_size, port, pg_timeout_s, threads, env, q, args, kwargs):
@@ -60,9 +73,16 @@ def run_on_ranks(
     pg_timeout_s: float = 90.0,
     threads: int = 1,
     env: dict[str, str] | None = None,
+    start: str = "forkserver",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank."""
-    ctx = mp.get_context("spawn")
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank.
+    ``start``: ``"forkserver"`` (ranks forked with torch and megatron loaded) or ``"spawn"`` (fresh
+    interpreters)."""
+    if start not in ("forkserver", "spawn"):
+        raise ValueError(f"run_on_ranks: start={start!r}; use 'forkserver' or 'spawn'")
+    ctx = mp.get_context(start)
+    if start == "forkserver":
+        ctx.set_forkserver_preload(list(PRELOAD))  # read when the server starts: once per process
     q = ctx.Queue()
     port = find_free_port()
     procs = [
