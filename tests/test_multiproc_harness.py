@@ -49,7 +49,8 @@ def _origin(rank, world_size):
 
     import psutil
 
-    return {"ppid": os.getppid(), "parent": " ".join(psutil.Process(os.getppid()).cmdline()),
+    parent = psutil.Process(os.getppid())
+    return {"ppid": parent.pid, "parent": " ".join(parent.cmdline()), "parent_threads": parent.num_threads(),
             "mark": os.environ.get("CAMOPD_HARNESS_MARK"), "threads": torch.get_num_threads(),
             "preloaded": "megatron.core.tensor_parallel" in sys.modules}
 
@@ -64,7 +65,7 @@ def test_ranks_fork_from_a_preloaded_server_or_spawn_fresh(monkeypatch):
     forked = run_on_ranks(_origin, 2, threads=1)
     assert forked[0]["ppid"] == forked[1]["ppid"] != os.getpid()
     assert "multiprocessing.forkserver" in forked[0]["parent"] and all(m in forked[0]["parent"] for m in PRELOAD)
-    assert all(r["threads"] == 1 and r["preloaded"] for r in forked)
+    assert all(r["threads"] == 1 and r["preloaded"] for r in forked) and forked[0]["parent_threads"] == 1
     again = run_on_ranks(_origin, 1)
     assert again[0]["ppid"] == forked[0]["ppid"]  # one server per process
 

@@ -10,13 +10,13 @@ rank's traceback; a rank that hangs is killed after ``timeout_s`` and the error 
 
 Importing torch and megatron-core takes a process several seconds of CPU. The fork server imports
 them once (:data:`PRELOAD`, the first call in a process starts it) and forks each rank from there,
-so every later launch starts ranks with those modules loaded, in a fresh state: the server imports
-and runs nothing else (no process group, no compatibility patch, no tensor work, so no thread pool
-to inherit). Each launch still costs a process group and the function's own setup: put several
-checks into one function. A forked rank's environment is the server's (the caller's when the first
-call started it) plus what ``_worker`` sets; ``start="spawn"`` gives each rank a fresh interpreter
-that reads the caller's environment now, for settings read at process start (glibc's ``MALLOC_*``
-in the memory benchmarks).
+so every later launch starts ranks with those modules loaded, in a fresh state: the server only
+imports (no process group, no compatibility patch; one thread, so a fork inherits no thread pool).
+Each launch still costs a process group and the function's own setup: put several checks into one
+function. A forked rank's environment is the server's (the caller's when the first call started it)
+plus what ``_worker`` sets; ``start="spawn"`` gives each rank a fresh interpreter that reads the
+caller's environment now, for settings read at process start (glibc's ``MALLOC_*`` in the memory
+benchmarks).
 """
 from __future__ import annotations
 
