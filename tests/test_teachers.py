@@ -1,6 +1,6 @@
 """Teachers on their own rank groups (and colocated) and the log-prob scoring service (issue 4).
 
-Two multi-rank launches (each groups many checks):
+Three multi-rank launches (each groups many checks):
 
 * 4 ranks: student TP=2 on 0-1, ``general`` TP=1 on 2 (checkpoint saved at TP=2), ``domain`` TP=1
   on 3 (saved at TP=1). Teacher log-probs equal a one-rank evaluation of the same checkpoint for
@@ -11,6 +11,8 @@ Two multi-rank launches (each groups many checks):
 * 6 ranks: student DP=2 (both replicas routed to one teacher replica, one of them sending B=0),
   ``general`` at TP=2, ``domain`` and ``extra`` time-sharing one PP=2 group; then colocated at
   TP=1 × PP=2 × DP=3 with offload on.
+* 2 ranks: malformed requests written to the wire by hand (the client never sends them) are refused by
+  the teacher host, each with an error naming the sender and what is wrong; it serves on afterwards.
 """
 from __future__ import annotations
 
@@ -498,3 +500,68 @@ def test_world_size_mismatch_and_client_input_errors():
     with pytest.raises(ValueError, match=r"model.vocab_size=100"):
         check_batch(tokens + 100, torch.ones(2, 3), vocab_size=100, group=None, what="x")
     assert check_batch(tokens, torch.ones(2, 3), vocab_size=100, group=None, what="x") == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------------ 2 ranks
+BAD_REQUESTS = {  # what a student rank sends (headers only: the host refuses each before any payload)
+    "unknown command": [(99, 0, 2, 3, 0, False)],
+    "unknown teacher": [(1, 1, 2, 3, 0, False)],  # SCORE for teacher id 1, the colocated one
+    "block without a stream": [(8, 0, 2, 3, 0, False)],
+    "opened twice": [(7, 0, 2, 6, 0, False), (7, 0, 2, 6, 0, False)],
+    "no capacity": [(7, 0, 2, 0, 0, False)],
+    "block off its column": [(7, 0, 2, 6, 0, False), (8, 0, 2, 2, 1, False)],
+    "block of other rows": [(7, 0, 2, 6, 0, False), (8, 0, 3, 2, 0, False)],
+    "block past the capacity": [(7, 0, 2, 6, 0, False), (8, 0, 2, 6, 0, False)],
+}
+"""Malformed requests as (command, teacher id, B, T, start, last): the client's checks never let them out, so
+they are written to the wire by hand here."""
+
+
+def _bad_request_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from camopd_megatron.parallel import RoleLayout, build_process_groups
+    from camopd_megatron.teachers import TeacherServiceError, build_teachers
+    from camopd_megatron.teachers.protocol import TAG_HEADER, Command, header, p2p_send
+
+    assert (Command.SCORE, Command.OPEN, Command.EXTEND) == (1, 7, 8)  # the numbers BAD_REQUESTS uses
+    cfg = _cfg([dict(name="general", init="random", branches=["general"], placement="separate"),
+                dict(name="domain", init="random", branches=["domain"], placement="colocated")], timeout_s=30)
+    layout = RoleLayout.from_config(cfg, world)
+    client, host = build_teachers(cfg, layout, build_process_groups(layout, rank))
+    errors: dict[str, str] = {}
+    for case, requests in BAD_REQUESTS.items():
+        if host is not None:  # one serve per case: the host raises at the bad request
+            try:
+                host.serve()
+                errors[case] = "served without an error"
+            except TeacherServiceError as e:
+                errors[case] = str(e)
+        else:
+            for cmd, tid, b, t, start, last in requests:
+                p2p_send(header(cmd, tid, b, t, start=start, last=last), 1, tag=TAG_HEADER, timeout_s=30,
+                         peer="teacher rank 1", what="a hand-made request")
+        dist.barrier()
+    if host is not None:  # still serving after them: a well-formed request is answered
+        return {"errors": errors, "served": host.serve().requests}
+    tokens, mask = _batch(2, 6, 9)
+    logp = client.score("general", tokens, mask)
+    client.close()
+    return {"finite": bool(torch.isfinite(logp).all())}
+
+
+def test_malformed_requests_are_refused_by_the_host_by_name():
+    """The teacher host refuses a request it cannot serve with an error naming its role, rank, the sender and
+    what is wrong, before reading any payload, and serves well-formed requests afterwards."""
+    student, teacher = run_on_ranks(_bad_request_worker, 2, timeout_s=180, pg_timeout_s=60)
+    errors = teacher["errors"]
+    assert all(e.startswith("role 'general' rank 1: bad ") and "rank 0" in e for e in errors.values()), errors
+    assert "unknown command 99 (this group hosts ids [0]" in errors["unknown command"], errors
+    assert "command 1 for teacher id 1, which this group does not host" in errors["unknown teacher"], errors
+    assert "a block for a stream that is not open" in errors["block without a stream"], errors
+    assert "opened while its previous stream is still open" in errors["opened twice"], errors
+    assert "a stream of 2 rows and capacity 0 (rows >= 0 and capacity >= 1)" in errors["no capacity"], errors
+    assert "a block at column 1; the stream continues at column 0" in errors["block off its column"], errors
+    assert "a block of 3 rows for a stream of 2" in errors["block of other rows"], errors
+    assert "columns [0, 6) (tokens up to column 6) for a stream of capacity 6" in errors["block past the capacity"]
+    assert teacher["served"] == {"general": 1} and student["finite"]

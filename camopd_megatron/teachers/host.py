@@ -298,9 +298,12 @@ class TeacherHost:
                     stats.stopped = stats.stopped or reason
                 return
             if cmd not in (Command.SCORE, Command.OPEN, Command.EXTEND) or tid not in self.models:
+                why = (f"unknown command {cmd}" if cmd not in (Command.SCORE, Command.OPEN, Command.EXTEND) else
+                       f"command {cmd} for teacher id {tid}, which this group does not host")
                 raise TeacherServiceError(
-                    f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: "
-                    f"command {cmd}, teacher id {tid} (this group hosts ids {sorted(self.models)})")
+                    f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: {why} "
+                    f"(this group hosts ids {sorted(self.models)}; the student and teachers must run the same "
+                    f"camopd_megatron and config)")
             if cmd == Command.SCORE:
                 self._answer(sender, self.models[tid], b, t, header_temperature(temp_bits), stats)
             elif cmd == Command.OPEN:
@@ -369,7 +372,8 @@ class TeacherHost:
         if (sender, teacher.index) in self.streams:
             self._bad_stream(sender, teacher, "opened while its previous stream is still open")
         if rows < 0 or capacity < 1:
-            self._bad_stream(sender, teacher, f"{rows} rows, capacity {capacity}")
+            self._bad_stream(sender, teacher, f"a stream of {rows} rows and capacity {capacity} (rows >= 0 and "
+                                              f"capacity >= 1)")
         stats.requests[teacher.name] = stats.requests.get(teacher.name, 0) + 1
         self.streams[(sender, teacher.index)] = _Stream(teacher, rows, capacity, temperature, self.device)
 
@@ -378,9 +382,13 @@ class TeacherHost:
         stream = self.streams.get((sender, teacher.index))
         if stream is None:
             self._bad_stream(sender, teacher, "a block for a stream that is not open")
-        if b != stream.rows or start != stream.end or n < 0 or start + n + (n > 0) > stream.capacity:
-            self._bad_stream(sender, teacher, f"block of {b} rows, columns [{start}, {start + n}), for a stream of "
-                                              f"{stream.rows} rows at column {stream.end}, capacity {stream.capacity}")
+        if b != stream.rows:
+            self._bad_stream(sender, teacher, f"a block of {b} rows for a stream of {stream.rows}")
+        if start != stream.end:
+            self._bad_stream(sender, teacher, f"a block at column {start}; the stream continues at column {stream.end}")
+        if n < 0 or start + n + (n > 0) > stream.capacity:  # tokens of columns [start, start + n] travel
+            self._bad_stream(sender, teacher, f"a block of columns [{start}, {start + n}) (tokens up to column "
+                                              f"{start + n}) for a stream of capacity {stream.capacity}")
         tokens, mask = self._payload(sender, (b, n + 1), (b, n), "block")
         stats.tokens += b * n
         if last:
