@@ -26,6 +26,7 @@ import torch
 
 from camopd_megatron.checkpoint.dist import CheckpointError
 from camopd_megatron.config import ConfigError, config_from_dict
+from camopd_megatron.teachers.protocol import Command
 from camopd_megatron.testing.multiproc import run_on_ranks
 
 MODEL = dict(init="random", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128,
@@ -503,15 +504,16 @@ def test_world_size_mismatch_and_client_input_errors():
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks
+SCORE, OPEN, EXTEND = Command.SCORE, Command.OPEN, Command.EXTEND
 BAD_REQUESTS = {  # what a student rank sends (headers only: the host refuses each before any payload)
     "unknown command": [(99, 0, 2, 3, 0, False)],
-    "unknown teacher": [(1, 1, 2, 3, 0, False)],  # SCORE for teacher id 1, the colocated one
-    "block without a stream": [(8, 0, 2, 3, 0, False)],
-    "opened twice": [(7, 0, 2, 6, 0, False), (7, 0, 2, 6, 0, False)],
-    "no capacity": [(7, 0, 2, 0, 0, False)],
-    "block off its column": [(7, 0, 2, 6, 0, False), (8, 0, 2, 2, 1, False)],
-    "block of other rows": [(7, 0, 2, 6, 0, False), (8, 0, 3, 2, 0, False)],
-    "block past the capacity": [(7, 0, 2, 6, 0, False), (8, 0, 2, 6, 0, False)],
+    "unknown teacher": [(SCORE, 1, 2, 3, 0, False)],  # teacher id 1 is the colocated one
+    "block without a stream": [(EXTEND, 0, 2, 3, 0, False)],
+    "opened twice": [(OPEN, 0, 2, 6, 0, False), (OPEN, 0, 2, 6, 0, False)],
+    "no capacity": [(OPEN, 0, 2, 0, 0, False)],
+    "block off its column": [(OPEN, 0, 2, 6, 0, False), (EXTEND, 0, 2, 2, 1, False)],
+    "block of other rows": [(OPEN, 0, 2, 6, 0, False), (EXTEND, 0, 3, 2, 0, False)],
+    "block past the capacity": [(OPEN, 0, 2, 6, 0, False), (EXTEND, 0, 2, 6, 0, False)],
 }
 """Malformed requests as (command, teacher id, B, T, start, last): the client's checks never let them out, so
 they are written to the wire by hand here."""
@@ -522,9 +524,8 @@ def _bad_request_worker(rank: int, world: int) -> dict:
 
     from camopd_megatron.parallel import RoleLayout, build_process_groups
     from camopd_megatron.teachers import TeacherServiceError, build_teachers
-    from camopd_megatron.teachers.protocol import TAG_HEADER, Command, header, p2p_send
+    from camopd_megatron.teachers.protocol import TAG_HEADER, header, p2p_send
 
-    assert (Command.SCORE, Command.OPEN, Command.EXTEND) == (1, 7, 8)  # the numbers BAD_REQUESTS uses
     cfg = _cfg([dict(name="general", init="random", branches=["general"], placement="separate"),
                 dict(name="domain", init="random", branches=["domain"], placement="colocated")], timeout_s=30)
     layout = RoleLayout.from_config(cfg, world)
@@ -557,7 +558,7 @@ def test_malformed_requests_are_refused_by_the_host_by_name():
     errors = teacher["errors"]
     assert all(e.startswith("role 'general' rank 1: bad ") and "rank 0" in e for e in errors.values()), errors
     assert "unknown command 99 (this group hosts ids [0]" in errors["unknown command"], errors
-    assert "command 1 for teacher id 1, which this group does not host" in errors["unknown teacher"], errors
+    assert f"command {SCORE} for teacher id 1, which this group does not host" in errors["unknown teacher"], errors
     assert "a block for a stream that is not open" in errors["block without a stream"], errors
     assert "opened while its previous stream is still open" in errors["opened twice"], errors
     assert "a stream of 2 rows and capacity 0 (rows >= 0 and capacity >= 1)" in errors["no capacity"], errors
