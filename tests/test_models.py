@@ -341,3 +341,57 @@ def test_embedding_and_output_gradients_go_into_main_grad():
         assert r["cls"] == "MainGradEmbedding", r
         assert r["emb"] <= 1e-5 * max(1.0, r["scale"]), (tie, r)
         assert r.get("out", 0.0) <= 1e-4, (tie, r)
+
+
+def _sharded_embedding_worker(rank: int, world_size: int) -> dict:
+    """MainGradEmbedding on a table sharded over TP = 2, all-reduced or (sequence parallel) reduce-scattered,
+    with and without megatron DDP's main_grad, against the whole table's F.embedding in one process."""
+    import torch.nn.functional as F
+
+    from camopd_megatron.models.gpt import MainGradEmbedding, transformer_config_from
+    from camopd_megatron.models.groups import simple_pg_collection
+
+    pgc = simple_pg_collection(2, 1, 1)
+    v, h = 128, 16
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(v, h, generator=g)
+    ids = torch.randint(0, v, (3, 8), generator=g)
+    ids[0, :4] = ids[1, :4]  # repeated ids: their rows are added twice
+    upstream = torch.randn(3, 8, h, generator=g)
+    ref_table = table.clone().requires_grad_(True)
+    ref_out = F.embedding(ids, ref_table)
+    (ref_out * upstream).sum().backward()
+    shard = slice(rank * v // 2, (rank + 1) * v // 2)
+    config = transformer_config_from(ModelConfig(**CFG), tp=2, pp=1)
+    res: dict = {}
+    for sp in (False, True):
+        for into_main in (False, True):
+            emb = MainGradEmbedding(v, h, init_method=torch.nn.init.zeros_, reduce_scatter_embeddings=sp,
+                                    config=config, tp_group=pgc.tp)
+            with torch.no_grad():
+                emb.weight.copy_(table[shard])
+            if into_main:  # as megatron DDP sets it up
+                emb.weight.main_grad = torch.zeros(v // 2, h)
+                emb.weight.grad_added_to_main_grad = False
+            out = emb(ids)
+            want, up = ref_out.detach(), upstream
+            if sp:  # [s, b, h] scattered along s over the 2 ranks
+                want = want.transpose(0, 1)[rank * 4:(rank + 1) * 4]
+                up = up.transpose(0, 1)[rank * 4:(rank + 1) * 4]
+            (out * up).sum().backward()
+            grad = emb.weight.main_grad if into_main else emb.weight.grad
+            res[(sp, into_main)] = {"shape": tuple(out.shape), "out": (out - want).abs().max().item(),
+                                    "grad": (grad - ref_table.grad[shard]).abs().max().item(),
+                                    "flag": getattr(emb.weight, "grad_added_to_main_grad", None)}
+    return res
+
+
+def test_sharded_embedding_gradient_goes_into_main_grad_rows():
+    """At TP = 2 the lookup adds each shard's rows into its main_grad (no dense [V / TP, H] gradient) and reduces
+    over TP as megatron does (all-reduce; reduce-scatter along the sequence with sequence parallelism): output
+    and weight gradient equal the whole table's in one process."""
+    for r in run_on_ranks(_sharded_embedding_worker, 2, timeout_s=180):
+        for (sp, into_main), c in r.items():
+            assert c["shape"] == ((4, 3, 16) if sp else (3, 8, 16)), (sp, c)
+            assert c["out"] <= 1e-6 and c["grad"] <= 1e-5, (sp, into_main, c)
+            assert c["flag"] is (True if into_main else None), (sp, into_main, c)

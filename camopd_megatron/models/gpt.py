@@ -34,6 +34,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -289,17 +293,29 @@ def _rope_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
 
 
 class MainGradEmbedding(VocabParallelEmbedding):
-    """megatron's vocab-parallel embedding whose lookup, on an unsharded table (TP = 1, no sequence-parallel
-    scatter, megatron's non-deterministic mode), adds its weight gradient into the looked-up rows of the DDP
-    ``main_grad`` instead of a dense [V, H] gradient (:func:`camopd_megatron.ops.embedding.embedding_lookup`).
-    Every other case runs megatron's own forward. Same parameters, state dict and checkpoint layout: the
+    """megatron's vocab-parallel embedding whose lookup adds its weight gradient into the looked-up rows of the
+    DDP ``main_grad`` instead of a dense [V / TP, H] gradient (:func:`camopd_megatron.ops.embedding.embedding_lookup`),
+    then reduces over TP as megatron does: all-reduce, or with sequence parallelism a reduce-scatter of the
+    ``[s, b, h]`` output. Megatron's deterministic mode, its inference reduce-scatter and its GTP weight
+    rematerialisation run megatron's own forward. Same parameters, state dict and checkpoint layout: the
     builder only switches the class of the module megatron built."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if (self.tp_group.size() > 1 or self.reduce_scatter_embeddings or self.deterministic_mode
-                or getattr(self, "gtp_remat_size", 1) > 1):
+        rs_inference = (self.reduce_scatter_embeddings and not self.training
+                        and getattr(self, "use_inference_optimized_reduce_scatter", False))
+        if self.deterministic_mode or getattr(self, "gtp_remat_size", 1) > 1 or rs_inference:
             return super().forward(input_)
-        return embedding_lookup(input_, self.weight)
+        if self.tp_group.size() == 1:
+            out = embedding_lookup(input_, self.weight)
+        else:  # ids outside this shard: row 0 looked up, zeroed, no gradient; the TP reduce sums the shards
+            owned = (input_ >= self.vocab_start_index) & (input_ < self.vocab_end_index)
+            local = torch.where(owned, input_ - self.vocab_start_index, torch.zeros_like(input_))
+            out = embedding_lookup(local, self.weight, owned)
+        if self.reduce_scatter_embeddings:  # [b, s, h] -> [s, b, h], then scattered along s
+            return reduce_scatter_to_sequence_parallel_region(out.transpose(0, 1).contiguous(), group=self.tp_group)
+        if self.tp_group.size() > 1:
+            return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out
 
 
 def build_gpt_model(

@@ -3,13 +3,18 @@
 ``F.embedding``'s backward builds a dense [V, H] gradient (zero-filled, then the looked-up rows added) and
 megatron DDP's hook adds all of it into ``main_grad``: two passes over the whole table per micro-batch for a
 gradient with at most B·T non-zero rows. At the Qwen vocabulary (V = 151,936, H = 256) that was ~40 ms of a
-~1.2 s train stage on CPU, per micro-batch (BENCHMARKS.md). This lookup adds the B·T rows into ``main_grad``
-(``index_add_``, fp32) and follows megatron's gradient-accumulation-fusion contract
-(:mod:`camopd_megatron.ops.main_grad`); without a ``main_grad`` (no DDP) it returns the dense gradient as
-``F.embedding`` does. Forward is ``F.embedding`` itself. The sums are the same; only the order in which
-repeated ids are added differs.
+~1.2 s train stage on CPU, per micro-batch (BENCHMARKS.md); with the table sharded over TP, the same for each
+rank's [V / TP, H] shard. This lookup adds the B·T rows into ``main_grad`` (``index_add_``, fp32) and follows
+megatron's gradient-accumulation-fusion contract (:mod:`camopd_megatron.ops.main_grad`); without a
+``main_grad`` (no DDP) it returns the dense gradient as ``F.embedding`` does. Forward is ``F.embedding``
+itself. The sums are the same; only the order in which repeated ids are added differs.
+
+With ``owned`` (a vocab-sharded table: which ids this rank's rows hold), the other ids' output rows are 0 and
+get no gradient, as in megatron's ``VocabParallelEmbedding`` before its TP reduction.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +26,33 @@ __all__ = ["embedding_lookup"]
 
 class _Lookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight):
-        ctx.save_for_backward(ids, weight)
-        return F.embedding(ids, weight)
+    def forward(ctx, ids, weight, owned):
+        ctx.save_for_backward(ids, weight, owned)
+        out = F.embedding(ids, weight)
+        if owned is not None:
+            out.masked_fill_(~owned.unsqueeze(-1), 0.0)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        ids, weight = ctx.saved_tensors
+        ids, weight, owned = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:
-            return None, None
+            return None, None, None
         idx, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        if owned is not None:  # only the rows this shard holds
+            keep = owned.reshape(-1)
+            idx, rows = idx[keep], rows[keep]
         if accumulates_into_main_grad(weight):
             weight.main_grad.index_add_(0, idx, rows.to(weight.main_grad.dtype))
-            return None, added_to_main_grad(weight)
-        return None, torch.zeros_like(weight).index_add_(0, idx, rows.to(weight.dtype))
+            return None, added_to_main_grad(weight), None
+        return None, torch.zeros_like(weight).index_add_(0, idx, rows.to(weight.dtype)), None
 
 
-def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, owned: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.embedding(ids, weight)`` whose weight gradient, under megatron DDP, is added into the looked-up rows
-    of ``weight.main_grad``."""
-    return _Lookup.apply(ids, weight)
+    of ``weight.main_grad``. ``owned`` (bool, the shape of ``ids``): where False, the id is not in this shard
+    (``ids`` must still index a valid row there, e.g. 0); its output row is 0 and adds no gradient."""
+    if owned is not None and (owned.dtype != torch.bool or owned.shape != ids.shape):
+        raise ValueError(f"owned: expected a bool tensor of the ids' shape {tuple(ids.shape)}, got "
+                         f"{owned.dtype} {tuple(owned.shape)}")
+    return _Lookup.apply(ids, weight, owned)
