@@ -305,15 +305,11 @@ class MainGradEmbedding(VocabParallelEmbedding):
                         and getattr(self, "use_inference_optimized_reduce_scatter", False))
         if self.deterministic_mode or getattr(self, "gtp_remat_size", 1) > 1 or rs_inference:
             return super().forward(input_)
-        if self.tp_group.size() == 1:
-            out = embedding_lookup(input_, self.weight)
-        else:  # ids outside this shard: row 0 looked up, zeroed, no gradient; the TP reduce sums the shards
-            owned = (input_ >= self.vocab_start_index) & (input_ < self.vocab_end_index)
-            local = torch.where(owned, input_ - self.vocab_start_index, torch.zeros_like(input_))
-            out = embedding_lookup(local, self.weight, owned)
+        sharded = self.tp_group.size() > 1  # ids outside this shard: zero rows, no gradient; the reduce sums them
+        out = embedding_lookup(input_, self.weight, self.vocab_start_index if sharded else None)
         if self.reduce_scatter_embeddings:  # [b, s, h] -> [s, b, h], then scattered along s
             return reduce_scatter_to_sequence_parallel_region(out.transpose(0, 1).contiguous(), group=self.tp_group)
-        if self.tp_group.size() > 1:
+        if sharded:
             return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
         return out
 

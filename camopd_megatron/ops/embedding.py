@@ -9,8 +9,8 @@ megatron's gradient-accumulation-fusion contract (:mod:`camopd_megatron.ops.main
 ``main_grad`` (no DDP) it returns the dense gradient as ``F.embedding`` does. Forward is ``F.embedding``
 itself. The sums are the same; only the order in which repeated ids are added differs.
 
-With ``owned`` (a vocab-sharded table: which ids this rank's rows hold), the other ids' output rows are 0 and
-get no gradient, as in megatron's ``VocabParallelEmbedding`` before its TP reduction.
+With ``vocab_start`` (a vocab-sharded table whose rows are ids [vocab_start, vocab_start + rows)), the other
+ids' output rows are 0 and get no gradient, as in megatron's ``VocabParallelEmbedding`` before its TP reduction.
 """
 from __future__ import annotations
 
@@ -48,11 +48,12 @@ class _Lookup(torch.autograd.Function):
         return None, torch.zeros_like(weight).index_add_(0, idx, rows.to(weight.dtype)), None
 
 
-def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, owned: Optional[torch.Tensor] = None) -> torch.Tensor:
+def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: Optional[int] = None) -> torch.Tensor:
     """``F.embedding(ids, weight)`` whose weight gradient, under megatron DDP, is added into the looked-up rows
-    of ``weight.main_grad``. ``owned`` (bool, the shape of ``ids``): where False, the id is not in this shard
-    (``ids`` must still index a valid row there, e.g. 0); its output row is 0 and adds no gradient."""
-    if owned is not None and (owned.dtype != torch.bool or owned.shape != ids.shape):
-        raise ValueError(f"owned: expected a bool tensor of the ids' shape {tuple(ids.shape)}, got "
-                         f"{owned.dtype} {tuple(owned.shape)}")
-    return _Lookup.apply(ids, weight, owned)
+    of ``weight.main_grad``. ``vocab_start``: ``weight`` is the shard of global ids [vocab_start, vocab_start +
+    weight.shape[0]); an id outside it gives a zero row and no gradient (None: the whole table)."""
+    if vocab_start is None:
+        return _Lookup.apply(ids, weight, None)
+    local = ids - vocab_start
+    owned = (local >= 0) & (local < weight.shape[0])
+    return _Lookup.apply(torch.where(owned, local, torch.zeros_like(local)), weight, owned)

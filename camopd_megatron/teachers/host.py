@@ -297,13 +297,10 @@ class TeacherHost:
                     reason = on_step(b) if on_step is not None else None
                     stats.stopped = stats.stopped or reason
                 return
-            if cmd not in (Command.SCORE, Command.OPEN, Command.EXTEND) or tid not in self.models:
-                why = (f"unknown command {cmd}" if cmd not in (Command.SCORE, Command.OPEN, Command.EXTEND) else
-                       f"command {cmd} for teacher id {tid}, which this group does not host")
-                raise TeacherServiceError(
-                    f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: {why} "
-                    f"(this group hosts ids {sorted(self.models)}; the student and teachers must run the same "
-                    f"camopd_megatron and config)")
+            if cmd not in (Command.SCORE, Command.OPEN, Command.EXTEND):
+                self._bad_request(sender, f"unknown command {cmd}")
+            if tid not in self.models:
+                self._bad_request(sender, f"command {cmd} for teacher id {tid}, which this group does not host")
             if cmd == Command.SCORE:
                 self._answer(sender, self.models[tid], b, t, header_temperature(temp_bits), stats)
             elif cmd == Command.OPEN:
@@ -362,6 +359,11 @@ class TeacherHost:
                 break
         raise StudentAborted(f"role {self.role.name!r} rank {self.rank}: the student aborted "
                              f"({self._peer(*sender)}): {text or 'no message'}")
+
+    def _bad_request(self, sender: tuple[int, int], why: str) -> NoReturn:
+        raise TeacherServiceError(
+            f"role {self.role.name!r} rank {self.rank}: bad request from {self._peer(*sender)}: {why} (this group "
+            f"hosts ids {sorted(self.models)}; the student and teachers must run the same camopd_megatron and config)")
 
     def _bad_stream(self, sender: tuple[int, int], teacher: TeacherModel, why: str) -> NoReturn:
         raise TeacherServiceError(f"role {self.role.name!r} rank {self.rank}: bad stream request from "
