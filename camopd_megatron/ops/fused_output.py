@@ -57,7 +57,7 @@ vocab block, J blocks, K = 1.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -156,8 +156,7 @@ class KeptSoftmaxBuffer:
 class _Tiles:
     """The tiles of the [N, V_local] logits: row chunks of ``rows`` x vocab blocks of ``vb`` columns. With
     ``keep`` (one chunk of all rows) each tile is a contiguous slab of one [N·V_local] buffer, block after
-    block, which backward consumes; without, every tile is written into one reused [rows, vb] buffer. Each
-    chunk's targets per block (:func:`_block_targets`) are found once, by the forward, for the backward too."""
+    block, which backward consumes; without, every tile is written into one reused [rows, vb] buffer."""
 
     def __init__(self, n: int, v: int, rows: int, vocab_block: Optional[int], keep: bool, device: torch.device,
                  kept_buffer: Optional[KeptSoftmaxBuffer] = None) -> None:
@@ -186,21 +185,28 @@ class _Tiles:
         return self.buf[: (c1 - c0) * (v1 - v0)].view(c1 - c0, v1 - v0)
 
 
-def _block_targets(tgt_local_NK: torch.Tensor, owned_NK: torch.Tensor, c0: int, c1: int, vb: int,
-                   n_blocks: int) -> list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """For each vocab block, the targets of rows [c0, c1) this rank owns there: (row in the chunk, k, column
-    in the block); None for a block without any."""
+class _ChunkTargets(NamedTuple):
+    """The targets of one chunk's rows that this rank owns, sorted by vocab block: each one's flat index in its
+    block's tile (row in the chunk x the block's width + column), its (row in the chunk, k), and how many fall in
+    each block; the forward gathers each block's with one call while the tile still holds logits."""
+
+    flat: torch.Tensor
+    rows: torch.Tensor
+    ks: torch.Tensor
+    counts: list[int]
+
+
+def _chunk_targets(tgt_local_NK: torch.Tensor, owned_NK: torch.Tensor, c0: int, c1: int,
+                   tiles: "_Tiles") -> _ChunkTargets:
+    """:class:`_ChunkTargets` of rows [c0, c1)."""
     r, k = owned_NK[c0:c1].nonzero(as_tuple=True)
     col = tgt_local_NK[c0:c1][r, k]
-    blk = torch.div(col, vb, rounding_mode="floor")
+    blk = torch.div(col, tiles.vb, rounding_mode="floor")
     order = torch.argsort(blk, stable=True)
     r, k, col, blk = r[order], k[order], col[order], blk[order]
-    out: list[Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-    i = 0
-    for j, count in enumerate(torch.bincount(blk, minlength=n_blocks).tolist()):
-        out.append((r[i:i + count], k[i:i + count], col[i:i + count] - j * vb) if count else None)
-        i += count
-    return out
+    v0 = blk * tiles.vb
+    width = (tiles.v - v0).clamp(max=tiles.vb)  # the last block may be narrower
+    return _ChunkTargets(r * width + (col - v0), r, k, torch.bincount(blk, minlength=tiles.n_blocks).tolist())
 
 
 def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_group, temperature,
@@ -218,27 +224,32 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
     shift_JN = torch.zeros_like(m_JN)
     s_JN = torch.zeros_like(m_JN)
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
+    w_blocks = weight_VH.split(tiles.vb)
     for c0 in tiles.chunks():
         if not tiles.n_blocks:
             break
         c1 = min(c0 + tiles.rows, n)
-        owned = _block_targets(tgt_local_NK, owned_NK, c0, c1, tiles.vb, tiles.n_blocks)
+        h_CH = hidden_NH[c0:c1]
+        m_rows, s_rows = m_JN[:, c0:c1].unbind(0), s_JN[:, c0:c1].unbind(0)
+        targets = _chunk_targets(tgt_local_NK, owned_NK, c0, c1, tiles)
+        got = torch.empty(targets.flat.shape, dtype=torch.float32, device=dev)
         shift_C: Optional[torch.Tensor] = None  # the first block's max sets it
+        i = 0
         for j in range(tiles.n_blocks):
-            v0, v1 = tiles.columns(j)
-            x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0,
-                             temperature)
-            if owned[j] is not None:
-                r, k, col = owned[j]
-                tgt_NK[c0 + r, k] = x_CW[r, col]
-            m_JN[j, c0:c1], shift_C, s_JN[j, c0:c1] = exp_shifted_(x_CW, shift_C)
+            v0 = j * tiles.vb
+            x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), layout.pad_from - v0, temperature)
+            if targets.counts[j]:  # this block's target logits, before exp overwrites them
+                i1 = i + targets.counts[j]
+                torch.index_select(x_CW.view(-1), 0, targets.flat[i:i1], out=got[i:i1])
+                i = i1
+            _, shift_C, _ = exp_shifted_(x_CW, shift_C, out=(m_rows[j], s_rows[j]))
+        tgt_NK[c0 + targets.rows, targets.ks] = got
         shift_JN[:, c0:c1] = shift_C
         over_JC = m_JN[:, c0:c1] > shift_C + SHIFT_HEADROOM
         for j in over_JC.any(dim=1).nonzero().flatten().tolist():  # again, at the block's own max where it rose
-            v0, v1 = tiles.columns(j)
             shift_JN[j, c0:c1] = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C)
-            x_CW = _project_(hidden_NH[c0:c1], weight_VH[v0:v1], tiles.tile(c0, j), layout.pad_from - v0, temperature)
-            _, _, s_JN[j, c0:c1] = exp_shifted_(x_CW, shift_JN[j, c0:c1])
+            x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), layout.pad_from - j * tiles.vb, temperature)
+            exp_shifted_(x_CW, shift_JN[j, c0:c1], out=(None, s_rows[j]))
     # the blocks' (max, Σexp) into one per row (shifts are at most the row max; padding only: s = 0, shift 0)
     m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
     shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)
