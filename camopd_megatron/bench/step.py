@@ -64,7 +64,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from camopd_megatron.bench import set_thread_env
 from camopd_megatron.bench.calibrate import matmul_rate
@@ -305,16 +305,21 @@ def output_matmul_rate(cfg_dict: dict[str, Any]) -> float:
     return matmul_flops_per_s(r["prompts_per_step"] * r["max_new_tokens"], m["hidden_size"], m["vocab_size"])
 
 
-def train_floor(cfg_dict: dict[str, Any], train_s: Optional[float], rates: list[float]) -> dict[str, Any]:
+def train_floor(cfg_dict: dict[str, Any], train_s: Optional[float], rates: list[float],
+                step_train_s: Sequence[float] = ()) -> dict[str, Any]:
     """The train stage's FLOP floor at this machine's matmul rate, beside the measured stage time. ``rates``:
     :func:`output_matmul_rate` measured before and after the loop; the best is used (the floor is then the
-    lowest, and train / floor the least flattering, when other load comes and goes)."""
+    lowest, and train / floor the least flattering, when other load comes and goes). ``step_train_s``: each
+    steady step's train stage, for the spread of train / floor from step to step (min, median, max)."""
     flops = train_stage_flops(cfg_dict)
     rate = max(rates)
     floor_s = flops["total"] / rate
+    ratios = sorted(t / floor_s for t in step_train_s)
     return {"train_gflop": round(flops["total"] / 1e9, 2), "output_layer_gflop": round(flops["output_layer"] / 1e9, 2),
             "matmul_gflops": round(rate / 1e9, 1), "train_floor_s": round(floor_s, 4),
-            "train_over_floor": round(train_s / floor_s, 3) if train_s is not None else None}
+            "train_over_floor": round(train_s / floor_s, 3) if train_s is not None else None,
+            "train_over_floor_steps": ([round(ratios[0], 3), round(statistics.median(ratios), 3), round(ratios[-1], 3)]
+                                       if ratios else None)}
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -359,7 +364,9 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
             rate_before = output_matmul_rate(cfg_dict)  # same process, same threads, outside the timed loop
             raw = run_trainer(cfg_dict)
             rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
-            floor = train_floor(cfg_dict, rec["stages_s"].get("train"), [rate_before, output_matmul_rate(cfg_dict)])
+            steady = raw["history"][1:] or raw["history"]
+            floor = train_floor(cfg_dict, rec["stages_s"].get("train"), [rate_before, output_matmul_rate(cfg_dict)],
+                                [h["time/train"] for h in steady if "time/train" in h])
             return {**rec, **setting, "floor": floor}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")
@@ -393,6 +400,8 @@ def format_record(r: dict[str, Any]) -> str:
             f"  steady stage means (s): {stages}"
             + (f"\n  train stage FLOP floor {r['floor']['train_floor_s']:.3f}s ({r['floor']['train_gflop']} GFLOP at the "
                f"measured {r['floor']['matmul_gflops']} GFLOP/s): train / floor {r['floor']['train_over_floor']}"
+               + (" (steady steps min / median / max {} / {} / {})".format(*r["floor"]["train_over_floor_steps"])
+                  if r["floor"].get("train_over_floor_steps") else "")
                if r.get("floor") else ""))
 
 
