@@ -178,9 +178,9 @@ def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None, *,
 
     shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
     shift is 0 so that exp() gives 0, not NaN. A given ``shift_C`` (finite) is used instead (the fused
-    output projection keeps one shift per row across its vocab blocks). ``out``: [C] tensors (or None) that m_C and
-    the sum are written into (the fused projection's per-block rows). The local half of
-    :func:`reduce_stats`'s statistics, for this kernel and the fused output projection alike."""
+    output projection keeps one shift per row across its vocab blocks). ``out``: [C] tensors (or None)
+    that m_C and the sum are written into. The local half of :func:`reduce_stats`'s statistics, for this
+    kernel and the fused output projection alike."""
     m_out, s_out = out if out is not None else (None, None)
     m_C = torch.amax(x_CV, dim=-1, out=m_out) if m_out is not None else x_CV.amax(dim=-1)
     if shift_C is None:
