@@ -224,6 +224,11 @@ def run_trainer(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "hwm_kb": hwm_kb, "hwm_end_kb": _vm_kb("VmHWM")}
 
 
+def steady_steps(hist: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The steps after the first (which pays the warm-up); the one step of a one-step run."""
+    return hist[1:] if len(hist) > 1 else hist
+
+
 def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, threads: int,
               hwm_total_kb: Optional[float] = None, params: Optional[int] = None) -> dict[str, Any]:
     """The peer's fields (and our per-stage breakdown) from one run's history."""
@@ -232,7 +237,7 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
         raise RuntimeError("the trainer ran no steps; check --steps")
     stamps = raw["stamps"]
     wall = stamps[-1] - stamps[0] if len(stamps) >= 2 else sum(h["time/step"] for h in hist)
-    steady = hist[1:] if len(hist) > 1 else hist
+    steady = steady_steps(hist)
     tok_step = [h["throughput/train_tokens_per_s"] * h["time/step"] for h in hist]
     gen_tok = [h["rollout/response_len_mean"] * h["rollout/samples"] for h in hist]
     gen_s = sum(h.get("time/rollout", 0.0) for h in hist)
@@ -305,19 +310,18 @@ def output_matmul_rate(cfg_dict: dict[str, Any]) -> float:
     return matmul_flops_per_s(r["prompts_per_step"] * r["max_new_tokens"], m["hidden_size"], m["vocab_size"])
 
 
-def train_floor(cfg_dict: dict[str, Any], train_s: Optional[float], rates: list[float],
-                step_train_s: Sequence[float] = ()) -> dict[str, Any]:
-    """The train stage's FLOP floor at this machine's matmul rate, beside the measured stage time. ``rates``:
-    :func:`output_matmul_rate` measured before and after the loop; the best is used (the floor is then the
-    lowest, and train / floor the least flattering, when other load comes and goes). ``step_train_s``: each
-    steady step's train stage, for the spread of train / floor from step to step (min, median, max)."""
+def train_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float], rates: list[float]) -> dict[str, Any]:
+    """The train stage's FLOP floor at this machine's matmul rate, beside the measured stage: ``step_train_s``,
+    each steady step's train stage (their mean, and the spread of train / floor from step to step: min, median,
+    max). ``rates``: :func:`output_matmul_rate` measured before and after the loop; the best is used (the floor
+    is then the lowest, and train / floor the least flattering, when other load comes and goes)."""
     flops = train_stage_flops(cfg_dict)
     rate = max(rates)
     floor_s = flops["total"] / rate
     ratios = sorted(t / floor_s for t in step_train_s)
     return {"train_gflop": round(flops["total"] / 1e9, 2), "output_layer_gflop": round(flops["output_layer"] / 1e9, 2),
             "matmul_gflops": round(rate / 1e9, 1), "train_floor_s": round(floor_s, 4),
-            "train_over_floor": round(train_s / floor_s, 3) if train_s is not None else None,
+            "train_over_floor": round(statistics.mean(ratios), 3) if ratios else None,
             "train_over_floor_steps": ([round(ratios[0], 3), round(statistics.median(ratios), 3), round(ratios[-1], 3)]
                                        if ratios else None)}
 
@@ -364,9 +368,8 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
             rate_before = output_matmul_rate(cfg_dict)  # same process, same threads, outside the timed loop
             raw = run_trainer(cfg_dict)
             rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
-            steady = raw["history"][1:] or raw["history"]
-            floor = train_floor(cfg_dict, rec["stages_s"].get("train"), [rate_before, output_matmul_rate(cfg_dict)],
-                                [h["time/train"] for h in steady if "time/train" in h])
+            floor = train_floor(cfg_dict, [h["time/train"] for h in steady_steps(raw["history"]) if "time/train" in h],
+                                [rate_before, output_matmul_rate(cfg_dict)])
             return {**rec, **setting, "floor": floor}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")

@@ -197,7 +197,7 @@ class _ChunkTargets(NamedTuple):
 
 
 def _chunk_targets(tgt_local_NK: torch.Tensor, owned_NK: torch.Tensor, c0: int, c1: int,
-                   tiles: "_Tiles") -> _ChunkTargets:
+                   tiles: _Tiles) -> _ChunkTargets:
     """:class:`_ChunkTargets` of rows [c0, c1)."""
     r, k = owned_NK[c0:c1].nonzero(as_tuple=True)
     col = tgt_local_NK[c0:c1][r, k]
@@ -242,14 +242,14 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
                 i1 = i + targets.counts[j]
                 torch.index_select(x_CW.view(-1), 0, targets.flat[i:i1], out=got[i:i1])
                 i = i1
-            _, shift_C, _ = exp_shifted_(x_CW, shift_C, out=(m_rows[j], s_rows[j]))
+            _, shift_C, _ = exp_shifted_(x_CW, shift_C, max_out=m_rows[j], sum_out=s_rows[j])
         tgt_NK[c0 + targets.rows, targets.ks] = got
         shift_JN[:, c0:c1] = shift_C
         over_JC = m_JN[:, c0:c1] > shift_C + SHIFT_HEADROOM
         for j in over_JC.any(dim=1).nonzero().flatten().tolist():  # again, at the block's own max where it rose
             shift_JN[j, c0:c1] = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C)
             x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), layout.pad_from - j * tiles.vb, temperature)
-            exp_shifted_(x_CW, shift_JN[j, c0:c1], out=(None, s_rows[j]))
+            exp_shifted_(x_CW, shift_JN[j, c0:c1], sum_out=s_rows[j])
     # the blocks' (max, Σexp) into one per row (shifts are at most the row max; padding only: s = 0, shift 0)
     m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
     shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)

@@ -172,21 +172,19 @@ def _scaled_chunk(logits_CV: torch.Tensor, layout: _Layout, temperature: float) 
 
 
 def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None, *,
-                 out: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
+                 max_out: Optional[torch.Tensor] = None, sum_out: Optional[torch.Tensor] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place x ← exp(x − shift) per row; returns (local max m_C, shift_C, Σexp(x − shift)_C).
 
     shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
     shift is 0 so that exp() gives 0, not NaN. A given ``shift_C`` (finite) is used instead (the fused
-    output projection keeps one shift per row across its vocab blocks). ``out``: [C] tensors (or None)
-    that m_C and the sum are written into. The local half of :func:`reduce_stats`'s statistics, for this
-    kernel and the fused output projection alike."""
-    m_out, s_out = out if out is not None else (None, None)
-    m_C = torch.amax(x_CV, dim=-1, out=m_out) if m_out is not None else x_CV.amax(dim=-1)
+    output projection keeps one shift per row across its vocab blocks). ``max_out`` / ``sum_out``: [C]
+    tensors that m_C / the sum are written into. The local half of :func:`reduce_stats`'s statistics, for
+    this kernel and the fused output projection alike."""
+    m_C = torch.amax(x_CV, dim=-1, out=max_out)
     if shift_C is None:
         shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
-    e_CV = x_CV.sub_(shift_C.unsqueeze(-1)).exp_()
-    s_C = torch.sum(e_CV, dim=-1, out=s_out) if s_out is not None else e_CV.sum(dim=-1)
+    s_C = torch.sum(x_CV.sub_(shift_C.unsqueeze(-1)).exp_(), dim=-1, out=sum_out)
     return m_C, shift_C, s_C
 
 
@@ -239,7 +237,7 @@ def _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperatu
     s_N = torch.empty_like(m_N)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
-        exp_shifted_(_scaled_chunk(logits_NV[c0:c1], layout, temperature), out=(m_N[c0:c1], s_N[c0:c1]))
+        exp_shifted_(_scaled_chunk(logits_NV[c0:c1], layout, temperature), max_out=m_N[c0:c1], sum_out=s_N[c0:c1])
     tgt_NK = _target_logits(logits_NV, tgt_local_NK, owned_NK, temperature)
     return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group)
 
