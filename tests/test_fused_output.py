@@ -111,6 +111,42 @@ def test_rows_whose_logits_rise_block_by_block(keep, temperature):
     check(run_fused(case, None, 0, 1, chunk=5, keep=keep, vb=8), ref, tol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
+def test_logits_spread_past_the_exp_range(keep):
+    """Logits ~ N(0, 60²), as a peaked softmax: most of a row lies more than 87 below its max, where fp32's exp
+    underflows (on a CPU the tiles hold exp(EXP_ARG_MIN) there, ops.vocab_parallel.exp_minus_). Values and
+    gradients still match the float64 reference; padding rows get no gradient."""
+    case = make_case(12, 17, V=50, P=64)
+    case["weight"][:50] *= 60.0 / 4.0 / 0.7  # |h| ~ 4: logit std ~ 60
+    ref = reference(case)
+    lp = torch.log_softmax((case["hidden"].double() @ case["weight"][:50].double().t()), -1)
+    assert (lp < -87).float().mean() > 0.5  # the case is real
+    ours = run_fused(case, None, 0, 1, chunk=5, keep=keep, vb=16)
+    check(ours, ref, tol=1e-5)
+    assert not ours["dw"][50:].any()
+
+
+def test_kept_tiles_hold_no_subnormals_where_logits_spread_wide():
+    """A first block spanning more than SAFE_SPREAD makes the forward clamp exp's argument and zero the kept
+    tiles' elements below EXP_MIN: no subnormal reaches backward's products (slow on a CPU); a narrow spread
+    keeps the tiles exactly exp(x − shift), unclamped."""
+    from camopd_megatron.ops import KeptSoftmaxBuffer
+    from camopd_megatron.ops.vocab_parallel import EXP_MIN, SAFE_SPREAD, spread_exceeds
+
+    assert spread_exceeds(torch.tensor([[0.0, -SAFE_SPREAD - 1]])) and not spread_exceeds(torch.tensor([[0.0, -1.0]]))
+    for scale, wide in ((60.0 / 4.0 / 0.7, True), (1.0, False)):
+        case = make_case(13, 17, V=64, P=64)
+        case["weight"] *= scale
+        kb = KeptSoftmaxBuffer()
+        h, w = case["hidden"].requires_grad_(True), case["weight"].requires_grad_(True)
+        logp = fused_output_logprobs(h, w, case["targets"], None, vocab_size=64, vocab_block=16, kept_buffer=kb)
+        tiles = kb._buf  # held by the graph until backward
+        tiny = (tiles > 0) & (tiles <= EXP_MIN)
+        assert not tiny.any()
+        assert (tiles == 0).any() == wide  # underflowed elements are 0 exactly; none underflow when narrow
+        logp.sum().backward()
+
+
 def test_bf16_and_shapes_and_errors():
     case = make_case(4, 12, V=40, P=48)
     check(run_fused(case, None, 0, 1, dtype=torch.bfloat16, chunk=5), reference(case), tol=5e-2)

@@ -142,6 +142,42 @@ def test_large_logits_keep_fp32_precision():
     torch.testing.assert_close(top, torch.full((1, 2), -0.6931471805599453), rtol=0, atol=1e-6)
 
 
+def test_exp_stays_in_normal_numbers_on_cpu():
+    """exp(x − shift) on a CPU: below EXP_MIN (the argument below EXP_ARG_MIN) it is EXP_MIN, never a subnormal
+    number (slow CPU products) nor the output of torch's slow path for underflow; padding columns (-inf) are
+    exactly 0; everything else is torch's own exp(x − shift), bitwise."""
+    from camopd_megatron.ops.vocab_parallel import EXP_ARG_MIN, EXP_MIN, exp_minus_, exp_shifted_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=g) * 80  # spread far past fp32's exp range
+    x[:, 33:] = float("-inf")  # padding
+    shift = x[:, :33].amax(dim=-1)
+    want = torch.exp(x - shift.unsqueeze(-1))
+    out = exp_minus_(x.clone(), shift, 33)
+    low = (x - shift.unsqueeze(-1)) < EXP_ARG_MIN
+    low[:, 33:] = False
+    assert (want[low] < torch.finfo(torch.float32).tiny).any()  # the case is real: exp alone underflows
+    assert torch.equal(out[~low], want[~low])  # padding: exp(-inf) = 0 there too
+    assert (out[low] == torch.exp(torch.tensor(EXP_ARG_MIN))).all() and abs(out[low][0].item() / EXP_MIN - 1) < 1e-6
+    assert not ((out > 0) & (out < torch.finfo(torch.float32).tiny)).any()
+    # the row statistics: the sum over the same values, the max of the real columns; a row of padding only
+    m, sh, s = exp_shifted_(x.clone(), pad_from=33)
+    torch.testing.assert_close(s, out.sum(dim=-1), rtol=0, atol=0)
+    assert torch.equal(m, shift) and torch.equal(sh, shift)
+    m, sh, s = exp_shifted_(torch.full((2, 5), float("-inf")), pad_from=0)
+    assert torch.isinf(m).all() and (sh == 0).all() and (s == 0).all()
+
+
+def test_logits_spread_past_the_exp_range():
+    """Logits ~ N(0, 60²): most of a row lies more than 87 below its max, where exp underflows in fp32. Values
+    and gradients still match float64 torch, padding columns get none."""
+    case = make_case(11, (5, 7), 50, 64, torch.float32, chunk=4)
+    case["logits"] = case["logits"] * 15  # std 60; the padding junk (60) becomes 900, above every real logit
+    ours = run_ours(case, None, 0, 1)
+    check(ours, reference(case), torch.float32)
+    assert not ours["grad"][..., case["V"]:].any()
+
+
 def _bad_calls(group, rank: int, tp: int) -> dict:
     """name → error message of each bad call (None when nothing was raised)."""
     P, V = 64, 60

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from camopd_megatron.ops.main_grad import accumulates_into_main_grad, added_to_main_grad
 from camopd_megatron.ops.vocab_parallel import (
+    EXP_MIN,
     IGNORE_INDEX,
     ProcessGroup,
     RowStats,
@@ -72,8 +73,10 @@ from camopd_megatron.ops.vocab_parallel import (
     _live,
     _prepare_targets,
     _validate,
+    exp_minus_,
     exp_shifted_,
     reduce_stats,
+    spread_exceeds,
 )
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "DEFAULT_KEEP_SOFTMAX_BYTES", "KeptSoftmaxBuffer", "fused_output_logprobs"]
@@ -95,6 +98,18 @@ without a kept softmax, the projection again, the shift and exp, right before th
 Vocab blocks are at least
 ``_MIN_VOCAB_BLOCK`` columns wide, so that each product stays efficient."""
 _MIN_VOCAB_BLOCK = 128
+
+
+def _zero_tiny_(e: torch.Tensor) -> torch.Tensor:
+    """On a CPU, a tile that backward's products read with its elements <= EXP_MIN (exp_minus_'s clamped ones,
+    or ones a lowered tile's scaling made that small) set to 0: products over tiny numbers end in subnormal
+    partial sums, ~2.5x slower than over zeros here (BENCHMARKS.md). Their probabilities are below
+    8.8e-27 · c_N: nothing an fp32 gradient beside the row's others can hold."""
+    if e.is_cpu:
+        F.threshold_(e, EXP_MIN, 0.0)
+    return e
+
+
 SHIFT_HEADROOM = 40.0
 """How far a block's max may rise above its row's shift (the first block's max) before the block is taken
 again at its own max: tiles hold exp(x − shift) <= exp(40) ~ 2e17, so their sums and the products over them
@@ -161,6 +176,8 @@ class _Tiles:
     def __init__(self, n: int, v: int, rows: int, vocab_block: Optional[int], keep: bool, device: torch.device,
                  kept_buffer: Optional[KeptSoftmaxBuffer] = None) -> None:
         self.n, self.v, self.keep = n, v, keep
+        self.clamp = False
+        """Whether the forward clamped exp's argument in some chunk (backward recomputes likewise)."""
         self.rows = max(n, 1) if keep else max(rows, 1)
         self.vb = vb = _vocab_block(v, min(self.rows, max(n, 1)), vocab_block)
         self.n_blocks = -(-v // vb) if v else 0
@@ -234,22 +251,33 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
         targets = _chunk_targets(tgt_local_NK, owned_NK, c0, c1, tiles)
         got = torch.empty(targets.flat.shape, dtype=torch.float32, device=dev)
         shift_C: Optional[torch.Tensor] = None  # the first block's max sets it
+        clamp = True  # the first block's spread decides (exp_minus_)
         i = 0
         for j in range(tiles.n_blocks):
             v0 = j * tiles.vb
-            x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), layout.pad_from - v0, temperature)
+            pad_from = layout.pad_from - v0
+            x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), pad_from, temperature)
             if targets.counts[j]:  # this block's target logits, before exp overwrites them
                 i1 = i + targets.counts[j]
                 torch.index_select(x_CW.view(-1), 0, targets.flat[i:i1], out=got[i:i1])
                 i = i1
-            _, shift_C, _ = exp_shifted_(x_CW, shift_C, max_out=m_rows[j], sum_out=s_rows[j])
+            if j == 0:
+                clamp = spread_exceeds(x_CW[:, :max(pad_from, 0)])
+                tiles.clamp = tiles.clamp or clamp
+            _, shift_C, _ = exp_shifted_(x_CW, shift_C, pad_from=pad_from, clamp=clamp, max_out=m_rows[j],
+                                         sum_out=s_rows[j])
+            if tiles.keep and clamp:
+                _zero_tiny_(x_CW)
         tgt_NK[c0 + targets.rows, targets.ks] = got
         shift_JN[:, c0:c1] = shift_C
         over_JC = m_JN[:, c0:c1] > shift_C + SHIFT_HEADROOM
         for j in over_JC.any(dim=1).nonzero().flatten().tolist():  # again, at the block's own max where it rose
             shift_JN[j, c0:c1] = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C)
-            x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), layout.pad_from - j * tiles.vb, temperature)
-            exp_shifted_(x_CW, shift_JN[j, c0:c1], sum_out=s_rows[j])
+            pad_from = layout.pad_from - j * tiles.vb
+            x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), pad_from, temperature)
+            exp_shifted_(x_CW, shift_JN[j, c0:c1], pad_from=pad_from, clamp=clamp, sum_out=s_rows[j])
+            if tiles.keep and clamp:
+                _zero_tiny_(x_CW)
     # the blocks' (max, Σexp) into one per row (shifts are at most the row max; padding only: s = 0, shift 0)
     m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
     shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)
@@ -310,10 +338,12 @@ class _FusedOutputLogProb(torch.autograd.Function):
                 if tiles.keep:
                     e_CW = tiles.tile(c0, j)
                     if lower[j]:  # taken at a lower shift than the row's highest: to exp(x − highest)
-                        e_CW.mul_(torch.exp(shift_JN[j] - shift_N).unsqueeze(-1))
+                        _zero_tiny_(e_CW.mul_(torch.exp(shift_JN[j] - shift_N).unsqueeze(-1)))
                 else:
                     e_CW = _project_(hidden_NH[c0:c1], w_WH, tiles.tile(c0, j), layout.pad_from - v0, temperature)
-                    e_CW.sub_(max_N[c0:c1].unsqueeze(-1)).exp_()
+                    exp_minus_(e_CW, max_N[c0:c1], layout.pad_from - v0, clamp=tiles.clamp)
+                    if tiles.clamp:
+                        _zero_tiny_(e_CW)
                 if need_h:
                     grad_h_NH[c0:c1].addmm_(e_CW, w_WH if fp32 else w_WH.float())
                 if need_w:  # the first chunk writes, later ones add

@@ -43,6 +43,7 @@ K = target indices per token (1: the sampled token), C = tokens in one chunk.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -171,10 +172,56 @@ def _scaled_chunk(logits_CV: torch.Tensor, layout: _Layout, temperature: float) 
     return x_CV
 
 
-def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None, *,
-                 max_out: Optional[torch.Tensor] = None, sum_out: Optional[torch.Tensor] = None,
+EXP_ARG_MIN = -60.0
+"""On a CPU, :func:`exp_minus_` clamps exp's argument here. exp(−60) ≈ 8.8e-27 (:data:`EXP_MIN`): below it, an
+element is invisible in fp32 beside its row's max (exp(0) = 1), and what stays above keeps a CPU off exp's slow
+path (results below 1.2e-38) and products over the tiles off subnormal partial sums (a product with a number
+above ~1e-12 stays a normal number)."""
+EXP_MIN = math.exp(EXP_ARG_MIN)
+
+
+def exp_minus_(x_CV: torch.Tensor, shift_C: torch.Tensor, pad_from: int, *, clamp: bool = True) -> torch.Tensor:
+    """In place x ← exp(x − shift) per row (``shift_C`` [C]); the columns from ``pad_from`` on (padding,
+    -inf) exactly 0. Returns ``x_CV``.
+
+    On a CPU, with ``clamp``, the argument is first clamped at :data:`EXP_ARG_MIN` (a caller that knows the
+    arguments stay far above it saves the pass: :func:`spread_exceeds`). torch's CPU exp takes a slow path for
+    every element whose result underflows (or is -inf): 10-40 ns an element against ~1 here, so a tile
+    where a trained model's logits lie 90-300 below the row's max took ~40x longer to exponentiate. Unclamped
+    it would also write subnormal numbers (results below 1.18e-38), and a CPU's matmul over subnormal
+    operands runs in microcode: the fused output layer's backward products over such tiles ran 4-15x
+    slower (BENCHMARKS.md; the op also sets the clamped elements to 0, as products with numbers this small
+    still end in subnormals). A clamped element holds 8.8e-27 instead of something between 0 and that:
+    nothing fp32 can tell apart beside the row's others (the row's max is at least exp(0) = 1, or the
+    group's Σ carries it). A GPU's exp has no such path: nothing changes there."""
+    x_CV.sub_(shift_C.unsqueeze(-1))
+    if x_CV.device.type != "cpu" or not clamp:
+        return x_CV.exp_()
+    x_CV.clamp_min_(EXP_ARG_MIN).exp_()
+    if pad_from < x_CV.shape[-1]:
+        x_CV[:, max(pad_from, 0):] = 0.0
+    return x_CV
+
+
+SAFE_SPREAD = 20.0
+"""How far below their row's max a sample of logits may reach for :func:`spread_exceeds` to skip the clamp
+(40 above :data:`EXP_ARG_MIN`: room for the rest of the row to reach lower)."""
+
+
+def spread_exceeds(x_CV: torch.Tensor, limit: float = SAFE_SPREAD) -> bool:
+    """Whether any row of ``x_CV`` (finite logits, a sample of the row) spans more than ``limit``; True off a
+    CPU (no clamp to save there, and no host sync). A performance guess, never a correctness one: exp is
+    exact either way, the clamp only keeps a CPU off its slow paths."""
+    if x_CV.device.type != "cpu" or not x_CV.numel():
+        return True
+    return bool((torch.amax(x_CV, dim=-1) - torch.amin(x_CV, dim=-1) > limit).any())
+
+
+def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None, *, pad_from: Optional[int] = None,
+                 clamp: bool = True, max_out: Optional[torch.Tensor] = None, sum_out: Optional[torch.Tensor] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place x ← exp(x − shift) per row; returns (local max m_C, shift_C, Σexp(x − shift)_C).
+    """In place x ← exp(x − shift) per row (:func:`exp_minus_`, ``clamp`` passed on; columns from ``pad_from``
+    on are padding, at -inf; None: none); returns (local max m_C, shift_C, Σexp(x − shift)_C).
 
     shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
     shift is 0 so that exp() gives 0, not NaN. A given ``shift_C`` (finite) is used instead (the fused
@@ -184,7 +231,8 @@ def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None, *,
     m_C = torch.amax(x_CV, dim=-1, out=max_out)
     if shift_C is None:
         shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
-    s_C = torch.sum(x_CV.sub_(shift_C.unsqueeze(-1)).exp_(), dim=-1, out=sum_out)
+    pad = x_CV.shape[-1] if pad_from is None else pad_from
+    s_C = torch.sum(exp_minus_(x_CV, shift_C, pad, clamp=clamp), dim=-1, out=sum_out)
     return m_C, shift_C, s_C
 
 
@@ -237,7 +285,8 @@ def _global_stats(logits_NV, tgt_local_NK, owned_NK, layout, tp_group, temperatu
     s_N = torch.empty_like(m_N)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
-        exp_shifted_(_scaled_chunk(logits_NV[c0:c1], layout, temperature), max_out=m_N[c0:c1], sum_out=s_N[c0:c1])
+        exp_shifted_(_scaled_chunk(logits_NV[c0:c1], layout, temperature), pad_from=layout.pad_from,
+                     max_out=m_N[c0:c1], sum_out=s_N[c0:c1])
     tgt_NK = _target_logits(logits_NV, tgt_local_NK, owned_NK, temperature)
     return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group)
 
@@ -252,7 +301,7 @@ def _shard_grad(logits_NV, layout, temperature, chunk, stats: RowStats, tgt_loca
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         x_CV = _scaled_chunk(logits_NV[c0:c1], layout, temperature)
-        x_CV.sub_(max_N[c0:c1].unsqueeze(-1)).exp_().mul_(neg_g_over_s_N[c0:c1].unsqueeze(-1))  # −p · g
+        exp_minus_(x_CV, max_N[c0:c1], layout.pad_from).mul_(neg_g_over_s_N[c0:c1].unsqueeze(-1))  # −p · g
         idx_CK = torch.where(owned_NK[c0:c1], tgt_local_NK[c0:c1], torch.zeros_like(tgt_local_NK[c0:c1]))
         src_CK = torch.where(owned_NK[c0:c1], g_logp_NK[c0:c1], torch.zeros_like(g_logp_NK[c0:c1]))
         x_CV.scatter_add_(1, idx_CK, src_CK)  # + onehot · g
