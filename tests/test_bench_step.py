@@ -45,6 +45,13 @@ def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
     assert lo == mid == hi == floor["train_over_floor"]
     # of the train stage (within the rounding of the ~2 ms floor to 0.1 ms)
     assert abs(floor["train_over_floor"] * floor["train_floor_s"] / rec["stages_s"]["train"] - 1) <= 0.05
+    # at one thread, also on the stage thread's CPU clock: the same FLOPs at the CPU clock's rate, against the
+    # stage's CPU time (at most its wall time; what is left is the time off the core)
+    cpu, cpu_train = floor["cpu"], rec["stages_cpu_s"]["train"]
+    assert 0 < cpu_train <= rec["stages_s"]["train"] + 1e-3
+    assert abs(cpu["train_floor_s"] * cpu["matmul_gflops"] * 1e9 / flops - 1) <= 0.1
+    assert abs(cpu["train_over_floor"] * cpu["train_floor_s"] / cpu_train - 1) <= 0.05
+    assert abs(cpu["off_core_s"] - (rec["stages_s"]["train"] - cpu_train)) <= 1e-3
     json.dumps(rec)  # the --json line
 
 

@@ -34,31 +34,45 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from camopd_megatron.bench import set_thread_env
 
 
-def time_call(fn: Callable[[], Any], reps: int, pick: Callable[[list[float]], float] = statistics.median) -> float:
-    """Seconds of one ``fn()``: ``pick`` (median; ``min`` for the least disturbed) of ``reps`` timed calls after
-    one warm-up (page faults, thread pool)."""
+def time_calls(fn: Callable[[], Any], reps: int,
+               clocks: Sequence[Callable[[], float]] = (time.perf_counter,)) -> list[list[float]]:
+    """Seconds of ``reps`` timed ``fn()`` calls after one warm-up (page faults, thread pool), on each of
+    ``clocks`` (``time.perf_counter``: wall; ``time.thread_time``: this thread's CPU time), the same calls."""
     fn()
-    times = []
+    times: list[list[float]] = [[] for _ in clocks]
     for _ in range(reps):
-        t = time.perf_counter()
+        t0 = [c() for c in clocks]
         fn()
-        times.append(time.perf_counter() - t)
-    return pick(times)
+        for ts, c, t in zip(times, clocks, t0):
+            ts.append(c() - t)
+    return times
 
 
-def matmul_rate(m: int, k: int, n: int, reps: int = 5, pick: Callable[[list[float]], float] = statistics.median) -> float:
-    """fp32 FLOP/s of ``[m, k] @ [n, k]ᵀ`` (a Linear layer's product; 2·m·k·n FLOPs) at the threads set."""
+def time_call(fn: Callable[[], Any], reps: int, pick: Callable[[list[float]], float] = statistics.median) -> float:
+    """Wall seconds of one ``fn()``: ``pick`` (median; ``min`` for the least disturbed) of :func:`time_calls`."""
+    return pick(time_calls(fn, reps)[0])
+
+
+def matmul_rates(m: int, k: int, n: int, reps: int = 5, pick: Callable[[list[float]], float] = statistics.median,
+                 clocks: Sequence[Callable[[], float]] = (time.perf_counter,)) -> list[float]:
+    """fp32 FLOP/s of ``[m, k] @ [n, k]ᵀ`` (a Linear layer's product; 2·m·k·n FLOPs) at the threads set, on
+    each of ``clocks`` (the same calls)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     out = torch.empty(m, n)
-    return 2.0 * m * k * n / time_call(lambda: torch.mm(a, b.t(), out=out), reps, pick)
+    return [2.0 * m * k * n / pick(ts) for ts in time_calls(lambda: torch.mm(a, b.t(), out=out), reps, clocks)]
+
+
+def matmul_rate(m: int, k: int, n: int, reps: int = 5, pick: Callable[[list[float]], float] = statistics.median) -> float:
+    """:func:`matmul_rates` on the wall clock."""
+    return matmul_rates(m, k, n, reps, pick)[0]
 
 
 DEFAULT_GRID: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = (

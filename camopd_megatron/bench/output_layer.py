@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> str:
             if max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
                 raise RuntimeError(f"{size} {mode}: the three paths disagree (sums of log-probs {sums})")
             runs.append((mode, res))
-        rate = matmul_flops_per_s(d["b"] * d["w"], d["h"], d["v"])
+        (rate,) = matmul_flops_per_s(d["b"] * d["w"], d["h"], d["v"])
         for mode, res in runs:  # the output products alone at that rate: 1 forward, 3 with backward
             floor_ms = (3 if mode == "fwd+bwd" else 1) * 2.0 * d["b"] * d["w"] * d["v"] * d["h"] / rate * 1e3
             rows.append((size, d, mode, res, floor_ms))

@@ -41,10 +41,13 @@ the final checkpoint save after the loop is outside it. The first step is report
 steady mean is over steps 2..N. Peak RSS is ``VmHWM`` at the end of the last step (summed over the
 ranks for sep4, each rank read when its ``train`` returns). Fields match the peer's JSON
 (``step_s_steady_mean``, ``gen_tokens_per_s``, ``train_tokens_per_s`` = (prompt + response tokens)
-/ ``wall_s``, ``peak_rss_mb``) plus ``stages_s``: the steady mean of every ``time/*`` metric, and (one
+/ ``wall_s``, ``peak_rss_mb``) plus ``stages_s``: the steady mean of every ``time/*`` metric (``stages_cpu_s``:
+of every ``cpu_time/*``, the stage thread's CPU time), and (one
 process) ``floor``: the train stage's matmul FLOPs (:func:`train_stage_flops`) over this machine's fp32
 matmul rate on the output layer's product, measured in the same process before and after the loop (the
-best of both, :func:`train_floor`), beside the measured train stage (``train_over_floor``).
+best of both, :func:`train_floor`), beside the measured train stage (``train_over_floor``); at one thread
+also on the stage thread's CPU clock (``floor.cpu``), which leaves out time the hypervisor of a virtual
+machine gave the core to another guest.
 
 Environment: ``python -m camopd_megatron.bench.step`` sets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` to
 ``--threads`` and ``THP_MEM_ALLOC_ENABLE=1`` (torch's CPU allocator then backs every allocation of 2 MiB or
@@ -64,10 +67,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from camopd_megatron.bench import set_thread_env
-from camopd_megatron.bench.calibrate import matmul_rate
+from camopd_megatron.bench.calibrate import matmul_rates
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +262,8 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
         "peak_rss_mb": round((hwm_total_kb if hwm_total_kb is not None else raw["hwm_kb"]) / 1024.0, 1),
         "stages_s": {k.removeprefix("time/"): round(statistics.mean(h.get(k, 0.0) for h in steady), 4)
                      for k in stage_keys},
+        "stages_cpu_s": {k.removeprefix("cpu_time/"): round(statistics.mean(h.get(k, 0.0) for h in steady), 4)
+                         for k in sorted({k for h in steady for k in h if k.startswith("cpu_time/")})},
     }
 
 
@@ -298,32 +303,55 @@ def train_stage_flops(cfg_dict: dict[str, Any]) -> dict[str, float]:
     return {"layers": 3.0 * fwd_layers, "output_layer": 3.0 * fwd_output, "total": 3.0 * (fwd_layers + fwd_output)}
 
 
-def matmul_flops_per_s(rows: int, hidden: int, vocab: int, reps: int = 3) -> float:
-    """This machine's fp32 matmul rate on the output layer's forward product ([rows, H] × [H, V]), FLOP/s:
-    the best of ``reps`` timed calls after a warm-up (the least disturbed by other load), at the threads set."""
-    return matmul_rate(rows, hidden, vocab, reps, pick=min)
+def matmul_flops_per_s(rows: int, hidden: int, vocab: int, reps: int = 3,
+                       clocks: Sequence[Callable[[], float]] = (time.perf_counter,)) -> list[float]:
+    """This machine's fp32 matmul rate on the output layer's forward product ([rows, H] × [H, V]), FLOP/s, on
+    each of ``clocks`` (wall; ``time.thread_time``: per second of this thread's CPU time): the best of ``reps``
+    timed calls after a warm-up (the least disturbed by other load), at the threads set."""
+    return matmul_rates(rows, hidden, vocab, reps, pick=min, clocks=clocks)
 
 
-def output_matmul_rate(cfg_dict: dict[str, Any]) -> float:
-    """:func:`matmul_flops_per_s` on the output layer's product of a benchmark config (FLOP/s)."""
+def output_matmul_rate(cfg_dict: dict[str, Any],
+                       clocks: Sequence[Callable[[], float]] = (time.perf_counter,)) -> list[float]:
+    """:func:`matmul_flops_per_s` on the output layer's product of a benchmark config (FLOP/s per clock)."""
     m, r = cfg_dict["model"], cfg_dict["rollout"]
-    return matmul_flops_per_s(r["prompts_per_step"] * r["max_new_tokens"], m["hidden_size"], m["vocab_size"])
+    return matmul_flops_per_s(r["prompts_per_step"] * r["max_new_tokens"], m["hidden_size"], m["vocab_size"],
+                              clocks=clocks)
 
 
-def train_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float], rates: list[float]) -> dict[str, Any]:
-    """The train stage's FLOP floor at this machine's matmul rate, beside the measured stage: ``step_train_s``,
-    each steady step's train stage (their mean, and the spread of train / floor from step to step: min, median,
-    max). ``rates``: :func:`output_matmul_rate` measured before and after the loop; the best is used (the floor
-    is then the lowest, and train / floor the least flattering, when other load comes and goes)."""
-    flops = train_stage_flops(cfg_dict)
+def _over_floor(flops: float, step_s: Sequence[float], rates: Sequence[float]) -> dict[str, Any]:
+    """The floor at the best of ``rates``, and the steps' train / floor: their mean, and min / median / max."""
     rate = max(rates)
-    floor_s = flops["total"] / rate
-    ratios = sorted(t / floor_s for t in step_train_s)
-    return {"train_gflop": round(flops["total"] / 1e9, 2), "output_layer_gflop": round(flops["output_layer"] / 1e9, 2),
-            "matmul_gflops": round(rate / 1e9, 1), "train_floor_s": round(floor_s, 4),
+    floor_s = flops / rate
+    ratios = sorted(t / floor_s for t in step_s)
+    return {"matmul_gflops": round(rate / 1e9, 1), "train_floor_s": round(floor_s, 4),
             "train_over_floor": round(statistics.mean(ratios), 3) if ratios else None,
             "train_over_floor_steps": ([round(ratios[0], 3), round(statistics.median(ratios), 3), round(ratios[-1], 3)]
                                        if ratios else None)}
+
+
+def train_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float], rates: list[float],
+                cpu: Optional[tuple[Sequence[float], list[float]]] = None) -> dict[str, Any]:
+    """The train stage's FLOP floor at this machine's matmul rate, beside the measured stage: ``step_train_s``,
+    each steady step's train stage (their mean, and the spread of train / floor from step to step: min, median,
+    max). ``rates``: :func:`output_matmul_rate` measured before and after the loop; the best is used (the floor
+    is then the lowest, and train / floor the least flattering, when other load comes and goes).
+
+    ``cpu``: the same steps' train stages and the same rates on the stage thread's CPU clock (one thread
+    only), under ``"cpu"``. On a virtual machine the wall clock also counts the time the hypervisor gave the
+    core to another guest, which the thread's CPU clock leaves out, in the stage and in the floor alike;
+    ``cpu.off_core_s`` is the steps' mean wall − CPU time of the stage."""
+    flops = train_stage_flops(cfg_dict)
+    out = {"train_gflop": round(flops["total"] / 1e9, 2), "output_layer_gflop": round(flops["output_layer"] / 1e9, 2),
+           **_over_floor(flops["total"], step_train_s, rates)}
+    if cpu is not None:
+        cpu_s, cpu_rates = cpu
+        if len(cpu_s) != len(step_train_s):
+            raise ValueError(f"train_floor: {len(cpu_s)} CPU times for {len(step_train_s)} steps")
+        off = [w - c for w, c in zip(step_train_s, cpu_s)]
+        out["cpu"] = {**_over_floor(flops["total"], cpu_s, cpu_rates),
+                      "off_core_s": round(statistics.mean(off), 4) if off else None}
+    return out
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -365,11 +393,16 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
             import torch
 
             torch.set_num_threads(threads)
-            rate_before = output_matmul_rate(cfg_dict)  # same process, same threads, outside the timed loop
+            # same process, same threads, outside the timed loop; the CPU clock counts one thread's work only
+            clocks = (time.perf_counter, time.thread_time) if threads == 1 else (time.perf_counter,)
+            before = output_matmul_rate(cfg_dict, clocks)
             raw = run_trainer(cfg_dict)
             rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
-            floor = train_floor(cfg_dict, [h["time/train"] for h in steady_steps(raw["history"]) if "time/train" in h],
-                                [rate_before, output_matmul_rate(cfg_dict)])
+            after = output_matmul_rate(cfg_dict, clocks)
+            steady = [h for h in steady_steps(raw["history"]) if "time/train" in h]
+            floor = train_floor(cfg_dict, [h["time/train"] for h in steady], [before[0], after[0]],
+                                cpu=([h["cpu_time/train"] for h in steady], [before[1], after[1]]) if threads == 1
+                                else None)
             return {**rec, **setting, "floor": floor}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")
@@ -405,7 +438,15 @@ def format_record(r: dict[str, Any]) -> str:
                f"measured {r['floor']['matmul_gflops']} GFLOP/s): train / floor {r['floor']['train_over_floor']}"
                + (" (steady steps min / median / max {} / {} / {})".format(*r["floor"]["train_over_floor_steps"])
                   if r["floor"].get("train_over_floor_steps") else "")
+               + (_format_cpu_floor(r["floor"]["cpu"]) if r["floor"].get("cpu") else "")
                if r.get("floor") else ""))
+
+
+def _format_cpu_floor(c: dict[str, Any]) -> str:
+    return (f"\n  on the stage thread's CPU clock (off the core {c['off_core_s']:.3f}s a step; floor "
+            f"{c['train_floor_s']:.3f}s at {c['matmul_gflops']} GFLOP/s): train / floor {c['train_over_floor']}"
+            + (" (min / median / max {} / {} / {})".format(*c["train_over_floor_steps"])
+               if c.get("train_over_floor_steps") else ""))
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

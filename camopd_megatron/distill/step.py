@@ -114,18 +114,22 @@ class GapSource(enum.Enum):
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage of a step."""
+    """Seconds per named stage of a step: wall clock (``seconds``) and the CPU time of the thread that ran
+    the stage (``cpu_seconds``). Wall minus CPU is time the thread did not compute: waiting (for teachers, a
+    collective, a GPU), or, on a virtual machine, time the hypervisor gave its core to another guest."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.thread_time() - c0
 
 
 @dataclass
@@ -616,6 +620,7 @@ def _step_metrics(student: StudentState, batch: RolloutBatch, branches: Sequence
         out.update(routing.metrics(student.role_group, student.pg_collection.tp))
     elapsed = time.perf_counter() - t_start
     out.update({f"time/{k}": v for k, v in timer.seconds.items()})
+    out.update({f"cpu_time/{k}": v for k, v in timer.cpu_seconds.items()})
     out["time/step"] = elapsed
     out["throughput/train_tokens_per_s"] = red["rollout/tokens"] / max(elapsed, 1e-9)
     out["throughput/generated_tokens_per_s"] = red["rollout/response_tokens"] / max(timer.seconds.get("rollout", 0.0), 1e-9)
