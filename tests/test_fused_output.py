@@ -114,8 +114,8 @@ def test_rows_whose_logits_rise_block_by_block(keep, temperature):
 @pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
 def test_logits_spread_past_the_exp_range(keep):
     """Logits ~ N(0, 60²), as a peaked softmax: most of a row lies more than 87 below its max, where fp32's exp
-    underflows (on a CPU the tiles hold exp(EXP_ARG_MIN) there, ops.vocab_parallel.exp_minus_). Values and
-    gradients still match the float64 reference; padding rows get no gradient."""
+    underflows (on a CPU exp's argument is clamped there, ops.vocab_parallel.exp_minus_, and the tiles backward
+    multiplies hold 0). Values and gradients still match the float64 reference; padding rows get no gradient."""
     case = make_case(12, 17, V=50, P=64)
     case["weight"][:50] *= 60.0 / 4.0 / 0.7  # |h| ~ 4: logit std ~ 60
     ref = reference(case)

@@ -189,8 +189,8 @@ def exp_minus_(x_CV: torch.Tensor, shift_C: torch.Tensor, pad_from: int, *, clam
     every element whose result underflows (or is -inf): 10-40 ns an element against ~1 here, so a tile
     where a trained model's logits lie 90-300 below the row's max took ~40x longer to exponentiate. Unclamped
     it would also write subnormal numbers (results below 1.18e-38), and a CPU's matmul over subnormal
-    operands runs in microcode: the fused output layer's backward products over such tiles ran 4-15x
-    slower (BENCHMARKS.md; the op also sets the clamped elements to 0, as products with numbers this small
+    operands runs in microcode: the fused output layer's backward over such tiles ran 4.7x (logit std 16) to
+    28x (std 26) slower (BENCHMARKS.md; the op also sets the clamped elements to 0, as products with numbers this small
     still end in subnormals). A clamped element holds 8.8e-27 instead of something between 0 and that:
     nothing fp32 can tell apart beside the row's others (the row's max is at least exp(0) = 1, or the
     group's Σ carries it). A GPU's exp has no such path: nothing changes there."""
