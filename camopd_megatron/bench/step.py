@@ -244,7 +244,6 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
     tok_step = [h["throughput/train_tokens_per_s"] * h["time/step"] for h in hist]
     gen_tok = [h["rollout/response_len_mean"] * h["rollout/samples"] for h in hist]
     gen_s = sum(h.get("time/rollout", 0.0) for h in hist)
-    stage_keys = sorted({k for h in steady for k in h if k.startswith("time/")})
     train_tokens = round(sum(tok_step))
     return {
         "peer": "camopd_megatron", "size": size, "teachers": teachers, "layout": layout, "threads": threads,
@@ -260,11 +259,15 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
         "response_len_mean": round(statistics.mean(h["rollout/response_len_mean"] for h in hist), 2),
         "loss_first": hist[0].get("train/loss"), "loss_last": hist[-1].get("train/loss"),
         "peak_rss_mb": round((hwm_total_kb if hwm_total_kb is not None else raw["hwm_kb"]) / 1024.0, 1),
-        "stages_s": {k.removeprefix("time/"): round(statistics.mean(h.get(k, 0.0) for h in steady), 4)
-                     for k in stage_keys},
-        "stages_cpu_s": {k.removeprefix("cpu_time/"): round(statistics.mean(h.get(k, 0.0) for h in steady), 4)
-                         for k in sorted({k for h in steady for k in h if k.startswith("cpu_time/")})},
+        "stages_s": _stage_means(steady, "time/"),
+        "stages_cpu_s": _stage_means(steady, "cpu_time/"),
     }
+
+
+def _stage_means(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Each ``prefix`` metric's mean over ``steps`` (0 in a step without it), keyed by the stage's name."""
+    keys = sorted({k for h in steps for k in h if k.startswith(prefix)})
+    return {k.removeprefix(prefix): round(statistics.mean(h.get(k, 0.0) for h in steps), 4) for k in keys}
 
 
 def _student_model(cfg_dict: dict[str, Any]) -> Any:

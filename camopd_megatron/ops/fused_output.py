@@ -105,8 +105,8 @@ def _zero_tiny_(e: torch.Tensor) -> torch.Tensor:
     or ones a lowered tile's scaling made that small) set to 0: products over tiny numbers end in subnormal
     partial sums, ~2.5x slower than over zeros here (BENCHMARKS.md). Their probabilities are below
     8.8e-27 · c_N: nothing an fp32 gradient beside the row's others can hold."""
-    if e.is_cpu:
-        F.threshold_(e, EXP_MIN, 0.0)
+    if e.is_cpu:  # a margin for exp's rounding of exp(EXP_ARG_MIN), which need not be EXP_MIN to the last bit
+        F.threshold_(e, EXP_MIN * (1.0 + 1e-6), 0.0)
     return e
 
 

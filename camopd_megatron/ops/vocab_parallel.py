@@ -186,8 +186,8 @@ def exp_minus_(x_CV: torch.Tensor, shift_C: torch.Tensor, pad_from: int, *, clam
 
     On a CPU, with ``clamp``, the argument is first clamped at :data:`EXP_ARG_MIN` (a caller that knows the
     arguments stay far above it saves the pass: :func:`spread_exceeds`). torch's CPU exp takes a slow path for
-    every element whose result underflows (or is -inf): 10-40 ns an element against ~1 here, so a tile
-    where a trained model's logits lie 90-300 below the row's max took ~40x longer to exponentiate. Unclamped
+    every element whose result underflows (or is -inf): 10-90 ns an element against ~0.6 here, so a tile
+    where a trained model's logits lie 90-300 below the row's max took 40-150x longer to exponentiate. Unclamped
     it would also write subnormal numbers (results below 1.18e-38), and a CPU's matmul over subnormal
     operands runs in microcode: the fused output layer's backward over such tiles ran 4.7x (logit std 16) to
     28x (std 26) slower (BENCHMARKS.md; the op also sets the clamped elements to 0, as products with numbers this small
