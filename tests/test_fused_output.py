@@ -112,6 +112,37 @@ def test_rows_whose_logits_rise_block_by_block(keep, temperature):
 
 
 @pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
+def test_a_block_is_taken_again_on_its_sum(keep, monkeypatch):
+    """Later vocab blocks are exponentiated at the first block's max without a max of their own; a block whose
+    Σexp passes exp(SHIFT_HEADROOM) is taken again at its own max even where no single logit rose that far
+    (here 16 logits 38 above the first block's: 16·e^38 > e^40). Exact fp32 logits (dyadic entries)."""
+    from camopd_megatron.ops.fused_output import SHIFT_HEADROOM
+
+    case = make_case(14, 9, V=60, P=64)
+    g = torch.Generator().manual_seed(15)
+    case["hidden"] = torch.randint(-4, 5, (9, H), generator=g) / 8.0
+    case["hidden"][:, 0] = 1.0
+    weight = torch.randint(-4, 5, (64, H), generator=g) / 64.0
+    weight[:, 0] = 0.0
+    weight[16:32, 0] = SHIFT_HEADROOM - 2.0  # block 1: every logit ~38 above block 0's
+    weight[32:48, 0] = 1.0  # block 2: back down, against a row shift now ~38
+    weight[60:] = 500.0  # padding rows
+    case["weight"] = weight
+    ref = reference(case)
+    assert ((case["hidden"].double() @ weight[16:32].double().t()).amax(-1) < SHIFT_HEADROOM).all()
+    check(run_fused(case, None, 0, 1, chunk=4, keep=keep, vb=16), ref, tol=1e-5)
+    from camopd_megatron.ops import fused_output as fo
+
+    projected = []
+    project = fo._project_
+    monkeypatch.setattr(fo, "_project_", lambda h, w, *a: projected.append(h.shape[0]) or project(h, w, *a))
+    with torch.no_grad():
+        fused_output_logprobs(case["hidden"], weight, case["targets"], None, vocab_size=60, chunk_tokens=4,
+                              vocab_block=16)
+    assert projected == [4] * 5 + [4] * 5 + [1] * 5  # 3 chunks: 4 blocks, then block 1 again
+
+
+@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
 def test_logits_spread_past_the_exp_range(keep):
     """Logits ~ N(0, 60²), as a peaked softmax: most of a row lies more than 87 below its max, where fp32's exp
     underflows (on a CPU exp's argument is clamped there, ops.vocab_parallel.exp_minus_, and the tiles backward

@@ -24,12 +24,12 @@ at the targets alone.
 
 Tiles. The [N, V_local] logits are worked through in tiles of C rows x W vocab columns (a vocab block):
 the product of one tile (h_C W_blockᵀ, 1/T inside it) writes ~2 MiB (``DEFAULT_TILE_ELEMENTS``), and the
-softmax passes over it (max, subtract the shift, exp, sum) run while it is still in cache. A row's shift is
-its first block's max; a block whose max is more than ``SHIFT_HEADROOM`` above it is projected again and
-taken at its own (rare: logits hundreds apart across the vocabulary; backward then scales its tile once), so
-a row's tiles share one shift. Each block's max and Σexp are kept per row ([blocks, N], a few floats per row
-and block) and combined into the row's (max, Σexp) once, so the rows' statistics never need a second pass
-over the logits. Each product is over a whole block of the vocabulary, so the weight is still read once per
+softmax passes over it (subtract the shift, exp, sum; the first block also its max) run while it is still in
+cache. A row's shift is its first block's max; a block whose logits rise more than ``SHIFT_HEADROOM`` above it
+(its Σexp tells) is projected again and taken at its own max (rare: logits tens apart across the vocabulary;
+backward then scales its tile once), so a row's tiles share one shift. Each block's Σexp is kept per row
+([blocks, N], a few floats per row and block) and the blocks' log-masses are combined into the row's
+(max, Σexp) once, so the rows' statistics never need a second pass over the logits. Each product is over a whole block of the vocabulary, so the weight is still read once per
 chunk of rows.
 
 Backward needs E again: it keeps the forward's tiles when they are small enough together
@@ -56,6 +56,7 @@ vocab block, J blocks, K = 1.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, NamedTuple, Optional
 
@@ -111,9 +112,11 @@ def _zero_tiny_(e: torch.Tensor) -> torch.Tensor:
 
 
 SHIFT_HEADROOM = 40.0
-"""How far a block's max may rise above its row's shift (the first block's max) before the block is taken
+"""How far a block's logits may rise above its row's shift (the first block's max) before the block is taken
 again at its own max: tiles hold exp(x − shift) <= exp(40) ~ 2e17, so their sums and the products over them
-stay far inside fp32's range at any vocabulary, and a usual row has one shift for all its tiles."""
+stay far inside fp32's range at any vocabulary, and a usual row has one shift for all its tiles. The forward
+checks it on each block's Σexp, which bounds every element (``_MAX_BLOCK_SUM``)."""
+_MAX_BLOCK_SUM = math.exp(SHIFT_HEADROOM)
 
 
 def _vocab_block(v_local: int, rows: int, vocab_block: Optional[int]) -> int:
@@ -232,14 +235,19 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
     block's tile was exponentiated at ([blocks, N]). With ``tiles.keep`` the tiles are left holding
     exp(x − that shift).
 
-    A row's shift is its first block's max (0 for a shard of padding only). A block whose max is more than
-    ``SHIFT_HEADROOM`` above it (rare: logits hundreds apart across the vocabulary) is projected again and
-    taken at its own max, so exp(x − shift) stays below exp(SHIFT_HEADROOM) in every tile."""
+    A row's shift is its first block's max (0 for a shard of padding only), and the later blocks are
+    exponentiated at it without a max of their own (a pass fewer over each tile). A block whose Σexp passes
+    ``_MAX_BLOCK_SUM`` (its logits rose far above the first block's; also inf or NaN) is projected again and taken
+    at its own max (rare: logits tens apart across the vocabulary), so no tile element exceeds exp(SHIFT_HEADROOM).
+
+    The row's (max, Σexp) come from the blocks' log-masses, shift + log Σexp, in float64: M is their max,
+    rounded to fp32 (at least the row's max logit and at most log W above it), and Σexp is taken against
+    that rounded M, so log p = (x − M) − log S keeps fp32 precision (log S is within [−log W, log J]) whatever
+    the logits' magnitude."""
     n = layout.n_tokens
     dev = hidden_NH.device
-    m_JN = torch.full((tiles.n_blocks, n), float("-inf"), dtype=torch.float32, device=dev)
-    shift_JN = torch.zeros_like(m_JN)
-    s_JN = torch.zeros_like(m_JN)
+    shift_JN = torch.zeros((tiles.n_blocks, n), dtype=torch.float32, device=dev)
+    s_JN = torch.zeros_like(shift_JN)
     tgt_NK = torch.zeros(tgt_local_NK.shape, dtype=torch.float32, device=dev)
     w_blocks = weight_VH.split(tiles.vb)
     for c0 in tiles.chunks():
@@ -247,10 +255,10 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
             break
         c1 = min(c0 + tiles.rows, n)
         h_CH = hidden_NH[c0:c1]
-        m_rows, s_rows = m_JN[:, c0:c1].unbind(0), s_JN[:, c0:c1].unbind(0)
+        s_rows = s_JN[:, c0:c1].unbind(0)
         targets = _chunk_targets(tgt_local_NK, owned_NK, c0, c1, tiles)
         got = torch.empty(targets.flat.shape, dtype=torch.float32, device=dev)
-        shift_C: Optional[torch.Tensor] = None  # the first block's max sets it
+        shift_C = torch.zeros(c1 - c0, dtype=torch.float32, device=dev)  # the first block's max sets it
         clamp = True  # the first block's spread decides (exp_minus_)
         i = 0
         for j in range(tiles.n_blocks):
@@ -264,24 +272,28 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
             if j == 0:
                 clamp = spread_exceeds(x_CW[:, :max(pad_from, 0)])
                 tiles.clamp = tiles.clamp or clamp
-            _, shift_C, _ = exp_shifted_(x_CW, shift_C, pad_from=pad_from, clamp=clamp, max_out=m_rows[j],
-                                         sum_out=s_rows[j])
+                _, shift_C, _ = exp_shifted_(x_CW, pad_from=pad_from, clamp=clamp, sum_out=s_rows[0])
+            else:
+                torch.sum(exp_minus_(x_CW, shift_C, pad_from, clamp=clamp), dim=-1, out=s_rows[j])
             if tiles.keep and clamp:
                 _zero_tiny_(x_CW)
         tgt_NK[c0 + targets.rows, targets.ks] = got
         shift_JN[:, c0:c1] = shift_C
-        over_JC = m_JN[:, c0:c1] > shift_C + SHIFT_HEADROOM
+        over_JC = ~(s_JN[:, c0:c1] <= _MAX_BLOCK_SUM)
         for j in over_JC.any(dim=1).nonzero().flatten().tolist():  # again, at the block's own max where it rose
-            shift_JN[j, c0:c1] = torch.where(over_JC[j], m_JN[j, c0:c1], shift_C)
             pad_from = layout.pad_from - j * tiles.vb
             x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), pad_from, temperature)
-            exp_shifted_(x_CW, shift_JN[j, c0:c1], pad_from=pad_from, clamp=clamp, sum_out=s_rows[j])
+            shift_JN[j, c0:c1] = torch.where(over_JC[j], torch.amax(x_CW, dim=-1), shift_C)
+            torch.sum(exp_minus_(x_CW, shift_JN[j, c0:c1], pad_from, clamp=clamp), dim=-1, out=s_rows[j])
             if tiles.keep and clamp:
                 _zero_tiny_(x_CW)
-    # the blocks' (max, Σexp) into one per row (shifts are at most the row max; padding only: s = 0, shift 0)
-    m_N = m_JN.amax(dim=0) if tiles.n_blocks else torch.full((n,), float("-inf"), device=dev)
-    shift_N = torch.where(torch.isinf(m_N), torch.zeros_like(m_N), m_N)
-    s_N = torch.where(s_JN > 0, s_JN * torch.exp(shift_JN - shift_N), torch.zeros_like(s_JN)).sum(dim=0)
+    # the blocks' log-masses into one (max, Σexp) per row; padding only (every Σexp 0): M = -inf, Σexp = 0
+    if tiles.n_blocks:
+        mass_JN = shift_JN.double() + s_JN.double().log()
+        m_N = mass_JN.amax(dim=0).float()
+        s_N = torch.where(s_JN > 0, (mass_JN - m_N.double()).exp(), 0.0).sum(dim=0).float()
+    else:
+        m_N, s_N = torch.full((n,), float("-inf"), device=dev), torch.zeros(n, device=dev)
     return reduce_stats(m_N, s_N, tgt_NK, layout, tp_group), shift_JN
 
 

@@ -217,27 +217,26 @@ def spread_exceeds(x_CV: torch.Tensor, limit: float = SAFE_SPREAD) -> bool:
     return bool((torch.amax(x_CV, dim=-1) - torch.amin(x_CV, dim=-1) > limit).any())
 
 
-def exp_shifted_(x_CV: torch.Tensor, shift_C: Optional[torch.Tensor] = None, *, pad_from: Optional[int] = None,
-                 clamp: bool = True, max_out: Optional[torch.Tensor] = None, sum_out: Optional[torch.Tensor] = None,
+def exp_shifted_(x_CV: torch.Tensor, *, pad_from: Optional[int] = None, clamp: bool = True,
+                 max_out: Optional[torch.Tensor] = None, sum_out: Optional[torch.Tensor] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place x ← exp(x − shift) per row (:func:`exp_minus_`, ``clamp`` passed on; columns from ``pad_from``
     on are padding, at -inf; None: none); returns (local max m_C, shift_C, Σexp(x − shift)_C).
 
     shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
-    shift is 0 so that exp() gives 0, not NaN. A given ``shift_C`` (finite) is used instead (the fused
-    output projection keeps one shift per row across its vocab blocks). ``max_out`` / ``sum_out``: [C]
-    tensors that m_C / the sum are written into. The local half of :func:`reduce_stats`'s statistics, for
-    this kernel and the fused output projection alike."""
+    shift is 0 so that exp() gives 0, not NaN. ``max_out`` / ``sum_out``: [C] tensors that m_C / the sum are
+    written into. The local half of :func:`reduce_stats`'s statistics, for this kernel; the fused output
+    projection's first vocab block of each chunk sets its rows' shift with it."""
     m_C = torch.amax(x_CV, dim=-1, out=max_out)
-    if shift_C is None:
-        shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
+    shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
     pad = x_CV.shape[-1] if pad_from is None else pad_from
     s_C = torch.sum(exp_minus_(x_CV, shift_C, pad, clamp=clamp), dim=-1, out=sum_out)
     return m_C, shift_C, s_C
 
 
 class RowStats(NamedTuple):
-    """Per-token softmax statistics over the whole (group's) vocabulary, fp32 [N]: the row max M and
+    """Per-token softmax statistics over the whole (group's) vocabulary, fp32 [N]: the row max M (from the
+    fused output projection, a bound at most log(vocab block width) above it, which keeps the precision) and
     log S = log Σ exp(x − M), kept apart (module docstring, "Precision"); ``target_NK`` is the sum over
     the group of each rank's owned target logits (so each target's x, or 0 where ignored)."""
 
