@@ -29,8 +29,8 @@ cache. A row's shift is its first block's max; a block whose logits rise more th
 (its Σexp tells) is projected again and taken at its own max (rare: logits tens apart across the vocabulary;
 backward then scales its tile once), so a row's tiles share one shift. Each block's Σexp is kept per row
 ([blocks, N], a few floats per row and block) and the blocks' log-masses are combined into the row's
-(max, Σexp) once, so the rows' statistics never need a second pass over the logits. Each product is over a whole block of the vocabulary, so the weight is still read once per
-chunk of rows.
+(max, Σexp) once, so the rows' statistics never need a second pass over the logits. Each product is over a
+whole block of the vocabulary, so the weight is still read once per chunk of rows.
 
 Backward needs E again: it keeps the forward's tiles when they are small enough together
 (``keep_softmax_bytes``, one fp32 [tokens, V_local] buffer at most, as megatron's cross-entropy keeps its
@@ -237,12 +237,13 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
 
     A row's shift is its first block's max (0 for a shard of padding only), and the later blocks are
     exponentiated at it without a max of their own (a pass fewer over each tile). A block whose Σexp passes
-    ``_MAX_BLOCK_SUM`` (its logits rose far above the first block's; also inf or NaN) is projected again and taken
-    at its own max (rare: logits tens apart across the vocabulary), so no tile element exceeds exp(SHIFT_HEADROOM).
+    ``_MAX_BLOCK_SUM`` (its logits rose far above the first block's; also inf or NaN) is projected again and
+    taken at its own max (rare: logits tens apart across the vocabulary), so no tile element exceeds
+    exp(SHIFT_HEADROOM).
 
     The row's (max, Σexp) come from the blocks' log-masses, shift + log Σexp, in float64: M is their max,
     rounded to fp32 (at least the row's max logit and at most log W above it), and Σexp is taken against
-    that rounded M, so log p = (x − M) − log S keeps fp32 precision (log S is within [−log W, log J]) whatever
+    that rounded M, so log p = (x − M) − log S keeps fp32 precision (log S is within [0, log J]) whatever
     the logits' magnitude."""
     n = layout.n_tokens
     dev = hidden_NH.device
