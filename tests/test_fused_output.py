@@ -111,11 +111,10 @@ def test_rows_whose_logits_rise_block_by_block(keep, temperature):
     check(run_fused(case, None, 0, 1, chunk=5, keep=keep, vb=8), ref, tol=1e-5)
 
 
-@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
-def test_a_block_is_taken_again_on_its_sum(keep, monkeypatch):
-    """Later vocab blocks are exponentiated at the first block's max without a max of their own; a block whose
-    Σexp passes exp(SHIFT_HEADROOM) is taken again at its own max even where no single logit rose that far
-    (here 16 logits 38 above the first block's: 16·e^38 > e^40). Exact fp32 logits (dyadic entries)."""
+def _rising_sum_case() -> dict:
+    """16 logits ~38 above the first vocab block's max in block 1 (vocab blocks of 16): no single one rises
+    SHIFT_HEADROOM above it, but their Σexp passes exp(SHIFT_HEADROOM) (16·e^38 > e^40). Dyadic entries: the
+    fp32 logits are exact."""
     from camopd_megatron.ops.fused_output import SHIFT_HEADROOM
 
     case = make_case(14, 9, V=60, P=64)
@@ -128,17 +127,29 @@ def test_a_block_is_taken_again_on_its_sum(keep, monkeypatch):
     weight[32:48, 0] = 1.0  # block 2: back down, against a row shift now ~38
     weight[60:] = 500.0  # padding rows
     case["weight"] = weight
-    ref = reference(case)
     assert ((case["hidden"].double() @ weight[16:32].double().t()).amax(-1) < SHIFT_HEADROOM).all()
-    check(run_fused(case, None, 0, 1, chunk=4, keep=keep, vb=16), ref, tol=1e-5)
+    return case
+
+
+@pytest.mark.parametrize("keep", [0, 2**28], ids=["recompute", "keep_softmax"])
+def test_a_block_taken_again_on_its_sum_matches_torch(keep):
+    """Later vocab blocks are exponentiated at the first block's max without a max of their own; a block whose
+    Σexp passes exp(SHIFT_HEADROOM) is taken again at its own max: values and gradients as float64 torch."""
+    case = _rising_sum_case()
+    check(run_fused(case, None, 0, 1, chunk=4, keep=keep, vb=16), reference(case), tol=1e-5)
+
+
+def test_a_block_is_taken_again_on_its_sum(monkeypatch):
+    """The forward projects the block whose Σexp passed exp(SHIFT_HEADROOM) a second time, in every chunk."""
     from camopd_megatron.ops import fused_output as fo
 
+    case = _rising_sum_case()
     projected = []
     project = fo._project_
     monkeypatch.setattr(fo, "_project_", lambda h, w, *a: projected.append(h.shape[0]) or project(h, w, *a))
     with torch.no_grad():
-        fused_output_logprobs(case["hidden"], weight, case["targets"], None, vocab_size=60, chunk_tokens=4,
-                              vocab_block=16)
+        fused_output_logprobs(case["hidden"], case["weight"], case["targets"], None, vocab_size=60,
+                              chunk_tokens=4, vocab_block=16)
     assert projected == [4] * 5 + [4] * 5 + [1] * 5  # 3 chunks: 4 blocks, then block 1 again
 
 

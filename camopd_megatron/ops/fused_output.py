@@ -75,8 +75,8 @@ from camopd_megatron.ops.vocab_parallel import (
     _prepare_targets,
     _validate,
     exp_minus_,
-    exp_shifted_,
     reduce_stats,
+    row_shift,
     spread_exceeds,
 )
 
@@ -109,6 +109,19 @@ def _zero_tiny_(e: torch.Tensor) -> torch.Tensor:
     if e.is_cpu:  # a margin for exp's rounding of exp(EXP_ARG_MIN), which need not be EXP_MIN to the last bit
         F.threshold_(e, EXP_MIN * (1.0 + 1e-6), 0.0)
     return e
+
+
+def _exp_tile_(x_CW: torch.Tensor, shift_C: torch.Tensor, pad_from: int, clamp: bool, *, zero: bool,
+               sum_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A tile in place to exp(x − shift) (:func:`exp_minus_`, ``clamp`` passed on), its row sums into ``sum_out``,
+    then, with ``zero`` (a tile backward's products read) and ``clamp``, its clamped elements set to 0
+    (:func:`_zero_tiny_`)."""
+    exp_minus_(x_CW, shift_C, pad_from, clamp=clamp)
+    if sum_out is not None:
+        torch.sum(x_CW, dim=-1, out=sum_out)
+    if zero and clamp:
+        _zero_tiny_(x_CW)
+    return x_CW
 
 
 SHIFT_HEADROOM = 40.0
@@ -259,8 +272,6 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
         s_rows = s_JN[:, c0:c1].unbind(0)
         targets = _chunk_targets(tgt_local_NK, owned_NK, c0, c1, tiles)
         got = torch.empty(targets.flat.shape, dtype=torch.float32, device=dev)
-        shift_C = torch.zeros(c1 - c0, dtype=torch.float32, device=dev)  # the first block's max sets it
-        clamp = True  # the first block's spread decides (exp_minus_)
         i = 0
         for j in range(tiles.n_blocks):
             v0 = j * tiles.vb
@@ -270,14 +281,11 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
                 i1 = i + targets.counts[j]
                 torch.index_select(x_CW.view(-1), 0, targets.flat[i:i1], out=got[i:i1])
                 i = i1
-            if j == 0:
+            if j == 0:  # the first block sets the rows' shift, and its spread decides the clamp (exp_minus_)
                 clamp = spread_exceeds(x_CW[:, :max(pad_from, 0)])
                 tiles.clamp = tiles.clamp or clamp
-                _, shift_C, _ = exp_shifted_(x_CW, pad_from=pad_from, clamp=clamp, sum_out=s_rows[0])
-            else:
-                torch.sum(exp_minus_(x_CW, shift_C, pad_from, clamp=clamp), dim=-1, out=s_rows[j])
-            if tiles.keep and clamp:
-                _zero_tiny_(x_CW)
+                shift_C = row_shift(torch.amax(x_CW, dim=-1))
+            _exp_tile_(x_CW, shift_C, pad_from, clamp, zero=tiles.keep, sum_out=s_rows[j])
         tgt_NK[c0 + targets.rows, targets.ks] = got
         shift_JN[:, c0:c1] = shift_C
         over_JC = ~(s_JN[:, c0:c1] <= _MAX_BLOCK_SUM)
@@ -285,9 +293,7 @@ def _forward_stats(hidden_NH, weight_VH, tgt_local_NK, owned_NK, layout, tp_grou
             pad_from = layout.pad_from - j * tiles.vb
             x_CW = _project_(h_CH, w_blocks[j], tiles.tile(c0, j), pad_from, temperature)
             shift_JN[j, c0:c1] = torch.where(over_JC[j], torch.amax(x_CW, dim=-1), shift_C)
-            torch.sum(exp_minus_(x_CW, shift_JN[j, c0:c1], pad_from, clamp=clamp), dim=-1, out=s_rows[j])
-            if tiles.keep and clamp:
-                _zero_tiny_(x_CW)
+            _exp_tile_(x_CW, shift_JN[j, c0:c1], pad_from, clamp, zero=tiles.keep, sum_out=s_rows[j])
     # the blocks' log-masses into one (max, Σexp) per row; padding only (every Σexp 0): M = -inf, Σexp = 0
     if tiles.n_blocks:
         mass_JN = shift_JN.double() + s_JN.double().log()
@@ -354,9 +360,7 @@ class _FusedOutputLogProb(torch.autograd.Function):
                         _zero_tiny_(e_CW.mul_(torch.exp(shift_JN[j] - shift_N).unsqueeze(-1)))
                 else:
                     e_CW = _project_(hidden_NH[c0:c1], w_WH, tiles.tile(c0, j), layout.pad_from - v0, temperature)
-                    exp_minus_(e_CW, max_N[c0:c1], layout.pad_from - v0, clamp=tiles.clamp)
-                    if tiles.clamp:
-                        _zero_tiny_(e_CW)
+                    _exp_tile_(e_CW, max_N[c0:c1], layout.pad_from - v0, tiles.clamp, zero=True)
                 if need_h:
                     grad_h_NH[c0:c1].addmm_(e_CW, w_WH if fp32 else w_WH.float())
                 if need_w:  # the first chunk writes, later ones add

@@ -190,8 +190,8 @@ def exp_minus_(x_CV: torch.Tensor, shift_C: torch.Tensor, pad_from: int, *, clam
     where a trained model's logits lie 90-300 below the row's max took 40-150x longer to exponentiate. Unclamped
     it would also write subnormal numbers (results below 1.18e-38), and a CPU's matmul over subnormal
     operands runs in microcode: the fused output layer's backward over such tiles ran 4.7x (logit std 16) to
-    28x (std 26) slower (BENCHMARKS.md; the op also sets the clamped elements to 0, as products with numbers this small
-    still end in subnormals). A clamped element holds 8.8e-27 instead of something between 0 and that:
+    28x (std 26) slower (BENCHMARKS.md; the op also sets the clamped elements to 0, as products with numbers
+    this small still end in subnormals). A clamped element holds 8.8e-27 instead of something between 0 and that:
     nothing fp32 can tell apart beside the row's others (the row's max is at least exp(0) = 1, or the
     group's Σ carries it). A GPU's exp has no such path: nothing changes there."""
     x_CV.sub_(shift_C.unsqueeze(-1))
@@ -217,18 +217,22 @@ def spread_exceeds(x_CV: torch.Tensor, limit: float = SAFE_SPREAD) -> bool:
     return bool((torch.amax(x_CV, dim=-1) - torch.amin(x_CV, dim=-1) > limit).any())
 
 
+def row_shift(m_C: torch.Tensor) -> torch.Tensor:
+    """The shift a row's exp(x − shift) is taken at, from its max ``m_C``: m, except 0 for a row that is all
+    -inf (a shard of padding only), so that exp() gives 0 there, not NaN."""
+    return torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
+
+
 def exp_shifted_(x_CV: torch.Tensor, *, pad_from: Optional[int] = None, clamp: bool = True,
                  max_out: Optional[torch.Tensor] = None, sum_out: Optional[torch.Tensor] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place x ← exp(x − shift) per row (:func:`exp_minus_`, ``clamp`` passed on; columns from ``pad_from``
     on are padding, at -inf; None: none); returns (local max m_C, shift_C, Σexp(x − shift)_C).
 
-    shift = m, except for a row that is all -inf (a shard of padding only): m = -inf there, and the
-    shift is 0 so that exp() gives 0, not NaN. ``max_out`` / ``sum_out``: [C] tensors that m_C / the sum are
-    written into. The local half of :func:`reduce_stats`'s statistics, for this kernel; the fused output
-    projection's first vocab block of each chunk sets its rows' shift with it."""
+    shift = :func:`row_shift` (m). ``max_out`` / ``sum_out``: [C] tensors that m_C / the sum are written into.
+    The local half of :func:`reduce_stats`'s statistics, for this kernel."""
     m_C = torch.amax(x_CV, dim=-1, out=max_out)
-    shift_C = torch.where(torch.isinf(m_C), torch.zeros_like(m_C), m_C)
+    shift_C = row_shift(m_C)
     pad = x_CV.shape[-1] if pad_from is None else pad_from
     s_C = torch.sum(exp_minus_(x_CV, shift_C, pad, clamp=clamp), dim=-1, out=sum_out)
     return m_C, shift_C, s_C
