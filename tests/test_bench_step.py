@@ -15,7 +15,8 @@ def _bench_worker(rank: int, world_size: int, work: str) -> dict:
 
     from camopd_megatron.bench.step import run_setting
 
-    return run_setting(size="small", teachers=1, layout="single", steps=2, threads=1, work=Path(work), dims=MICRO)
+    return run_setting(size="small", teachers=1, layout="single", steps=2, threads=1, work=Path(work), dims=MICRO,
+                       probe_each_step=True)
 
 
 def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
@@ -52,7 +53,66 @@ def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
     assert abs(cpu["train_floor_s"] * cpu["matmul_gflops"] * 1e9 / flops - 1) <= 0.1
     assert abs(cpu["train_over_floor"] * cpu["train_floor_s"] / cpu_train - 1) <= 0.05
     assert abs(cpu["off_core_s"] - (rec["stages_s"]["train"] - cpu_train)) <= 1e-3
+    # probed around every step too: the one steady step at the better of the probes after steps 1 and 2, on both
+    # clocks (the rate rounded to 0.1 GFLOP/s here)
+    assert rec["probe_each_step"] is True
+    for paired, train in ((floor["paired"], rec["stages_s"]["train"]), (floor["paired"]["cpu"], cpu_train)):
+        (gflops,) = paired["matmul_gflops_steps"]
+        assert gflops > 0 and paired["train_over_floor_steps"] == [paired["train_over_floor"]] * 3
+        assert abs(paired["train_over_floor"] / (train * gflops * 1e9 / flops) - 1) <= 0.05
     json.dumps(rec)  # the --json line
+
+
+def test_paired_floor_takes_each_step_at_the_better_probe_around_it():
+    import pytest
+
+    from camopd_megatron.bench.step import paired_floor, train_stage_flops
+
+    cfg = {"model": dict(hidden_size=32, ffn_hidden_size=64, vocab_size=64, num_layers=1, num_attention_heads=2,
+                         num_query_groups=1), "rollout": {"prompts_per_step": 8, "max_new_tokens": 4},
+           "data": {"max_prompt_tokens": 32}}
+    flops = train_stage_flops(cfg)["total"]
+    # three steps of 1 s: the host at 1x, 2x, then 1x its speed before and after each
+    out = paired_floor(cfg, [1.0, 1.0, 1.0], [(flops, flops), (2 * flops, flops), (flops, flops / 2)])
+    assert out["matmul_gflops_steps"] == [round(flops / 1e9, 1), round(2 * flops / 1e9, 1), round(flops / 1e9, 1)]
+    assert out["train_over_floor_steps"] == [1.0, 1.0, 2.0] and out["train_over_floor"] == round(4 / 3, 3)
+    with pytest.raises(ValueError, match="2 probe pairs for 3 steps"):
+        paired_floor(cfg, [1.0, 1.0, 1.0], [(1.0, 1.0)] * 2)
+    with pytest.raises(ValueError, match="probe_each_step.*layout='sep2'"):
+        from camopd_megatron.bench.step import run_setting
+
+        run_setting(size="small", teachers=1, layout="sep2", steps=1, threads=1, probe_each_step=True)
+
+
+def test_the_loop_clock_leaves_its_probes_out_of_the_wall_time_and_the_peak_memory():
+    import time
+
+    import pytest
+    import torch
+
+    from camopd_megatron.bench.step import _LoopClock, _reset_hwm, _vm_kb
+
+    def probe():  # 0.3 s and ~400 MB touched, between the steps
+        big = torch.ones(100_000_000)
+        time.sleep(0.3)
+        return [float(big[0])]
+
+    if not _reset_hwm():
+        pytest.skip("this kernel cannot reset VmHWM (/proc/self/clear_refs)")
+    base_kb = _vm_kb("VmRSS")
+    clock = _LoopClock(probe)
+    t0 = time.perf_counter()
+    for step in range(3):  # the trainer's calls: before step 1, after steps 1 and 2 (the steps take no time here)
+        clock(step, None, None)
+    assert time.perf_counter() - t0 >= 0.9 and clock.probes == [[1.0]] * 3
+    assert 0 <= clock.loop_wall_s() < 0.1  # the two probes inside the loop are left out, the last one is after it
+    assert clock.hwm_kb is not None and clock.hwm_kb < base_kb + 100 * 1024
+    assert _vm_kb("VmHWM") < base_kb + 100 * 1024  # reset after the last probe as well
+    plain = _LoopClock()  # no probe: the span of the stamps, the process's peak as it is
+    plain(0, None, None)
+    time.sleep(0.05)
+    plain(1, None, None)
+    assert plain.loop_wall_s() >= 0.05 and plain.hwm_kb == _vm_kb("VmHWM")
 
 
 def test_train_floor_counts_the_qwen_vocabulary_output_layer():

@@ -47,7 +47,10 @@ process) ``floor``: the train stage's matmul FLOPs (:func:`train_stage_flops`) o
 matmul rate on the output layer's product, measured in the same process before and after the loop (the
 best of both, :func:`train_floor`), beside the measured train stage (``train_over_floor``); at one thread
 also on the stage thread's CPU clock (``floor.cpu``), which leaves out time the hypervisor of a virtual
-machine gave the core to another guest.
+machine gave the core to another guest. ``--probe-each-step`` also probes that rate before step 1 and
+after every step (outside the loop's wall time and peak memory) and reports each step's train / floor at
+the better probe around it (``floor.paired``, :func:`paired_floor`): the stage and its floor then share
+the host's speed of that moment.
 
 Environment: ``python -m camopd_megatron.bench.step`` sets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` to
 ``--threads`` and ``THP_MEM_ALLOC_ENABLE=1`` (torch's CPU allocator then backs every allocation of 2 MiB or
@@ -202,29 +205,64 @@ def _vm_kb(field: str) -> int:
 
 
 class _LoopClock:
-    """The trainer's ``eval_fn``: stamps the loop start (step 0) and each step's end, reads VmHWM."""
+    """The trainer's ``eval_fn``: stamps the loop start (step 0) and each step's end, reads VmHWM.
 
-    def __init__(self) -> None:
+    ``probe``: called right after each stamp (before step 1 and after every step), its results kept in
+    ``probes`` (:func:`output_matmul_rate`, for :func:`paired_floor`). Its time is left out of the loop's wall
+    time (:meth:`loop_wall_s`), and so is its memory: the peak is read before each probe and the kernel's
+    high-water mark reset after it (``/proc/self/clear_refs``), so ``hwm_kb`` is the steps' own peak (None
+    where the mark cannot be reset)."""
+
+    def __init__(self, probe: Optional[Callable[[], Any]] = None) -> None:
         self.stamps: list[float] = []
-        self.hwm_kb = 0
+        self.hwm_kb: Optional[int] = 0
+        self.probe = probe
+        self.probes: list[Any] = []
+        self.probe_s: list[float] = []
 
     def __call__(self, step: int, model: Any, pgc: Any) -> dict[str, float]:
         self.stamps.append(time.perf_counter())
-        self.hwm_kb = _vm_kb("VmHWM")
+        if self.probe is None:
+            self.hwm_kb = _vm_kb("VmHWM")
+            return {}
+        if self.hwm_kb is not None:
+            self.hwm_kb = max(self.hwm_kb, _vm_kb("VmHWM"))
+        t = time.perf_counter()
+        self.probes.append(self.probe())
+        self.probe_s.append(time.perf_counter() - t)
+        if self.hwm_kb is not None and not _reset_hwm():
+            self.hwm_kb = None
         return {}
 
+    def loop_wall_s(self) -> Optional[float]:
+        """First stamp to last, less the probes between them (None before two stamps)."""
+        if len(self.stamps) < 2:
+            return None
+        return self.stamps[-1] - self.stamps[0] - sum(self.probe_s[:len(self.stamps) - 1])
 
-def run_trainer(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Run ``train`` on this process's world (1, or the torchrun world); returns the raw record."""
+
+def _reset_hwm() -> bool:
+    """Resets this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_trainer(cfg_dict: dict[str, Any], probe: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
+    """Run ``train`` on this process's world (1, or the torchrun world); returns the raw record. ``probe``: see
+    :class:`_LoopClock` (its results under ``"probes"``)."""
     from camopd_megatron.config import config_from_dict
     from camopd_megatron.trainer import train
 
     cfg = config_from_dict(cfg_dict)
-    clock = _LoopClock()
+    clock = _LoopClock(probe)
     res = train(cfg, eval_fn=clock)
     hwm_kb = clock.hwm_kb if res.role == "student" else _vm_kb("VmHWM")
-    return {"role": res.role, "history": [h for h in res.history if "time/step" in h], "stamps": clock.stamps,
-            "hwm_kb": hwm_kb, "hwm_end_kb": _vm_kb("VmHWM")}
+    return {"role": res.role, "history": [h for h in res.history if "time/step" in h],
+            "loop_wall_s": clock.loop_wall_s(), "probes": clock.probes, "hwm_kb": hwm_kb}
 
 
 def steady_steps(hist: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -238,8 +276,7 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
     hist = raw["history"]
     if not hist:
         raise RuntimeError("the trainer ran no steps; check --steps")
-    stamps = raw["stamps"]
-    wall = stamps[-1] - stamps[0] if len(stamps) >= 2 else sum(h["time/step"] for h in hist)
+    wall = raw["loop_wall_s"] if raw.get("loop_wall_s") is not None else sum(h["time/step"] for h in hist)
     steady = steady_steps(hist)
     tok_step = [h["throughput/train_tokens_per_s"] * h["time/step"] for h in hist]
     gen_tok = [h["rollout/response_len_mean"] * h["rollout/samples"] for h in hist]
@@ -258,7 +295,8 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
         "train_tokens_per_s_excl_gen": round(train_tokens / max(wall - gen_s, 1e-9), 1),
         "response_len_mean": round(statistics.mean(h["rollout/response_len_mean"] for h in hist), 2),
         "loss_first": hist[0].get("train/loss"), "loss_last": hist[-1].get("train/loss"),
-        "peak_rss_mb": round((hwm_total_kb if hwm_total_kb is not None else raw["hwm_kb"]) / 1024.0, 1),
+        "peak_rss_mb": (round(hwm_total_kb / 1024.0, 1) if hwm_total_kb is not None
+                        else round(raw["hwm_kb"] / 1024.0, 1) if raw["hwm_kb"] is not None else None),
         "stages_s": _stage_means(steady, "time/"),
         "stages_cpu_s": _stage_means(steady, "cpu_time/"),
     }
@@ -357,6 +395,42 @@ def train_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float], rates: 
     return out
 
 
+def paired_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float],
+                 rates_around: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Each step's train / floor at the matmul rate measured right around that step: ``rates_around``, per step
+    of ``step_train_s``, the rates (:func:`output_matmul_rate`, one clock) probed just before and just after
+    it; the better of the two sets the step's floor. A host whose speed drifts during a run (other guests'
+    load) then slows the stage and its floor together, where :func:`train_floor`'s one rate for the whole run
+    (the best probe before or after the loop) pairs a slow stretch with a fast probe."""
+    if len(rates_around) != len(step_train_s):
+        raise ValueError(f"paired_floor: {len(rates_around)} probe pairs for {len(step_train_s)} steps")
+    flops = train_stage_flops(cfg_dict)["total"]
+    ratios = [t * max(pair) / flops for t, pair in zip(step_train_s, rates_around)]
+    rates = [max(pair) for pair in rates_around]
+    srt = sorted(ratios)
+    return {"train_over_floor": round(statistics.mean(ratios), 3) if ratios else None,
+            "train_over_floor_steps": ([round(srt[0], 3), round(statistics.median(srt), 3), round(srt[-1], 3)]
+                                       if srt else None),
+            "matmul_gflops_steps": [round(r / 1e9, 1) for r in rates]}
+
+
+def _paired_floors(cfg_dict: dict[str, Any], hist: list[dict[str, float]], steps: list[int],
+                   probes: list[list[float]], threads: int) -> dict[str, Any]:
+    """:func:`paired_floor` of the steps at indices ``steps`` of ``hist``, from ``probes`` (one before step 1 and
+    one after every step; on the wall clock, and at one thread also the CPU clock: under ``"cpu"``)."""
+    if len(probes) != len(hist) + 1:
+        raise RuntimeError(f"probe_each_step: {len(probes)} probes for {len(hist)} steps; expected one before the "
+                           "first step and one after each")
+
+    def around(clock: int) -> list[tuple[float, float]]:
+        return [(probes[i][clock], probes[i + 1][clock]) for i in steps]
+
+    out = paired_floor(cfg_dict, [hist[i]["time/train"] for i in steps], around(0))
+    if threads == 1:
+        out["cpu"] = paired_floor(cfg_dict, [hist[i]["cpu_time/train"] for i in steps], around(1))
+    return out
+
+
 # ---------------------------------------------------------------------------------- launchers
 def _worker_main(cfg_path: str, out_dir: str, threads: int) -> None:
     """One torchrun rank: run the trainer, write ``rank<r>.json``."""
@@ -373,12 +447,18 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
                 work: Optional[Path] = None, dims: Optional[dict[str, int]] = None,
                 new_tokens: Optional[int] = None, student_logprobs: str = "recompute",
                 rollout_micro_batch: Optional[int] = None, overlap_teachers: bool = True,
-                teacher_block: Optional[int] = None, moe_experts: int = 0, moe_topk: int = 2) -> dict[str, Any]:
+                teacher_block: Optional[int] = None, moe_experts: int = 0, moe_topk: int = 2,
+                probe_each_step: bool = False) -> dict[str, Any]:
     """Run one benchmark setting and return the summary record.
 
     ``single`` runs in this process (set ``OMP_NUM_THREADS`` before torch is imported; the CLI
     does); ``sep2`` / ``sep4`` launch torchrun with ``threads`` torch threads per rank.
+    ``probe_each_step`` (``single`` only): also probe the matmul rate before step 1 and after every step
+    (outside the timed loop and its peak memory), for ``floor.paired`` (:func:`paired_floor`).
     """
+    if probe_each_step and layout != "single":
+        raise ValueError(f"probe_each_step: the per-step floor is measured in one process; got layout={layout!r} "
+                         "(use layout='single', or leave probe_each_step off)")
     own_tmp = work is None
     tmp = tempfile.TemporaryDirectory(prefix="camopd_bench_") if own_tmp else None
     work = Path(tmp.name) if tmp is not None else Path(work)
@@ -390,7 +470,8 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
         setting = {"student_logprobs": student_logprobs, "rollout_micro_batch": cfg_dict["rollout"]["micro_batch_size"],
                    **({"moe": f"{moe_experts} experts, top-{moe_topk}"} if moe_experts else {}),
                    "overlap_teachers": overlap_teachers,
-                   "teacher_block": cfg_dict["rollout"].get("teacher_block_positions")}
+                   "teacher_block": cfg_dict["rollout"].get("teacher_block_positions"),
+                   **({"probe_each_step": True} if probe_each_step else {})}
         params = _count_params(cfg_dict)
         if layout == "single":
             import torch
@@ -399,13 +480,16 @@ def run_setting(*, size: str, teachers: int, layout: str, steps: int, threads: i
             # same process, same threads, outside the timed loop; the CPU clock counts one thread's work only
             clocks = (time.perf_counter, time.thread_time) if threads == 1 else (time.perf_counter,)
             before = output_matmul_rate(cfg_dict, clocks)
-            raw = run_trainer(cfg_dict)
+            raw = run_trainer(cfg_dict, (lambda: output_matmul_rate(cfg_dict, clocks)) if probe_each_step else None)
             rec = summarize(raw, size=size, teachers=teachers, layout=layout, threads=threads, params=params)
             after = output_matmul_rate(cfg_dict, clocks)
-            steady = [h for h in steady_steps(raw["history"]) if "time/train" in h]
-            floor = train_floor(cfg_dict, [h["time/train"] for h in steady], [before[0], after[0]],
-                                cpu=([h["cpu_time/train"] for h in steady], [before[1], after[1]]) if threads == 1
-                                else None)
+            hist = raw["history"]
+            steady = [i for i in steady_steps(list(range(len(hist)))) if "time/train" in hist[i]]
+            floor = train_floor(cfg_dict, [hist[i]["time/train"] for i in steady], [before[0], after[0]],
+                                cpu=([hist[i]["cpu_time/train"] for i in steady], [before[1], after[1]])
+                                if threads == 1 else None)
+            if probe_each_step:
+                floor["paired"] = _paired_floors(cfg_dict, hist, steady, raw["probes"], threads)
             return {**rec, **setting, "floor": floor}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict), encoding="utf-8")
@@ -442,6 +526,7 @@ def format_record(r: dict[str, Any]) -> str:
                + (" (steady steps min / median / max {} / {} / {})".format(*r["floor"]["train_over_floor_steps"])
                   if r["floor"].get("train_over_floor_steps") else "")
                + (_format_cpu_floor(r["floor"]["cpu"]) if r["floor"].get("cpu") else "")
+               + (_format_paired_floor(r["floor"]["paired"]) if r["floor"].get("paired") else "")
                if r.get("floor") else ""))
 
 
@@ -450,6 +535,14 @@ def _format_cpu_floor(c: dict[str, Any]) -> str:
             f"{c['train_floor_s']:.3f}s at {c['matmul_gflops']} GFLOP/s): train / floor {c['train_over_floor']}"
             + (" (min / median / max {} / {} / {})".format(*c["train_over_floor_steps"])
                if c.get("train_over_floor_steps") else ""))
+
+
+def _format_paired_floor(p: dict[str, Any]) -> str:
+    def line(q: dict[str, Any], clock: str) -> str:
+        return (f"\n  each step at the rate probed around it ({clock}; {min(q['matmul_gflops_steps'])}-"
+                f"{max(q['matmul_gflops_steps'])} GFLOP/s): train / floor {q['train_over_floor']} (min / median / "
+                "max {} / {} / {})".format(*q["train_over_floor_steps"]))
+    return line(p, "wall clock") + (line(p["cpu"], "thread CPU clock") if p.get("cpu") else "")
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -472,6 +565,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--moe-experts", type=int, default=0,
                    help="an MoE student: experts per layer (0: dense); each FFN/top-k wide, EP = 1")
     p.add_argument("--moe-topk", type=int, default=2, help="experts per token with --moe-experts")
+    p.add_argument("--probe-each-step", action="store_true",
+                   help="single layout: also probe the matmul rate around every step (outside the timed loop) and "
+                        "report each step's train / floor at the rate around it")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the text block")
     p.add_argument("--worker", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -485,7 +581,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rec = run_setting(size=a.size, teachers=a.teachers, layout=a.layout, steps=a.steps, threads=threads,
                       new_tokens=a.new_tokens, student_logprobs=a.student_logprobs,
                       rollout_micro_batch=a.rollout_micro_batch, overlap_teachers=not a.no_overlap_teachers,
-                      teacher_block=a.teacher_block, moe_experts=a.moe_experts, moe_topk=a.moe_topk)
+                      teacher_block=a.teacher_block, moe_experts=a.moe_experts, moe_topk=a.moe_topk,
+                      probe_each_step=a.probe_each_step)
     print(json.dumps(rec) if a.json else format_record(rec), flush=True)
     return rec
 
