@@ -66,7 +66,7 @@ def test_two_steps_of_a_micro_model_report_the_peer_fields_and_stages(tmp_path):
 def test_paired_floor_takes_each_step_at_the_better_probe_around_it():
     import pytest
 
-    from camopd_megatron.bench.step import paired_floor, train_stage_flops
+    from camopd_megatron.bench.step import paired_floor, run_setting, train_stage_flops
 
     cfg = {"model": dict(hidden_size=32, ffn_hidden_size=64, vocab_size=64, num_layers=1, num_attention_heads=2,
                          num_query_groups=1), "rollout": {"prompts_per_step": 8, "max_new_tokens": 4},
@@ -79,8 +79,6 @@ def test_paired_floor_takes_each_step_at_the_better_probe_around_it():
     with pytest.raises(ValueError, match="2 probe pairs for 3 steps"):
         paired_floor(cfg, [1.0, 1.0, 1.0], [(1.0, 1.0)] * 2)
     with pytest.raises(ValueError, match="probe_each_step.*layout='sep2'"):
-        from camopd_megatron.bench.step import run_setting
-
         run_setting(size="small", teachers=1, layout="sep2", steps=1, threads=1, probe_each_step=True)
 
 

@@ -364,11 +364,16 @@ def _over_floor(flops: float, step_s: Sequence[float], rates: Sequence[float]) -
     """The floor at the best of ``rates``, and the steps' train / floor: their mean, and min / median / max."""
     rate = max(rates)
     floor_s = flops / rate
-    ratios = sorted(t / floor_s for t in step_s)
     return {"matmul_gflops": round(rate / 1e9, 1), "train_floor_s": round(floor_s, 4),
-            "train_over_floor": round(statistics.mean(ratios), 3) if ratios else None,
-            "train_over_floor_steps": ([round(ratios[0], 3), round(statistics.median(ratios), 3), round(ratios[-1], 3)]
-                                       if ratios else None)}
+            **_ratio_summary([t / floor_s for t in step_s])}
+
+
+def _ratio_summary(ratios: Sequence[float]) -> dict[str, Any]:
+    """The steps' train / floor: their mean, and min / median / max (None without steps)."""
+    srt = sorted(ratios)
+    return {"train_over_floor": round(statistics.mean(srt), 3) if srt else None,
+            "train_over_floor_steps": ([round(srt[0], 3), round(statistics.median(srt), 3), round(srt[-1], 3)]
+                                       if srt else None)}
 
 
 def train_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float], rates: list[float],
@@ -405,12 +410,8 @@ def paired_floor(cfg_dict: dict[str, Any], step_train_s: Sequence[float],
     if len(rates_around) != len(step_train_s):
         raise ValueError(f"paired_floor: {len(rates_around)} probe pairs for {len(step_train_s)} steps")
     flops = train_stage_flops(cfg_dict)["total"]
-    ratios = [t * max(pair) / flops for t, pair in zip(step_train_s, rates_around)]
     rates = [max(pair) for pair in rates_around]
-    srt = sorted(ratios)
-    return {"train_over_floor": round(statistics.mean(ratios), 3) if ratios else None,
-            "train_over_floor_steps": ([round(srt[0], 3), round(statistics.median(srt), 3), round(srt[-1], 3)]
-                                       if srt else None),
+    return {**_ratio_summary([t * r / flops for t, r in zip(step_train_s, rates)]),
             "matmul_gflops_steps": [round(r / 1e9, 1) for r in rates]}
 
 
