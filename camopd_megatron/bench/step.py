@@ -222,11 +222,10 @@ class _LoopClock:
 
     def __call__(self, step: int, model: Any, pgc: Any) -> dict[str, float]:
         self.stamps.append(time.perf_counter())
-        if self.probe is None:
-            self.hwm_kb = _vm_kb("VmHWM")
-            return {}
         if self.hwm_kb is not None:
             self.hwm_kb = max(self.hwm_kb, _vm_kb("VmHWM"))
+        if self.probe is None:
+            return {}
         t = time.perf_counter()
         self.probes.append(self.probe())
         self.probe_s.append(time.perf_counter() - t)
@@ -276,7 +275,8 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
     hist = raw["history"]
     if not hist:
         raise RuntimeError("the trainer ran no steps; check --steps")
-    wall = raw["loop_wall_s"] if raw.get("loop_wall_s") is not None else sum(h["time/step"] for h in hist)
+    wall = raw["loop_wall_s"] if raw["loop_wall_s"] is not None else sum(h["time/step"] for h in hist)
+    hwm_kb = hwm_total_kb if hwm_total_kb is not None else raw["hwm_kb"]
     steady = steady_steps(hist)
     tok_step = [h["throughput/train_tokens_per_s"] * h["time/step"] for h in hist]
     gen_tok = [h["rollout/response_len_mean"] * h["rollout/samples"] for h in hist]
@@ -295,8 +295,7 @@ def summarize(raw: dict[str, Any], *, size: str, teachers: int, layout: str, thr
         "train_tokens_per_s_excl_gen": round(train_tokens / max(wall - gen_s, 1e-9), 1),
         "response_len_mean": round(statistics.mean(h["rollout/response_len_mean"] for h in hist), 2),
         "loss_first": hist[0].get("train/loss"), "loss_last": hist[-1].get("train/loss"),
-        "peak_rss_mb": (round(hwm_total_kb / 1024.0, 1) if hwm_total_kb is not None
-                        else round(raw["hwm_kb"] / 1024.0, 1) if raw["hwm_kb"] is not None else None),
+        "peak_rss_mb": round(hwm_kb / 1024.0, 1) if hwm_kb is not None else None,
         "stages_s": _stage_means(steady, "time/"),
         "stages_cpu_s": _stage_means(steady, "cpu_time/"),
     }
