@@ -16,14 +16,17 @@ Math (identical to the local spec, fp32 statistics as there): per layer
 then logits = RMSNorm_final(x) W_out. ``tests/test_rollout.py`` checks the tokens and μ against
 megatron's own forward.
 
-Packed weights (CPU, fp32, torch built with MKL): a decode step multiplies B rows by every weight, and at
-small B MKL's ordinary GEMM repacks the weight on every call: at B = 8 the [151,936, 256] output product took
-42 ms against 12 ms to read the weight once. Each linear weight is therefore packed once per rollout for
-the micro-batch's row count (MKL's packed GEMM, ``torch.ops.mkl._mkl_reorder_linear_weight``) and the
-decode steps run on the packed copy: 16 ms for that product (BENCHMARKS.md). Products over another row
+Packed weights (CPU, fp32): a decode step multiplies B rows by every weight, and at small B MKL's
+ordinary GEMM repacks the weight on every call: at B = 8 the [151,936, 256] output product took 42 ms
+against 12 ms to read the weight once. Each linear weight is therefore packed once per rollout for the
+micro-batch's row count, and the decode steps run on the packed copy: 16 ms for that product with MKL's
+packed GEMM (``torch.ops.mkl._mkl_reorder_linear_weight``) on an Intel CPU. On an AMD CPU MKL's small-row
+products run slower paths (27-29 ms packed), and oneDNN's packed product
+(``torch.ops.mkldnn._reorder_linear_weight``) takes 19-21 ms, with a cheaper packing; which library packs
+is a fixed rule of the CPU vendor (:func:`default_packer`; BENCHMARKS.md). Products over another row
 count (the prefill, B x prompt rows) take the ordinary path. The packs live as long as the rollout
-(:class:`WeightPacks`, held by its caller): about 2.5x the output weight's bytes, more for small weights.
-Only the rounding of the products changes (another summation order).
+(:class:`WeightPacks`, held by its caller): one more copy of each weight or more (oneDNN's packed output
+weight on an AMD CPU 1.04x its bytes, MKL's 2.5x on an Intel CPU). Only the rounding of the products changes (another summation order).
 
 Only used when :func:`supported` says the model is exactly this architecture; otherwise rollout
 keeps megatron's StaticInferenceContext path. Shapes: B batch, n fed tokens, S cache length, G kv
@@ -77,43 +80,76 @@ def _norm(norm: torch.nn.RMSNorm) -> tuple[torch.Tensor, float]:
     return norm.weight, eps
 
 
-def _mkl_packing() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+def _cpu_vendor() -> str:
+    """The x86 vendor string of this machine's CPU ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _packer_available(library: str) -> bool:
+    if library == "mkl":
+        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    if library == "onednn":
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    raise ValueError(f"weight packing library {library!r}: expected 'mkl' or 'onednn'")
+
+
+def default_packer() -> Optional[str]:
+    """Which library packs the decode weights on this machine, or None (no packing): MKL on Intel CPUs and
+    where the vendor is unknown, oneDNN on AMD CPUs (module docstring). A fixed rule, not a timing, so every
+    run on one machine rounds its products the same way (a resumed run samples the same tokens)."""
+    preferred = ("onednn", "mkl") if _cpu_vendor() == "AuthenticAMD" else ("mkl",)
+    return next((lib for lib in preferred if _packer_available(lib)), None)
 
 
 class WeightPacks:
-    """MKL-packed copies of the decoder's weights for one row count, made on first use and kept for the
+    """Packed copies of the decoder's weights for one row count, made on first use and kept for the
     rollout (every micro-batch of the same size reuses them; the weights do not change within a rollout).
-    Weights that cannot be packed (not CPU fp32, or torch without MKL) are left to ``F.linear``, and so is
-    every weight with ``pack=False`` (a caller whose products have many rows: a teacher extending its cache)."""
+    ``library``: "mkl" or "onednn" (default: :func:`default_packer`). Weights that cannot be packed (not
+    CPU fp32, or torch without that library) are left to ``F.linear``, and so is every weight with
+    ``pack=False`` (a caller whose products have many rows: a teacher extending its cache)."""
 
-    def __init__(self, pack: bool = True) -> None:
+    def __init__(self, pack: bool = True, library: Optional[str] = None) -> None:
         self._packs: dict[tuple[int, int], torch.Tensor] = {}
-        self.enabled = pack and _mkl_packing()
+        self.library = library if library is not None else default_packer()
+        self.enabled = pack and self.library is not None and _packer_available(self.library)
 
     def linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> "_Linear":
         if not (self.enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
                 and weight.dim() == 2 and rows > 0):
-            return _Linear(weight, bias, None, rows)
+            return _Linear(weight, bias, None, rows, "")
         key = (id(weight), rows)
         if key not in self._packs:
-            self._packs[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-        return _Linear(weight, bias, self._packs[key], rows)
+            reorder = (torch.ops.mkl._mkl_reorder_linear_weight if self.library == "mkl"
+                       else torch.ops.mkldnn._reorder_linear_weight)
+            self._packs[key] = reorder(weight.detach(), rows)
+        return _Linear(weight, bias, self._packs[key], rows, self.library)
 
 
 class _Linear(NamedTuple):
-    """x Wᵀ (+ b): on the packed weight when the product has the rows it was packed for (MKL falls back to
-    the ordinary product for any other row count)."""
+    """x Wᵀ (+ b): on the packed weight when the product has the rows it was packed for; any other row
+    count takes the ordinary product (MKL falls back by itself, a oneDNN pack is only used at its rows)."""
 
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     packed: Optional[torch.Tensor]
     rows: int
+    library: str  # "mkl", "onednn", "" (not packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        if self.library == "mkl":
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        if x.numel() != self.rows * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class _Layer(NamedTuple):
