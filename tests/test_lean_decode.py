@@ -1,8 +1,9 @@
-"""The lean TP=1 decoder gives megatron's tokens and μ (it reads the same weights), on packed weights (MKL's
-or oneDNN's) as on the plain ones; a teacher scoring through it block by block (``models.scoring.IncrementalScorer``)
-gives the log-probs of one forward over the whole sequences."""
+"""The lean TP=1 decoder gives megatron's tokens and μ (it reads the same weights), on packed weights
+(MKL's or oneDNN's) as on the plain ones; a teacher scoring through it block by block
+(``models.scoring.IncrementalScorer``) gives the log-probs of one forward over the whole sequences."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from camopd_megatron.testing.multiproc import run_on_ranks
@@ -65,7 +66,8 @@ def _packed_vs_plain(model, lean_decode) -> dict:
             out["packed_diff"] = max(out["packed_diff"], (a - b).abs().max().item())
         again = lean_decode.LeanDecoder(model, 2, 16, packs)  # the next micro-batch of the same size
         name = library or "default"
-        out["packed_used"][name] = dec["packed"].out.packed is not None and dec["packed"].out.library == packs.library
+        out["packed_used"][name] = (dec["packed"].out.packed is not None
+                                    and dec["packed"].out.library == packs.library)
         out["packs_shared"][name] = again.out.packed is dec["packed"].out.packed
     return out
 
@@ -108,8 +110,6 @@ def test_lean_decoder_matches_megatron_inference():
 def test_the_decode_weights_are_packed_by_a_fixed_rule_of_the_cpu_vendor(monkeypatch):
     """MKL packs on Intel CPUs and wherever the vendor is unknown, oneDNN on AMD CPUs (MKL's non-Intel
     paths); never a timing, so every run on one machine rounds the same way. An unknown library is an error."""
-    import pytest
-
     from camopd_megatron.models import lean_decode
 
     has = {lib: lean_decode._packer_available(lib) for lib in ("mkl", "onednn")}
@@ -120,5 +120,6 @@ def test_the_decode_weights_are_packed_by_a_fixed_rule_of_the_cpu_vendor(monkeyp
         assert lean_decode.WeightPacks().library == expected, vendor
     monkeypatch.undo()
     assert isinstance(lean_decode._cpu_vendor(), str)  # the real one: /proc/cpuinfo's vendor_id, or ""
-    with pytest.raises(ValueError, match="'mkl' or 'onednn'"):
-        lean_decode.WeightPacks(library="openblas")
+    for pack in (True, False):
+        with pytest.raises(ValueError, match="'mkl' or 'onednn'"):
+            lean_decode.WeightPacks(pack=pack, library="openblas")

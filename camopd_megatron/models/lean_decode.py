@@ -26,7 +26,8 @@ products run slower paths (27-29 ms packed), and oneDNN's packed product
 is a fixed rule of the CPU vendor (:func:`default_packer`; BENCHMARKS.md). Products over another row
 count (the prefill, B x prompt rows) take the ordinary path. The packs live as long as the rollout
 (:class:`WeightPacks`, held by its caller): one more copy of each weight or more (oneDNN's packed output
-weight on an AMD CPU 1.04x its bytes, MKL's 2.5x on an Intel CPU). Only the rounding of the products changes (another summation order).
+weight on an AMD CPU 1.04x its bytes, MKL's 2.5x on an Intel CPU). Only the rounding of the products
+changes (another summation order).
 
 Only used when :func:`supported` says the model is exactly this architecture; otherwise rollout
 keeps megatron's StaticInferenceContext path. Shapes: B batch, n fed tokens, S cache length, G kv
@@ -118,7 +119,8 @@ class WeightPacks:
     def __init__(self, pack: bool = True, library: Optional[str] = None) -> None:
         self._packs: dict[tuple[int, int], torch.Tensor] = {}
         self.library = library if library is not None else default_packer()
-        self.enabled = pack and self.library is not None and _packer_available(self.library)
+        available = self.library is not None and _packer_available(self.library)  # an unknown name raises
+        self.enabled = pack and available
 
     def linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> "_Linear":
         if not (self.enabled and weight.device.type == "cpu" and weight.dtype == torch.float32
