@@ -35,7 +35,8 @@ groups, H query heads, D head dim, V (padded) vocab.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+import functools
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +82,11 @@ def _norm(norm: torch.nn.RMSNorm) -> tuple[torch.Tensor, float]:
     return norm.weight, eps
 
 
-def _cpu_vendor() -> str:
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The x86 vendor string of this machine's CPU ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("vendor_id"):
                     return line.split(":", 1)[1].strip()
@@ -93,12 +95,38 @@ def _cpu_vendor() -> str:
     return ""
 
 
+class _Packer(NamedTuple):
+    """One library's packed GEMM: whether this torch has it, how it packs a weight for a row count, and
+    x Wᵀ (+ b) on the pack (``linear(x, packed, weight, bias, rows)``)."""
+
+    available: Callable[[], bool]
+    reorder: Callable[[torch.Tensor, int], torch.Tensor]
+    linear: Callable[..., torch.Tensor]
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   rows: int) -> torch.Tensor:
+    if x.numel() != rows * x.shape[-1]:  # a oneDNN pack is only used at its rows (MKL falls back by itself)
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_PACKERS = {
+    "mkl": _Packer(
+        lambda: torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"),
+        lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows),
+        lambda x, packed, w, b, rows: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)),
+    "onednn": _Packer(
+        lambda: torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
+        lambda w, rows: torch.ops.mkldnn._reorder_linear_weight(w, rows),
+        _onednn_linear),
+}
+
+
 def _packer_available(library: str) -> bool:
-    if library == "mkl":
-        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
-    if library == "onednn":
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    raise ValueError(f"weight packing library {library!r}: expected 'mkl' or 'onednn'")
+    if library not in _PACKERS:
+        raise ValueError(f"weight packing library {library!r}: expected one of {sorted(_PACKERS)}")
+    return _PACKERS[library].available()
 
 
 def default_packer() -> Optional[str]:
@@ -128,30 +156,24 @@ class WeightPacks:
             return _Linear(weight, bias, None, rows, "")
         key = (id(weight), rows)
         if key not in self._packs:
-            reorder = (torch.ops.mkl._mkl_reorder_linear_weight if self.library == "mkl"
-                       else torch.ops.mkldnn._reorder_linear_weight)
-            self._packs[key] = reorder(weight.detach(), rows)
+            self._packs[key] = _PACKERS[self.library].reorder(weight.detach(), rows)
         return _Linear(weight, bias, self._packs[key], rows, self.library)
 
 
 class _Linear(NamedTuple):
     """x Wᵀ (+ b): on the packed weight when the product has the rows it was packed for; any other row
-    count takes the ordinary product (MKL falls back by itself, a oneDNN pack is only used at its rows)."""
+    count takes the ordinary product."""
 
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     packed: Optional[torch.Tensor]
     rows: int
-    library: str  # "mkl", "onednn", "" (not packed)
+    library: str  # a key of _PACKERS, or "" (not packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if self.library == "mkl":
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
-        if x.numel() != self.rows * x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _PACKERS[self.library].linear(x, self.packed, self.weight, self.bias, self.rows)
 
 
 class _Layer(NamedTuple):
